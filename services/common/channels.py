@@ -1,0 +1,57 @@
+"""One channel per peer per process, with retries on UNAVAILABLE and trace propagation."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+from opentelemetry import trace
+
+from services.common import telemetry
+
+# Only UNAVAILABLE is retried: the call never reached a servicer, so a retry cannot
+# duplicate work. Everything else is the caller's decision.
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{}],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+
+class Channels:
+    """Owns the channels to peers; callers always pass `timeout` and `metadata`."""
+
+    def __init__(
+        self, service_key: str, provider: trace.TracerProvider, timeout_seconds: float
+    ) -> None:
+        self._provider = provider
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {service_key}"),)
+        self.timeout = timeout_seconds
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(
+                address,
+                options=[("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1)],
+                interceptors=telemetry.client_interceptors(self._provider),
+            )
+            self._channels[address] = channel
+        return channel
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

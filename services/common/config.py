@@ -1,0 +1,141 @@
+"""One TOML configuration for the whole mesh: embedded defaults, a file, then environment."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+# Environment variables that override a configuration key, by dotted key. Kept as
+# one explicit table so the README and compose.yaml can be checked against it.
+ENV_OVERRIDES: dict[str, str] = {
+    "COSTMESH_HOST": "server.host",
+    "COSTMESH_PORT": "server.port",
+    "COSTMESH_GRACE_SECONDS": "server.grace_seconds",
+    "COSTMESH_DATA_DIR": "server.data_dir",
+    "CACHE_ADDR": "peers.cache",
+    "ROUTER_ADDR": "peers.router",
+    "LEDGER_ADDR": "peers.ledger",
+    "LEDGER_DATABASE": "ledger.database",
+    "OPENAI_BASE_URL": "providers.openai.base_url",
+}
+CONFIG_ENV = "COSTMESH_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or wrong; the message names the key."""
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Merge the embedded defaults, the TOML file (if any) and environment overrides."""
+    env = os.environ if env is None else env
+    data = tomllib.loads(resources.files("services.common").joinpath("defaults.toml").read_text())
+    file_path = path or env.get(CONFIG_ENV)
+    if file_path:
+        try:
+            with Path(file_path).open("rb") as fh:
+                _deep_merge(data, tomllib.load(fh))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {file_path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file_path} is not valid TOML: {exc}") from exc
+    for var, dotted in ENV_OVERRIDES.items():
+        if var in env:
+            _set_dotted(data, dotted, env[var])
+    return Config(data)
+
+
+class Config:
+    """Typed, key-naming access to the merged configuration tree."""
+
+    def __init__(self, data: dict[str, Any], prefix: str = "") -> None:
+        self._data = data
+        self._prefix = prefix
+
+    def _key(self, key: str) -> str:
+        return f"{self._prefix}{key}"
+
+    def section(self, key: str) -> Config:
+        """A sub-table; an absent one reads as empty so its keys fall back to defaults."""
+        value = self._data.get(key, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self._key(key)}: expected a table")
+        return Config(value, f"{self._key(key)}.")
+
+    def keys(self) -> list[str]:
+        return list(self._data)
+
+    def get_str(self, key: str, default: str | None = None) -> str:
+        value = self._data.get(key, default)
+        if not isinstance(value, str):
+            raise ConfigError(f"{self._key(key)}: expected a string, got {value!r}")
+        return value
+
+    def get_int(self, key: str, default: int | None = None, minimum: int | None = None) -> int:
+        value = self._data.get(key, default)
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise ConfigError(f"{self._key(key)}: expected an integer, got {value!r}") from None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{self._key(key)}: expected an integer, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{self._key(key)}: must be at least {minimum}, got {value}")
+        return value
+
+    def get_float(self, key: str, default: float | None = None) -> float:
+        value = self._data.get(key, default)
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{self._key(key)}: expected a number, got {value!r}") from None
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(f"{self._key(key)}: expected a number, got {value!r}")
+        return float(value)
+
+    def get_bool(self, key: str, default: bool | None = None) -> bool:
+        value = self._data.get(key, default)
+        if isinstance(value, str) and value.lower() in {"true", "false", "1", "0"}:
+            value = value.lower() in {"true", "1"}
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self._key(key)}: expected true or false, got {value!r}")
+        return value
+
+    def get_choice(self, key: str, choices: tuple[str, ...], default: str | None = None) -> str:
+        value = self.get_str(key, default)
+        if value not in choices:
+            raise ConfigError(f"{self._key(key)}: expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def tables(self, key: str) -> list[Config]:
+        """An array of tables, such as [[auth.keys]]."""
+        value = self._data.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise ConfigError(f"{self._key(key)}: expected an array of tables")
+        return [Config(v, f"{self._key(key)}[{i}].") for i, v in enumerate(value)]
+
+    def reject_unknown(self, allowed: set[str]) -> None:
+        """Fail on misspelt keys instead of silently ignoring them."""
+        for key in self._data:
+            if key not in allowed:
+                raise ConfigError(f"{self._key(key)}: unknown key (expected one of {sorted(allowed)})")
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> None:
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: str) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        data = data.setdefault(part, {})
+    data[leaf] = value

@@ -1,0 +1,88 @@
+"""The servicer edge: authenticate each call and turn exceptions into gRPC statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.rpc import status_pb2
+
+from services.common import auth, errors
+
+log = logging.getLogger(__name__)
+# Health and reflection must answer without a key (load balancers and grpcurl).
+_OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+class EdgeInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every costmesh handler: API key check, then error translation."""
+
+    def __init__(self, keys: auth.KeyTable) -> None:
+        self._keys = keys
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method.startswith(_OPEN_PREFIXES):
+            return handler
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, method))  # type: ignore[attr-defined,no-any-return]
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, method))  # type: ignore[attr-defined,no-any-return]
+        return handler
+
+    def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> object:
+        metadata = context.invocation_metadata() or ()
+        return auth.set_current(self._keys.authenticate(metadata))
+
+    def _wrap_unary(
+        self, behavior: Callable[..., Awaitable[Any]], method: str
+    ) -> Callable[..., Awaitable[Any]]:
+        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                token = self._authenticate(context)
+                try:
+                    return await behavior(request, context)
+                finally:
+                    auth.reset_current(token)
+            except Exception as exc:  # noqa: BLE001 - the edge is where every error is translated
+                await _abort(context, exc, method)
+
+        return unary
+
+    def _wrap_stream(
+        self, behavior: Callable[..., AsyncIterator[Any]], method: str
+    ) -> Callable[..., AsyncIterator[Any]]:
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            try:
+                token = self._authenticate(context)
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                finally:
+                    auth.reset_current(token)
+            except Exception as exc:  # noqa: BLE001 - the edge is where every error is translated
+                await _abort(context, exc, method)
+
+        return stream
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, method: str) -> None:
+    if isinstance(exc, grpc.aio.AbortError | asyncio.CancelledError):
+        raise exc
+    status: status_pb2.Status
+    if isinstance(exc, errors.ServiceError):
+        status = errors.to_rpc_status(exc)
+    else:
+        log.exception("unexpected error in %s", method)
+        status = errors.internal_status()
+    await context.abort(
+        errors.status_code(status), status.message, errors.trailing_metadata(status)
+    )

@@ -1,0 +1,83 @@
+"""OpenTelemetry from the standard OTEL_* variables, and the gRPC interceptors that carry it.
+
+This is the one module where untyped OpenTelemetry calls are silenced for mypy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import (  # type: ignore[attr-defined]
+    aio_client_interceptors,
+    aio_server_interceptor,
+)
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+
+log = logging.getLogger(__name__)
+_EXPORTERS = ("otlp", "console", "none")
+
+
+def setup_tracing(default_service_name: str, env: Mapping[str, str] | None = None) -> TracerProvider:
+    """A tracer provider configured only by OTEL_* variables.
+
+    OTEL_TRACES_EXPORTER picks the exporters (otlp, console, none). When it is unset,
+    traces go to OTLP if an OTLP endpoint is configured and are not exported otherwise,
+    so a plain `costmesh serve` neither spams the console nor retries a missing collector.
+    """
+    env = os.environ if env is None else env
+    name = env.get("OTEL_SERVICE_NAME") or default_service_name
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}))
+    for processor in _processors(env):
+        provider.add_span_processor(processor)
+    return provider
+
+
+def _processors(env: Mapping[str, str]) -> list[SpanProcessor]:
+    endpoint_set = any(
+        env.get(k) for k in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+    wanted = env.get("OTEL_TRACES_EXPORTER") or ("otlp" if endpoint_set else "none")
+    processors: list[SpanProcessor] = []
+    for exporter_name in (n.strip() for n in wanted.split(",")):
+        if exporter_name not in _EXPORTERS:
+            raise ValueError(f"OTEL_TRACES_EXPORTER: unsupported exporter {exporter_name!r}")
+        if exporter_name == "otlp":
+            processors.append(BatchSpanProcessor(_otlp_exporter()))
+        elif exporter_name == "console":
+            processors.append(SimpleSpanProcessor(ConsoleSpanExporter()))
+    return processors
+
+
+def _otlp_exporter() -> SpanExporter:
+    # Imported lazily: the exporter reads OTEL_EXPORTER_OTLP_* itself.
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter()
+
+
+def server_interceptors(provider: trace.TracerProvider) -> list[grpc.aio.ServerInterceptor]:
+    """Starts a server span per RPC, continuing the caller's trace from metadata."""
+    return [aio_server_interceptor(tracer_provider=provider)]
+
+
+def client_interceptors(provider: trace.TracerProvider) -> list[Any]:
+    """Starts a client span per outgoing RPC and injects its context into metadata."""
+    return list(aio_client_interceptors(tracer_provider=provider))
+
+
+def current_trace_id() -> str:
+    """The 32-hex-digit id of the active trace, or empty when none is recording."""
+    context = trace.get_current_span().get_span_context()
+    return trace.format_trace_id(context.trace_id) if context.is_valid else ""

@@ -1,0 +1,99 @@
+"""A durable outbox for usage records: written to local disk before the ledger is asked,
+deleted only once the ledger acknowledges, retried in the background until then."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from costmesh.ledger.v1 import ledger_pb2
+
+log = logging.getLogger(__name__)
+Send = Callable[[Sequence[ledger_pb2.UsageRecord]], Awaitable[Sequence[ledger_pb2.RecordedUsage]]]
+BATCH = 200
+
+
+class UsageOutbox:
+    """Survives a ledger outage and a restart: nothing is lost, repeats are harmless
+    because the ledger ignores a request id it has already recorded."""
+
+    def __init__(self, path: Path, send: Send, retry_seconds: float) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS outbox (request_id TEXT PRIMARY KEY, record BLOB NOT NULL)"
+        )
+        self._lock = threading.Lock()
+        self._send = send
+        self._retry_seconds = retry_seconds
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def deliver(self, record: ledger_pb2.UsageRecord) -> ledger_pb2.RecordedUsage | None:
+        """Persist, then try once now; None means the ledger will get it later."""
+        await asyncio.to_thread(self._put, record)
+        try:
+            (result,) = await self._send([record])
+        except Exception as exc:  # noqa: BLE001 - any failure leaves the record for the flusher
+            log.warning("ledger did not take %s now (%s); kept in outbox", record.request_id, exc)
+            return None
+        await asyncio.to_thread(self._delete, [record.request_id])
+        return result
+
+    async def flush(self) -> int:
+        """Send everything pending; the number of records the ledger acknowledged."""
+        sent = 0
+        while batch := await asyncio.to_thread(self._pending, BATCH):
+            results = await self._send(batch)
+            await asyncio.to_thread(self._delete, [r.request_id for r in results])
+            sent += len(results)
+            if len(batch) < BATCH:
+                break
+        return sent
+
+    def pending_count(self) -> int:
+        with self._lock:
+            (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        return int(count)
+
+    async def start(self) -> None:
+        self._flusher = asyncio.create_task(self._flush_forever())
+
+    async def stop(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        with contextlib.suppress(Exception):
+            await self.flush()
+        with self._lock:
+            self._db.close()
+
+    async def _flush_forever(self) -> None:
+        while True:
+            try:
+                await self.flush()
+            except Exception as exc:  # noqa: BLE001 - keep retrying until the ledger is back
+                log.warning("outbox flush failed (%s); %d records pending", exc, self.pending_count())
+            await asyncio.sleep(self._retry_seconds)
+
+    def _put(self, record: ledger_pb2.UsageRecord) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO outbox (request_id, record) VALUES (?, ?)",
+                (record.request_id, record.SerializeToString()),
+            )
+
+    def _pending(self, limit: int) -> list[ledger_pb2.UsageRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT record FROM outbox LIMIT ?", (limit,)).fetchall()
+        return [ledger_pb2.UsageRecord.FromString(blob) for (blob,) in rows]
+
+    def _delete(self, request_ids: list[str]) -> None:
+        with self._lock:
+            self._db.executemany("DELETE FROM outbox WHERE request_id = ?", [(r,) for r in request_ids])

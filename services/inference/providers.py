@@ -1,0 +1,167 @@
+"""LLM providers, reached only through the openai SDK; each call is a gen_ai client span."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import openai
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from costmesh.types.v1 import types_pb2
+from services.common.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    ServiceError,
+    Unavailable,
+)
+from services.inference.settings import InferenceSettings, ProviderInfo
+from services.inference.simulator import OpenAISimulator
+
+log = logging.getLogger(__name__)
+SIMULATED = "simulated"
+_ROLES = {
+    types_pb2.ROLE_SYSTEM: "system",
+    types_pb2.ROLE_USER: "user",
+    types_pb2.ROLE_ASSISTANT: "assistant",
+}
+
+
+@dataclass(frozen=True)
+class Completion:
+    content: str
+    finish_reason: str
+    model: str
+    provider: str
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class ChatCall:
+    """One provider request, already validated and budgeted."""
+
+    model: str
+    messages: Sequence[types_pb2.ChatMessage]
+    max_tokens: int
+    temperature: float | None
+    top_p: float | None
+    stop: list[str]
+
+
+class Providers:
+    """One AsyncOpenAI client per configured provider; a labelled simulator stands in
+    for a provider whose key is missing when the configuration allows it."""
+
+    def __init__(
+        self,
+        settings: InferenceSettings,
+        env: Mapping[str, str],
+        tracer: trace.Tracer,
+    ) -> None:
+        self._settings = settings
+        self._tracer = tracer
+        self._clients: dict[str, tuple[openai.AsyncOpenAI, str]] = {}
+        self._simulators: list[OpenAISimulator] = []
+        for name, info in settings.providers.items():
+            self._clients[name] = self._client(name, info, env)
+
+    def _client(
+        self, name: str, info: ProviderInfo, env: Mapping[str, str]
+    ) -> tuple[openai.AsyncOpenAI, str]:
+        key = env.get(info.api_key_env, "")
+        base_url = info.base_url
+        label = name
+        if not key:
+            if not info.simulate_without_key:
+                raise FailedPrecondition(f"providers.{name}: set {info.api_key_env}")
+            simulator = OpenAISimulator()
+            base_url, key, label = simulator.start(), SIMULATED, SIMULATED
+            self._simulators.append(simulator)
+            log.warning(
+                "%s is not set: provider %r answers from the local SIMULATOR (%s); "
+                "answers are placeholders, not model output",
+                info.api_key_env, name, base_url,
+            )
+        client = openai.AsyncOpenAI(
+            api_key=key, base_url=base_url, max_retries=2, timeout=self._settings.provider_timeout_seconds
+        )
+        return client, label
+
+    def provider_of(self, model: str) -> str:
+        return self._clients[self._settings.models[model].provider][1]
+
+    async def chat(self, call: ChatCall, timeout: float) -> Completion:
+        """Call the model; provider failures become ServiceErrors the caller can act on."""
+        client, label = self._clients[self._settings.models[call.model].provider]
+        with self._tracer.start_as_current_span(f"chat {call.model}", kind=SpanKind.CLIENT) as span:
+            span.set_attributes(
+                {
+                    "gen_ai.operation.name": "chat",
+                    "gen_ai.provider.name": label,
+                    "gen_ai.request.model": call.model,
+                    "gen_ai.request.max_tokens": call.max_tokens,
+                }
+            )
+            try:
+                response = await client.chat.completions.create(
+                    model=call.model,
+                    messages=[{"role": _ROLES[m.role], "content": m.content} for m in call.messages],  # type: ignore[misc]
+                    max_tokens=call.max_tokens,
+                    temperature=call.temperature,
+                    top_p=call.top_p,
+                    stop=call.stop or None,
+                    timeout=timeout,
+                )
+            except openai.OpenAIError as exc:
+                error = _translate(exc, call.model)
+                span.set_status(Status(StatusCode.ERROR, error.reason))
+                span.set_attribute("error.type", type(exc).__name__)
+                raise error from exc
+            choice = response.choices[0]
+            usage = response.usage
+            details = usage.prompt_tokens_details if usage else None
+            completion = Completion(
+                content=choice.message.content or "",
+                finish_reason=choice.finish_reason or "",
+                model=response.model or call.model,
+                provider=label,
+                input_tokens=usage.prompt_tokens if usage else 0,
+                cached_input_tokens=(details.cached_tokens or 0) if details else 0,
+                output_tokens=usage.completion_tokens if usage else 0,
+            )
+            span.set_attributes(
+                {
+                    "gen_ai.response.model": completion.model,
+                    "gen_ai.response.finish_reasons": [completion.finish_reason],
+                    "gen_ai.usage.input_tokens": completion.input_tokens,
+                    "gen_ai.usage.output_tokens": completion.output_tokens,
+                }
+            )
+            return completion
+
+    async def close(self) -> None:
+        for client, _ in self._clients.values():
+            await client.close()
+        for simulator in self._simulators:
+            simulator.stop()
+
+
+def _translate(exc: openai.OpenAIError, model: str) -> ServiceError:
+    if isinstance(exc, openai.APITimeoutError):
+        return DeadlineExceeded(f"provider did not answer for {model} in time", reason="PROVIDER_TIMEOUT")
+    if isinstance(exc, openai.APIConnectionError):
+        return Unavailable(f"provider for {model} is unreachable", reason="PROVIDER_UNAVAILABLE")
+    if isinstance(exc, openai.RateLimitError):
+        return Unavailable(f"provider rate-limited {model}; retry later", reason="PROVIDER_RATE_LIMITED")
+    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+        return FailedPrecondition(
+            f"provider rejected the configured key for {model}", reason="PROVIDER_AUTH_FAILED"
+        )
+    if isinstance(exc, openai.BadRequestError):
+        return InvalidArgument("messages", f"provider rejected the request: {exc.message}")
+    return Unavailable(f"provider failed for {model}", reason="PROVIDER_ERROR")

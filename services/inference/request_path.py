@@ -1,0 +1,227 @@
+"""The request path of DESIGN.md: cache lookup, route, provider, store, ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import timestamp_pb2
+from opentelemetry import trace
+
+from costmesh.cache.v1 import cache_pb2, cache_pb2_grpc
+from costmesh.inference.v1 import inference_pb2
+from costmesh.ledger.v1 import ledger_pb2
+from costmesh.router.v1 import router_pb2, router_pb2_grpc
+from costmesh.types.v1 import types_pb2
+from services.common.auth import Principal
+from services.common.errors import Unavailable
+from services.common.telemetry import current_trace_id
+from services.inference.outbox import UsageOutbox
+from services.inference.providers import ChatCall, Completion, Providers
+from services.inference.settings import InferenceSettings
+from services.inference.validation import check_context_window, estimate_tokens, validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Peers:
+    """Stubs of the services inference calls, with the metadata and deadline to use."""
+
+    cache: cache_pb2_grpc.CacheServiceStub
+    router: router_pb2_grpc.RouterServiceStub
+    metadata: tuple[tuple[str, str], ...]
+    timeout: float
+
+
+class CompletionPath:
+    """Answers one CompleteRequest. The cache fails open: its errors cost a miss."""
+
+    def __init__(
+        self,
+        settings: InferenceSettings,
+        peers: Peers,
+        providers: Providers,
+        outbox: UsageOutbox,
+        tracer: trace.Tracer,
+    ) -> None:
+        self._settings = settings
+        self._peers = peers
+        self._providers = providers
+        self._outbox = outbox
+        self._tracer = tracer
+        # Stores still in flight, by cache key: an identical request waits for the
+        # store instead of paying the provider again.
+        self._pending_stores: dict[str, asyncio.Task[None]] = {}
+
+    async def complete(
+        self, request: inference_pb2.CompleteRequest, principal: Principal, time_remaining: float | None
+    ) -> inference_pb2.CompleteResponse:
+        started = time.monotonic()
+        _, max_tokens = validate(request, self._settings)
+        request_id = request.request_id or uuid.uuid4().hex
+        span = trace.get_current_span()
+        span.set_attributes(
+            {"costmesh.request_id": request_id, "costmesh.feature": request.feature, "costmesh.team": principal.team}
+        )
+        key = cache_pb2.CacheKey(
+            feature=request.feature,
+            namespace="",
+            scope_key=request.scope_key,
+            model=request.model,
+            messages=request.messages,
+            params=request.params,
+        )
+        response = inference_pb2.CompleteResponse(request_id=request_id, trace_id=current_trace_id())
+        hit = None if request.cache_control.no_cache else await self._lookup(key, request.cache_control.max_age_seconds)
+        if hit is not None:
+            response.content, response.model = hit.content, hit.model
+            response.provider, response.finish_reason = "cache", hit.finish_reason
+            response.cached, response.cache_outcome = True, types_pb2.CACHE_OUTCOME_EXACT
+        else:
+            await self._generate(request, key, max_tokens, time_remaining, response)
+        span.set_attributes({"costmesh.cache.outcome": types_pb2.CacheOutcome.Name(response.cache_outcome)})
+        await self._record(request, principal, response, started)
+        return response
+
+    async def _generate(
+        self,
+        request: inference_pb2.CompleteRequest,
+        key: cache_pb2.CacheKey,
+        max_tokens: int,
+        time_remaining: float | None,
+        response: inference_pb2.CompleteResponse,
+    ) -> None:
+        plan = await self._route(request)
+        model = plan.model
+        window = self._settings.models[model].context_window
+        check_context_window(estimate_tokens(request.messages), max_tokens, model, window)
+        params = request.params
+        timeout = self._settings.provider_timeout_seconds
+        if time_remaining is not None:
+            timeout = min(timeout, max(time_remaining - 0.05, 0.01))
+        completion = await self._providers.chat(
+            ChatCall(
+                model=model,
+                messages=request.messages,
+                max_tokens=max_tokens,
+                temperature=params.temperature if params.HasField("temperature") else None,
+                top_p=params.top_p if params.HasField("top_p") else None,
+                stop=list(params.stop),
+            ),
+            timeout,
+        )
+        response.content, response.model = completion.content, model
+        response.provider, response.finish_reason = completion.provider, completion.finish_reason
+        response.tier = plan.tier
+        response.cache_outcome = (
+            types_pb2.CACHE_OUTCOME_BYPASS if request.cache_control.no_cache else types_pb2.CACHE_OUTCOME_MISS
+        )
+        response.usage.CopyFrom(
+            types_pb2.TokenUsage(
+                input_tokens=completion.input_tokens,
+                cached_input_tokens=completion.cached_input_tokens,
+                output_tokens=completion.output_tokens,
+            )
+        )
+        if not request.cache_control.no_store and completion.content:
+            self._store_later(key, completion)
+
+    async def _lookup(self, key: cache_pb2.CacheKey, max_age: int) -> cache_pb2.CacheEntry | None:
+        digest = _key_digest(key)
+        pending = self._pending_stores.get(digest)
+        if pending is not None:
+            await asyncio.wait({pending}, timeout=self._peers.timeout)
+        try:
+            found = await self._peers.cache.Lookup(
+                cache_pb2.LookupRequest(key=key, max_age_seconds=max_age),
+                metadata=self._peers.metadata,
+                timeout=self._peers.timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("cache lookup failed (%s); serving as a miss", exc.code())
+            trace.get_current_span().add_event("cache.lookup_failed", {"grpc.status": str(exc.code())})
+            return None
+        if found.outcome in (types_pb2.CACHE_OUTCOME_EXACT, types_pb2.CACHE_OUTCOME_SEMANTIC):
+            return found.entry
+        return None
+
+    async def _route(self, request: inference_pb2.CompleteRequest) -> router_pb2.RouteResponse:
+        try:
+            return await self._peers.router.Route(
+                router_pb2.RouteRequest(
+                    feature=request.feature, messages=request.messages, requested_model=request.model
+                ),
+                metadata=self._peers.metadata,
+                timeout=self._peers.timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(f"router unavailable ({exc.code().name})", reason="ROUTER_UNAVAILABLE") from exc
+
+    def _store_later(self, key: cache_pb2.CacheKey, completion: Completion) -> None:
+        """Store off the response path; a failed store only costs a future miss."""
+        digest = _key_digest(key)
+        request = cache_pb2.StoreRequest(
+            key=key,
+            content=completion.content,
+            model=completion.model,
+            usage=types_pb2.TokenUsage(
+                input_tokens=completion.input_tokens,
+                cached_input_tokens=completion.cached_input_tokens,
+                output_tokens=completion.output_tokens,
+            ),
+            finish_reason=completion.finish_reason,
+        )
+
+        async def store() -> None:
+            try:
+                await self._peers.cache.Store(request, metadata=self._peers.metadata, timeout=self._peers.timeout)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("cache store failed (%s)", exc.code())
+            finally:
+                self._pending_stores.pop(digest, None)
+
+        self._pending_stores[digest] = asyncio.create_task(store())
+
+    async def _record(
+        self,
+        request: inference_pb2.CompleteRequest,
+        principal: Principal,
+        response: inference_pb2.CompleteResponse,
+        started: float,
+    ) -> None:
+        now = timestamp_pb2.Timestamp()
+        now.GetCurrentTime()
+        record = ledger_pb2.UsageRecord(
+            request_id=response.request_id,
+            trace_id=response.trace_id,
+            time=now,
+            team=principal.team,
+            feature=request.feature,
+            model=response.model,
+            provider=response.provider,
+            tier=response.tier,
+            usage=response.usage,
+            cache_outcome=response.cache_outcome,
+            latency_ms=int((time.monotonic() - started) * 1000),
+            status=ledger_pb2.CALL_STATUS_OK,
+        )
+        result = await self._outbox.deliver(record)
+        if result is None:
+            response.cost_pending = True
+        else:
+            response.cost_nano_usd = result.cost_nano_usd
+
+    async def drain(self) -> None:
+        """Let in-flight cache stores finish before shutdown."""
+        if self._pending_stores:
+            await asyncio.wait(set(self._pending_stores.values()), timeout=self._peers.timeout)
+
+
+def _key_digest(key: cache_pb2.CacheKey) -> str:
+    return hashlib.sha256(key.SerializeToString(deterministic=True)).hexdigest()

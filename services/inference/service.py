@@ -1,0 +1,95 @@
+"""InferenceService servicer: the front door; proto in, request path, proto out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+
+from costmesh.cache.v1 import cache_pb2_grpc
+from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from costmesh.router.v1 import router_pb2_grpc
+from services.common.auth import current_principal
+from services.common.channels import Channels
+from services.common.config import Config
+from services.common.errors import Unimplemented
+from services.common.server import ServiceDef
+from services.inference.outbox import UsageOutbox
+from services.inference.providers import Providers
+from services.inference.request_path import CompletionPath, Peers
+from services.inference.settings import InferenceSettings
+
+SERVICE_NAME = "costmesh.inference.v1.InferenceService"
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, path: CompletionPath) -> None:
+        self._path = path
+
+    async def Complete(
+        self, request: inference_pb2.CompleteRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> inference_pb2.CompleteResponse:
+        return await self._path.complete(request, current_principal(), context.time_remaining())
+
+    async def StreamComplete(
+        self, request: inference_pb2.StreamCompleteRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[inference_pb2.StreamCompleteResponse]:
+        raise Unimplemented("StreamComplete arrives with the inference-dispatch work; use Complete")
+        yield  # pragma: no cover - makes this an async generator, as the contract streams
+
+    async def SubmitBatch(
+        self, request: inference_pb2.SubmitBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> inference_pb2.SubmitBatchResponse:
+        raise Unimplemented("SubmitBatch arrives with the inference-dispatch work")
+
+    async def GetBatch(
+        self, request: inference_pb2.GetBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> inference_pb2.GetBatchResponse:
+        raise Unimplemented("GetBatch arrives with the inference-dispatch work")
+
+
+def build(
+    config: Config,
+    env: Mapping[str, str],
+    channels: Channels,
+    addresses: Mapping[str, str],
+    tracer_provider: trace.TracerProvider,
+) -> ServiceDef:
+    """The front door, talking to peers at `addresses` (cache, router, ledger)."""
+    settings = InferenceSettings.from_config(config)
+    tracer = tracer_provider.get_tracer("costmesh.inference")
+    ledger = ledger_pb2_grpc.LedgerServiceStub(channels.get(addresses["ledger"]))
+
+    async def send(records: Sequence[ledger_pb2.UsageRecord]) -> Sequence[ledger_pb2.RecordedUsage]:
+        response = await ledger.RecordUsage(
+            ledger_pb2.RecordUsageRequest(records=records),
+            metadata=channels.metadata,
+            timeout=channels.timeout,
+        )
+        return list(response.results)
+
+    outbox = UsageOutbox(settings.outbox_path, send, settings.outbox_retry_seconds)
+    providers = Providers(settings, env, tracer)
+    peers = Peers(
+        cache=cache_pb2_grpc.CacheServiceStub(channels.get(addresses["cache"])),
+        router=router_pb2_grpc.RouterServiceStub(channels.get(addresses["router"])),
+        metadata=channels.metadata,
+        timeout=channels.timeout,
+    )
+    path = CompletionPath(settings, peers, providers, outbox, tracer)
+    servicer = InferenceServicer(path)
+
+    async def stop() -> None:
+        await path.drain()
+        await outbox.stop()
+        await providers.close()
+
+    return ServiceDef(
+        SERVICE_NAME,
+        lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server),
+        start=outbox.start,
+        stop=stop,
+    )

@@ -1,0 +1,80 @@
+"""Inference settings read from the mesh configuration, checked at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.config import Config, ConfigError
+
+
+@dataclass(frozen=True)
+class FeatureLimits:
+    """Token budget of one feature: what a caller may ask for, and the prompt cap."""
+
+    max_tokens_default: int
+    max_tokens_limit: int
+    max_input_tokens: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    provider: str
+    context_window: int
+
+
+@dataclass(frozen=True)
+class ProviderInfo:
+    base_url: str
+    api_key_env: str
+    simulate_without_key: bool
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    features: dict[str, FeatureLimits]
+    models: dict[str, ModelInfo]
+    providers: dict[str, ProviderInfo]
+    outbox_path: Path
+    outbox_retry_seconds: float
+    provider_timeout_seconds: float
+
+    @classmethod
+    def from_config(cls, config: Config) -> InferenceSettings:
+        features = config.section("features")
+        limits = {}
+        for name in features.keys():
+            f = features.section(name)
+            limit = f.get_int("max_tokens_limit", 4096, minimum=1)
+            default = f.get_int("max_tokens_default", min(512, limit), minimum=1)
+            if default > limit:
+                raise ConfigError(f"features.{name}.max_tokens_default: exceeds max_tokens_limit")
+            limits[name] = FeatureLimits(default, limit, f.get_int("max_input_tokens", 16000, minimum=1))
+        providers_cfg = config.section("providers")
+        providers = {
+            name: ProviderInfo(
+                base_url=p.get_str("base_url"),
+                api_key_env=p.get_str("api_key_env"),
+                simulate_without_key=p.get_bool("simulate_without_key", False),
+            )
+            for name in providers_cfg.keys()
+            for p in [providers_cfg.section(name)]
+        }
+        models_cfg = config.section("models")
+        models = {}
+        for name in models_cfg.keys():
+            m = models_cfg.section(name)
+            provider = m.get_str("provider")
+            if provider not in providers:
+                raise ConfigError(f"models.{name}.provider: unknown provider {provider!r}")
+            models[name] = ModelInfo(provider, m.get_int("context_window", minimum=1))
+        inference = config.section("inference")
+        data_dir = Path(config.section("server").get_str("data_dir"))
+        return cls(
+            features=limits,
+            models=models,
+            providers=providers,
+            outbox_path=data_dir / inference.get_str("outbox", "outbox.sqlite3"),
+            outbox_retry_seconds=inference.get_float("outbox_retry_seconds", 2.0),
+            provider_timeout_seconds=inference.get_float("provider_timeout_seconds", 60.0),
+        )

@@ -1,0 +1,93 @@
+"""Checks a CompleteRequest before anything is spent on it; every error names its field."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from costmesh.inference.v1 import inference_pb2
+from costmesh.types.v1 import types_pb2
+from services.common.errors import InvalidArgument
+from services.inference.settings import FeatureLimits, InferenceSettings
+
+MAX_REQUEST_ID = 128
+MAX_SCOPE_KEY = 256
+MAX_STOP_SEQUENCES = 4
+# Per-message framing tokens of the chat format.
+_MESSAGE_OVERHEAD = 4
+
+
+def estimate_tokens(messages: Sequence[types_pb2.ChatMessage]) -> int:
+    """An upper-leaning estimate (4 characters a token) used only to refuse early.
+
+    The provider's reported usage is what gets billed; an exact offline tokenizer
+    replaces this with the inference-dispatch work.
+    """
+    return sum(math.ceil(len(m.content) / 4) + _MESSAGE_OVERHEAD for m in messages)
+
+
+def validate(request: inference_pb2.CompleteRequest, settings: InferenceSettings) -> tuple[FeatureLimits, int]:
+    """The feature's limits and the effective max_tokens of a valid request."""
+    if len(request.request_id) > MAX_REQUEST_ID:
+        raise InvalidArgument("request_id", f"at most {MAX_REQUEST_ID} characters")
+    if not request.feature:
+        raise InvalidArgument("feature", "required")
+    limits = settings.features.get(request.feature)
+    if limits is None:
+        raise InvalidArgument("feature", f"unknown feature {request.feature!r}")
+    _validate_messages(request.messages)
+    if request.model and request.model not in settings.models:
+        raise InvalidArgument("model", f"unknown model {request.model!r}")
+    if len(request.scope_key) > MAX_SCOPE_KEY:
+        raise InvalidArgument("scope_key", f"at most {MAX_SCOPE_KEY} characters")
+    if request.cache_control.max_age_seconds < 0:
+        raise InvalidArgument("cache_control.max_age_seconds", "must not be negative")
+    max_tokens = _validate_params(request.params, limits)
+    prompt_tokens = estimate_tokens(request.messages)
+    if prompt_tokens > limits.max_input_tokens:
+        raise InvalidArgument(
+            "messages",
+            f"prompt is about {prompt_tokens} tokens; feature {request.feature!r} accepts "
+            f"at most {limits.max_input_tokens}",
+        )
+    return limits, max_tokens
+
+
+def check_context_window(prompt_tokens: int, max_tokens: int, model: str, window: int) -> None:
+    if prompt_tokens + max_tokens > window:
+        raise InvalidArgument(
+            "messages",
+            f"prompt (about {prompt_tokens} tokens) plus max_tokens {max_tokens} exceeds "
+            f"the {window}-token context window of {model}",
+        )
+
+
+def _validate_messages(items: Sequence[types_pb2.ChatMessage]) -> None:
+    if not items:
+        raise InvalidArgument("messages", "at least one message is required")
+    for i, message in enumerate(items):
+        if message.role == types_pb2.ROLE_UNSPECIFIED or message.role not in types_pb2.Role.values():
+            raise InvalidArgument(f"messages[{i}].role", "must be SYSTEM, USER or ASSISTANT")
+        if not message.content.strip():
+            raise InvalidArgument(f"messages[{i}].content", "must not be empty")
+    if not any(m.role == types_pb2.ROLE_USER for m in items):
+        raise InvalidArgument("messages", "at least one user message is required")
+
+
+def _validate_params(params: types_pb2.GenerationParams, limits: FeatureLimits) -> int:
+    max_tokens = limits.max_tokens_default
+    if params.HasField("max_tokens"):
+        if params.max_tokens < 1:
+            raise InvalidArgument("params.max_tokens", "must be at least 1")
+        if params.max_tokens > limits.max_tokens_limit:
+            raise InvalidArgument(
+                "params.max_tokens", f"at most {limits.max_tokens_limit} for this feature"
+            )
+        max_tokens = params.max_tokens
+    if params.HasField("temperature") and not 0 <= params.temperature <= 2:
+        raise InvalidArgument("params.temperature", "must be between 0 and 2")
+    if params.HasField("top_p") and not 0 <= params.top_p <= 1:
+        raise InvalidArgument("params.top_p", "must be between 0 and 1")
+    if len(params.stop) > MAX_STOP_SEQUENCES:
+        raise InvalidArgument("params.stop", f"at most {MAX_STOP_SEQUENCES} sequences")
+    return max_tokens

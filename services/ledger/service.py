@@ -1,0 +1,201 @@
+"""LedgerService servicer: proto <-> domain translation around the store and the catalog."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from costmesh.types.v1 import types_pb2
+from services.common.auth import Principal, require_role
+from services.common.config import Config
+from services.common.errors import InvalidArgument, PermissionDenied
+from services.common.server import ServiceDef
+from services.ledger.pricing import PriceCatalog, Usage
+from services.ledger.store import SpendTotal, SqliteUsageStore, UsageRow
+
+SERVICE_NAME = "costmesh.ledger.v1.LedgerService"
+MAX_RECORDS_PER_CALL = 1000
+_GROUPS = {
+    ledger_pb2.GROUP_BY_UNSPECIFIED: "",
+    ledger_pb2.GROUP_BY_TEAM: "team",
+    ledger_pb2.GROUP_BY_FEATURE: "feature",
+    ledger_pb2.GROUP_BY_MODEL: "model",
+    ledger_pb2.GROUP_BY_DAY: "day",
+}
+_FOREVER_US = 2**62
+
+
+class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
+    def __init__(self, store: SqliteUsageStore, catalog: PriceCatalog) -> None:
+        self._store = store
+        self._catalog = catalog
+
+    async def RecordUsage(
+        self, request: ledger_pb2.RecordUsageRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ledger_pb2.RecordUsageResponse:
+        require_role("service")
+        if len(request.records) > MAX_RECORDS_PER_CALL:
+            raise InvalidArgument("records", f"at most {MAX_RECORDS_PER_CALL} per call")
+        rows = [self._to_row(i, r) for i, r in enumerate(request.records)]
+        results = await asyncio.to_thread(self._store.record, rows)
+        return ledger_pb2.RecordUsageResponse(
+            results=[
+                ledger_pb2.RecordedUsage(request_id=row.request_id, cost_nano_usd=cost, duplicate=dup)
+                for row, (cost, dup) in zip(rows, results, strict=True)
+            ]
+        )
+
+    async def QuerySpend(
+        self, request: ledger_pb2.QuerySpendRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ledger_pb2.QuerySpendResponse:
+        team = _visible_team(require_role("member", "admin", "service"), request.team)
+        if request.group_by not in _GROUPS:
+            raise InvalidArgument("group_by", f"unknown value {request.group_by}")
+        start_us, end_us = _range(request, "start_time", "end_time")
+        totals = await asyncio.to_thread(
+            self._store.spend, _GROUPS[request.group_by], start_us, end_us, team, request.feature
+        )
+        return ledger_pb2.QuerySpendResponse(
+            rows=[_to_spend_row(t) for t in totals],
+            total_cost_nano_usd=sum(t.cost_nano_usd for t in totals),
+        )
+
+    async def ExportUsage(
+        self, request: ledger_pb2.ExportUsageRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[ledger_pb2.ExportUsageResponse]:
+        team = _visible_team(require_role("member", "admin", "service"), request.team)
+        start_us, end_us = _range(request, "start_time", "end_time")
+        rows = self._store.export(start_us, end_us, team)
+        while True:
+            row = await asyncio.to_thread(next, rows, None)
+            if row is None:
+                return
+            yield ledger_pb2.ExportUsageResponse(record=_to_record(row))
+
+    def _to_row(self, index: int, record: ledger_pb2.UsageRecord) -> UsageRow:
+        field = f"records[{index}]"
+        if not record.request_id or len(record.request_id) > 128:
+            raise InvalidArgument(f"{field}.request_id", "required, at most 128 characters")
+        for name in ("team", "feature", "model"):
+            if not getattr(record, name):
+                raise InvalidArgument(f"{field}.{name}", "required")
+        usage = Usage(
+            record.usage.input_tokens, record.usage.cached_input_tokens, record.usage.output_tokens
+        )
+        if min(usage.input_tokens, usage.cached_input_tokens, usage.output_tokens) < 0:
+            raise InvalidArgument(f"{field}.usage", "token counts must not be negative")
+        if usage.cached_input_tokens > usage.input_tokens:
+            raise InvalidArgument(f"{field}.usage.cached_input_tokens", "exceeds input_tokens")
+        billed = usage.input_tokens + usage.output_tokens > 0
+        if billed and not self._catalog.knows(record.model):
+            raise InvalidArgument(f"{field}.model", f"no price for model {record.model!r}")
+        when = record.time.ToDatetime(UTC) if record.HasField("time") else datetime.now(UTC)
+        return UsageRow(
+            request_id=record.request_id,
+            trace_id=record.trace_id,
+            time_us=int(when.timestamp() * 1_000_000),
+            day=when.strftime("%Y-%m-%d"),
+            team=record.team,
+            feature=record.feature,
+            model=record.model,
+            provider=record.provider,
+            tier=record.tier,
+            input_tokens=usage.input_tokens,
+            cached_input_tokens=usage.cached_input_tokens,
+            output_tokens=usage.output_tokens,
+            cache_outcome=record.cache_outcome,
+            escalated=record.escalated,
+            batch=record.batch,
+            latency_ms=record.latency_ms,
+            status=record.status or ledger_pb2.CALL_STATUS_OK,
+            cost_nano_usd=self._catalog.cost_nano_usd(record.model, usage),
+            price_version=self._catalog.version,
+        )
+
+
+def _visible_team(principal: Principal, requested: str) -> str:
+    """Members only ever see their own team; admins and services see any."""
+    if principal.role != "member":
+        return requested
+    if requested and requested != principal.team:
+        raise PermissionDenied(f"team: a member key may only query its own team {principal.team!r}")
+    return principal.team
+
+
+def _range(request: Any, start_field: str, end_field: str) -> tuple[int, int]:
+    start = _micros(getattr(request, start_field)) if request.HasField(start_field) else 0
+    end = _micros(getattr(request, end_field)) if request.HasField(end_field) else _FOREVER_US
+    if end <= start:
+        raise InvalidArgument(end_field, "must be after start_time")
+    return start, end
+
+
+def _micros(ts: timestamp_pb2.Timestamp) -> int:
+    return int(ts.seconds) * 1_000_000 + ts.nanos // 1000
+
+
+def _to_spend_row(total: SpendTotal) -> ledger_pb2.SpendRow:
+    return ledger_pb2.SpendRow(
+        key=total.key,
+        calls=total.calls,
+        input_tokens=total.input_tokens,
+        output_tokens=total.output_tokens,
+        cost_nano_usd=total.cost_nano_usd,
+        cached_calls=total.cached_calls,
+    )
+
+
+def _to_record(row: UsageRow) -> ledger_pb2.UsageRecord:
+    when = timestamp_pb2.Timestamp()
+    when.FromMicroseconds(row.time_us)
+    return ledger_pb2.UsageRecord(
+        request_id=row.request_id,
+        trace_id=row.trace_id,
+        time=when,
+        team=row.team,
+        feature=row.feature,
+        model=row.model,
+        provider=row.provider,
+        tier=row.tier,  # type: ignore[arg-type]
+        usage=types_pb2.TokenUsage(
+            input_tokens=row.input_tokens,
+            cached_input_tokens=row.cached_input_tokens,
+            output_tokens=row.output_tokens,
+        ),
+        cache_outcome=row.cache_outcome,  # type: ignore[arg-type]
+        escalated=bool(row.escalated),
+        batch=bool(row.batch),
+        latency_ms=row.latency_ms,
+        status=row.status,  # type: ignore[arg-type]
+        cost_nano_usd=row.cost_nano_usd,
+        price_version=row.price_version,
+    )
+
+
+def build(config: Config) -> ServiceDef:
+    """The ledger service on the configured SQLite file."""
+    ledger = config.section("ledger")
+    database = Path(ledger.get_str("database"))
+    if str(database) != ":memory:" and not database.is_absolute():
+        database = Path(config.section("server").get_str("data_dir")) / database
+    store = SqliteUsageStore(database)
+    catalog = PriceCatalog.from_config(config.section("models"), ledger.get_str("price_version"))
+    servicer = LedgerServicer(store, catalog)
+
+    async def stop() -> None:
+        store.close()
+
+    return ServiceDef(
+        SERVICE_NAME,
+        lambda server: ledger_pb2_grpc.add_LedgerServiceServicer_to_server(servicer, server),
+        stop=stop,
+    )
+
+

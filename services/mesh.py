@@ -1,0 +1,92 @@
+"""Composes the four services into one server (or any subset of them) from one config."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+from opentelemetry.sdk.trace import TracerProvider
+
+from services.cache import service as cache_service
+from services.common import telemetry
+from services.common.auth import KeyTable, new_key
+from services.common.channels import Channels
+from services.common.config import Config, ConfigError
+from services.common.edge import EdgeInterceptor
+from services.common.server import RunningServer, ServiceDef, create_server
+from services.inference import service as inference_service
+from services.ledger import service as ledger_service
+from services.router import service as router_service
+
+log = logging.getLogger(__name__)
+SERVICES = ("cache", "router", "ledger", "inference")
+PEERS = ("cache", "router", "ledger")
+
+
+def _service_key(config: Config, env: Mapping[str, str], names: Sequence[str]) -> str:
+    key_env = config.section("auth").get_str("service_key_env")
+    key = env.get(key_env, "")
+    if key:
+        return key
+    if set(names) == set(SERVICES):
+        return new_key()  # one process: nobody else needs to know it
+    raise ConfigError(f"auth.service_key_env: set {key_env} (the same value in every service process)")
+
+
+def _peer_addresses(config: Config, names: Sequence[str], port: int) -> dict[str, str]:
+    peers = config.section("peers")
+    addresses = {}
+    for peer in PEERS:
+        address = peers.get_str(peer)
+        if not address:
+            if peer not in names:
+                raise ConfigError(f"peers.{peer}: address required when {peer} runs elsewhere")
+            address = f"127.0.0.1:{port}"
+        addresses[peer] = address
+    return addresses
+
+
+async def start_mesh(
+    config: Config,
+    env: Mapping[str, str],
+    names: Sequence[str],
+    tracer_provider: TracerProvider,
+    port: int | None = None,
+) -> RunningServer:
+    """Start the named services in one gRPC server; port None means server.port."""
+    unknown = [n for n in names if n not in SERVICES]
+    if unknown or not names:
+        raise ConfigError(f"services: expected some of {', '.join(SERVICES)}, got {list(names)}")
+    server_cfg = config.section("server")
+    service_key = _service_key(config, env, names)
+    keys = KeyTable.from_config(config.section("auth"), service_key)
+    peers_cfg = config.section("peers")
+    channels = Channels(service_key, tracer_provider, peers_cfg.get_float("timeout_seconds", 5.0))
+
+    def build(bound_port: int) -> list[ServiceDef]:
+        built: list[ServiceDef] = []
+        for name in SERVICES:
+            if name not in names:
+                continue
+            if name == "cache":
+                built.append(cache_service.build(config))
+            elif name == "router":
+                built.append(router_service.build(config))
+            elif name == "ledger":
+                built.append(ledger_service.build(config))
+            else:
+                addresses = _peer_addresses(config, names, bound_port)
+                built.append(
+                    inference_service.build(config, env, channels, addresses, tracer_provider)
+                )
+        return built
+
+    interceptors = [*telemetry.server_interceptors(tracer_provider), EdgeInterceptor(keys)]
+    running = await create_server(
+        server_cfg.get_str("host"),
+        server_cfg.get_int("port", minimum=0) if port is None else port,
+        build,
+        interceptors,
+    )
+    running.cleanups.append(channels.close)
+    return running
