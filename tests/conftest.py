@@ -1,0 +1,93 @@
+"""Fixtures shared by the whole suite: a provider simulator and an in-process mesh."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from costmesh.cache.v1 import cache_pb2_grpc
+from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from costmesh.ledger.v1 import ledger_pb2_grpc
+from costmesh.router.v1 import router_pb2_grpc
+from costmesh.types.v1 import types_pb2
+from services.common.config import load_config
+from services.common.server import RunningServer
+from services.inference.simulator import OpenAISimulator
+from services.mesh import SERVICES, start_mesh
+
+DEMO_KEY = "cm-demo-admin-key"
+AUTH = (("authorization", f"Bearer {DEMO_KEY}"),)
+PROVIDER_KEY = "sk-test-provider"
+
+
+@pytest.fixture
+def simulator() -> Iterator[OpenAISimulator]:
+    with OpenAISimulator(api_key=PROVIDER_KEY) as sim:
+        yield sim
+
+
+@dataclass
+class Mesh:
+    """A running in-process mesh and clients for it."""
+
+    running: RunningServer
+    address: str
+    channel: grpc.aio.Channel
+    spans: InMemorySpanExporter
+    data_dir: Path
+
+    @property
+    def inference(self) -> inference_pb2_grpc.InferenceServiceStub:
+        return inference_pb2_grpc.InferenceServiceStub(self.channel)
+
+    @property
+    def ledger(self) -> ledger_pb2_grpc.LedgerServiceStub:
+        return ledger_pb2_grpc.LedgerServiceStub(self.channel)
+
+    @property
+    def cache(self) -> cache_pb2_grpc.CacheServiceStub:
+        return cache_pb2_grpc.CacheServiceStub(self.channel)
+
+    @property
+    def router(self) -> router_pb2_grpc.RouterServiceStub:
+        return router_pb2_grpc.RouterServiceStub(self.channel)
+
+
+def mesh_env(simulator: OpenAISimulator, data_dir: Path) -> dict[str, str]:
+    return {
+        "OPENAI_API_KEY": PROVIDER_KEY,
+        "OPENAI_BASE_URL": simulator.base_url,
+        "COSTMESH_DATA_DIR": str(data_dir),
+    }
+
+
+@pytest.fixture
+async def mesh(simulator: OpenAISimulator, tmp_path: Path) -> AsyncIterator[Mesh]:
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    env = mesh_env(simulator, tmp_path)
+    running = await start_mesh(load_config(env=env), env, SERVICES, provider, port=0)
+    address = f"127.0.0.1:{running.port}"
+    channel = grpc.aio.insecure_channel(address)
+    try:
+        yield Mesh(running, address, channel, spans, tmp_path)
+    finally:
+        await channel.close()
+        await running.stop(grace=1)
+        provider.shutdown()
+
+
+def user_request(text: str, feature: str = "support", **fields: object) -> inference_pb2.CompleteRequest:
+    return inference_pb2.CompleteRequest(
+        feature=feature,
+        messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=text)],
+        **fields,  # type: ignore[arg-type]
+    )

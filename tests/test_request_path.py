@@ -1,0 +1,135 @@
+"""The user's walk through the mesh: complete, hit the cache, read the ledger."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from google.protobuf import timestamp_pb2
+
+from costmesh.ledger.v1 import ledger_pb2
+from costmesh.types.v1 import types_pb2
+from services.inference.simulator import OpenAISimulator, count_tokens
+from tests.conftest import AUTH, Mesh, user_request
+
+# Published prices of the seed models, in nano-USD per token.
+MINI_INPUT, MINI_OUTPUT = 150, 600
+
+
+async def test_complete_answers_with_model_usage_cost_and_trace(mesh: Mesh, simulator: OpenAISimulator) -> None:
+    reply = await mesh.inference.Complete(user_request("Where is my parcel?"), metadata=AUTH, timeout=10)
+
+    assert reply.content == "[simulated] Answer to: Where is my parcel?"
+    assert reply.model == "gpt-4o-mini"
+    assert reply.provider == "openai"
+    assert not reply.cached
+    assert reply.cache_outcome == types_pb2.CACHE_OUTCOME_MISS
+    assert reply.usage.input_tokens == count_tokens("Where is my parcel?") + 4
+    assert reply.usage.output_tokens == count_tokens(reply.content)
+    expected = reply.usage.input_tokens * MINI_INPUT + reply.usage.output_tokens * MINI_OUTPUT
+    assert reply.cost_nano_usd == expected
+    assert len(reply.trace_id) == 32
+    assert int(reply.trace_id, 16) != 0
+    assert reply.tier == types_pb2.TIER_SIMPLE
+    assert simulator.call_count == 1
+
+
+async def test_same_request_again_is_an_exact_hit_that_costs_nothing(
+    mesh: Mesh, simulator: OpenAISimulator
+) -> None:
+    first = await mesh.inference.Complete(user_request("Cancel my order"), metadata=AUTH, timeout=10)
+    second = await mesh.inference.Complete(user_request("Cancel my order"), metadata=AUTH, timeout=10)
+
+    assert second.cached
+    assert second.cache_outcome == types_pb2.CACHE_OUTCOME_EXACT
+    assert second.content == first.content
+    assert second.model == first.model
+    assert second.usage.input_tokens == second.usage.output_tokens == 0
+    assert second.cost_nano_usd == 0
+    assert simulator.call_count == 1
+
+
+async def test_cache_is_partitioned_by_scope_and_parameters(mesh: Mesh, simulator: OpenAISimulator) -> None:
+    await mesh.inference.Complete(user_request("Refund?", scope_key="tenant-a"), metadata=AUTH, timeout=10)
+    other_tenant = await mesh.inference.Complete(
+        user_request("Refund?", scope_key="tenant-b"), metadata=AUTH, timeout=10
+    )
+    other_params = user_request("Refund?", scope_key="tenant-a")
+    other_params.params.temperature = 0.1
+    changed = await mesh.inference.Complete(other_params, metadata=AUTH, timeout=10)
+
+    assert not other_tenant.cached
+    assert not changed.cached
+    assert simulator.call_count == 3
+
+
+async def test_no_cache_and_no_store_are_honoured(mesh: Mesh, simulator: OpenAISimulator) -> None:
+    no_store = user_request("Track order 42")
+    no_store.cache_control.no_store = True
+    await mesh.inference.Complete(no_store, metadata=AUTH, timeout=10)
+    stored = await mesh.inference.Complete(user_request("Track order 42"), metadata=AUTH, timeout=10)
+    bypass = user_request("Track order 42")
+    bypass.cache_control.no_cache = True
+    bypassed = await mesh.inference.Complete(bypass, metadata=AUTH, timeout=10)
+
+    assert not stored.cached
+    assert bypassed.cache_outcome == types_pb2.CACHE_OUTCOME_BYPASS
+    assert simulator.call_count == 3
+
+
+async def test_query_spend_is_exactly_the_sum_of_call_costs(mesh: Mesh) -> None:
+    questions = ["How do refunds work?", "Change my address", "How do refunds work?", "Close my account"]
+    costs_by_model: dict[str, int] = {}
+    total = 0
+    for question in questions:
+        reply = await mesh.inference.Complete(user_request(question), metadata=AUTH, timeout=10)
+        costs_by_model[reply.model] = costs_by_model.get(reply.model, 0) + reply.cost_nano_usd
+        total += reply.cost_nano_usd
+    explicit = user_request("Explain chargebacks in detail", model="gpt-4o")
+    big = await mesh.inference.Complete(explicit, metadata=AUTH, timeout=10)
+    costs_by_model["gpt-4o"] = big.cost_nano_usd
+    total += big.cost_nano_usd
+
+    for group, expected_keys in (
+        (ledger_pb2.GROUP_BY_MODEL, set(costs_by_model)),
+        (ledger_pb2.GROUP_BY_TEAM, {"demo"}),
+        (ledger_pb2.GROUP_BY_FEATURE, {"support"}),
+        (ledger_pb2.GROUP_BY_DAY, {datetime.now(UTC).strftime("%Y-%m-%d")}),
+    ):
+        spend = await mesh.ledger.QuerySpend(
+            ledger_pb2.QuerySpendRequest(group_by=group), metadata=AUTH, timeout=5
+        )
+        assert {row.key for row in spend.rows} == expected_keys
+        assert spend.total_cost_nano_usd == total
+        assert sum(row.calls for row in spend.rows) == 5
+    by_model = await mesh.ledger.QuerySpend(
+        ledger_pb2.QuerySpendRequest(group_by=ledger_pb2.GROUP_BY_MODEL), metadata=AUTH, timeout=5
+    )
+    assert {row.key: row.cost_nano_usd for row in by_model.rows} == costs_by_model
+    assert {row.key: row.cached_calls for row in by_model.rows} == {"gpt-4o-mini": 1, "gpt-4o": 0}
+
+
+async def test_query_spend_time_range_excludes_calls_outside_it(mesh: Mesh) -> None:
+    await mesh.inference.Complete(user_request("Opening hours?"), metadata=AUTH, timeout=10)
+    future = timestamp_pb2.Timestamp()
+    future.FromDatetime(datetime.now(UTC) + timedelta(hours=1))
+
+    later = await mesh.ledger.QuerySpend(
+        ledger_pb2.QuerySpendRequest(start_time=future), metadata=AUTH, timeout=5
+    )
+    everything = await mesh.ledger.QuerySpend(ledger_pb2.QuerySpendRequest(), metadata=AUTH, timeout=5)
+
+    assert list(later.rows) == []
+    assert everything.rows[0].calls == 1
+
+
+async def test_repeated_request_id_is_billed_once(mesh: Mesh) -> None:
+    request = user_request("Is my card blocked?", request_id="client-req-1")
+    request.cache_control.no_cache = True
+    first = await mesh.inference.Complete(request, metadata=AUTH, timeout=10)
+    again = await mesh.inference.Complete(request, metadata=AUTH, timeout=10)
+
+    spend = await mesh.ledger.QuerySpend(ledger_pb2.QuerySpendRequest(), metadata=AUTH, timeout=5)
+    assert first.request_id == again.request_id == "client-req-1"
+    assert again.cost_nano_usd == first.cost_nano_usd
+    assert spend.rows[0].calls == 1
+    assert spend.total_cost_nano_usd == first.cost_nano_usd

@@ -1,0 +1,167 @@
+"""One trace id from the client's call to the provider call and the ledger write."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
+
+from costmesh.inference.v1 import inference_pb2_grpc
+from services.common import telemetry
+from services.inference.simulator import OpenAISimulator
+from tests.conftest import AUTH, PROVIDER_KEY, Mesh, user_request
+from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
+
+SERVICE_KEY = "cm-test-service-key"
+
+
+def _client(address: str) -> tuple[grpc.aio.Channel, InMemorySpanExporter, TracerProvider]:
+    """A traced client, as an instrumented application would call the mesh."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    channel = grpc.aio.insecure_channel(address, interceptors=telemetry.client_interceptors(provider))
+    return channel, exporter, provider
+
+
+def _named(spans: Sequence[ReadableSpan], fragment: str, kind: SpanKind) -> ReadableSpan:
+    matches = [s for s in spans if fragment in s.name and s.kind == kind]
+    assert len(matches) == 1, f"expected one {kind.name} span named *{fragment}*, got {[s.name for s in spans]}"
+    return matches[0]
+
+
+def _parent_of(span: ReadableSpan) -> int:
+    assert span.parent is not None, f"{span.name} has no parent"
+    return span.parent.span_id
+
+
+async def test_one_process_trace_covers_every_hop(mesh: Mesh) -> None:
+    channel, client_spans, provider = _client(mesh.address)
+    async with channel:
+        reply = await inference_pb2_grpc.InferenceServiceStub(channel).Complete(
+            user_request("Where is my refund?"), metadata=AUTH, timeout=10
+        )
+    await mesh.running.stop(grace=1)  # lets the off-path cache store finish
+    spans = [*client_spans.get_finished_spans(), *mesh.spans.get_finished_spans()]
+    provider.shutdown()
+
+    assert {format_trace_id(s.context.trace_id) for s in spans} == {reply.trace_id}
+    client = _named(spans, "InferenceService/Complete", SpanKind.CLIENT)
+    front = _named(spans, "InferenceService/Complete", SpanKind.SERVER)
+    assert _parent_of(front) == client.context.span_id
+    for hop in ("CacheService/Lookup", "RouterService/Route", "CacheService/Store", "LedgerService/RecordUsage"):
+        outgoing = _named(spans, hop, SpanKind.CLIENT)
+        incoming = _named(spans, hop, SpanKind.SERVER)
+        assert _parent_of(incoming) == outgoing.context.span_id, hop
+        assert _parent_of(outgoing) == front.context.span_id, hop
+    llm = _named(spans, "chat gpt-4o-mini", SpanKind.CLIENT)
+    assert _parent_of(llm) == front.context.span_id
+    assert llm.attributes is not None
+    assert llm.attributes["gen_ai.request.model"] == "gpt-4o-mini"
+    assert llm.attributes["gen_ai.usage.output_tokens"] == reply.usage.output_tokens
+    assert front.attributes is not None
+    assert front.attributes["costmesh.team"] == "demo"
+    assert front.attributes["costmesh.cache.outcome"] == "CACHE_OUTCOME_MISS"
+    prompt = "Where is my refund?"
+    assert all(prompt not in str(s.attributes) for s in spans), "prompt text stays off spans"
+
+
+async def _start(
+    service: str, env: dict[str, str]
+) -> tuple[asyncio.subprocess.Process, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "serve", service, "--port", "0",
+        env=env, stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    async with asyncio.timeout(30):
+        while line := (await process.stdout.readline()).decode():
+            if line.startswith(f"costmesh: serving {service} on "):
+                return process, line.rsplit(" ", 1)[1].strip()
+    raise AssertionError(f"{service} exited with {await process.wait()} before serving")
+
+
+@pytest.fixture
+async def four_processes(
+    simulator: OpenAISimulator, tmp_path: Path
+) -> AsyncIterator[tuple[str, OtlpReceiver]]:
+    receiver = OtlpReceiver()
+    endpoint = await receiver.start()
+    base = {
+        **os.environ,
+        "COSTMESH_SERVICE_KEY": SERVICE_KEY,
+        "COSTMESH_DATA_DIR": str(tmp_path),
+        "OPENAI_API_KEY": PROVIDER_KEY,
+        "OPENAI_BASE_URL": simulator.base_url,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    }
+    for name in ("OTEL_SERVICE_NAME", "CACHE_ADDR", "ROUTER_ADDR", "LEDGER_ADDR", "COSTMESH_CONFIG"):
+        base.pop(name, None)
+    processes = []
+    try:
+        addresses = {}
+        for service in ("cache", "router", "ledger"):
+            process, addresses[service] = await _start(service, base)
+            processes.append(process)
+        peers = {f"{s.upper()}_ADDR": a for s, a in addresses.items()}
+        process, front = await _start("inference", {**base, **peers})
+        processes.append(process)
+        yield front, receiver
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.terminate()
+        for process in processes:
+            assert await process.wait() == 0, "every service shuts down cleanly on SIGTERM"
+        await receiver.stop()
+
+
+async def test_four_process_trace_has_one_trace_id_across_all_services(
+    four_processes: tuple[str, OtlpReceiver],
+) -> None:
+    address, receiver = four_processes
+    channel, client_spans, provider = _client(address)
+    async with channel:
+        reply = await inference_pb2_grpc.InferenceServiceStub(channel).Complete(
+            user_request("Why was I charged twice?"), metadata=AUTH, timeout=20
+        )
+    client = client_spans.get_finished_spans()[0]
+    provider.shutdown()
+    services = {"costmesh-inference", "costmesh-cache", "costmesh-router", "costmesh-ledger"}
+
+    def complete(spans: list[ReceivedSpan]) -> bool:
+        ours = [s for s in spans if s.trace_id == reply.trace_id]
+        names = {s.name for s in ours}
+        return {s.service for s in ours} >= services and any("Store" in n for n in names) and any(
+            "RecordUsage" in n for n in names
+        )
+
+    await receiver.wait_for(complete, timeout=20)
+    ours = [s for s in receiver.spans if s.trace_id == reply.trace_id]
+    assert format_trace_id(client.context.trace_id) == reply.trace_id
+    by_id = {s.span_id: s for s in ours}
+    front = next(s for s in ours if s.service == "costmesh-inference" and s.kind == 2)  # SERVER
+    assert front.parent_span_id == format_span_id(client.context.span_id)
+    for service in services - {"costmesh-inference"}:
+        served = [s for s in ours if s.service == service and s.kind == 2]
+        assert served, f"{service} exported no server span"
+        for span in served:
+            caller = by_id[span.parent_span_id]
+            assert caller.service == "costmesh-inference"
+            assert caller.kind == 3  # CLIENT
+            assert caller.parent_span_id == front.span_id
+    llm = next(s for s in ours if s.name.startswith("chat "))
+    assert llm.parent_span_id == front.span_id
+    assert llm.attributes["gen_ai.usage.input_tokens"] == reply.usage.input_tokens
