@@ -58,6 +58,11 @@ async def start_mesh(
     if unknown or not names:
         raise ConfigError(f"services: expected some of {', '.join(SERVICES)}, got {list(names)}")
     server_cfg = config.section("server")
+    server_cfg.reject_unknown({"host", "port", "grace_seconds", "data_dir"})
+    configured_port = server_cfg.get_int("port", minimum=0)
+    if configured_port > 65535:
+        raise ConfigError(f"server.port: must be at most 65535, got {configured_port}")
+    server_cfg.get_float("grace_seconds")
     service_key = _service_key(config, env, names)
     keys = KeyTable.from_config(config.section("auth"), service_key)
     peers_cfg = config.section("peers")
@@ -84,7 +89,7 @@ async def start_mesh(
     interceptors = [*telemetry.server_interceptors(tracer_provider), EdgeInterceptor(keys)]
     running = await create_server(
         server_cfg.get_str("host"),
-        server_cfg.get_int("port", minimum=0) if port is None else port,
+        configured_port if port is None else port,
         build,
         interceptors,
     )

@@ -15,6 +15,7 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import (  # type: ignore[attr-defined]
     aio_client_interceptors,
     aio_server_interceptor,
+    filters,
 )
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
@@ -68,8 +69,15 @@ def _otlp_exporter() -> SpanExporter:
 
 
 def server_interceptors(provider: trace.TracerProvider) -> list[grpc.aio.ServerInterceptor]:
-    """Starts a server span per RPC, continuing the caller's trace from metadata."""
-    return [aio_server_interceptor(tracer_provider=provider)]
+    """Starts a server span per RPC, continuing the caller's trace from metadata.
+
+    Health and reflection are left untraced: probes would flood the traces, and the
+    instrumentation breaks handlers that stream with context.write (health Watch).
+    """
+    untraced = filters.any_of(
+        filters.service_prefix("grpc.health."), filters.service_prefix("grpc.reflection.")
+    )
+    return [aio_server_interceptor(tracer_provider=provider, filter_=filters.negate(untraced))]
 
 
 def client_interceptors(provider: trace.TracerProvider) -> list[Any]:

@@ -1,0 +1,35 @@
+# One image for every costmesh service; the command picks which one runs:
+#   docker build -t costmesh .
+#   docker run --rm -p 50051:50051 costmesh                     # all four services, one process
+#   docker run --rm -e COSTMESH_SERVICE_KEY=... costmesh serve cache
+# compose.yaml runs the services as separate containers.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY protos/ protos/
+COPY services/ services/
+RUN pip install --no-cache-dir . \
+    && groupadd --system --gid 10001 costmesh \
+    && useradd --system --uid 10001 --gid costmesh --no-create-home \
+        --home-dir /var/lib/costmesh --shell /usr/sbin/nologin costmesh \
+    && mkdir -p /var/lib/costmesh \
+    && chown costmesh:costmesh /var/lib/costmesh
+
+# Read by services/common/config.py (ENV_OVERRIDES). In a container the server must
+# listen on every interface, and the ledger database and inference outbox go to a
+# directory the unprivileged user owns (mount a volume there to keep them).
+ENV COSTMESH_HOST=0.0.0.0 \
+    COSTMESH_DATA_DIR=/var/lib/costmesh
+
+# Run from the data directory, not /src, so imports come from the installed package.
+WORKDIR /var/lib/costmesh
+USER 10001:10001
+EXPOSE 50051
+
+ENTRYPOINT ["costmesh"]
+CMD ["serve"]

@@ -1,0 +1,69 @@
+"""Configuration: defaults, file, environment; a bad value fails at start naming its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+
+from services.common.config import ConfigError, load_config
+from services.mesh import SERVICES, start_mesh
+
+
+def test_embedded_defaults_run_with_no_file_and_no_environment() -> None:
+    config = load_config(env={})
+    assert config.section("server").get_int("port") == 50051
+    assert set(config.section("features").keys()) >= {"default", "support"}
+
+
+def test_file_overrides_defaults_and_environment_overrides_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[server]\nport = 6000\n[peers]\ncache = "cache:1"\n')
+
+    from_file = load_config(path, env={})
+    from_env = load_config(env={"COSTMESH_CONFIG": str(path), "COSTMESH_PORT": "7000"})
+
+    assert from_file.section("server").get_int("port") == 6000
+    assert from_file.section("server").get_str("host") == "127.0.0.1", "untouched keys keep defaults"
+    assert from_file.section("peers").get_str("cache") == "cache:1"
+    assert from_env.section("server").get_int("port") == 7000
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "message"),
+    [
+        ("[server]\nport = 'x'\n", {}, r"server\.port: expected an integer"),
+        ("", {"COSTMESH_PORT": "eighty"}, r"server\.port: expected an integer"),
+        ("[features.support]\ntier = 'hard'\n", {}, r"features\.support\.tier: expected one of"),
+        (
+            "[features.support.models]\nsimple = 'gpt-5-imaginary'\n",
+            {},
+            r"features\.support\.models\.simple: unknown model",
+        ),
+        ("[[auth.keys]]\nteam = 'x'\nsha256 = 'abc'\n", {}, r"auth\.keys\[0\]\.sha256: expected 64 hex"),
+        ("[[auth.keys]]\nteam = 'x'\nrole='boss'\nsha256 = '" + "a" * 64 + "'\n", {},
+         r"auth\.keys\[0\]\.role: expected one of"),
+        ("[server\n", {}, "not valid TOML"),
+    ],
+    ids=["type", "env type", "tier", "model", "key digest", "role", "syntax"],
+)
+async def test_bad_configuration_fails_at_start_naming_the_key(
+    tmp_path: Path, toml: str, env: dict[str, str], message: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    env = {**env, "COSTMESH_DATA_DIR": str(tmp_path)}
+    with pytest.raises(ConfigError, match=message):
+        await start_mesh(load_config(path, env), env, SERVICES, TracerProvider(), port=0)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "absent.toml", env={})
+
+
+async def test_separate_processes_need_a_shared_service_key(tmp_path: Path) -> None:
+    env = {"COSTMESH_DATA_DIR": str(tmp_path)}
+    with pytest.raises(ConfigError, match="COSTMESH_SERVICE_KEY"):
+        await start_mesh(load_config(env=env), env, ["ledger"], TracerProvider(), port=0)

@@ -1,0 +1,115 @@
+"""Usage survives a ledger outage and an inference restart, and is never counted twice."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+
+from costmesh.inference.v1 import inference_pb2_grpc
+from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from services.common.config import Config, load_config
+from services.common.server import RunningServer
+from services.inference.simulator import OpenAISimulator
+from services.mesh import start_mesh
+from tests.conftest import AUTH, mesh_env, user_request
+
+SERVICE_KEY = "cm-test-service-key"
+
+
+class SplitMesh:
+    """Ledger in one server, the rest in another, so the ledger can go away alone."""
+
+    def __init__(self, simulator: OpenAISimulator, data_dir: Path) -> None:
+        self.env = {**mesh_env(simulator, data_dir), "COSTMESH_SERVICE_KEY": SERVICE_KEY}
+        self.data_dir = data_dir
+        self.provider = TracerProvider()
+        self.ledger: RunningServer | None = None
+        self.front: RunningServer | None = None
+        self.ledger_port = 0
+
+    def config(self) -> Config:
+        path = self.data_dir / "costmesh.toml"
+        path.write_text(
+            f'[peers]\nledger = "127.0.0.1:{self.ledger_port}"\n'
+            "[inference]\noutbox_retry_seconds = 0.05\n"
+        )
+        return load_config(path, self.env)
+
+    async def start_ledger(self) -> None:
+        self.ledger = await start_mesh(
+            load_config(env=self.env), self.env, ["ledger"], self.provider, port=self.ledger_port
+        )
+        self.ledger_port = self.ledger.port
+
+    async def start_front(self) -> None:
+        names: Sequence[str] = ["cache", "router", "inference"]
+        self.front = await start_mesh(self.config(), self.env, names, self.provider, port=0)
+
+    async def complete(self, text: str) -> tuple[str, int, bool]:
+        assert self.front is not None
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.front.port}") as channel:
+            reply = await inference_pb2_grpc.InferenceServiceStub(channel).Complete(
+                user_request(text), metadata=AUTH, timeout=10
+            )
+        return reply.request_id, reply.cost_nano_usd, reply.cost_pending
+
+    async def ledger_calls(self) -> tuple[int, int]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.ledger_port}") as channel:
+            spend = await ledger_pb2_grpc.LedgerServiceStub(channel).QuerySpend(
+                ledger_pb2.QuerySpendRequest(), metadata=AUTH, timeout=5
+            )
+        return sum(r.calls for r in spend.rows), spend.total_cost_nano_usd
+
+    async def wait_for_calls(self, expected: int) -> int:
+        async with asyncio.timeout(10):
+            while (found := await self.ledger_calls())[0] < expected:
+                await asyncio.sleep(0.02)  # poll: the outbox retries on its own schedule
+        return found[1]
+
+
+@pytest.fixture
+async def split(simulator: OpenAISimulator, tmp_path: Path) -> AsyncIterator[SplitMesh]:
+    mesh = SplitMesh(simulator, tmp_path)
+    await mesh.start_ledger()
+    await mesh.start_front()
+    try:
+        yield mesh
+    finally:
+        for server in (mesh.front, mesh.ledger):
+            if server is not None:
+                await server.stop(grace=1)
+
+
+async def test_ledger_outage_loses_nothing_and_counts_nothing_twice(split: SplitMesh) -> None:
+    _, cost_before, pending_before = await split.complete("first, ledger up")
+    assert split.ledger is not None
+    await split.ledger.stop(grace=1)
+
+    _, cost_during, pending_during = await split.complete("second, ledger down")
+    await split.start_ledger()
+    total = await split.wait_for_calls(2)
+
+    assert not pending_before and cost_before > 0
+    assert pending_during and cost_during == 0, "the caller is told the cost is not yet confirmed"
+    assert await split.ledger_calls() == (2, total)
+
+
+async def test_records_in_the_outbox_survive_an_inference_restart(split: SplitMesh) -> None:
+    assert split.ledger is not None and split.front is not None
+    await split.ledger.stop(grace=1)
+    _, _, pending = await split.complete("recorded while the ledger is down")
+    await split.front.stop(grace=1)  # inference goes away with the record on disk
+    split.front = None
+
+    await split.start_ledger()
+    await split.start_front()
+    total = await split.wait_for_calls(1)
+
+    assert pending
+    assert total > 0, "the delayed record is priced like any other"
+    assert (await split.ledger_calls())[0] == 1

@@ -1,0 +1,71 @@
+"""The SQLite usage store: idempotent, exact sums, in-place schema upgrades."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import replace
+from pathlib import Path
+
+from services.ledger.store import SqliteUsageStore, UsageRow
+
+DAY_US = 86_400 * 1_000_000
+BASE = UsageRow(
+    request_id="r0", trace_id="t", time_us=1_764_115_200 * 1_000_000, day="2025-11-26",
+    team="support", feature="tickets", model="gpt-4o-mini", provider="openai", tier=1,
+    input_tokens=100, cached_input_tokens=0, output_tokens=20, cache_outcome=1,
+    escalated=False, batch=False, latency_ms=12, status=1, cost_nano_usd=27_000,
+    price_version="v1",
+)
+
+
+def test_a_repeated_request_id_is_ignored_and_reports_the_first_cost(tmp_path: Path) -> None:
+    store = SqliteUsageStore(tmp_path / "ledger.sqlite3")
+    first = store.record([BASE])
+    again = store.record([replace(BASE, cost_nano_usd=999)])
+
+    assert first == [(27_000, False)]
+    assert again == [(27_000, True)]
+    assert store.spend("", 0, 2**62)[0].calls == 1
+
+
+def test_spend_groups_sum_exactly_and_respect_the_time_range(tmp_path: Path) -> None:
+    store = SqliteUsageStore(":memory:")
+    rows = [
+        replace(BASE, request_id="a", team="support", cost_nano_usd=1),
+        replace(BASE, request_id="b", team="support", cost_nano_usd=2, cache_outcome=2),
+        replace(BASE, request_id="c", team="search", cost_nano_usd=4),
+        replace(BASE, request_id="d", team="search", cost_nano_usd=8,
+                time_us=BASE.time_us + DAY_US, day="2025-11-27"),
+    ]
+    store.record(rows)
+
+    by_team = {t.key: (t.calls, t.cost_nano_usd, t.cached_calls) for t in store.spend("team", 0, 2**62)}
+    first_day = store.spend("day", BASE.time_us, BASE.time_us + DAY_US)
+    only_search = store.spend("", 0, 2**62, team="search")
+
+    assert by_team == {"search": (2, 12, 0), "support": (2, 3, 1)}
+    assert [(t.key, t.cost_nano_usd) for t in first_day] == [("2025-11-26", 7)]
+    assert only_search[0].cost_nano_usd == 12
+
+
+def test_export_pages_through_every_row_in_time_order(tmp_path: Path) -> None:
+    store = SqliteUsageStore(":memory:")
+    rows = [replace(BASE, request_id=f"r{i:04}", time_us=BASE.time_us + i) for i in range(1203)]
+    store.record(list(reversed(rows)))
+
+    exported = list(store.export(0, 2**62))
+
+    assert [r.request_id for r in exported] == [r.request_id for r in rows]
+
+
+def test_reopening_keeps_rows_and_an_old_schema_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    SqliteUsageStore(path).record([BASE])
+    reopened = SqliteUsageStore(path)
+    legacy = tmp_path / "legacy.sqlite3"
+    sqlite3.connect(legacy).close()  # an empty file at schema version 0
+    upgraded = SqliteUsageStore(legacy)
+
+    assert reopened.spend("", 0, 2**62)[0].calls == 1
+    assert upgraded.record([BASE]) == [(27_000, False)]
+    assert sqlite3.connect(legacy).execute("PRAGMA user_version").fetchone()[0] == 1
