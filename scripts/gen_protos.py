@@ -33,11 +33,12 @@ def main() -> int:
         ]
     )
     if code != 0:
-        return code
-    for folder in {PROTOS / Path(s).parent for s in sources}:
-        while folder != PROTOS:
+        return int(code)
+    for leaf in {PROTOS / Path(s).parent for s in sources}:
+        for folder in [leaf, *leaf.parents]:
+            if folder == PROTOS:
+                break
             (folder / "__init__.py").touch()
-            folder = folder.parent
     (PROTOS / "costmesh" / "py.typed").touch()
     return 0
 

@@ -25,7 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="run the mesh, or one service of it")
     serve_cmd.add_argument(
-        "service", nargs="?", default="all", choices=("all", *SERVICES),
+        "service",
+        nargs="?",
+        default="all",
+        choices=("all", *SERVICES),
         help="which service to run (default: all four in one process)",
     )
     serve_cmd.add_argument("--port", type=int, help="port to listen on (0 picks a free one)")
@@ -45,7 +48,9 @@ async def _serve(args: argparse.Namespace) -> int:
         env["COSTMESH_HOST"] = args.host
     config = load_config(args.config, env)
     names = list(SERVICES) if args.service == "all" else [args.service]
-    provider = telemetry.setup_tracing("costmesh" if args.service == "all" else f"costmesh-{args.service}", env)
+    provider = telemetry.setup_tracing(
+        "costmesh" if args.service == "all" else f"costmesh-{args.service}", env
+    )
     trace.set_tracer_provider(provider)
     running = await start_mesh(config, env, names, provider, port=args.port)
     host = config.section("server").get_str("host")
@@ -60,11 +65,16 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("COSTMESH_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("COSTMESH_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if args.command == "keys":
         key = new_key()
         print(f"key (give it to the team; it is not stored): {key}")
-        print(f'[[auth.keys]]\nteam = "{args.team}"\nrole = "{args.role}"\nsha256 = "{hash_key(key)}"')
+        print(
+            f'[[auth.keys]]\nteam = "{args.team}"\nrole = "{args.role}"\nsha256 = "{hash_key(key)}"'
+        )
         return 0
     try:
         return asyncio.run(_serve(args))

@@ -30,7 +30,9 @@ def _service_key(config: Config, env: Mapping[str, str], names: Sequence[str]) -
         return key
     if set(names) == set(SERVICES):
         return new_key()  # one process: nobody else needs to know it
-    raise ConfigError(f"auth.service_key_env: set {key_env} (the same value in every service process)")
+    raise ConfigError(
+        f"auth.service_key_env: set {key_env} (the same value in every service process)"
+    )
 
 
 def _peer_addresses(config: Config, names: Sequence[str], port: int) -> dict[str, str]:

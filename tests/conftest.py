@@ -44,19 +44,19 @@ class Mesh:
     data_dir: Path
 
     @property
-    def inference(self) -> inference_pb2_grpc.InferenceServiceStub:
+    def inference(self) -> inference_pb2_grpc.InferenceServiceAsyncStub:
         return inference_pb2_grpc.InferenceServiceStub(self.channel)
 
     @property
-    def ledger(self) -> ledger_pb2_grpc.LedgerServiceStub:
+    def ledger(self) -> ledger_pb2_grpc.LedgerServiceAsyncStub:
         return ledger_pb2_grpc.LedgerServiceStub(self.channel)
 
     @property
-    def cache(self) -> cache_pb2_grpc.CacheServiceStub:
+    def cache(self) -> cache_pb2_grpc.CacheServiceAsyncStub:
         return cache_pb2_grpc.CacheServiceStub(self.channel)
 
     @property
-    def router(self) -> router_pb2_grpc.RouterServiceStub:
+    def router(self) -> router_pb2_grpc.RouterServiceAsyncStub:
         return router_pb2_grpc.RouterServiceStub(self.channel)
 
 
@@ -85,7 +85,9 @@ async def mesh(simulator: OpenAISimulator, tmp_path: Path) -> AsyncIterator[Mesh
         provider.shutdown()
 
 
-def user_request(text: str, feature: str = "support", **fields: object) -> inference_pb2.CompleteRequest:
+def user_request(
+    text: str, feature: str = "support", **fields: object
+) -> inference_pb2.CompleteRequest:
     return inference_pb2.CompleteRequest(
         feature=feature,
         messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=text)],

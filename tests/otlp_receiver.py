@@ -33,7 +33,7 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
 
     async def start(self) -> str:
         self._server = grpc.aio.server()
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)  # type: ignore[no-untyped-call]
         self.port = self._server.add_insecure_port("127.0.0.1:0")
         await self._server.start()
         return f"http://127.0.0.1:{self.port}"
@@ -66,8 +66,10 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
             self._changed.notify_all()
         return trace_service_pb2.ExportTraceServiceResponse()
 
-    async def wait_for(self, condition: Callable[[list[ReceivedSpan]], bool], timeout: float) -> None:
-        async with asyncio.timeout(timeout), self._changed:
+    async def wait_for(
+        self, condition: Callable[[list[ReceivedSpan]], bool], within: float
+    ) -> None:
+        async with asyncio.timeout(within), self._changed:
             await self._changed.wait_for(lambda: condition(self.spans))
 
 

@@ -48,22 +48,31 @@ BAD_REQUESTS = [
     ("unknown model", user_request("hi", model="gpt-9000"), "model"),
     (
         "role missing",
-        inference_pb2.CompleteRequest(feature="support", messages=[types_pb2.ChatMessage(content="x")]),
+        inference_pb2.CompleteRequest(
+            feature="support", messages=[types_pb2.ChatMessage(content="x")]
+        ),
         "messages[0].role",
     ),
     (
         "no user message",
         inference_pb2.CompleteRequest(
-            feature="support", messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_SYSTEM, content="x")]
+            feature="support",
+            messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_SYSTEM, content="x")],
         ),
         "messages",
     ),
 ]
 
 
-@pytest.mark.parametrize(("case", "request_", "field"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+@pytest.mark.parametrize(
+    ("case", "request_", "field"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS]
+)
 async def test_bad_input_is_invalid_argument_naming_the_field(
-    mesh: Mesh, simulator: OpenAISimulator, case: str, request_: inference_pb2.CompleteRequest, field: str
+    mesh: Mesh,
+    simulator: OpenAISimulator,
+    case: str,
+    request_: inference_pb2.CompleteRequest,
+    field: str,
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await mesh.inference.Complete(request_, metadata=AUTH, timeout=10)
@@ -105,13 +114,17 @@ async def test_invalid_utf8_in_metadata_is_refused_and_service_stays_up(mesh: Me
 
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert (caught.value.details() or "").startswith("authorization")
-    ok = await mesh.inference.Complete(user_request("after bad metadata"), metadata=AUTH, timeout=10)
+    ok = await mesh.inference.Complete(
+        user_request("after bad metadata"), metadata=AUTH, timeout=10
+    )
     assert ok.content
 
 
 async def test_unimplemented_rpcs_say_so(mesh: Mesh) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await mesh.inference.SubmitBatch(inference_pb2.SubmitBatchRequest(), metadata=AUTH, timeout=5)
+        await mesh.inference.SubmitBatch(
+            inference_pb2.SubmitBatchRequest(), metadata=AUTH, timeout=5
+        )
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

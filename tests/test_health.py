@@ -21,7 +21,9 @@ FULL_NAMES = [
 
 
 @pytest.mark.parametrize("service", ["", *FULL_NAMES])
-async def test_health_reports_each_service_by_full_name_without_a_key(mesh: Mesh, service: str) -> None:
+async def test_health_reports_each_service_by_full_name_without_a_key(
+    mesh: Mesh, service: str
+) -> None:
     reply = await health_pb2_grpc.HealthStub(mesh.channel).Check(
         health_pb2.HealthCheckRequest(service=service), timeout=5
     )
@@ -57,9 +59,7 @@ async def test_shutdown_drains_in_flight_calls_and_reports_not_serving(
     in_flight = asyncio.ensure_future(
         mesh.inference.Complete(user_request("slow one"), metadata=AUTH, timeout=10)
     )
-    async with asyncio.timeout(5):
-        while not simulator.requests:  # poll until the call has reached the provider
-            await asyncio.sleep(0.01)
+    assert await asyncio.to_thread(simulator.wait_for_arrivals, 1, 5.0), "call reached the provider"
     stopping = asyncio.ensure_future(mesh.running.stop(grace=5))
 
     assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING

@@ -15,8 +15,12 @@ from tests.conftest import AUTH, Mesh, user_request
 MINI_INPUT, MINI_OUTPUT = 150, 600
 
 
-async def test_complete_answers_with_model_usage_cost_and_trace(mesh: Mesh, simulator: OpenAISimulator) -> None:
-    reply = await mesh.inference.Complete(user_request("Where is my parcel?"), metadata=AUTH, timeout=10)
+async def test_complete_answers_with_model_usage_cost_and_trace(
+    mesh: Mesh, simulator: OpenAISimulator
+) -> None:
+    reply = await mesh.inference.Complete(
+        user_request("Where is my parcel?"), metadata=AUTH, timeout=10
+    )
 
     assert reply.content == "[simulated] Answer to: Where is my parcel?"
     assert reply.model == "gpt-4o-mini"
@@ -36,8 +40,12 @@ async def test_complete_answers_with_model_usage_cost_and_trace(mesh: Mesh, simu
 async def test_same_request_again_is_an_exact_hit_that_costs_nothing(
     mesh: Mesh, simulator: OpenAISimulator
 ) -> None:
-    first = await mesh.inference.Complete(user_request("Cancel my order"), metadata=AUTH, timeout=10)
-    second = await mesh.inference.Complete(user_request("Cancel my order"), metadata=AUTH, timeout=10)
+    first = await mesh.inference.Complete(
+        user_request("Cancel my order"), metadata=AUTH, timeout=10
+    )
+    second = await mesh.inference.Complete(
+        user_request("Cancel my order"), metadata=AUTH, timeout=10
+    )
 
     assert second.cached
     assert second.cache_outcome == types_pb2.CACHE_OUTCOME_EXACT
@@ -48,8 +56,12 @@ async def test_same_request_again_is_an_exact_hit_that_costs_nothing(
     assert simulator.call_count == 1
 
 
-async def test_cache_is_partitioned_by_scope_and_parameters(mesh: Mesh, simulator: OpenAISimulator) -> None:
-    await mesh.inference.Complete(user_request("Refund?", scope_key="tenant-a"), metadata=AUTH, timeout=10)
+async def test_cache_is_partitioned_by_scope_and_parameters(
+    mesh: Mesh, simulator: OpenAISimulator
+) -> None:
+    await mesh.inference.Complete(
+        user_request("Refund?", scope_key="tenant-a"), metadata=AUTH, timeout=10
+    )
     other_tenant = await mesh.inference.Complete(
         user_request("Refund?", scope_key="tenant-b"), metadata=AUTH, timeout=10
     )
@@ -66,7 +78,9 @@ async def test_no_cache_and_no_store_are_honoured(mesh: Mesh, simulator: OpenAIS
     no_store = user_request("Track order 42")
     no_store.cache_control.no_store = True
     await mesh.inference.Complete(no_store, metadata=AUTH, timeout=10)
-    stored = await mesh.inference.Complete(user_request("Track order 42"), metadata=AUTH, timeout=10)
+    stored = await mesh.inference.Complete(
+        user_request("Track order 42"), metadata=AUTH, timeout=10
+    )
     bypass = user_request("Track order 42")
     bypass.cache_control.no_cache = True
     bypassed = await mesh.inference.Complete(bypass, metadata=AUTH, timeout=10)
@@ -77,7 +91,12 @@ async def test_no_cache_and_no_store_are_honoured(mesh: Mesh, simulator: OpenAIS
 
 
 async def test_query_spend_is_exactly_the_sum_of_call_costs(mesh: Mesh) -> None:
-    questions = ["How do refunds work?", "Change my address", "How do refunds work?", "Close my account"]
+    questions = [
+        "How do refunds work?",
+        "Change my address",
+        "How do refunds work?",
+        "Close my account",
+    ]
     costs_by_model: dict[str, int] = {}
     total = 0
     for question in questions:
@@ -116,7 +135,9 @@ async def test_query_spend_time_range_excludes_calls_outside_it(mesh: Mesh) -> N
     later = await mesh.ledger.QuerySpend(
         ledger_pb2.QuerySpendRequest(start_time=future), metadata=AUTH, timeout=5
     )
-    everything = await mesh.ledger.QuerySpend(ledger_pb2.QuerySpendRequest(), metadata=AUTH, timeout=5)
+    everything = await mesh.ledger.QuerySpend(
+        ledger_pb2.QuerySpendRequest(), metadata=AUTH, timeout=5
+    )
 
     assert list(later.rows) == []
     assert everything.rows[0].calls == 1

@@ -29,13 +29,17 @@ def _client(address: str) -> tuple[grpc.aio.Channel, InMemorySpanExporter, Trace
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    channel = grpc.aio.insecure_channel(address, interceptors=telemetry.client_interceptors(provider))
+    channel = grpc.aio.insecure_channel(
+        address, interceptors=telemetry.client_interceptors(provider)
+    )
     return channel, exporter, provider
 
 
 def _named(spans: Sequence[ReadableSpan], fragment: str, kind: SpanKind) -> ReadableSpan:
     matches = [s for s in spans if fragment in s.name and s.kind == kind]
-    assert len(matches) == 1, f"expected one {kind.name} span named *{fragment}*, got {[s.name for s in spans]}"
+    assert len(matches) == 1, (
+        f"expected one {kind.name} span named *{fragment}*, got {[s.name for s in spans]}"
+    )
     return matches[0]
 
 
@@ -58,7 +62,12 @@ async def test_one_process_trace_covers_every_hop(mesh: Mesh) -> None:
     client = _named(spans, "InferenceService/Complete", SpanKind.CLIENT)
     front = _named(spans, "InferenceService/Complete", SpanKind.SERVER)
     assert _parent_of(front) == client.context.span_id
-    for hop in ("CacheService/Lookup", "RouterService/Route", "CacheService/Store", "LedgerService/RecordUsage"):
+    for hop in (
+        "CacheService/Lookup",
+        "RouterService/Route",
+        "CacheService/Store",
+        "LedgerService/RecordUsage",
+    ):
         outgoing = _named(spans, hop, SpanKind.CLIENT)
         incoming = _named(spans, hop, SpanKind.SERVER)
         assert _parent_of(incoming) == outgoing.context.span_id, hop
@@ -75,12 +84,17 @@ async def test_one_process_trace_covers_every_hop(mesh: Mesh) -> None:
     assert all(prompt not in str(s.attributes) for s in spans), "prompt text stays off spans"
 
 
-async def _start(
-    service: str, env: dict[str, str]
-) -> tuple[asyncio.subprocess.Process, str]:
+async def _start(service: str, env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", "serve", service, "--port", "0",
-        env=env, stdout=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "services.cli",
+        "serve",
+        service,
+        "--port",
+        "0",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
     )
     assert process.stdout is not None
     async with asyncio.timeout(30):
@@ -107,7 +121,13 @@ async def four_processes(
         "OTEL_TRACES_EXPORTER": "otlp",
         "OTEL_BSP_SCHEDULE_DELAY": "50",
     }
-    for name in ("OTEL_SERVICE_NAME", "CACHE_ADDR", "ROUTER_ADDR", "LEDGER_ADDR", "COSTMESH_CONFIG"):
+    for name in (
+        "OTEL_SERVICE_NAME",
+        "CACHE_ADDR",
+        "ROUTER_ADDR",
+        "LEDGER_ADDR",
+        "COSTMESH_CONFIG",
+    ):
         base.pop(name, None)
     processes = []
     try:
@@ -144,11 +164,13 @@ async def test_four_process_trace_has_one_trace_id_across_all_services(
     def complete(spans: list[ReceivedSpan]) -> bool:
         ours = [s for s in spans if s.trace_id == reply.trace_id]
         names = {s.name for s in ours}
-        return {s.service for s in ours} >= services and any("Store" in n for n in names) and any(
-            "RecordUsage" in n for n in names
+        return (
+            {s.service for s in ours} >= services
+            and any("Store" in n for n in names)
+            and any("RecordUsage" in n for n in names)
         )
 
-    await receiver.wait_for(complete, timeout=20)
+    await receiver.wait_for(complete, within=20)
     ours = [s for s in receiver.spans if s.trace_id == reply.trace_id]
     assert format_trace_id(client.context.trace_id) == reply.trace_id
     by_id = {s.span_id: s for s in ours}

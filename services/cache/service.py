@@ -44,7 +44,9 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     ) -> cache_pb2.StoreResponse:
         require_role("service", "admin")
         key = _to_key(request.key)
-        ttl = request.ttl_seconds or self._default_ttl.get(key.feature, self._default_ttl["default"])
+        ttl = request.ttl_seconds or self._default_ttl.get(
+            key.feature, self._default_ttl["default"]
+        )
         if not 0 < ttl <= MAX_TTL_SECONDS:
             raise InvalidArgument("ttl_seconds", f"must be between 1 and {MAX_TTL_SECONDS}")
         if not request.content:
@@ -58,7 +60,9 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             finish_reason=request.finish_reason,
         )
         entry = self._store.store(key, answer, ttl, tuple(request.tags))
-        return cache_pb2.StoreResponse(entry_id=entry.entry_id, expires_at=_timestamp(entry.expires_at))
+        return cache_pb2.StoreResponse(
+            entry_id=entry.entry_id, expires_at=_timestamp(entry.expires_at)
+        )
 
     async def Invalidate(
         self, request: cache_pb2.InvalidateRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -81,7 +85,8 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         require_role("service", "admin")
         counts = {
             name: sum(
-                n for (feature, counter), n in self._store.counters.items()
+                n
+                for (feature, counter), n in self._store.counters.items()
                 if counter == name and (not request.feature or feature == request.feature)
             )
             for name in _COUNTERS
@@ -137,10 +142,14 @@ def _to_proto(entry: Entry) -> cache_pb2.CacheEntry:
 def build(config: Config) -> ServiceDef:
     """The cache service with the in-process store and per-feature TTLs."""
     features = config.section("features")
-    ttl = {name: features.section(name).get_int("cache_ttl_seconds", 3600, minimum=1) for name in features.keys()}
+    ttl = {
+        name: features.section(name).get_int("cache_ttl_seconds", 3600, minimum=1)
+        for name in features.names()
+    }
     ttl.setdefault("default", 3600)
     store = ExactStore(config.section("cache").get_int("max_entries", 100_000, minimum=1))
     servicer = CacheServicer(store, ttl)
     return ServiceDef(
-        SERVICE_NAME, lambda server: cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server)
+        SERVICE_NAME,
+        lambda server: cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server),
     )

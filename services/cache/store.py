@@ -62,7 +62,9 @@ class ExactStore:
             self._entries.move_to_end(entry_id)
         return entry
 
-    def store(self, key: RequestKey, answer: Answer, ttl_seconds: int, tags: tuple[str, ...]) -> Entry:
+    def store(
+        self, key: RequestKey, answer: Answer, ttl_seconds: int, tags: tuple[str, ...]
+    ) -> Entry:
         now = self._clock()
         entry = Entry(
             entry_id=key.digest(self.version(key.feature, key.namespace)),
@@ -82,7 +84,9 @@ class ExactStore:
         return entry
 
     def invalidate_tag(self, feature: str, tag: str) -> int:
-        doomed = [e.entry_id for e in self._entries.values() if e.feature == feature and tag in e.tags]
+        doomed = [
+            e.entry_id for e in self._entries.values() if e.feature == feature and tag in e.tags
+        ]
         for entry_id in doomed:
             del self._entries[entry_id]
         return len(doomed)

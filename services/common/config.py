@@ -65,7 +65,7 @@ class Config:
             raise ConfigError(f"{self._key(key)}: expected a table")
         return Config(value, f"{self._key(key)}.")
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         return list(self._data)
 
     def get_str(self, key: str, default: str | None = None) -> str:
@@ -109,7 +109,9 @@ class Config:
     def get_choice(self, key: str, choices: tuple[str, ...], default: str | None = None) -> str:
         value = self.get_str(key, default)
         if value not in choices:
-            raise ConfigError(f"{self._key(key)}: expected one of {', '.join(choices)}, got {value!r}")
+            raise ConfigError(
+                f"{self._key(key)}: expected one of {', '.join(choices)}, got {value!r}"
+            )
         return value
 
     def tables(self, key: str) -> list[Config]:
@@ -123,7 +125,9 @@ class Config:
         """Fail on misspelt keys instead of silently ignoring them."""
         for key in self._data:
             if key not in allowed:
-                raise ConfigError(f"{self._key(key)}: unknown key (expected one of {sorted(allowed)})")
+                raise ConfigError(
+                    f"{self._key(key)}: unknown key (expected one of {sorted(allowed)})"
+                )
 
 
 def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> None:

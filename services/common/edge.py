@@ -25,17 +25,21 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
         if handler is None or method.startswith(_OPEN_PREFIXES):
             return handler
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, method))  # type: ignore[attr-defined,no-any-return]
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, method))  # type: ignore[attr-defined,no-any-return]
+        # Handlers are namedtuples: swap in the wrapped behaviour, keep the serializers.
+        fields: Any = handler
+        if fields.unary_unary is not None:
+            return fields._replace(unary_unary=self._wrap_unary(fields.unary_unary, method))  # type: ignore[no-any-return]
+        if fields.unary_stream is not None:
+            return fields._replace(unary_stream=self._wrap_stream(fields.unary_stream, method))  # type: ignore[no-any-return]
         return handler
 
     def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> object:
@@ -52,7 +56,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                     return await behavior(request, context)
                 finally:
                     auth.reset_current(token)
-            except Exception as exc:  # noqa: BLE001 - the edge is where every error is translated
+            except Exception as exc:
                 await _abort(context, exc, method)
 
         return unary
@@ -60,7 +64,9 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_stream(
         self, behavior: Callable[..., AsyncIterator[Any]], method: str
     ) -> Callable[..., AsyncIterator[Any]]:
-        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async def stream(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
             try:
                 token = self._authenticate(context)
                 try:
@@ -68,7 +74,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                         yield response
                 finally:
                     auth.reset_current(token)
-            except Exception as exc:  # noqa: BLE001 - the edge is where every error is translated
+            except Exception as exc:
                 await _abort(context, exc, method)
 
         return stream

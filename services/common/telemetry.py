@@ -12,7 +12,8 @@ from typing import Any
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import (  # type: ignore[attr-defined]
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.instrumentation.grpc import (
     aio_client_interceptors,
     aio_server_interceptor,
     filters,
@@ -30,7 +31,9 @@ log = logging.getLogger(__name__)
 _EXPORTERS = ("otlp", "console", "none")
 
 
-def setup_tracing(default_service_name: str, env: Mapping[str, str] | None = None) -> TracerProvider:
+def setup_tracing(
+    default_service_name: str, env: Mapping[str, str] | None = None
+) -> TracerProvider:
     """A tracer provider configured only by OTEL_* variables.
 
     OTEL_TRACES_EXPORTER picks the exporters (otlp, console, none). When it is unset,
@@ -62,9 +65,7 @@ def _processors(env: Mapping[str, str]) -> list[SpanProcessor]:
 
 
 def _otlp_exporter() -> SpanExporter:
-    # Imported lazily: the exporter reads OTEL_EXPORTER_OTLP_* itself.
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
+    # The exporter reads OTEL_EXPORTER_OTLP_* (endpoint, headers, insecure) itself.
     return OTLPSpanExporter()
 
 
@@ -77,12 +78,15 @@ def server_interceptors(provider: trace.TracerProvider) -> list[grpc.aio.ServerI
     untraced = filters.any_of(
         filters.service_prefix("grpc.health."), filters.service_prefix("grpc.reflection.")
     )
-    return [aio_server_interceptor(tracer_provider=provider, filter_=filters.negate(untraced))]
+    interceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
+        tracer_provider=provider, filter_=filters.negate(untraced)
+    )
+    return [interceptor]
 
 
 def client_interceptors(provider: trace.TracerProvider) -> list[Any]:
     """Starts a client span per outgoing RPC and injects its context into metadata."""
-    return list(aio_client_interceptors(tracer_provider=provider))
+    return list(aio_client_interceptors(tracer_provider=provider))  # type: ignore[no-untyped-call]
 
 
 def current_trace_id() -> str:

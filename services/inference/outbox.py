@@ -39,7 +39,7 @@ class UsageOutbox:
         await asyncio.to_thread(self._put, record)
         try:
             (result,) = await self._send([record])
-        except Exception as exc:  # noqa: BLE001 - any failure leaves the record for the flusher
+        except Exception as exc:
             log.warning("ledger did not take %s now (%s); kept in outbox", record.request_id, exc)
             return None
         await asyncio.to_thread(self._delete, [record.request_id])
@@ -78,8 +78,10 @@ class UsageOutbox:
         while True:
             try:
                 await self.flush()
-            except Exception as exc:  # noqa: BLE001 - keep retrying until the ledger is back
-                log.warning("outbox flush failed (%s); %d records pending", exc, self.pending_count())
+            except Exception as exc:
+                log.warning(
+                    "outbox flush failed (%s); %d records pending", exc, self.pending_count()
+                )
             await asyncio.sleep(self._retry_seconds)
 
     def _put(self, record: ledger_pb2.UsageRecord) -> None:
@@ -96,4 +98,6 @@ class UsageOutbox:
 
     def _delete(self, request_ids: list[str]) -> None:
         with self._lock:
-            self._db.executemany("DELETE FROM outbox WHERE request_id = ?", [(r,) for r in request_ids])
+            self._db.executemany(
+                "DELETE FROM outbox WHERE request_id = ?", [(r,) for r in request_ids]
+            )

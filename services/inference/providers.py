@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -85,17 +87,22 @@ class Providers:
             log.warning(
                 "%s is not set: provider %r answers from the local SIMULATOR (%s); "
                 "answers are placeholders, not model output",
-                info.api_key_env, name, base_url,
+                info.api_key_env,
+                name,
+                base_url,
             )
         client = openai.AsyncOpenAI(
-            api_key=key, base_url=base_url, max_retries=2, timeout=self._settings.provider_timeout_seconds
+            api_key=key,
+            base_url=base_url,
+            max_retries=2,
+            timeout=self._settings.provider_timeout_seconds,
         )
         return client, label
 
     def provider_of(self, model: str) -> str:
         return self._clients[self._settings.models[model].provider][1]
 
-    async def chat(self, call: ChatCall, timeout: float) -> Completion:
+    async def chat(self, call: ChatCall, time_limit: float) -> Completion:
         """Call the model; provider failures become ServiceErrors the caller can act on."""
         client, label = self._clients[self._settings.models[call.model].provider]
         with self._tracer.start_as_current_span(f"chat {call.model}", kind=SpanKind.CLIENT) as span:
@@ -110,12 +117,12 @@ class Providers:
             try:
                 response = await client.chat.completions.create(
                     model=call.model,
-                    messages=[{"role": _ROLES[m.role], "content": m.content} for m in call.messages],  # type: ignore[misc]
+                    messages=_to_openai(call.messages),
                     max_tokens=call.max_tokens,
                     temperature=call.temperature,
                     top_p=call.top_p,
                     stop=call.stop or None,
-                    timeout=timeout,
+                    timeout=time_limit,
                 )
             except openai.OpenAIError as exc:
                 error = _translate(exc, call.model)
@@ -151,13 +158,24 @@ class Providers:
             simulator.stop()
 
 
+def _to_openai(messages: Sequence[types_pb2.ChatMessage]) -> list[ChatCompletionMessageParam]:
+    return [
+        cast("ChatCompletionMessageParam", {"role": _ROLES[m.role], "content": m.content})
+        for m in messages
+    ]
+
+
 def _translate(exc: openai.OpenAIError, model: str) -> ServiceError:
     if isinstance(exc, openai.APITimeoutError):
-        return DeadlineExceeded(f"provider did not answer for {model} in time", reason="PROVIDER_TIMEOUT")
+        return DeadlineExceeded(
+            f"provider did not answer for {model} in time", reason="PROVIDER_TIMEOUT"
+        )
     if isinstance(exc, openai.APIConnectionError):
         return Unavailable(f"provider for {model} is unreachable", reason="PROVIDER_UNAVAILABLE")
     if isinstance(exc, openai.RateLimitError):
-        return Unavailable(f"provider rate-limited {model}; retry later", reason="PROVIDER_RATE_LIMITED")
+        return Unavailable(
+            f"provider rate-limited {model}; retry later", reason="PROVIDER_RATE_LIMITED"
+        )
     if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
         return FailedPrecondition(
             f"provider rejected the configured key for {model}", reason="PROVIDER_AUTH_FAILED"

@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 class Peers:
     """Stubs of the services inference calls, with the metadata and deadline to use."""
 
-    cache: cache_pb2_grpc.CacheServiceStub
-    router: router_pb2_grpc.RouterServiceStub
+    cache: cache_pb2_grpc.CacheServiceAsyncStub
+    router: router_pb2_grpc.RouterServiceAsyncStub
     metadata: tuple[tuple[str, str], ...]
     timeout: float
 
@@ -60,14 +60,21 @@ class CompletionPath:
         self._pending_stores: dict[str, asyncio.Task[None]] = {}
 
     async def complete(
-        self, request: inference_pb2.CompleteRequest, principal: Principal, time_remaining: float | None
+        self,
+        request: inference_pb2.CompleteRequest,
+        principal: Principal,
+        time_remaining: float | None,
     ) -> inference_pb2.CompleteResponse:
         started = time.monotonic()
         _, max_tokens = validate(request, self._settings)
         request_id = request.request_id or uuid.uuid4().hex
         span = trace.get_current_span()
         span.set_attributes(
-            {"costmesh.request_id": request_id, "costmesh.feature": request.feature, "costmesh.team": principal.team}
+            {
+                "costmesh.request_id": request_id,
+                "costmesh.feature": request.feature,
+                "costmesh.team": principal.team,
+            }
         )
         key = cache_pb2.CacheKey(
             feature=request.feature,
@@ -77,15 +84,23 @@ class CompletionPath:
             messages=request.messages,
             params=request.params,
         )
-        response = inference_pb2.CompleteResponse(request_id=request_id, trace_id=current_trace_id())
-        hit = None if request.cache_control.no_cache else await self._lookup(key, request.cache_control.max_age_seconds)
+        response = inference_pb2.CompleteResponse(
+            request_id=request_id, trace_id=current_trace_id()
+        )
+        hit = (
+            None
+            if request.cache_control.no_cache
+            else await self._lookup(key, request.cache_control.max_age_seconds)
+        )
         if hit is not None:
             response.content, response.model = hit.content, hit.model
             response.provider, response.finish_reason = "cache", hit.finish_reason
             response.cached, response.cache_outcome = True, types_pb2.CACHE_OUTCOME_EXACT
         else:
             await self._generate(request, key, max_tokens, time_remaining, response)
-        span.set_attributes({"costmesh.cache.outcome": types_pb2.CacheOutcome.Name(response.cache_outcome)})
+        span.set_attributes(
+            {"costmesh.cache.outcome": types_pb2.CacheOutcome.Name(response.cache_outcome)}
+        )
         await self._record(request, principal, response, started)
         return response
 
@@ -120,7 +135,9 @@ class CompletionPath:
         response.provider, response.finish_reason = completion.provider, completion.finish_reason
         response.tier = plan.tier
         response.cache_outcome = (
-            types_pb2.CACHE_OUTCOME_BYPASS if request.cache_control.no_cache else types_pb2.CACHE_OUTCOME_MISS
+            types_pb2.CACHE_OUTCOME_BYPASS
+            if request.cache_control.no_cache
+            else types_pb2.CACHE_OUTCOME_MISS
         )
         response.usage.CopyFrom(
             types_pb2.TokenUsage(
@@ -145,7 +162,9 @@ class CompletionPath:
             )
         except grpc.aio.AioRpcError as exc:
             log.warning("cache lookup failed (%s); serving as a miss", exc.code())
-            trace.get_current_span().add_event("cache.lookup_failed", {"grpc.status": str(exc.code())})
+            trace.get_current_span().add_event(
+                "cache.lookup_failed", {"grpc.status": str(exc.code())}
+            )
             return None
         if found.outcome in (types_pb2.CACHE_OUTCOME_EXACT, types_pb2.CACHE_OUTCOME_SEMANTIC):
             return found.entry
@@ -155,13 +174,17 @@ class CompletionPath:
         try:
             return await self._peers.router.Route(
                 router_pb2.RouteRequest(
-                    feature=request.feature, messages=request.messages, requested_model=request.model
+                    feature=request.feature,
+                    messages=request.messages,
+                    requested_model=request.model,
                 ),
                 metadata=self._peers.metadata,
                 timeout=self._peers.timeout,
             )
         except grpc.aio.AioRpcError as exc:
-            raise Unavailable(f"router unavailable ({exc.code().name})", reason="ROUTER_UNAVAILABLE") from exc
+            raise Unavailable(
+                f"router unavailable ({exc.code().name})", reason="ROUTER_UNAVAILABLE"
+            ) from exc
 
     def _store_later(self, key: cache_pb2.CacheKey, completion: Completion) -> None:
         """Store off the response path; a failed store only costs a future miss."""
@@ -180,7 +203,9 @@ class CompletionPath:
 
         async def store() -> None:
             try:
-                await self._peers.cache.Store(request, metadata=self._peers.metadata, timeout=self._peers.timeout)
+                await self._peers.cache.Store(
+                    request, metadata=self._peers.metadata, timeout=self._peers.timeout
+                )
             except grpc.aio.AioRpcError as exc:
                 log.warning("cache store failed (%s)", exc.code())
             finally:

@@ -35,7 +35,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return await self._path.complete(request, current_principal(), context.time_remaining())
 
     async def StreamComplete(
-        self, request: inference_pb2.StreamCompleteRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        request: inference_pb2.StreamCompleteRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[inference_pb2.StreamCompleteResponse]:
         raise Unimplemented("StreamComplete arrives with the inference-dispatch work; use Complete")
         yield  # pragma: no cover - makes this an async generator, as the contract streams

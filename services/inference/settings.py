@@ -43,13 +43,15 @@ class InferenceSettings:
     def from_config(cls, config: Config) -> InferenceSettings:
         features = config.section("features")
         limits = {}
-        for name in features.keys():
+        for name in features.names():
             f = features.section(name)
             limit = f.get_int("max_tokens_limit", 4096, minimum=1)
             default = f.get_int("max_tokens_default", min(512, limit), minimum=1)
             if default > limit:
                 raise ConfigError(f"features.{name}.max_tokens_default: exceeds max_tokens_limit")
-            limits[name] = FeatureLimits(default, limit, f.get_int("max_input_tokens", 16000, minimum=1))
+            limits[name] = FeatureLimits(
+                default, limit, f.get_int("max_input_tokens", 16000, minimum=1)
+            )
         providers_cfg = config.section("providers")
         providers = {
             name: ProviderInfo(
@@ -57,12 +59,12 @@ class InferenceSettings:
                 api_key_env=p.get_str("api_key_env"),
                 simulate_without_key=p.get_bool("simulate_without_key", False),
             )
-            for name in providers_cfg.keys()
+            for name in providers_cfg.names()
             for p in [providers_cfg.section(name)]
         }
         models_cfg = config.section("models")
         models = {}
-        for name in models_cfg.keys():
+        for name in models_cfg.names():
             m = models_cfg.section(name)
             provider = m.get_str("provider")
             if provider not in providers:

@@ -173,6 +173,7 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 # Drain first so an early error still leaves the connection reusable.
                 raw = self._read_body()
+                sim._arrived()
                 sim._wait_latency()
                 sim._check_auth(self.headers.get("Authorization"))
                 path = self.path.split("?", 1)[0].rstrip("/")
@@ -259,6 +260,8 @@ class OpenAISimulator:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None) -> None:
         self._host, self._port, self._api_key = host, port, api_key
         self._lock = threading.Lock()
+        self._arrival = threading.Condition(self._lock)
+        self._arrivals = 0
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -351,6 +354,16 @@ class OpenAISimulator:
             self._latency = 0.0
             self._requests.clear()
             self._call_count = 0
+
+    def wait_for_arrivals(self, count: int, timeout: float) -> bool:
+        """Block until `count` requests have arrived (before any injected latency)."""
+        with self._arrival:
+            return self._arrival.wait_for(lambda: self._arrivals >= count, timeout)
+
+    def _arrived(self) -> None:
+        with self._arrival:
+            self._arrivals += 1
+            self._arrival.notify_all()
 
     def _wait_latency(self) -> None:
         with self._lock:

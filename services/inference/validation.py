@@ -26,7 +26,9 @@ def estimate_tokens(messages: Sequence[types_pb2.ChatMessage]) -> int:
     return sum(math.ceil(len(m.content) / 4) + _MESSAGE_OVERHEAD for m in messages)
 
 
-def validate(request: inference_pb2.CompleteRequest, settings: InferenceSettings) -> tuple[FeatureLimits, int]:
+def validate(
+    request: inference_pb2.CompleteRequest, settings: InferenceSettings
+) -> tuple[FeatureLimits, int]:
     """The feature's limits and the effective max_tokens of a valid request."""
     if len(request.request_id) > MAX_REQUEST_ID:
         raise InvalidArgument("request_id", f"at most {MAX_REQUEST_ID} characters")
@@ -66,7 +68,10 @@ def _validate_messages(items: Sequence[types_pb2.ChatMessage]) -> None:
     if not items:
         raise InvalidArgument("messages", "at least one message is required")
     for i, message in enumerate(items):
-        if message.role == types_pb2.ROLE_UNSPECIFIED or message.role not in types_pb2.Role.values():
+        if (
+            message.role == types_pb2.ROLE_UNSPECIFIED
+            or message.role not in types_pb2.Role.values()
+        ):
             raise InvalidArgument(f"messages[{i}].role", "must be SYSTEM, USER or ASSISTANT")
         if not message.content.strip():
             raise InvalidArgument(f"messages[{i}].content", "must not be empty")

@@ -37,7 +37,7 @@ class PriceCatalog:
     @classmethod
     def from_config(cls, models: Config, version: str) -> PriceCatalog:
         prices = {}
-        for name in models.keys():
+        for name in models.names():
             model = models.section(name)
             prices[name] = ModelPrice(
                 input=_price(model, "input_usd_per_mtok"),

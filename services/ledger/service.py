@@ -47,7 +47,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         results = await asyncio.to_thread(self._store.record, rows)
         return ledger_pb2.RecordUsageResponse(
             results=[
-                ledger_pb2.RecordedUsage(request_id=row.request_id, cost_nano_usd=cost, duplicate=dup)
+                ledger_pb2.RecordedUsage(
+                    request_id=row.request_id, cost_nano_usd=cost, duplicate=dup
+                )
                 for row, (cost, dup) in zip(rows, results, strict=True)
             ]
         )
@@ -197,5 +199,3 @@ def build(config: Config) -> ServiceDef:
         lambda server: ledger_pb2_grpc.add_LedgerServiceServicer_to_server(servicer, server),
         stop=stop,
     )
-
-

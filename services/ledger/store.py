@@ -112,7 +112,8 @@ class SqliteUsageStore:
                         results.append((row.cost_nano_usd, False))
                     else:
                         (cost,) = self._db.execute(
-                            "SELECT cost_nano_usd FROM usage WHERE request_id = ?", (row.request_id,)
+                            "SELECT cost_nano_usd FROM usage WHERE request_id = ?",
+                            (row.request_id,),
                         ).fetchone()
                         results.append((cost, True))
                 self._db.execute("COMMIT")
@@ -154,7 +155,8 @@ class SqliteUsageStore:
 
     @staticmethod
     def _where(start_us: int, end_us: int, team: str, feature: str) -> tuple[str, list[object]]:
-        clauses, params = ["time_us >= ?", "time_us < ?"], [start_us, end_us]
+        clauses = ["time_us >= ?", "time_us < ?"]
+        params: list[object] = [start_us, end_us]
         for column, value in (("team", team), ("feature", feature)):
             if value:
                 clauses.append(f"{column} = ?")

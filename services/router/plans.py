@@ -29,13 +29,19 @@ class FeaturePlan:
     def decide(self, feature: str, requested_model: str) -> Decision:
         if requested_model:
             return Decision(
-                self.tier, requested_model, "", 1.0,
+                self.tier,
+                requested_model,
+                "",
+                1.0,
                 f"caller asked for {requested_model}; routing skipped",
             )
         model = self.models[self.tier]
         escalation = self.escalation_model if self.escalation_model != model else ""
         return Decision(
-            self.tier, model, escalation, 1.0,
+            self.tier,
+            model,
+            escalation,
+            1.0,
             f"feature {feature!r} routes every request to tier {self.tier} (rules) -> {model}",
         )
 
@@ -43,13 +49,16 @@ class FeaturePlan:
 def load_plans(features: Config, known_models: set[str]) -> dict[str, FeaturePlan]:
     """Read and check every [features.*] plan; an unknown model or tier names its key."""
     plans = {}
-    for name in features.keys():
+    for name in features.names():
         feature = features.section(name)
         tier = feature.get_choice("tier", TIERS, "simple")
         models_table = feature.section("models")
         models = {t: models_table.get_str(t) for t in TIERS}
         escalation = feature.get_str("escalation_model", "")
-        for key, model in [*((f"models.{t}", m) for t, m in models.items()), ("escalation_model", escalation)]:
+        for key, model in [
+            *((f"models.{t}", m) for t, m in models.items()),
+            ("escalation_model", escalation),
+        ]:
             if model and model not in known_models:
                 raise ConfigError(f"features.{name}.{key}: unknown model {model!r}")
         plans[name] = FeaturePlan(tier, models, escalation)

@@ -50,7 +50,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
 def build(config: Config) -> ServiceDef:
     """The router service with the plans of every configured feature."""
-    plans = load_plans(config.section("features"), set(config.section("models").keys()))
+    plans = load_plans(config.section("features"), set(config.section("models").names()))
     servicer = RouterServicer(plans)
     return ServiceDef(
         SERVICE_NAME,

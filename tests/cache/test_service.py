@@ -15,8 +15,12 @@ async def test_stats_count_misses_hits_and_stores(mesh: Mesh) -> None:
     for _ in range(3):
         await mesh.inference.Complete(user_request("Opening hours?"), metadata=AUTH, timeout=10)
 
-    stats = await mesh.cache.GetStats(cache_pb2.GetStatsRequest(feature="support"), metadata=AUTH, timeout=5)
-    other = await mesh.cache.GetStats(cache_pb2.GetStatsRequest(feature="default"), metadata=AUTH, timeout=5)
+    stats = await mesh.cache.GetStats(
+        cache_pb2.GetStatsRequest(feature="support"), metadata=AUTH, timeout=5
+    )
+    other = await mesh.cache.GetStats(
+        cache_pb2.GetStatsRequest(feature="default"), metadata=AUTH, timeout=5
+    )
 
     assert (stats.misses, stats.exact_hits, stats.stores, stats.entries) == (1, 2, 1, 1)
     assert (other.misses, other.entries) == (0, 0)

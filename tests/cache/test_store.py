@@ -14,7 +14,9 @@ class Clock:
         return self.now
 
 
-def key(question: str, feature: str = "support", namespace: str = "", scope: str = "") -> RequestKey:
+def key(
+    question: str, feature: str = "support", namespace: str = "", scope: str = ""
+) -> RequestKey:
     return RequestKey(feature, namespace, scope, "", ((2, question),), (("max_tokens", None),))
 
 

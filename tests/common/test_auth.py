@@ -22,18 +22,20 @@ from services.mesh import SERVICES, start_mesh
 from tests.conftest import AUTH, mesh_env, user_request
 
 
-def test_keys_new_prints_a_key_and_a_config_entry_that_accepts_it(capsys: pytest.CaptureFixture[str]) -> None:
+def test_keys_new_prints_a_key_and_a_config_entry_that_accepts_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     assert main(["keys", "new", "--team", "search", "--role", "member"]) == 0
     out = capsys.readouterr().out
     key = re.search(r"key \(.*\): (\S+)", out)
     assert key is not None
-    entry = tomllib.loads(out[out.index("[[auth.keys]]"):])
+    entry = tomllib.loads(out[out.index("[[auth.keys]]") :])
     table = KeyTable.from_config(Config({"keys": entry["auth"]["keys"]}), service_key=None)
 
     principal = table.authenticate([("authorization", f"Bearer {key.group(1)}")])
 
     assert (principal.team, principal.role) == ("search", "member")
-    assert key.group(1) not in out[out.index("[[auth.keys]]"):], "only the digest goes in config"
+    assert key.group(1) not in out[out.index("[[auth.keys]]") :], "only the digest goes in config"
 
 
 @pytest.fixture
@@ -46,7 +48,7 @@ async def member_mesh(
     demo = load_config(env={}).section("auth").tables("keys")[0]
     path = tmp_path / "c.toml"
     path.write_text(
-        out[out.index("[[auth.keys]]"):]
+        out[out.index("[[auth.keys]]") :]
         + f'\n[[auth.keys]]\nteam = "demo"\nrole = "admin"\nsha256 = "{demo.get_str("sha256")}"\n'
     )
     env = mesh_env(simulator, tmp_path)

@@ -14,7 +14,7 @@ from services.mesh import SERVICES, start_mesh
 def test_embedded_defaults_run_with_no_file_and_no_environment() -> None:
     config = load_config(env={})
     assert config.section("server").get_int("port") == 50051
-    assert set(config.section("features").keys()) >= {"default", "support"}
+    assert set(config.section("features").names()) >= {"default", "support"}
 
 
 def test_file_overrides_defaults_and_environment_overrides_the_file(tmp_path: Path) -> None:
@@ -25,7 +25,9 @@ def test_file_overrides_defaults_and_environment_overrides_the_file(tmp_path: Pa
     from_env = load_config(env={"COSTMESH_CONFIG": str(path), "COSTMESH_PORT": "7000"})
 
     assert from_file.section("server").get_int("port") == 6000
-    assert from_file.section("server").get_str("host") == "127.0.0.1", "untouched keys keep defaults"
+    assert from_file.section("server").get_str("host") == "127.0.0.1", (
+        "untouched keys keep defaults"
+    )
     assert from_file.section("peers").get_str("cache") == "cache:1"
     assert from_env.section("server").get_int("port") == 7000
 
@@ -41,9 +43,16 @@ def test_file_overrides_defaults_and_environment_overrides_the_file(tmp_path: Pa
             {},
             r"features\.support\.models\.simple: unknown model",
         ),
-        ("[[auth.keys]]\nteam = 'x'\nsha256 = 'abc'\n", {}, r"auth\.keys\[0\]\.sha256: expected 64 hex"),
-        ("[[auth.keys]]\nteam = 'x'\nrole='boss'\nsha256 = '" + "a" * 64 + "'\n", {},
-         r"auth\.keys\[0\]\.role: expected one of"),
+        (
+            "[[auth.keys]]\nteam = 'x'\nsha256 = 'abc'\n",
+            {},
+            r"auth\.keys\[0\]\.sha256: expected 64 hex",
+        ),
+        (
+            "[[auth.keys]]\nteam = 'x'\nrole='boss'\nsha256 = '" + "a" * 64 + "'\n",
+            {},
+            r"auth\.keys\[0\]\.role: expected one of",
+        ),
         ("[server\n", {}, "not valid TOML"),
     ],
     ids=["type", "env type", "tier", "model", "key digest", "role", "syntax"],

@@ -32,9 +32,11 @@ def test_a_cache_hit_costs_nothing_even_for_an_unpriced_model() -> None:
     assert PriceCatalog("v", {}).cost_nano_usd("anything", Usage(0, 0, 0)) == 0
 
 
-@pytest.mark.parametrize(("value", "message"), [("1.0e", "decimal"), ("-1", "non-negative"), ("NaN", "non-negative")])
+@pytest.mark.parametrize(
+    ("value", "message"), [("1.0e", "decimal"), ("-1", "non-negative"), ("NaN", "non-negative")]
+)
 def test_bad_prices_fail_at_start_naming_the_key(tmp_path: Path, value: str, message: str) -> None:
     config = tmp_path / "c.toml"
     config.write_text(f'[models."gpt-4o"]\ninput_usd_per_mtok = "{value}"\n')
-    with pytest.raises(ConfigError, match=rf'models\.gpt-4o\.input_usd_per_mtok: .*{message}'):
+    with pytest.raises(ConfigError, match=rf"models\.gpt-4o\.input_usd_per_mtok: .*{message}"):
         PriceCatalog.from_config(load_config(config, env={}).section("models"), "v")

@@ -10,10 +10,24 @@ from services.ledger.store import SqliteUsageStore, UsageRow
 
 DAY_US = 86_400 * 1_000_000
 BASE = UsageRow(
-    request_id="r0", trace_id="t", time_us=1_764_115_200 * 1_000_000, day="2025-11-26",
-    team="support", feature="tickets", model="gpt-4o-mini", provider="openai", tier=1,
-    input_tokens=100, cached_input_tokens=0, output_tokens=20, cache_outcome=1,
-    escalated=False, batch=False, latency_ms=12, status=1, cost_nano_usd=27_000,
+    request_id="r0",
+    trace_id="t",
+    time_us=1_764_115_200 * 1_000_000,
+    day="2025-11-26",
+    team="support",
+    feature="tickets",
+    model="gpt-4o-mini",
+    provider="openai",
+    tier=1,
+    input_tokens=100,
+    cached_input_tokens=0,
+    output_tokens=20,
+    cache_outcome=1,
+    escalated=False,
+    batch=False,
+    latency_ms=12,
+    status=1,
+    cost_nano_usd=27_000,
     price_version="v1",
 )
 
@@ -34,12 +48,20 @@ def test_spend_groups_sum_exactly_and_respect_the_time_range(tmp_path: Path) -> 
         replace(BASE, request_id="a", team="support", cost_nano_usd=1),
         replace(BASE, request_id="b", team="support", cost_nano_usd=2, cache_outcome=2),
         replace(BASE, request_id="c", team="search", cost_nano_usd=4),
-        replace(BASE, request_id="d", team="search", cost_nano_usd=8,
-                time_us=BASE.time_us + DAY_US, day="2025-11-27"),
+        replace(
+            BASE,
+            request_id="d",
+            team="search",
+            cost_nano_usd=8,
+            time_us=BASE.time_us + DAY_US,
+            day="2025-11-27",
+        ),
     ]
     store.record(rows)
 
-    by_team = {t.key: (t.calls, t.cost_nano_usd, t.cached_calls) for t in store.spend("team", 0, 2**62)}
+    by_team = {
+        t.key: (t.calls, t.cost_nano_usd, t.cached_calls) for t in store.spend("team", 0, 2**62)
+    }
     first_day = store.spend("day", BASE.time_us, BASE.time_us + DAY_US)
     only_search = store.spend("", 0, 2**62, team="search")
 

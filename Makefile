@@ -1,0 +1,51 @@
+# The two commands a newcomer needs are `make serve` and `make test`; both set up
+# everything they use from this repository's own files.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test lint generate check-generated bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund
+	touch node_modules/.installed
+
+## Run all four services in one process on the embedded defaults (port 50051).
+serve: $(STAMP)
+	$(BIN)/costmesh serve
+
+## Regenerate the Python code of the protos (commit the result).
+generate: $(STAMP)
+	$(BIN)/python scripts/gen_protos.py
+
+## Fail when the committed generated code differs from what the protos produce.
+check-generated: generate
+	@git diff --exit-code --stat -- protos || (echo "generated code drifted: run 'make generate' and commit" && exit 1)
+	@test -z "$$(git status --porcelain --untracked-files=all -- protos)" || (git status --short -- protos; echo "untracked generated files: run 'make generate' and commit"; exit 1)
+
+## Proto lint (buf STANDARD + COMMENTS), Python lint, format and types.
+lint: $(STAMP) node_modules/.installed
+	npx --no-install buf lint
+	npx --no-install buf format -d --exit-code
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+## Everything CI checks: lint, generated-code drift, the whole test suite.
+test: lint check-generated
+	$(BIN)/python -m pytest
+
+## Benchmarks, run on demand (not part of the test suite).
+bench: $(STAMP)
+	$(BIN)/python bench/cache_hit_latency.py
+
+clean:
+	rm -rf $(VENV) node_modules .costmesh
