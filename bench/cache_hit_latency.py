@@ -64,7 +64,8 @@ async def _run(calls: int, concurrency: int) -> None:
                         assert reply.cached, "every timed call must be a cache hit"
 
                 began = time.perf_counter()
-                shares = [calls // concurrency + (i < calls % concurrency) for i in range(concurrency)]
+                base, extra = divmod(calls, concurrency)
+                shares = [base + (i < extra) for i in range(concurrency)]
                 await asyncio.gather(*(worker(n) for n in shares))
                 elapsed = time.perf_counter() - began
         finally:

@@ -389,7 +389,7 @@ def test_data_directories_are_named_volumes(
 
 def test_inference_is_published_on_its_listen_port(costmesh: dict[str, dict[str, Any]]) -> None:
     port = _listen_port(costmesh["inference"])
-    assert f"{port}:{port}" in [str(p) for p in costmesh["inference"]["ports"]]
+    assert f"127.0.0.1:{port}:{port}" in [str(p) for p in costmesh["inference"]["ports"]]
     assert _environment(costmesh["inference"])["OPENAI_API_KEY"] == "${OPENAI_API_KEY:-}"
 
 
@@ -472,6 +472,6 @@ def test_dockerignore_keeps_local_state_out_and_the_sources_in() -> None:
 
 
 def test_config_error_is_what_a_missing_peer_raises() -> None:
-    # Guards the check above: with no CACHE_ADDR, inference alone must be refused.
+    # Guards the configuration test: with no CACHE_ADDR, inference alone must be refused.
     with pytest.raises(ConfigError, match=r"peers\.cache"):
         _peer_addresses(load_config(env={}), ["inference"], 50051)

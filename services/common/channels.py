@@ -10,16 +10,17 @@ from opentelemetry import trace
 from services.common import telemetry
 
 # Only UNAVAILABLE is retried: the call never reached a servicer, so a retry cannot
-# duplicate work. Everything else is the caller's decision.
+# duplicate work. Everything else is the caller's decision. Backoff stays short: a
+# peer that is down should cost a caller (e.g. a fail-open cache lookup) milliseconds.
 _SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
             {
                 "name": [{}],
                 "retryPolicy": {
-                    "maxAttempts": 4,
-                    "initialBackoff": "0.05s",
-                    "maxBackoff": "1s",
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.01s",
+                    "maxBackoff": "0.1s",
                     "backoffMultiplier": 2,
                     "retryableStatusCodes": ["UNAVAILABLE"],
                 },
