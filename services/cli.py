@@ -69,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=os.environ.get("COSTMESH_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # The openai SDK's HTTP client logs every request at INFO: too much for a service.
+    for noisy in ("httpx", "httpx2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "keys":
         key = new_key()
         print(f"key (give it to the team; it is not stored): {key}")

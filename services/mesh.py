@@ -23,6 +23,44 @@ SERVICES = ("cache", "router", "ledger", "inference")
 PEERS = ("cache", "router", "ledger")
 
 
+# Every key a table of the configuration may hold, so a misspelt key fails the start
+# instead of silently meaning its default.
+_KNOWN_KEYS = {
+    "": {
+        "server", "peers", "auth", "providers", "models",
+        "ledger", "cache", "features", "inference",
+    },
+    "server": {"host", "port", "grace_seconds", "data_dir"},
+    "peers": {"cache", "router", "ledger", "timeout_seconds"},
+    "auth": {"service_key_env", "keys"},
+    "ledger": {"database", "price_version"},
+    "cache": {"max_entries"},
+    "inference": {"outbox", "outbox_retry_seconds", "provider_timeout_seconds"},
+    "providers.*": {"base_url", "api_key_env", "simulate_without_key"},
+    "models.*": {
+        "provider", "context_window",
+        "input_usd_per_mtok", "cached_input_usd_per_mtok", "output_usd_per_mtok",
+    },
+    "features.*": {
+        "tier", "models", "escalation_model", "cache_ttl_seconds",
+        "max_tokens_default", "max_tokens_limit", "max_input_tokens",
+    },
+}  # fmt: skip
+
+
+def check_keys(config: Config) -> None:
+    """Reject keys no part of costmesh reads, naming the first one found."""
+    for path, allowed in _KNOWN_KEYS.items():
+        if not path:
+            config.reject_unknown(allowed)
+        elif path.endswith(".*"):
+            group = config.section(path[:-2])
+            for name in group.names():
+                group.section(name).reject_unknown(allowed)
+        else:
+            config.section(path).reject_unknown(allowed)
+
+
 def _service_key(config: Config, env: Mapping[str, str], names: Sequence[str]) -> str:
     key_env = config.section("auth").get_str("service_key_env")
     key = env.get(key_env, "")
@@ -59,16 +97,18 @@ async def start_mesh(
     unknown = [n for n in names if n not in SERVICES]
     if unknown or not names:
         raise ConfigError(f"services: expected some of {', '.join(SERVICES)}, got {list(names)}")
+    check_keys(config)
     server_cfg = config.section("server")
-    server_cfg.reject_unknown({"host", "port", "grace_seconds", "data_dir"})
     configured_port = server_cfg.get_int("port", minimum=0)
     if configured_port > 65535:
         raise ConfigError(f"server.port: must be at most 65535, got {configured_port}")
     server_cfg.get_float("grace_seconds")
     service_key = _service_key(config, env, names)
     keys = KeyTable.from_config(config.section("auth"), service_key)
-    peers_cfg = config.section("peers")
-    channels = Channels(service_key, tracer_provider, peers_cfg.get_float("timeout_seconds", 5.0))
+    peer_timeout = config.section("peers").get_float("timeout_seconds", 5.0)
+    if peer_timeout <= 0:
+        raise ConfigError(f"peers.timeout_seconds: must be positive, got {peer_timeout}")
+    channels = Channels(service_key, tracer_provider, peer_timeout)
 
     def build(bound_port: int) -> list[ServiceDef]:
         built: list[ServiceDef] = []

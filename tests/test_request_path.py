@@ -154,3 +154,28 @@ async def test_repeated_request_id_is_billed_once(mesh: Mesh) -> None:
     assert again.cost_nano_usd == first.cost_nano_usd
     assert spend.rows[0].calls == 1
     assert spend.total_cost_nano_usd == first.cost_nano_usd
+
+
+async def test_export_streams_every_recorded_call_with_its_cost_and_trace(mesh: Mesh) -> None:
+    replies = [
+        await mesh.inference.Complete(user_request(q), metadata=AUTH, timeout=10)
+        for q in ("Card declined?", "Card declined?", "Lost card")
+    ]
+
+    exported = [
+        item.record
+        async for item in mesh.ledger.ExportUsage(
+            ledger_pb2.ExportUsageRequest(), metadata=AUTH, timeout=5
+        )
+    ]
+
+    assert [r.request_id for r in exported] == [r.request_id for r in replies]
+    assert [r.cost_nano_usd for r in exported] == [r.cost_nano_usd for r in replies]
+    assert [r.trace_id for r in exported] == [r.trace_id for r in replies]
+    assert [r.cache_outcome for r in exported] == [
+        types_pb2.CACHE_OUTCOME_MISS,
+        types_pb2.CACHE_OUTCOME_EXACT,
+        types_pb2.CACHE_OUTCOME_MISS,
+    ]
+    assert {r.team for r in exported} == {"demo"}
+    assert {r.price_version for r in exported} == {"2026-11-01"}

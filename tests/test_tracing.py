@@ -80,6 +80,17 @@ async def test_one_process_trace_covers_every_hop(mesh: Mesh) -> None:
     assert front.attributes is not None
     assert front.attributes["costmesh.team"] == "demo"
     assert front.attributes["costmesh.cache.outcome"] == "CACHE_OUTCOME_MISS"
+    route = _named(spans, "RouterService/Route", SpanKind.SERVER)
+    assert route.attributes is not None
+    assert route.attributes["costmesh.route.model"] == "gpt-4o-mini"
+    assert route.attributes["costmesh.route.tier"] == "simple"
+    lookup = _named(spans, "CacheService/Lookup", SpanKind.SERVER)
+    assert lookup.attributes is not None
+    assert lookup.attributes["costmesh.cache.hit"] is False
+    ledger = _named(spans, "LedgerService/RecordUsage", SpanKind.SERVER)
+    assert ledger.attributes is not None
+    assert ledger.attributes["costmesh.ledger.records"] == 1
+    assert ledger.attributes["costmesh.ledger.duplicates"] == 0
     prompt = "Where is my refund?"
     assert all(prompt not in str(s.attributes) for s in spans), "prompt text stays off spans"
 
@@ -161,20 +172,34 @@ async def test_four_process_trace_has_one_trace_id_across_all_services(
     provider.shutdown()
     services = {"costmesh-inference", "costmesh-cache", "costmesh-router", "costmesh-ledger"}
 
+    expected_servers = {
+        ("costmesh-inference", "/costmesh.inference.v1.InferenceService/Complete"),
+        ("costmesh-cache", "/costmesh.cache.v1.CacheService/Lookup"),
+        ("costmesh-cache", "/costmesh.cache.v1.CacheService/Store"),
+        ("costmesh-router", "/costmesh.router.v1.RouterService/Route"),
+        ("costmesh-ledger", "/costmesh.ledger.v1.LedgerService/RecordUsage"),
+    }
+
     def complete(spans: list[ReceivedSpan]) -> bool:
         ours = [s for s in spans if s.trace_id == reply.trace_id]
-        names = {s.name for s in ours}
+        servers = {(s.service, s.name) for s in ours if s.kind == 2}  # SERVER
+        ids = {s.span_id for s in ours}
+        parents_arrived = all(
+            s.parent_span_id in ids
+            for s in ours
+            if s.kind == 2 and s.service != "costmesh-inference"
+        )
         return (
-            {s.service for s in ours} >= services
-            and any("Store" in n for n in names)
-            and any("RecordUsage" in n for n in names)
+            servers >= expected_servers
+            and parents_arrived
+            and any(s.name.startswith("chat ") for s in ours)
         )
 
     await receiver.wait_for(complete, within=20)
     ours = [s for s in receiver.spans if s.trace_id == reply.trace_id]
     assert format_trace_id(client.context.trace_id) == reply.trace_id
     by_id = {s.span_id: s for s in ours}
-    front = next(s for s in ours if s.service == "costmesh-inference" and s.kind == 2)  # SERVER
+    (front,) = [s for s in ours if s.service == "costmesh-inference" and s.kind == 2]  # SERVER
     assert front.parent_span_id == format_span_id(client.context.span_id)
     for service in services - {"costmesh-inference"}:
         served = [s for s in ours if s.service == service and s.kind == 2]
@@ -184,6 +209,6 @@ async def test_four_process_trace_has_one_trace_id_across_all_services(
             assert caller.service == "costmesh-inference"
             assert caller.kind == 3  # CLIENT
             assert caller.parent_span_id == front.span_id
-    llm = next(s for s in ours if s.name.startswith("chat "))
+    (llm,) = [s for s in ours if s.name.startswith("chat ")]
     assert llm.parent_span_id == front.span_id
     assert llm.attributes["gen_ai.usage.input_tokens"] == reply.usage.input_tokens

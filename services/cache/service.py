@@ -6,6 +6,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
+from opentelemetry import trace
 
 from costmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from costmesh.types.v1 import types_pb2
@@ -33,6 +34,9 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         if request.max_age_seconds < 0:
             raise InvalidArgument("max_age_seconds", "must not be negative")
         entry = self._store.lookup(_to_key(request.key), request.max_age_seconds)
+        trace.get_current_span().set_attributes(
+            {"costmesh.feature": request.key.feature, "costmesh.cache.hit": entry is not None}
+        )
         if entry is None:
             return cache_pb2.LookupResponse(outcome=types_pb2.CACHE_OUTCOME_MISS)
         return cache_pb2.LookupResponse(
@@ -60,6 +64,9 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             finish_reason=request.finish_reason,
         )
         entry = self._store.store(key, answer, ttl, tuple(request.tags))
+        trace.get_current_span().set_attributes(
+            {"costmesh.feature": key.feature, "costmesh.cache.ttl_seconds": ttl}
+        )
         return cache_pb2.StoreResponse(
             entry_id=entry.entry_id, expires_at=_timestamp(entry.expires_at)
         )

@@ -14,31 +14,48 @@ from pathlib import Path
 from costmesh.ledger.v1 import ledger_pb2
 
 log = logging.getLogger(__name__)
-Send = Callable[[Sequence[ledger_pb2.UsageRecord]], Awaitable[Sequence[ledger_pb2.RecordedUsage]]]
+# Sends records to the ledger within a time limit in seconds; raises when it cannot.
+Send = Callable[
+    [Sequence[ledger_pb2.UsageRecord], float], Awaitable[Sequence[ledger_pb2.RecordedUsage]]
+]
 BATCH = 200
+FLUSH_TIME_LIMIT = 10.0
+
+
+class RejectedError(Exception):
+    """The ledger refused the records as invalid: retrying them unchanged cannot help."""
 
 
 class UsageOutbox:
     """Survives a ledger outage and a restart: nothing is lost, repeats are harmless
-    because the ledger ignores a request id it has already recorded."""
+    because the ledger ignores a request id it has already recorded. A record the
+    ledger rejects is parked in a dead-letter table (and logged) so that it cannot
+    block the records behind it."""
 
     def __init__(self, path: Path, send: Send, retry_seconds: float) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS outbox (request_id TEXT PRIMARY KEY, record BLOB NOT NULL)"
+        self._db.executescript(
+            "CREATE TABLE IF NOT EXISTS outbox (request_id TEXT PRIMARY KEY, record BLOB NOT NULL);"
+            "CREATE TABLE IF NOT EXISTS dead_letter ("
+            " request_id TEXT PRIMARY KEY, record BLOB NOT NULL, reason TEXT NOT NULL);"
         )
         self._lock = threading.Lock()
         self._send = send
         self._retry_seconds = retry_seconds
         self._flusher: asyncio.Task[None] | None = None
 
-    async def deliver(self, record: ledger_pb2.UsageRecord) -> ledger_pb2.RecordedUsage | None:
+    async def deliver(
+        self, record: ledger_pb2.UsageRecord, time_limit: float
+    ) -> ledger_pb2.RecordedUsage | None:
         """Persist, then try once now; None means the ledger will get it later."""
         await asyncio.to_thread(self._put, record)
         try:
-            (result,) = await self._send([record])
+            (result,) = await self._send([record], time_limit)
+        except RejectedError as exc:
+            await asyncio.to_thread(self._park, record, str(exc))
+            return None
         except Exception as exc:
             log.warning("ledger did not take %s now (%s); kept in outbox", record.request_id, exc)
             return None
@@ -49,17 +66,37 @@ class UsageOutbox:
         """Send everything pending; the number of records the ledger acknowledged."""
         sent = 0
         while batch := await asyncio.to_thread(self._pending, BATCH):
-            results = await self._send(batch)
+            try:
+                results = await self._send(batch, FLUSH_TIME_LIMIT)
+            except RejectedError:
+                results = await self._send_one_by_one(batch)
             await asyncio.to_thread(self._delete, [r.request_id for r in results])
             sent += len(results)
             if len(batch) < BATCH:
                 break
         return sent
 
+    async def _send_one_by_one(
+        self, batch: Sequence[ledger_pb2.UsageRecord]
+    ) -> list[ledger_pb2.RecordedUsage]:
+        results: list[ledger_pb2.RecordedUsage] = []
+        for record in batch:
+            try:
+                results.extend(await self._send([record], FLUSH_TIME_LIMIT))
+            except RejectedError as exc:
+                await asyncio.to_thread(self._park, record, str(exc))
+        return results
+
     def pending_count(self) -> int:
         with self._lock:
             (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
         return int(count)
+
+    def dead_letters(self) -> list[tuple[str, str]]:
+        """(request_id, reason) of every parked record, for operators."""
+        with self._lock:
+            rows = self._db.execute("SELECT request_id, reason FROM dead_letter").fetchall()
+        return [(str(r), str(why)) for r, why in rows]
 
     async def start(self) -> None:
         self._flusher = asyncio.create_task(self._flush_forever())
@@ -79,9 +116,7 @@ class UsageOutbox:
             try:
                 await self.flush()
             except Exception as exc:
-                log.warning(
-                    "outbox flush failed (%s); %d records pending", exc, self.pending_count()
-                )
+                log.warning("outbox flush failed (%s); %d pending", exc, self.pending_count())
             await asyncio.sleep(self._retry_seconds)
 
     def _put(self, record: ledger_pb2.UsageRecord) -> None:
@@ -90,6 +125,17 @@ class UsageOutbox:
                 "INSERT OR IGNORE INTO outbox (request_id, record) VALUES (?, ?)",
                 (record.request_id, record.SerializeToString()),
             )
+
+    def _park(self, record: ledger_pb2.UsageRecord, reason: str) -> None:
+        log.error("ledger rejected usage %s (%s); parked in dead_letter", record.request_id, reason)
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute(
+                "INSERT OR REPLACE INTO dead_letter (request_id, record, reason) VALUES (?, ?, ?)",
+                (record.request_id, record.SerializeToString(), reason),
+            )
+            self._db.execute("DELETE FROM outbox WHERE request_id = ?", (record.request_id,))
+            self._db.execute("COMMIT")
 
     def _pending(self, limit: int) -> list[ledger_pb2.UsageRecord]:
         with self._lock:

@@ -19,7 +19,7 @@ from costmesh.ledger.v1 import ledger_pb2
 from costmesh.router.v1 import router_pb2, router_pb2_grpc
 from costmesh.types.v1 import types_pb2
 from services.common.auth import Principal
-from services.common.errors import Unavailable
+from services.common.errors import DeadlineExceeded, Unavailable
 from services.common.telemetry import current_trace_id
 from services.inference.outbox import UsageOutbox
 from services.inference.providers import ChatCall, Completion, Providers
@@ -37,6 +37,23 @@ class Peers:
     router: router_pb2_grpc.RouterServiceAsyncStub
     metadata: tuple[tuple[str, str], ...]
     timeout: float
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """The caller's deadline, so that no hop outlives the call that asked for it."""
+
+    at: float | None  # time.monotonic() value; None when the caller set no deadline
+
+    @classmethod
+    def after(cls, seconds: float | None) -> Deadline:
+        return cls(None if seconds is None else time.monotonic() + seconds)
+
+    def cap(self, seconds: float) -> float:
+        """`seconds`, or less when the caller's deadline is nearer (never below 1 ms)."""
+        if self.at is None:
+            return seconds
+        return max(min(seconds, self.at - time.monotonic()), 0.001)
 
 
 class CompletionPath:
@@ -66,6 +83,7 @@ class CompletionPath:
         time_remaining: float | None,
     ) -> inference_pb2.CompleteResponse:
         started = time.monotonic()
+        deadline = Deadline.after(time_remaining)
         _, max_tokens = validate(request, self._settings)
         request_id = request.request_id or uuid.uuid4().hex
         span = trace.get_current_span()
@@ -90,18 +108,18 @@ class CompletionPath:
         hit = (
             None
             if request.cache_control.no_cache
-            else await self._lookup(key, request.cache_control.max_age_seconds)
+            else await self._lookup(key, request.cache_control.max_age_seconds, deadline)
         )
         if hit is not None:
             response.content, response.model = hit.content, hit.model
             response.provider, response.finish_reason = "cache", hit.finish_reason
             response.cached, response.cache_outcome = True, types_pb2.CACHE_OUTCOME_EXACT
         else:
-            await self._generate(request, key, max_tokens, time_remaining, response)
+            await self._generate(request, key, max_tokens, deadline, response)
         span.set_attributes(
             {"costmesh.cache.outcome": types_pb2.CacheOutcome.Name(response.cache_outcome)}
         )
-        await self._record(request, principal, response, started)
+        await self._record(request, principal, response, started, deadline)
         return response
 
     async def _generate(
@@ -109,17 +127,14 @@ class CompletionPath:
         request: inference_pb2.CompleteRequest,
         key: cache_pb2.CacheKey,
         max_tokens: int,
-        time_remaining: float | None,
+        deadline: Deadline,
         response: inference_pb2.CompleteResponse,
     ) -> None:
-        plan = await self._route(request)
+        plan = await self._route(request, deadline)
         model = plan.model
         window = self._settings.models[model].context_window
         check_context_window(estimate_tokens(request.messages), max_tokens, model, window)
         params = request.params
-        timeout = self._settings.provider_timeout_seconds
-        if time_remaining is not None:
-            timeout = min(timeout, max(time_remaining - 0.05, 0.01))
         completion = await self._providers.chat(
             ChatCall(
                 model=model,
@@ -129,7 +144,7 @@ class CompletionPath:
                 top_p=params.top_p if params.HasField("top_p") else None,
                 stop=list(params.stop),
             ),
-            timeout,
+            deadline.cap(self._settings.provider_timeout_seconds),
         )
         response.content, response.model = completion.content, model
         response.provider, response.finish_reason = completion.provider, completion.finish_reason
@@ -149,16 +164,18 @@ class CompletionPath:
         if not request.cache_control.no_store and completion.content:
             self._store_later(key, completion)
 
-    async def _lookup(self, key: cache_pb2.CacheKey, max_age: int) -> cache_pb2.CacheEntry | None:
+    async def _lookup(
+        self, key: cache_pb2.CacheKey, max_age: int, deadline: Deadline
+    ) -> cache_pb2.CacheEntry | None:
         digest = _key_digest(key)
         pending = self._pending_stores.get(digest)
         if pending is not None:
-            await asyncio.wait({pending}, timeout=self._peers.timeout)
+            await asyncio.wait({pending}, timeout=deadline.cap(self._peers.timeout))
         try:
             found = await self._peers.cache.Lookup(
                 cache_pb2.LookupRequest(key=key, max_age_seconds=max_age),
                 metadata=self._peers.metadata,
-                timeout=self._peers.timeout,
+                timeout=deadline.cap(self._peers.timeout),
             )
         except grpc.aio.AioRpcError as exc:
             log.warning("cache lookup failed (%s); serving as a miss", exc.code())
@@ -170,7 +187,9 @@ class CompletionPath:
             return found.entry
         return None
 
-    async def _route(self, request: inference_pb2.CompleteRequest) -> router_pb2.RouteResponse:
+    async def _route(
+        self, request: inference_pb2.CompleteRequest, deadline: Deadline
+    ) -> router_pb2.RouteResponse:
         try:
             return await self._peers.router.Route(
                 router_pb2.RouteRequest(
@@ -179,9 +198,11 @@ class CompletionPath:
                     requested_model=request.model,
                 ),
                 metadata=self._peers.metadata,
-                timeout=self._peers.timeout,
+                timeout=deadline.cap(self._peers.timeout),
             )
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and deadline.cap(1.0) <= 0.001:
+                raise DeadlineExceeded("the call's deadline passed while routing") from exc
             raise Unavailable(
                 f"router unavailable ({exc.code().name})", reason="ROUTER_UNAVAILABLE"
             ) from exc
@@ -219,6 +240,7 @@ class CompletionPath:
         principal: Principal,
         response: inference_pb2.CompleteResponse,
         started: float,
+        deadline: Deadline,
     ) -> None:
         now = timestamp_pb2.Timestamp()
         now.GetCurrentTime()
@@ -236,7 +258,7 @@ class CompletionPath:
             latency_ms=int((time.monotonic() - started) * 1000),
             status=ledger_pb2.CALL_STATUS_OK,
         )
-        result = await self._outbox.deliver(record)
+        result = await self._outbox.deliver(record, deadline.cap(self._peers.timeout))
         if result is None:
             response.cost_pending = True
         else:

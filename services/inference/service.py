@@ -17,7 +17,7 @@ from services.common.channels import Channels
 from services.common.config import Config
 from services.common.errors import Unimplemented
 from services.common.server import ServiceDef
-from services.inference.outbox import UsageOutbox
+from services.inference.outbox import RejectedError, UsageOutbox
 from services.inference.providers import Providers
 from services.inference.request_path import CompletionPath, Peers
 from services.inference.settings import InferenceSettings
@@ -65,12 +65,19 @@ def build(
     tracer = tracer_provider.get_tracer("costmesh.inference")
     ledger = ledger_pb2_grpc.LedgerServiceStub(channels.get(addresses["ledger"]))
 
-    async def send(records: Sequence[ledger_pb2.UsageRecord]) -> Sequence[ledger_pb2.RecordedUsage]:
-        response = await ledger.RecordUsage(
-            ledger_pb2.RecordUsageRequest(records=records),
-            metadata=channels.metadata,
-            timeout=channels.timeout,
-        )
+    async def send(
+        records: Sequence[ledger_pb2.UsageRecord], time_limit: float
+    ) -> Sequence[ledger_pb2.RecordedUsage]:
+        try:
+            response = await ledger.RecordUsage(
+                ledger_pb2.RecordUsageRequest(records=records),
+                metadata=channels.metadata,
+                timeout=time_limit,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise RejectedError(exc.details() or "invalid record") from exc
+            raise
         return list(response.results)
 
     outbox = UsageOutbox(settings.outbox_path, send, settings.outbox_retry_seconds)

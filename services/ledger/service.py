@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
+from opentelemetry import trace
 
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh.types.v1 import types_pb2
@@ -45,6 +46,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             raise InvalidArgument("records", f"at most {MAX_RECORDS_PER_CALL} per call")
         rows = [self._to_row(i, r) for i, r in enumerate(request.records)]
         results = await asyncio.to_thread(self._store.record, rows)
+        trace.get_current_span().set_attributes(
+            {
+                "costmesh.ledger.records": len(rows),
+                "costmesh.ledger.duplicates": sum(dup for _, dup in results),
+                "costmesh.ledger.price_version": self._catalog.version,
+            }
+        )
         return ledger_pb2.RecordUsageResponse(
             results=[
                 ledger_pb2.RecordedUsage(

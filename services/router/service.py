@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from opentelemetry import trace
 
 from costmesh.router.v1 import router_pb2, router_pb2_grpc
 from costmesh.types.v1 import types_pb2
@@ -34,6 +35,14 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         if plan is None:
             raise InvalidArgument("feature", f"unknown feature {request.feature!r}")
         decision = plan.decide(request.feature, request.requested_model)
+        trace.get_current_span().set_attributes(
+            {
+                "costmesh.feature": request.feature,
+                "costmesh.route.tier": decision.tier,
+                "costmesh.route.model": decision.model,
+                "costmesh.route.reason": decision.reason,
+            }
+        )
         return router_pb2.RouteResponse(
             tier=TIER_TO_PROTO[decision.tier],
             model=decision.model,

@@ -54,8 +54,26 @@ def test_file_overrides_defaults_and_environment_overrides_the_file(tmp_path: Pa
             r"auth\.keys\[0\]\.role: expected one of",
         ),
         ("[server\n", {}, "not valid TOML"),
+        (
+            "[features.support]\ncache_ttl_second = 5\n",
+            {},
+            r"features\.support\.cache_ttl_second: unknown key",
+        ),
+        ("[ledgr]\ndatabase = 'x'\n", {}, r"ledgr: unknown key"),
+        ("[peers]\ntimeout_seconds = 0\n", {}, r"peers\.timeout_seconds: must be positive"),
     ],
-    ids=["type", "env type", "tier", "model", "key digest", "role", "syntax"],
+    ids=[
+        "type",
+        "env type",
+        "tier",
+        "model",
+        "key digest",
+        "role",
+        "syntax",
+        "typo",
+        "section",
+        "timeout",
+    ],
 )
 async def test_bad_configuration_fails_at_start_naming_the_key(
     tmp_path: Path, toml: str, env: dict[str, str], message: str

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -37,6 +38,8 @@ class SplitMesh:
         path.write_text(
             f'[peers]\nledger = "127.0.0.1:{self.ledger_port}"\n'
             "[inference]\noutbox_retry_seconds = 0.05\n"
+            # A model only the front knows: the ledger has no price for it.
+            '[models."local-llama"]\nprovider = "openai"\ncontext_window = 8000\n'
         )
         return load_config(path, self.env)
 
@@ -50,11 +53,11 @@ class SplitMesh:
         names: Sequence[str] = ["cache", "router", "inference"]
         self.front = await start_mesh(self.config(), self.env, names, self.provider, port=0)
 
-    async def complete(self, text: str) -> tuple[str, int, bool]:
+    async def complete(self, text: str, model: str = "") -> tuple[str, int, bool]:
         assert self.front is not None
         async with grpc.aio.insecure_channel(f"127.0.0.1:{self.front.port}") as channel:
             reply = await inference_pb2_grpc.InferenceServiceStub(channel).Complete(
-                user_request(text), metadata=AUTH, timeout=10
+                user_request(text, model=model), metadata=AUTH, timeout=10
             )
         return reply.request_id, reply.cost_nano_usd, reply.cost_pending
 
@@ -117,3 +120,22 @@ async def test_records_in_the_outbox_survive_an_inference_restart(split: SplitMe
     assert pending
     assert total > 0, "the delayed record is priced like any other"
     assert (await split.ledger_calls())[0] == 1
+
+
+async def test_a_record_the_ledger_rejects_is_parked_and_blocks_nothing(split: SplitMesh) -> None:
+    assert split.ledger is not None
+    await split.ledger.stop(grace=1)
+    rejected_id, _, _ = await split.complete("unpriced model", model="local-llama")
+    _, _, queued_behind = await split.complete("priced model, queued behind it")
+    await split.start_ledger()
+
+    total = await split.wait_for_calls(1)
+    with sqlite3.connect(split.data_dir / "outbox.sqlite3") as outbox:
+        parked = outbox.execute("SELECT request_id, reason FROM dead_letter").fetchall()
+        pending = outbox.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+
+    assert queued_behind
+    assert total > 0
+    assert [request_id for request_id, _ in parked] == [rejected_id]
+    assert "no price for model 'local-llama'" in parked[0][1]
+    assert pending == 0
