@@ -36,6 +36,9 @@ class UsageOutbox:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # WAL + NORMAL survives a killed process (the failure the outbox is for) without
+        # an fsync per call; only an OS crash or power loss can drop the last commits.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(
             "CREATE TABLE IF NOT EXISTS outbox (request_id TEXT PRIMARY KEY, record BLOB NOT NULL);"
             "CREATE TABLE IF NOT EXISTS dead_letter ("
