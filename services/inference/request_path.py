@@ -154,13 +154,7 @@ class CompletionPath:
             if request.cache_control.no_cache
             else types_pb2.CACHE_OUTCOME_MISS
         )
-        response.usage.CopyFrom(
-            types_pb2.TokenUsage(
-                input_tokens=completion.input_tokens,
-                cached_input_tokens=completion.cached_input_tokens,
-                output_tokens=completion.output_tokens,
-            )
-        )
+        response.usage.CopyFrom(_usage(completion))
         if not request.cache_control.no_store and completion.content:
             self._store_later(key, completion)
 
@@ -214,11 +208,7 @@ class CompletionPath:
             key=key,
             content=completion.content,
             model=completion.model,
-            usage=types_pb2.TokenUsage(
-                input_tokens=completion.input_tokens,
-                cached_input_tokens=completion.cached_input_tokens,
-                output_tokens=completion.output_tokens,
-            ),
+            usage=_usage(completion),
             finish_reason=completion.finish_reason,
         )
 
@@ -268,6 +258,14 @@ class CompletionPath:
         """Let in-flight cache stores finish before shutdown."""
         if self._pending_stores:
             await asyncio.wait(set(self._pending_stores.values()), timeout=self._peers.timeout)
+
+
+def _usage(completion: Completion) -> types_pb2.TokenUsage:
+    return types_pb2.TokenUsage(
+        input_tokens=completion.input_tokens,
+        cached_input_tokens=completion.cached_input_tokens,
+        output_tokens=completion.output_tokens,
+    )
 
 
 def _key_digest(key: cache_pb2.CacheKey) -> str:
