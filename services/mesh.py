@@ -73,7 +73,8 @@ def _service_key(config: Config, env: Mapping[str, str], names: Sequence[str]) -
     )
 
 
-def _peer_addresses(config: Config, names: Sequence[str], port: int) -> dict[str, str]:
+def _peer_addresses(config: Config, names: Sequence[str], local: str) -> dict[str, str]:
+    """Where inference reaches each peer: its configured address, or this process."""
     peers = config.section("peers")
     addresses = {}
     for peer in PEERS:
@@ -81,7 +82,7 @@ def _peer_addresses(config: Config, names: Sequence[str], port: int) -> dict[str
         if not address:
             if peer not in names:
                 raise ConfigError(f"peers.{peer}: address required when {peer} runs elsewhere")
-            address = f"127.0.0.1:{port}"
+            address = local
         addresses[peer] = address
     return addresses
 
@@ -110,7 +111,7 @@ async def start_mesh(
         raise ConfigError(f"peers.timeout_seconds: must be positive, got {peer_timeout}")
     channels = Channels(service_key, tracer_provider, peer_timeout)
 
-    def build(bound_port: int) -> list[ServiceDef]:
+    def build(local: str) -> list[ServiceDef]:
         built: list[ServiceDef] = []
         for name in SERVICES:
             if name not in names:
@@ -122,7 +123,7 @@ async def start_mesh(
             elif name == "ledger":
                 built.append(ledger_service.build(config))
             else:
-                addresses = _peer_addresses(config, names, bound_port)
+                addresses = _peer_addresses(config, names, local)
                 built.append(
                     inference_service.build(config, env, channels, addresses, tracer_provider)
                 )
@@ -134,6 +135,7 @@ async def start_mesh(
         configured_port if port is None else port,
         build,
         interceptors,
+        internal="inference" in names and any(p in names for p in PEERS),
     )
     running.cleanups.append(channels.close)
     return running

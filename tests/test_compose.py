@@ -237,7 +237,7 @@ def test_each_service_environment_is_a_working_configuration_for_it_alone(
         assert _service_key(config, env, [name]) == HOST_ENV["COSTMESH_SERVICE_KEY"]
         if name == "inference":
             # ...and inference needs an address for every peer (ConfigError otherwise).
-            addresses = _peer_addresses(config, [name], _listen_port(svc))
+            addresses = _peer_addresses(config, [name], f"127.0.0.1:{_listen_port(svc)}")
             assert set(addresses) == set(PEERS)
 
 
@@ -474,4 +474,4 @@ def test_dockerignore_keeps_local_state_out_and_the_sources_in() -> None:
 def test_config_error_is_what_a_missing_peer_raises() -> None:
     # Guards the configuration test: with no CACHE_ADDR, inference alone must be refused.
     with pytest.raises(ConfigError, match=r"peers\.cache"):
-        _peer_addresses(load_config(env={}), ["inference"], 50051)
+        _peer_addresses(load_config(env={}), ["inference"], "127.0.0.1:50051")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 
 import grpc
 import pytest
@@ -55,18 +56,31 @@ async def test_shutdown_drains_in_flight_calls_and_reports_not_serving(
     health = health_pb2_grpc.HealthStub(mesh.channel)
     watch = health.Watch(health_pb2.HealthCheckRequest(service=FULL_NAMES[3]))
     assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
-
-    in_flight = asyncio.ensure_future(
-        mesh.inference.Complete(user_request("slow one"), metadata=AUTH, timeout=10)
-    )
-    assert await asyncio.to_thread(simulator.wait_for_arrivals, 1, 5.0), "call reached the provider"
+    in_flight = [
+        asyncio.ensure_future(
+            mesh.inference.Complete(user_request(f"slow {i}"), metadata=AUTH, timeout=10)
+        )
+        for i in range(2)
+    ]
+    assert await asyncio.to_thread(simulator.wait_for_arrivals, 2, 5.0), "calls reached provider"
     stopping = asyncio.ensure_future(mesh.running.stop(grace=5))
 
     assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
     watch.cancel()
-    reply = await in_flight
+    replies = await asyncio.gather(*in_flight)
     await stopping
-    assert reply.content == "[simulated] Answer to: slow one"
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await mesh.inference.Complete(user_request("too late"), metadata=AUTH, timeout=2)
+    with sqlite3.connect(mesh.data_dir / "ledger.sqlite3") as ledger:
+        recorded = dict(ledger.execute("SELECT request_id, cost_nano_usd FROM usage").fetchall())
+    with sqlite3.connect(mesh.data_dir / "outbox.sqlite3") as outbox:
+        (pending,) = outbox.execute("SELECT COUNT(*) FROM outbox").fetchone()
+
+    assert [r.content for r in replies] == [
+        "[simulated] Answer to: slow 0",
+        "[simulated] Answer to: slow 1",
+    ]
+    assert not any(r.cost_pending for r in replies), "drained calls still reach the ledger"
+    assert recorded == {r.request_id: r.cost_nano_usd for r in replies}
+    assert pending == 0
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE

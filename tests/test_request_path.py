@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import grpc
 from google.protobuf import timestamp_pb2
+from opentelemetry.sdk.trace import TracerProvider
 
+from costmesh.inference.v1 import inference_pb2_grpc
 from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
+from services.common.config import load_config
 from services.inference.simulator import OpenAISimulator, count_tokens
-from tests.conftest import AUTH, Mesh, user_request
+from services.mesh import SERVICES, start_mesh
+from tests.conftest import AUTH, Mesh, mesh_env, user_request
 
 # Published prices of the seed models, in nano-USD per token.
 MINI_INPUT, MINI_OUTPUT = 150, 600
@@ -179,3 +185,20 @@ async def test_export_streams_every_recorded_call_with_its_cost_and_trace(mesh: 
     ]
     assert {r.team for r in exported} == {"demo"}
     assert {r.price_version for r in exported} == {"2026-11-01"}
+
+
+async def test_the_mesh_serves_on_a_specific_listen_address(
+    simulator: OpenAISimulator, tmp_path: Path
+) -> None:
+    env = {**mesh_env(simulator, tmp_path), "COSTMESH_HOST": "127.0.0.2"}
+    running = await start_mesh(load_config(env=env), env, SERVICES, TracerProvider(), port=0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.2:{running.port}") as channel:
+            reply = await inference_pb2_grpc.InferenceServiceStub(channel).Complete(
+                user_request("Bound elsewhere?"), metadata=AUTH, timeout=10
+            )
+    finally:
+        await running.stop(grace=1)
+
+    assert reply.content == "[simulated] Answer to: Bound elsewhere?"
+    assert not reply.cost_pending

@@ -27,6 +27,9 @@ class ServiceDef:
     register: Callable[[grpc.aio.Server], None]
     start: Callable[[], Awaitable[None]] = field(default=_nothing)
     stop: Callable[[], Awaitable[None]] = field(default=_nothing)
+    # True for a service that calls its peers while it works (inference): it is
+    # stopped while those peers still answer, so its last calls and flushes land.
+    calls_peers: bool = False
 
 
 @dataclass
@@ -37,6 +40,10 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     services: Sequence[ServiceDef]
+    # A loopback-only server with the same services, for calls between services of
+    # this process: it outlives the public one during shutdown, so that calls
+    # being drained can still reach their peers.
+    internal: grpc.aio.Server | None = None
     # Run after every service has stopped, e.g. closing client channels they used.
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -46,39 +53,78 @@ class RunningServer:
             await self.health.set(service.name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
-        for service in reversed(self.services):
-            try:
-                await service.stop()
-            except Exception:
-                log.exception("stopping %s failed", service.name)
+        await _stop_each([s for s in reversed(self.services) if s.calls_peers])
+        if self.internal is not None:
+            await self.internal.stop(grace)
+        await _stop_each([s for s in reversed(self.services) if not s.calls_peers])
         for cleanup in self.cleanups:
             await cleanup()
+
+
+async def _stop_each(services: Sequence[ServiceDef]) -> None:
+    for service in services:
+        try:
+            await service.stop()
+        except Exception:
+            log.exception("stopping %s failed", service.name)
+
+
+def _new_server(interceptors: Sequence[grpc.aio.ServerInterceptor]) -> grpc.aio.Server:
+    # so_reuseport off: a port already taken must fail loudly, not be shared.
+    return grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+
+
+def _bind(server: grpc.aio.Server, address: str) -> int:
+    try:
+        return server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from exc
 
 
 async def create_server(
     host: str,
     port: int,
-    build_services: Callable[[int], Sequence[ServiceDef]],
+    build_services: Callable[[str], Sequence[ServiceDef]],
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    internal: bool = False,
 ) -> RunningServer:
-    """Bind first (port 0 picks a free one), then build the services knowing the port."""
-    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
-    bound = server.add_insecure_port(f"{host}:{port}")
-    services = build_services(bound)
+    """Bind first (port 0 picks a free one), then build the services knowing the
+    address at which they reach each other (the internal server's, when asked for)."""
+    server = _new_server(interceptors)
+    bound = _bind(server, f"{host}:{port}")
+    internal_server = _new_server(interceptors) if internal else None
+    if internal_server is not None:
+        local = f"127.0.0.1:{_bind(internal_server, '127.0.0.1:0')}"
+    else:
+        local = f"{_dial_host(host)}:{bound}"
+    services = build_services(local)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in services:
         service.register(server)
+        if internal_server is not None:
+            service.register(internal_server)
     names = [s.name for s in services]
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
+    if internal_server is not None:
+        await internal_server.start()
     await server.start()
     for service in services:
         await service.start()
         await health_servicer.set(service.name, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, bound, health_servicer, services)
+    return RunningServer(server, bound, health_servicer, services, internal_server)
+
+
+def _dial_host(host: str) -> str:
+    """The address to dial a server bound to `host`: a wildcard is dialled on loopback."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host in ("::", "[::]"):
+        return "[::1]"
+    return host
 
 
 async def serve(running: RunningServer, grace: float) -> None:

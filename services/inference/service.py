@@ -101,4 +101,5 @@ def build(
         lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server),
         start=outbox.start,
         stop=stop,
+        calls_peers=True,
     )
