@@ -35,7 +35,10 @@ _KNOWN_KEYS = {
     "auth": {"service_key_env", "keys"},
     "ledger": {"database", "price_version"},
     "cache": {"max_entries"},
-    "inference": {"outbox", "outbox_retry_seconds", "provider_timeout_seconds"},
+    "inference": {
+        "outbox", "outbox_retry_seconds", "provider_timeout_seconds",
+        "idempotency", "idempotency_ttl_seconds",
+    },
     "providers.*": {"base_url", "api_key_env", "simulate_without_key"},
     "models.*": {
         "provider", "context_window",

@@ -149,15 +149,18 @@ async def test_query_spend_time_range_excludes_calls_outside_it(mesh: Mesh) -> N
     assert everything.rows[0].calls == 1
 
 
-async def test_repeated_request_id_is_billed_once(mesh: Mesh) -> None:
+async def test_a_retried_request_id_replays_the_first_answer_and_bills_once(
+    mesh: Mesh, simulator: OpenAISimulator
+) -> None:
     request = user_request("Is my card blocked?", request_id="client-req-1")
     request.cache_control.no_cache = True
     first = await mesh.inference.Complete(request, metadata=AUTH, timeout=10)
     again = await mesh.inference.Complete(request, metadata=AUTH, timeout=10)
 
     spend = await mesh.ledger.QuerySpend(ledger_pb2.QuerySpendRequest(), metadata=AUTH, timeout=5)
-    assert first.request_id == again.request_id == "client-req-1"
-    assert again.cost_nano_usd == first.cost_nano_usd
+    assert again == first, "the retry gets the first response, trace id included"
+    assert first.request_id == "client-req-1"
+    assert simulator.call_count == 1, "the provider is not paid twice"
     assert spend.rows[0].calls == 1
     assert spend.total_cost_nano_usd == first.cost_nano_usd
 

@@ -12,9 +12,10 @@ class RequestKey:
     """Everything that makes two requests share an answer.
 
     `partition` never enters what is compared for meaning: it is the hard boundary
-    (feature, namespace, namespace version, scope) inside which entries live.
+    (team, feature, namespace, namespace version, scope) inside which entries live.
     """
 
+    team: str
     feature: str
     namespace: str
     scope_key: str
@@ -22,8 +23,8 @@ class RequestKey:
     messages: tuple[tuple[int, str], ...]
     params: tuple[tuple[str, object], ...]
 
-    def partition(self, namespace_version: int) -> tuple[str, str, int, str]:
-        return (self.feature, self.namespace, namespace_version, self.scope_key)
+    def partition(self, namespace_version: int) -> tuple[str, str, str, int, str]:
+        return (self.team, self.feature, self.namespace, namespace_version, self.scope_key)
 
     def digest(self, namespace_version: int) -> str:
         """SHA-256 of the canonical JSON of the key and the namespace version."""

@@ -108,6 +108,7 @@ def _to_key(key: cache_pb2.CacheKey) -> RequestKey:
         raise InvalidArgument("key.messages", "at least one message is required")
     params = key.params
     return RequestKey(
+        team=key.team,
         feature=key.feature,
         namespace=key.namespace,
         scope_key=key.scope_key,

@@ -40,9 +40,10 @@ class UsageOutbox:
         # an fsync per call; only an OS crash or power loss can drop the last commits.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(
-            "CREATE TABLE IF NOT EXISTS outbox (request_id TEXT PRIMARY KEY, record BLOB NOT NULL);"
-            "CREATE TABLE IF NOT EXISTS dead_letter ("
-            " request_id TEXT PRIMARY KEY, record BLOB NOT NULL, reason TEXT NOT NULL);"
+            "CREATE TABLE IF NOT EXISTS outbox (team TEXT NOT NULL, request_id TEXT NOT NULL,"
+            " record BLOB NOT NULL, PRIMARY KEY (team, request_id));"
+            "CREATE TABLE IF NOT EXISTS dead_letter (team TEXT NOT NULL, request_id TEXT NOT NULL,"
+            " record BLOB NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (team, request_id));"
         )
         self._lock = threading.Lock()
         self._send = send
@@ -62,7 +63,7 @@ class UsageOutbox:
         except Exception as exc:
             log.warning("ledger did not take %s now (%s); kept in outbox", record.request_id, exc)
             return None
-        await asyncio.to_thread(self._delete, [record.request_id])
+        await asyncio.to_thread(self._delete, [record])
         return result
 
     async def flush(self) -> int:
@@ -70,36 +71,33 @@ class UsageOutbox:
         sent = 0
         while batch := await asyncio.to_thread(self._pending, BATCH):
             try:
-                results = await self._send(batch, FLUSH_TIME_LIMIT)
+                await self._send(batch, FLUSH_TIME_LIMIT)
+                delivered = list(batch)
             except RejectedError:
-                results = await self._send_one_by_one(batch)
-            await asyncio.to_thread(self._delete, [r.request_id for r in results])
-            sent += len(results)
+                delivered = await self._send_one_by_one(batch)
+            await asyncio.to_thread(self._delete, delivered)
+            sent += len(delivered)
             if len(batch) < BATCH:
                 break
         return sent
 
     async def _send_one_by_one(
         self, batch: Sequence[ledger_pb2.UsageRecord]
-    ) -> list[ledger_pb2.RecordedUsage]:
-        results: list[ledger_pb2.RecordedUsage] = []
+    ) -> list[ledger_pb2.UsageRecord]:
+        """The records of a rejected batch that the ledger takes alone; the rest are parked."""
+        delivered = []
         for record in batch:
             try:
-                results.extend(await self._send([record], FLUSH_TIME_LIMIT))
+                await self._send([record], FLUSH_TIME_LIMIT)
+                delivered.append(record)
             except RejectedError as exc:
                 await asyncio.to_thread(self._park, record, str(exc))
-        return results
+        return delivered
 
     def pending_count(self) -> int:
         with self._lock:
             (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
         return int(count)
-
-    def dead_letters(self) -> list[tuple[str, str]]:
-        """(request_id, reason) of every parked record, for operators."""
-        with self._lock:
-            rows = self._db.execute("SELECT request_id, reason FROM dead_letter").fetchall()
-        return [(str(r), str(why)) for r, why in rows]
 
     async def start(self) -> None:
         self._flusher = asyncio.create_task(self._flush_forever())
@@ -125,8 +123,8 @@ class UsageOutbox:
     def _put(self, record: ledger_pb2.UsageRecord) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR IGNORE INTO outbox (request_id, record) VALUES (?, ?)",
-                (record.request_id, record.SerializeToString()),
+                "INSERT OR IGNORE INTO outbox (team, request_id, record) VALUES (?, ?, ?)",
+                (record.team, record.request_id, record.SerializeToString()),
             )
 
     def _park(self, record: ledger_pb2.UsageRecord, reason: str) -> None:
@@ -134,10 +132,14 @@ class UsageOutbox:
         with self._lock:
             self._db.execute("BEGIN")
             self._db.execute(
-                "INSERT OR REPLACE INTO dead_letter (request_id, record, reason) VALUES (?, ?, ?)",
-                (record.request_id, record.SerializeToString(), reason),
+                "INSERT OR REPLACE INTO dead_letter (team, request_id, record, reason)"
+                " VALUES (?, ?, ?, ?)",
+                (record.team, record.request_id, record.SerializeToString(), reason),
             )
-            self._db.execute("DELETE FROM outbox WHERE request_id = ?", (record.request_id,))
+            self._db.execute(
+                "DELETE FROM outbox WHERE team = ? AND request_id = ?",
+                (record.team, record.request_id),
+            )
             self._db.execute("COMMIT")
 
     def _pending(self, limit: int) -> list[ledger_pb2.UsageRecord]:
@@ -145,8 +147,9 @@ class UsageOutbox:
             rows = self._db.execute("SELECT record FROM outbox LIMIT ?", (limit,)).fetchall()
         return [ledger_pb2.UsageRecord.FromString(blob) for (blob,) in rows]
 
-    def _delete(self, request_ids: list[str]) -> None:
+    def _delete(self, records: Sequence[ledger_pb2.UsageRecord]) -> None:
         with self._lock:
             self._db.executemany(
-                "DELETE FROM outbox WHERE request_id = ?", [(r,) for r in request_ids]
+                "DELETE FROM outbox WHERE team = ? AND request_id = ?",
+                [(r.team, r.request_id) for r in records],
             )

@@ -13,15 +13,17 @@ import grpc
 from google.protobuf import timestamp_pb2
 from opentelemetry import trace
 
-from costmesh.cache.v1 import cache_pb2, cache_pb2_grpc
+from costmesh.cache.v1 import cache_pb2
 from costmesh.inference.v1 import inference_pb2
 from costmesh.ledger.v1 import ledger_pb2
-from costmesh.router.v1 import router_pb2, router_pb2_grpc
+from costmesh.router.v1 import router_pb2
 from costmesh.types.v1 import types_pb2
 from services.common.auth import Principal
 from services.common.errors import DeadlineExceeded, Unavailable
 from services.common.telemetry import current_trace_id
+from services.inference.idempotency import IdempotencyStore
 from services.inference.outbox import UsageOutbox
+from services.inference.peers import Deadline, Peers
 from services.inference.providers import ChatCall, Completion, Providers
 from services.inference.settings import InferenceSettings
 from services.inference.validation import check_context_window, estimate_tokens, validate
@@ -30,30 +32,15 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Peers:
-    """Stubs of the services inference calls, with the metadata and deadline to use."""
+class Call:
+    """One validated CompleteRequest and what the path needs to know about it."""
 
-    cache: cache_pb2_grpc.CacheServiceAsyncStub
-    router: router_pb2_grpc.RouterServiceAsyncStub
-    metadata: tuple[tuple[str, str], ...]
-    timeout: float
-
-
-@dataclass(frozen=True)
-class Deadline:
-    """The caller's deadline, so that no hop outlives the call that asked for it."""
-
-    at: float | None  # time.monotonic() value; None when the caller set no deadline
-
-    @classmethod
-    def after(cls, seconds: float | None) -> Deadline:
-        return cls(None if seconds is None else time.monotonic() + seconds)
-
-    def cap(self, seconds: float) -> float:
-        """`seconds`, or less when the caller's deadline is nearer (never below 1 ms)."""
-        if self.at is None:
-            return seconds
-        return max(min(seconds, self.at - time.monotonic()), 0.001)
+    request: inference_pb2.CompleteRequest
+    request_id: str
+    principal: Principal
+    max_tokens: int
+    deadline: Deadline
+    started: float
 
 
 class CompletionPath:
@@ -65,13 +52,13 @@ class CompletionPath:
         peers: Peers,
         providers: Providers,
         outbox: UsageOutbox,
-        tracer: trace.Tracer,
+        idempotency: IdempotencyStore,
     ) -> None:
         self._settings = settings
         self._peers = peers
         self._providers = providers
         self._outbox = outbox
-        self._tracer = tracer
+        self._idempotency = idempotency
         # Stores still in flight, by cache key: an identical request waits for the
         # store instead of paying the provider again.
         self._pending_stores: dict[str, asyncio.Task[None]] = {}
@@ -83,18 +70,35 @@ class CompletionPath:
         time_remaining: float | None,
     ) -> inference_pb2.CompleteResponse:
         started = time.monotonic()
-        deadline = Deadline.after(time_remaining)
         _, max_tokens = validate(request, self._settings)
-        request_id = request.request_id or uuid.uuid4().hex
+        call = Call(
+            request=request,
+            request_id=request.request_id or uuid.uuid4().hex,
+            principal=principal,
+            max_tokens=max_tokens,
+            deadline=Deadline.after(time_remaining),
+            started=started,
+        )
         span = trace.get_current_span()
         span.set_attributes(
             {
-                "costmesh.request_id": request_id,
+                "costmesh.request_id": call.request_id,
                 "costmesh.feature": request.feature,
                 "costmesh.team": principal.team,
             }
         )
+        if not request.request_id:
+            return await self._answer(call)
+        response = await self._idempotency.answer_once(
+            principal.team, request, lambda: self._answer(call)
+        )
+        span.set_attribute("costmesh.replayed", response.trace_id != current_trace_id())
+        return response
+
+    async def _answer(self, call: Call) -> inference_pb2.CompleteResponse:
+        request, deadline = call.request, call.deadline
         key = cache_pb2.CacheKey(
+            team=call.principal.team,
             feature=request.feature,
             namespace="",
             scope_key=request.scope_key,
@@ -103,7 +107,7 @@ class CompletionPath:
             params=request.params,
         )
         response = inference_pb2.CompleteResponse(
-            request_id=request_id, trace_id=current_trace_id()
+            request_id=call.request_id, trace_id=current_trace_id()
         )
         hit = (
             None
@@ -115,22 +119,20 @@ class CompletionPath:
             response.provider, response.finish_reason = "cache", hit.finish_reason
             response.cached, response.cache_outcome = True, types_pb2.CACHE_OUTCOME_EXACT
         else:
-            await self._generate(request, key, max_tokens, deadline, response)
-        span.set_attributes(
+            await self._generate(call, key, response)
+        trace.get_current_span().set_attributes(
             {"costmesh.cache.outcome": types_pb2.CacheOutcome.Name(response.cache_outcome)}
         )
-        await self._record(request, principal, response, started, deadline)
+        # Shielded: once the work is done its usage is recorded, even if the caller
+        # gives up (deadline, cancel) while the ledger write is under way.
+        await asyncio.shield(self._record(call, response))
         return response
 
     async def _generate(
-        self,
-        request: inference_pb2.CompleteRequest,
-        key: cache_pb2.CacheKey,
-        max_tokens: int,
-        deadline: Deadline,
-        response: inference_pb2.CompleteResponse,
+        self, call: Call, key: cache_pb2.CacheKey, response: inference_pb2.CompleteResponse
     ) -> None:
-        plan = await self._route(request, deadline)
+        request, max_tokens = call.request, call.max_tokens
+        plan = await self._route(request, call.deadline)
         model = plan.model
         window = self._settings.models[model].context_window
         check_context_window(estimate_tokens(request.messages), max_tokens, model, window)
@@ -144,7 +146,7 @@ class CompletionPath:
                 top_p=params.top_p if params.HasField("top_p") else None,
                 stop=list(params.stop),
             ),
-            deadline.cap(self._settings.provider_timeout_seconds),
+            call.deadline.cap(self._settings.provider_timeout_seconds),
         )
         response.content, response.model = completion.content, model
         response.provider, response.finish_reason = completion.provider, completion.finish_reason
@@ -156,7 +158,7 @@ class CompletionPath:
         )
         response.usage.CopyFrom(_usage(completion))
         if not request.cache_control.no_store and completion.content:
-            self._store_later(key, completion)
+            self._store_later(key, model, completion)
 
     async def _lookup(
         self, key: cache_pb2.CacheKey, max_age: int, deadline: Deadline
@@ -195,19 +197,21 @@ class CompletionPath:
                 timeout=deadline.cap(self._peers.timeout),
             )
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and deadline.cap(1.0) <= 0.001:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and deadline.passed():
                 raise DeadlineExceeded("the call's deadline passed while routing") from exc
             raise Unavailable(
                 f"router unavailable ({exc.code().name})", reason="ROUTER_UNAVAILABLE"
             ) from exc
 
-    def _store_later(self, key: cache_pb2.CacheKey, completion: Completion) -> None:
+    def _store_later(self, key: cache_pb2.CacheKey, model: str, completion: Completion) -> None:
         """Store off the response path; a failed store only costs a future miss."""
         digest = _key_digest(key)
         request = cache_pb2.StoreRequest(
             key=key,
             content=completion.content,
-            model=completion.model,
+            # The catalog name, not the provider's dated snapshot name: the ledger
+            # prices and groups hits under the model that was asked for.
+            model=model,
             usage=_usage(completion),
             finish_reason=completion.finish_reason,
         )
@@ -224,31 +228,24 @@ class CompletionPath:
 
         self._pending_stores[digest] = asyncio.create_task(store())
 
-    async def _record(
-        self,
-        request: inference_pb2.CompleteRequest,
-        principal: Principal,
-        response: inference_pb2.CompleteResponse,
-        started: float,
-        deadline: Deadline,
-    ) -> None:
+    async def _record(self, call: Call, response: inference_pb2.CompleteResponse) -> None:
         now = timestamp_pb2.Timestamp()
         now.GetCurrentTime()
         record = ledger_pb2.UsageRecord(
             request_id=response.request_id,
             trace_id=response.trace_id,
             time=now,
-            team=principal.team,
-            feature=request.feature,
+            team=call.principal.team,
+            feature=call.request.feature,
             model=response.model,
             provider=response.provider,
             tier=response.tier,
             usage=response.usage,
             cache_outcome=response.cache_outcome,
-            latency_ms=int((time.monotonic() - started) * 1000),
+            latency_ms=int((time.monotonic() - call.started) * 1000),
             status=ledger_pb2.CALL_STATUS_OK,
         )
-        result = await self._outbox.deliver(record, deadline.cap(self._peers.timeout))
+        result = await self._outbox.deliver(record, call.deadline.cap(self._peers.timeout))
         if result is None:
             response.cost_pending = True
         else:

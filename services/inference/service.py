@@ -17,9 +17,11 @@ from services.common.channels import Channels
 from services.common.config import Config
 from services.common.errors import Unimplemented
 from services.common.server import ServiceDef
+from services.inference.idempotency import IdempotencyStore
 from services.inference.outbox import RejectedError, UsageOutbox
+from services.inference.peers import Peers
 from services.inference.providers import Providers
-from services.inference.request_path import CompletionPath, Peers
+from services.inference.request_path import CompletionPath
 from services.inference.settings import InferenceSettings
 
 SERVICE_NAME = "costmesh.inference.v1.InferenceService"
@@ -88,13 +90,15 @@ def build(
         metadata=channels.metadata,
         timeout=channels.timeout,
     )
-    path = CompletionPath(settings, peers, providers, outbox, tracer)
+    idempotency = IdempotencyStore(settings.idempotency_path, settings.idempotency_ttl_seconds)
+    path = CompletionPath(settings, peers, providers, outbox, idempotency)
     servicer = InferenceServicer(path)
 
     async def stop() -> None:
         await path.drain()
         await outbox.stop()
         await providers.close()
+        idempotency.close()
 
     return ServiceDef(
         SERVICE_NAME,

@@ -38,6 +38,8 @@ class InferenceSettings:
     outbox_path: Path
     outbox_retry_seconds: float
     provider_timeout_seconds: float
+    idempotency_path: Path
+    idempotency_ttl_seconds: int
 
     @classmethod
     def from_config(cls, config: Config) -> InferenceSettings:
@@ -79,4 +81,6 @@ class InferenceSettings:
             outbox_path=data_dir / inference.get_str("outbox", "outbox.sqlite3"),
             outbox_retry_seconds=inference.get_float("outbox_retry_seconds", 2.0),
             provider_timeout_seconds=inference.get_float("provider_timeout_seconds", 60.0),
+            idempotency_path=data_dir / inference.get_str("idempotency", "idempotency.sqlite3"),
+            idempotency_ttl_seconds=inference.get_int("idempotency_ttl_seconds", 86_400, minimum=1),
         )

@@ -14,7 +14,7 @@ GROUPS = {"team": "team", "feature": "feature", "model": "model", "day": "day", 
 _MIGRATIONS = (
     """
     CREATE TABLE usage (
-        request_id TEXT PRIMARY KEY,
+        request_id TEXT NOT NULL,
         trace_id TEXT NOT NULL,
         time_us INTEGER NOT NULL,
         day TEXT NOT NULL,
@@ -32,7 +32,8 @@ _MIGRATIONS = (
         latency_ms INTEGER NOT NULL,
         status INTEGER NOT NULL,
         cost_nano_usd INTEGER NOT NULL,
-        price_version TEXT NOT NULL
+        price_version TEXT NOT NULL,
+        PRIMARY KEY (team, request_id)
     );
     CREATE INDEX usage_time ON usage (time_us);
     """,
@@ -100,7 +101,7 @@ class SqliteUsageStore:
         placeholders = ", ".join("?" for _ in _COLUMNS)
         insert = (
             f"INSERT INTO usage ({', '.join(_COLUMNS)}) VALUES ({placeholders}) "
-            "ON CONFLICT (request_id) DO NOTHING"
+            "ON CONFLICT (team, request_id) DO NOTHING"
         )
         results: list[tuple[int, bool]] = []
         with self._lock:
@@ -112,8 +113,8 @@ class SqliteUsageStore:
                         results.append((row.cost_nano_usd, False))
                     else:
                         (cost,) = self._db.execute(
-                            "SELECT cost_nano_usd FROM usage WHERE request_id = ?",
-                            (row.request_id,),
+                            "SELECT cost_nano_usd FROM usage WHERE team = ? AND request_id = ?",
+                            (row.team, row.request_id),
                         ).fetchone()
                         results.append((cost, True))
                 self._db.execute("COMMIT")

@@ -15,9 +15,11 @@ class Clock:
 
 
 def key(
-    question: str, feature: str = "support", namespace: str = "", scope: str = ""
+    question: str, feature: str = "support", namespace: str = "", scope: str = "", team: str = "a"
 ) -> RequestKey:
-    return RequestKey(feature, namespace, scope, "", ((2, question),), (("max_tokens", None),))
+    return RequestKey(
+        team, feature, namespace, scope, "", ((2, question),), (("max_tokens", None),)
+    )
 
 
 ANSWER = Answer("answer", "gpt-4o-mini", 10, 0, 5, "stop")
@@ -28,6 +30,7 @@ def test_equal_requests_share_a_key_and_different_ones_do_not() -> None:
     assert key("a").digest(1) != key("a", scope="tenant").digest(1)
     assert key("a").digest(1) != key("a").digest(2)
     assert key("a").digest(1) != key("a", feature="search").digest(1)
+    assert key("a").digest(1) != key("a", team="b").digest(1)
 
 
 def test_ttl_is_absolute_hits_do_not_extend_it() -> None:

@@ -34,6 +34,7 @@ class CacheKey(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
+    TEAM_FIELD_NUMBER: _builtins.int
     feature: _builtins.str
     """The application feature the request belongs to; a hard partition."""
     namespace: _builtins.str
@@ -42,6 +43,10 @@ class CacheKey(_message.Message):
     """Optional tenant or user scope; entries never cross scope keys."""
     model: _builtins.str
     """The model the caller asked for, or empty when the router decides."""
+    team: _builtins.str
+    """The team that owns the entry, set by inference from the caller's API key;
+    teams never share entries.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ChatMessage]:
         """The full conversation, system prompt included."""
@@ -59,10 +64,11 @@ class CacheKey(_message.Message):
         model: _builtins.str = ...,
         messages: _abc.Iterable[_types_pb2.ChatMessage] | None = ...,
         params: _types_pb2.GenerationParams | None = ...,
+        team: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature", b"feature", "messages", b"messages", "model", b"model", "namespace", b"namespace", "params", b"params", "scope_key", b"scope_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature", b"feature", "messages", b"messages", "model", b"model", "namespace", b"namespace", "params", b"params", "scope_key", b"scope_key", "team", b"team"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

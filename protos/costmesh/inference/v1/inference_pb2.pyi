@@ -63,7 +63,10 @@ class CompleteRequest(_message.Message):
     CACHE_CONTROL_FIELD_NUMBER: _builtins.int
     SCOPE_KEY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Caller-chosen idempotency id; a repeat is never billed twice. Generated when empty."""
+    """Caller-chosen idempotency id, unique per team for a day: a repeat of the same
+    request returns the first response and is never billed twice; reusing the id
+    for a different request is ALREADY_EXISTS. Generated when empty.
+    """
     feature: _builtins.str
     """The application feature making the call, as named in the mesh configuration."""
     model: _builtins.str
@@ -140,7 +143,9 @@ class CompleteResponse(_message.Message):
     finish_reason: _builtins.str
     """Why the provider stopped generating ("stop", "length")."""
     cost_pending: _builtins.bool
-    """True when the cost could not yet be confirmed by the ledger; it is recorded later."""
+    """True when the ledger could not confirm the cost in time. The usage waits in
+    inference's durable outbox and is recorded when the ledger is back.
+    """
     @_builtins.property
     def usage(self) -> _types_pb2.TokenUsage:
         """Tokens billed for this call; zero for a cache hit."""

@@ -100,7 +100,9 @@ class UsageRecord(_message.Message):
     COST_NANO_USD_FIELD_NUMBER: _builtins.int
     PRICE_VERSION_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key, chosen by costmesh (never the provider's response id)."""
+    """Idempotency key within the team, chosen by costmesh or the caller (never the
+    provider's response id).
+    """
     trace_id: _builtins.str
     """OpenTelemetry trace id of the call, 32 hex digits."""
     team: _builtins.str
@@ -264,7 +266,7 @@ class QuerySpendRequest(_message.Message):
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """Exclusive upper bound on record time; unset means now."""
+        """Exclusive upper bound on record time; unset means no upper bound."""
 
     def __init__(
         self,

@@ -59,7 +59,7 @@ class LedgerServiceServicer:
     """
 
     def RecordUsage(self, request, context):
-        """RecordUsage stores usage records; a request id seen before is ignored.
+        """RecordUsage stores usage records; a (team, request id) seen before is ignored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

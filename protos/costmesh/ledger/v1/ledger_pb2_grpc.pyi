@@ -36,7 +36,7 @@ class LedgerServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> LedgerServiceAsyncStub: ...
     RecordUsage: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.RecordUsageRequest, _ledger_pb2.RecordUsageResponse]
-    """RecordUsage stores usage records; a request id seen before is ignored."""
+    """RecordUsage stores usage records; a (team, request id) seen before is ignored."""
     QuerySpend: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.QuerySpendRequest, _ledger_pb2.QuerySpendResponse]
     """QuerySpend sums cost over a time range, grouped by the requested dimension."""
     ExportUsage: _grpc.UnaryStreamMultiCallable[_ledger_pb2.ExportUsageRequest, _ledger_pb2.ExportUsageResponse]
@@ -50,7 +50,7 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     RecordUsage: _aio.UnaryUnaryMultiCallable[_ledger_pb2.RecordUsageRequest, _ledger_pb2.RecordUsageResponse]  # type: ignore[assignment]
-    """RecordUsage stores usage records; a request id seen before is ignored."""
+    """RecordUsage stores usage records; a (team, request id) seen before is ignored."""
     QuerySpend: _aio.UnaryUnaryMultiCallable[_ledger_pb2.QuerySpendRequest, _ledger_pb2.QuerySpendResponse]  # type: ignore[assignment]
     """QuerySpend sums cost over a time range, grouped by the requested dimension."""
     ExportUsage: _aio.UnaryStreamMultiCallable[_ledger_pb2.ExportUsageRequest, _ledger_pb2.ExportUsageResponse]  # type: ignore[assignment]
@@ -67,7 +67,7 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.RecordUsageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.RecordUsageResponse, _abc.Awaitable[_ledger_pb2.RecordUsageResponse]]:
-        """RecordUsage stores usage records; a request id seen before is ignored."""
+        """RecordUsage stores usage records; a (team, request id) seen before is ignored."""
 
     @_abc_1.abstractmethod
     def QuerySpend(

@@ -1,0 +1,118 @@
+"""Request ids and cached answers belong to a team: no team sees or pays for another's."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+
+from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from services.common.auth import hash_key
+from services.common.config import load_config
+from services.inference.simulator import OpenAISimulator
+from services.mesh import SERVICES, start_mesh
+from tests.conftest import AUTH, mesh_env, user_request
+
+KEYS = {"team-a": "cm-key-of-team-a", "team-b": "cm-key-of-team-b"}
+DEMO_DIGEST = hash_key("cm-demo-admin-key")
+
+
+class TwoTeams:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.inference = inference_pb2_grpc.InferenceServiceStub(channel)
+        self.ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
+
+    async def complete(
+        self, team: str, request: inference_pb2.CompleteRequest
+    ) -> inference_pb2.CompleteResponse:
+        metadata = (("authorization", f"Bearer {KEYS[team]}"),)
+        return await self.inference.Complete(request, metadata=metadata, timeout=10)
+
+    async def spend_by_team(self) -> dict[str, tuple[int, int]]:
+        spend = await self.ledger.QuerySpend(
+            ledger_pb2.QuerySpendRequest(group_by=ledger_pb2.GROUP_BY_TEAM),
+            metadata=AUTH,
+            timeout=5,
+        )
+        return {row.key: (row.calls, row.cost_nano_usd) for row in spend.rows}
+
+
+@pytest.fixture
+async def teams(simulator: OpenAISimulator, tmp_path: Path) -> AsyncIterator[TwoTeams]:
+    entries = [(team, hash_key(key), "member") for team, key in KEYS.items()]
+    entries.append(("demo", DEMO_DIGEST, "admin"))
+    path = tmp_path / "c.toml"
+    path.write_text(
+        "".join(
+            f'[[auth.keys]]\nteam = "{t}"\nrole = "{r}"\nsha256 = "{d}"\n' for t, d, r in entries
+        )
+    )
+    env = mesh_env(simulator, tmp_path)
+    running = await start_mesh(load_config(path, env), env, SERVICES, TracerProvider(), port=0)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    try:
+        yield TwoTeams(channel)
+    finally:
+        await channel.close()
+        await running.stop(grace=1)
+
+
+async def test_the_same_request_id_in_two_teams_is_two_calls(
+    teams: TwoTeams, simulator: OpenAISimulator
+) -> None:
+    a = await teams.complete("team-a", user_request("Order status?", request_id="req-1"))
+    b = await teams.complete(
+        "team-b", user_request("Refund my order, it arrived broken", request_id="req-1")
+    )
+
+    assert b.content == "[simulated] Answer to: Refund my order, it arrived broken"
+    assert simulator.call_count == 2
+    assert await teams.spend_by_team() == {
+        "team-a": (1, a.cost_nano_usd),
+        "team-b": (1, b.cost_nano_usd),
+    }
+    assert a.cost_nano_usd != b.cost_nano_usd
+
+
+async def test_teams_never_share_cached_answers(
+    teams: TwoTeams, simulator: OpenAISimulator
+) -> None:
+    await teams.complete("team-a", user_request("What is the fee for wires?"))
+    other = await teams.complete("team-b", user_request("What is the fee for wires?"))
+    same = await teams.complete("team-a", user_request("What is the fee for wires?"))
+
+    assert not other.cached
+    assert same.cached
+    assert simulator.call_count == 2
+
+
+async def test_reusing_a_request_id_for_another_request_is_already_exists(
+    teams: TwoTeams, simulator: OpenAISimulator
+) -> None:
+    await teams.complete("team-a", user_request("First question", request_id="req-9"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await teams.complete("team-a", user_request("Another question", request_id="req-9"))
+
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert (caught.value.details() or "").startswith("request_id")
+    assert simulator.call_count == 1
+    assert (await teams.spend_by_team())["team-a"][0] == 1
+
+
+async def test_concurrent_repeats_of_a_request_id_share_one_provider_call(
+    teams: TwoTeams, simulator: OpenAISimulator
+) -> None:
+    simulator.set_latency(0.3)
+    request = user_request("Slow and retried", request_id="req-retry")
+    request.cache_control.no_cache = True
+
+    replies = await asyncio.gather(*(teams.complete("team-a", request) for _ in range(3)))
+
+    assert simulator.call_count == 1
+    assert len({r.SerializeToString(deterministic=True) for r in replies}) == 1
+    assert (await teams.spend_by_team())["team-a"] == (1, replies[0].cost_nano_usd)
