@@ -127,8 +127,18 @@ async def start_mesh(
                 built.append(ledger_service.build(config))
             else:
                 addresses = _peer_addresses(config, names, local)
+                # The simulator is for the one-process demo only: a split deployment
+                # that lost its key must fail loudly, not answer placeholders.
+                one_process = set(names) == set(SERVICES)
                 built.append(
-                    inference_service.build(config, env, channels, addresses, tracer_provider)
+                    inference_service.build(
+                        config,
+                        env,
+                        channels,
+                        addresses,
+                        tracer_provider,
+                        simulator_allowed=one_process,
+                    )
                 )
         return built
 

@@ -48,7 +48,7 @@ GRPC_SERVICE: dict[str, str] = {
     "ledger": ledger_service.SERVICE_NAME,
     "inference": inference_service.SERVICE_NAME,
 }
-HOST_ENV = {"COSTMESH_SERVICE_KEY": "test-shared-service-key"}
+HOST_ENV = {"COSTMESH_SERVICE_KEY": "test-shared-service-key", "OPENAI_API_KEY": "sk-test"}
 _INTERPOLATION = re.compile(r"\$\$|\$\{(?P<name>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
 _HEALTH_SERVICE = re.compile(r"HealthCheckRequest\(service='(?P<name>[^']*)'")
 _HEALTH_ADDRESS = re.compile(r"insecure_channel\('(?P<host>[^':]+):(?P<port>\d+)'\)")
@@ -390,7 +390,8 @@ def test_data_directories_are_named_volumes(
 def test_inference_is_published_on_its_listen_port(costmesh: dict[str, dict[str, Any]]) -> None:
     port = _listen_port(costmesh["inference"])
     assert f"127.0.0.1:{port}:{port}" in [str(p) for p in costmesh["inference"]["ports"]]
-    assert _environment(costmesh["inference"])["OPENAI_API_KEY"] == "${OPENAI_API_KEY:-}"
+    # Required: separate processes never fall back to the simulator.
+    assert _environment(costmesh["inference"])["OPENAI_API_KEY"].startswith("${OPENAI_API_KEY:?")
 
 
 # --- the supporting services ----------------------------------------------------------

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
 import openai
-from openai.types.chat import ChatCompletionMessageParam
+from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from costmesh.types.v1 import types_pb2
+from services.common.config import ConfigError
 from services.common.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -22,6 +25,7 @@ from services.common.errors import (
 )
 from services.inference.settings import InferenceSettings, ProviderInfo
 from services.inference.simulator import OpenAISimulator
+from services.inference.validation import estimate_tokens
 
 log = logging.getLogger(__name__)
 SIMULATED = "simulated"
@@ -41,6 +45,7 @@ class Completion:
     input_tokens: int
     cached_input_tokens: int
     output_tokens: int
+    usage_estimated: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,9 +69,11 @@ class Providers:
         settings: InferenceSettings,
         env: Mapping[str, str],
         tracer: trace.Tracer,
+        simulator_allowed: bool,
     ) -> None:
         self._settings = settings
         self._tracer = tracer
+        self._simulator_allowed = simulator_allowed
         self._clients: dict[str, tuple[openai.AsyncOpenAI, str]] = {}
         self._simulators: list[OpenAISimulator] = []
         for name, info in settings.providers.items():
@@ -79,8 +86,11 @@ class Providers:
         base_url = info.base_url
         label = name
         if not key:
-            if not info.simulate_without_key:
-                raise FailedPrecondition(f"providers.{name}: set {info.api_key_env}")
+            if not (info.simulate_without_key and self._simulator_allowed):
+                raise ConfigError(
+                    f"providers.{name}.api_key_env: set {info.api_key_env} (the simulator "
+                    "stands in only when all four services run in one process)"
+                )
             simulator = OpenAISimulator()
             base_url, key, label = simulator.start(), SIMULATED, SIMULATED
             self._simulators.append(simulator)
@@ -115,38 +125,34 @@ class Providers:
                 }
             )
             try:
-                response = await client.chat.completions.create(
-                    model=call.model,
-                    messages=_to_openai(call.messages),
-                    max_tokens=call.max_tokens,
-                    temperature=call.temperature,
-                    top_p=call.top_p,
-                    stop=call.stop or None,
-                    timeout=time_limit,
-                )
-            except openai.OpenAIError as exc:
+                # One bound on the whole call, the SDK's own retries included.
+                async with asyncio.timeout(time_limit):
+                    response = await client.chat.completions.create(
+                        model=call.model,
+                        messages=_to_openai(call.messages),
+                        max_tokens=call.max_tokens,
+                        temperature=call.temperature,
+                        top_p=call.top_p,
+                        stop=call.stop or None,
+                        timeout=time_limit,
+                    )
+            except (openai.OpenAIError, TimeoutError) as exc:
                 error = _translate(exc, call.model)
                 span.set_status(Status(StatusCode.ERROR, error.reason))
                 span.set_attribute("error.type", type(exc).__name__)
                 raise error from exc
-            choice = response.choices[0]
-            usage = response.usage
-            details = usage.prompt_tokens_details if usage else None
-            completion = Completion(
-                content=choice.message.content or "",
-                finish_reason=choice.finish_reason or "",
-                model=response.model or call.model,
-                provider=label,
-                input_tokens=usage.prompt_tokens if usage else 0,
-                cached_input_tokens=(details.cached_tokens or 0) if details else 0,
-                output_tokens=usage.completion_tokens if usage else 0,
-            )
+            completion = _completion(response, call, label)
+            if completion.usage_estimated:
+                log.warning(
+                    "provider %s reported no usage for %s; billing an estimate", label, call.model
+                )
             span.set_attributes(
                 {
                     "gen_ai.response.model": completion.model,
                     "gen_ai.response.finish_reasons": [completion.finish_reason],
                     "gen_ai.usage.input_tokens": completion.input_tokens,
                     "gen_ai.usage.output_tokens": completion.output_tokens,
+                    "costmesh.usage.estimated": completion.usage_estimated,
                 }
             )
             return completion
@@ -158,6 +164,25 @@ class Providers:
             simulator.stop()
 
 
+def _completion(response: ChatCompletion, call: ChatCall, label: str) -> Completion:
+    """Our view of a provider answer. A server that reports no usage is billed on an
+    estimate (and says so) rather than for free."""
+    choice = response.choices[0]
+    content = choice.message.content or ""
+    usage = response.usage
+    details = usage.prompt_tokens_details if usage else None
+    return Completion(
+        content=content,
+        finish_reason=choice.finish_reason or "",
+        model=response.model or call.model,
+        provider=label,
+        input_tokens=usage.prompt_tokens if usage else estimate_tokens(call.messages),
+        cached_input_tokens=(details.cached_tokens or 0) if details else 0,
+        output_tokens=usage.completion_tokens if usage else math.ceil(len(content) / 4),
+        usage_estimated=usage is None,
+    )
+
+
 def _to_openai(messages: Sequence[types_pb2.ChatMessage]) -> list[ChatCompletionMessageParam]:
     return [
         cast("ChatCompletionMessageParam", {"role": _ROLES[m.role], "content": m.content})
@@ -165,8 +190,8 @@ def _to_openai(messages: Sequence[types_pb2.ChatMessage]) -> list[ChatCompletion
     ]
 
 
-def _translate(exc: openai.OpenAIError, model: str) -> ServiceError:
-    if isinstance(exc, openai.APITimeoutError):
+def _translate(exc: openai.OpenAIError | TimeoutError, model: str) -> ServiceError:
+    if isinstance(exc, openai.APITimeoutError | TimeoutError):
         return DeadlineExceeded(
             f"provider did not answer for {model} in time", reason="PROVIDER_TIMEOUT"
         )

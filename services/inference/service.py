@@ -61,6 +61,8 @@ def build(
     channels: Channels,
     addresses: Mapping[str, str],
     tracer_provider: trace.TracerProvider,
+    *,
+    simulator_allowed: bool = False,
 ) -> ServiceDef:
     """The front door, talking to peers at `addresses` (cache, router, ledger)."""
     settings = InferenceSettings.from_config(config)
@@ -83,7 +85,7 @@ def build(
         return list(response.results)
 
     outbox = UsageOutbox(settings.outbox_path, send, settings.outbox_retry_seconds)
-    providers = Providers(settings, env, tracer)
+    providers = Providers(settings, env, tracer, simulator_allowed)
     peers = Peers(
         cache=cache_pb2_grpc.CacheServiceStub(channels.get(addresses["cache"])),
         router=router_pb2_grpc.RouterServiceStub(channels.get(addresses["router"])),

@@ -267,6 +267,7 @@ class OpenAISimulator:
         self._thread: threading.Thread | None = None
         self._failures: deque[tuple[int, float | None, str]] = deque()
         self._latency = 0.0
+        self._report_usage = True
         self._requests: list[dict[str, Any]] = []
         self._call_count = 0
 
@@ -328,6 +329,11 @@ class OpenAISimulator:
         with self._lock:
             self._failures.extend([(status, retry_after, message)] * count)
 
+    def set_report_usage(self, enabled: bool) -> None:
+        """Omit `usage` from answers, as some OpenAI-compatible servers do."""
+        with self._lock:
+            self._report_usage = enabled
+
     def set_latency(self, seconds: float) -> None:
         """Delay every answer, to exercise client timeouts and concurrency."""
         if seconds < 0:
@@ -354,6 +360,7 @@ class OpenAISimulator:
             self._latency = 0.0
             self._requests.clear()
             self._call_count = 0
+            self._report_usage = True
 
     def wait_for_arrivals(self, count: int, timeout: float) -> bool:
         """Block until `count` requests have arrived (before any injected latency)."""
@@ -410,6 +417,13 @@ class OpenAISimulator:
         completion_tokens = count_tokens(answer)
         with self._lock:
             self._call_count += 1
+            report_usage = self._report_usage
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        }
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -423,12 +437,7 @@ class OpenAISimulator:
                     "logprobs": None,
                 }
             ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": 0},
-            },
+            "usage": usage if report_usage else None,
             "system_fingerprint": "simulated",
         }
 
