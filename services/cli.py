@@ -65,8 +65,15 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    level = os.environ.get("COSTMESH_LOG_LEVEL", "INFO").upper()
+    if not isinstance(logging.getLevelName(level), int):
+        print(
+            f"costmesh: configuration error: COSTMESH_LOG_LEVEL: unknown level {level!r}",
+            file=sys.stderr,
+        )
+        return 2
     logging.basicConfig(
-        level=os.environ.get("COSTMESH_LOG_LEVEL", "INFO"),
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # The openai SDK's HTTP client logs every request at INFO: too much for a service.
@@ -84,6 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"costmesh: configuration error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"costmesh: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

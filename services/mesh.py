@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -90,6 +90,56 @@ def _peer_addresses(config: Config, names: Sequence[str], local: str) -> dict[st
     return addresses
 
 
+def _check_server(config: Config) -> tuple[str, int]:
+    """The configured listen host and port, after checking every server.* value."""
+    server = config.section("server")
+    port = server.get_int("port", minimum=0)
+    if port > 65535:
+        raise ConfigError(f"server.port: must be at most 65535, got {port}")
+    if server.get_float("grace_seconds") < 0:
+        raise ConfigError("server.grace_seconds: must not be negative")
+    timeout = config.section("peers").get_float("timeout_seconds", 5.0)
+    if timeout <= 0:
+        raise ConfigError(f"peers.timeout_seconds: must be positive, got {timeout}")
+    return server.get_str("host"), port
+
+
+def _build_services(
+    config: Config,
+    env: Mapping[str, str],
+    names: Sequence[str],
+    channels: Channels,
+    tracer_provider: TracerProvider,
+) -> Callable[[str], list[ServiceDef]]:
+    """What create_server calls once it knows where the services reach each other."""
+
+    def build(local: str) -> list[ServiceDef]:
+        built = []
+        for name in (n for n in SERVICES if n in names):
+            if name == "cache":
+                built.append(cache_service.build(config))
+            elif name == "router":
+                built.append(router_service.build(config))
+            elif name == "ledger":
+                built.append(ledger_service.build(config))
+            else:
+                # The simulator is for the one-process demo only: a split deployment
+                # that lost its key must fail loudly, not answer placeholders.
+                built.append(
+                    inference_service.build(
+                        config,
+                        env,
+                        channels,
+                        _peer_addresses(config, names, local),
+                        tracer_provider,
+                        simulator_allowed=set(names) == set(SERVICES),
+                    )
+                )
+        return built
+
+    return build
+
+
 async def start_mesh(
     config: Config,
     env: Mapping[str, str],
@@ -102,51 +152,17 @@ async def start_mesh(
     if unknown or not names:
         raise ConfigError(f"services: expected some of {', '.join(SERVICES)}, got {list(names)}")
     check_keys(config)
-    server_cfg = config.section("server")
-    configured_port = server_cfg.get_int("port", minimum=0)
-    if configured_port > 65535:
-        raise ConfigError(f"server.port: must be at most 65535, got {configured_port}")
-    server_cfg.get_float("grace_seconds")
+    host, configured_port = _check_server(config)
     service_key = _service_key(config, env, names)
     keys = KeyTable.from_config(config.section("auth"), service_key)
-    peer_timeout = config.section("peers").get_float("timeout_seconds", 5.0)
-    if peer_timeout <= 0:
-        raise ConfigError(f"peers.timeout_seconds: must be positive, got {peer_timeout}")
-    channels = Channels(service_key, tracer_provider, peer_timeout)
-
-    def build(local: str) -> list[ServiceDef]:
-        built: list[ServiceDef] = []
-        for name in SERVICES:
-            if name not in names:
-                continue
-            if name == "cache":
-                built.append(cache_service.build(config))
-            elif name == "router":
-                built.append(router_service.build(config))
-            elif name == "ledger":
-                built.append(ledger_service.build(config))
-            else:
-                addresses = _peer_addresses(config, names, local)
-                # The simulator is for the one-process demo only: a split deployment
-                # that lost its key must fail loudly, not answer placeholders.
-                one_process = set(names) == set(SERVICES)
-                built.append(
-                    inference_service.build(
-                        config,
-                        env,
-                        channels,
-                        addresses,
-                        tracer_provider,
-                        simulator_allowed=one_process,
-                    )
-                )
-        return built
-
+    channels = Channels(
+        service_key, tracer_provider, config.section("peers").get_float("timeout_seconds", 5.0)
+    )
     interceptors = [*telemetry.server_interceptors(tracer_provider), EdgeInterceptor(keys)]
     running = await create_server(
-        server_cfg.get_str("host"),
+        host,
         configured_port if port is None else port,
-        build,
+        _build_services(config, env, names, channels, tracer_provider),
         interceptors,
         internal="inference" in names and any(p in names for p in PEERS),
     )

@@ -35,12 +35,15 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or method.startswith(_OPEN_PREFIXES):
             return handler
         # Handlers are namedtuples: swap in the wrapped behaviour, keep the serializers.
+        # Every kind is wrapped, so a future streaming RPC cannot skip authentication.
         fields: Any = handler
         if fields.unary_unary is not None:
             return fields._replace(unary_unary=self._wrap_unary(fields.unary_unary, method))  # type: ignore[no-any-return]
+        if fields.stream_unary is not None:
+            return fields._replace(stream_unary=self._wrap_unary(fields.stream_unary, method))  # type: ignore[no-any-return]
         if fields.unary_stream is not None:
             return fields._replace(unary_stream=self._wrap_stream(fields.unary_stream, method))  # type: ignore[no-any-return]
-        return handler
+        return fields._replace(stream_stream=self._wrap_stream(fields.stream_stream, method))  # type: ignore[no-any-return]
 
     def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> object:
         metadata = context.invocation_metadata() or ()

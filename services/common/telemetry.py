@@ -27,6 +27,8 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
 )
 
+from services.common.config import ConfigError
+
 log = logging.getLogger(__name__)
 _EXPORTERS = ("otlp", "console", "none")
 
@@ -56,7 +58,10 @@ def _processors(env: Mapping[str, str]) -> list[SpanProcessor]:
     processors: list[SpanProcessor] = []
     for exporter_name in (n.strip() for n in wanted.split(",")):
         if exporter_name not in _EXPORTERS:
-            raise ValueError(f"OTEL_TRACES_EXPORTER: unsupported exporter {exporter_name!r}")
+            raise ConfigError(
+                f"OTEL_TRACES_EXPORTER: unsupported exporter {exporter_name!r}"
+                f" (expected {', '.join(_EXPORTERS)})"
+            )
         if exporter_name == "otlp":
             processors.append(BatchSpanProcessor(_otlp_exporter()))
         elif exporter_name == "console":

@@ -29,6 +29,19 @@ async def _stream_explode(
     raise RuntimeError("secret in a stream")
 
 
+async def _count(
+    requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+) -> bytes:
+    return str(len([r async for r in requests])).encode()
+
+
+async def _echo(
+    requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+) -> AsyncIterator[bytes]:
+    async for request in requests:
+        yield request + current_principal().team.encode()
+
+
 @pytest.fixture
 async def channel() -> AsyncIterator[grpc.aio.Channel]:
     keys = KeyTable({hash_key(KEY): Principal("edge-team", "member")})
@@ -39,6 +52,8 @@ async def channel() -> AsyncIterator[grpc.aio.Channel]:
             "Explode": grpc.unary_unary_rpc_method_handler(_explode),
             "WhoAmI": grpc.unary_unary_rpc_method_handler(_whoami),
             "StreamExplode": grpc.unary_stream_rpc_method_handler(_stream_explode),
+            "Count": grpc.stream_unary_rpc_method_handler(_count),
+            "Echo": grpc.stream_stream_rpc_method_handler(_echo),
         },
     )
     server.add_generic_rpc_handlers([handler])
@@ -86,3 +101,26 @@ async def test_the_principal_is_set_only_for_authenticated_calls(channel: grpc.a
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await whoami(b"", timeout=5)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_client_and_bidi_streaming_calls_are_authenticated_too(
+    channel: grpc.aio.Channel,
+) -> None:
+    count: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(
+        "/test.Edge/Count"
+    )
+    echo: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
+        "/test.Edge/Echo"
+    )
+
+    with pytest.raises(grpc.aio.AioRpcError) as anonymous:
+        await count(iter([b"a", b"b"]), timeout=5)
+    counted = await count(iter([b"a", b"b"]), metadata=AUTH, timeout=5)
+    echoed = [m async for m in echo(iter([b"hi:"]), metadata=AUTH, timeout=5)]
+    with pytest.raises(grpc.aio.AioRpcError) as anonymous_bidi:
+        await echo(iter([b"hi:"]), timeout=5).read()
+
+    assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert anonymous_bidi.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert counted == b"2"
+    assert echoed == [b"hi:edge-team"]
