@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from costmesh.ledger.v1 import ledger_pb2
+from services.common.outages import OutageLog
 
 log = logging.getLogger(__name__)
 # Sends records to the ledger within a time limit in seconds; raises when it cannot.
@@ -49,6 +50,7 @@ class UsageOutbox:
         self._send = send
         self._retry_seconds = retry_seconds
         self._flusher: asyncio.Task[None] | None = None
+        self._outage = OutageLog(log, "usage delivery to the ledger (kept in the outbox)")
 
     async def deliver(
         self, record: ledger_pb2.UsageRecord, time_limit: float
@@ -60,9 +62,10 @@ class UsageOutbox:
         except RejectedError as exc:
             await asyncio.to_thread(self._park, record, str(exc))
             return None
-        except Exception as exc:
-            log.warning("ledger did not take %s now (%s); kept in outbox", record.request_id, exc)
+        except Exception as exc:  # any other failure: the flusher retries it
+            self._outage.failed(_brief(exc))
             return None
+        self._outage.succeeded()
         await asyncio.to_thread(self._delete, [record])
         return result
 
@@ -115,9 +118,10 @@ class UsageOutbox:
     async def _flush_forever(self) -> None:
         while True:
             try:
-                await self.flush()
-            except Exception as exc:
-                log.warning("outbox flush failed (%s); %d pending", exc, self.pending_count())
+                if await self.flush():
+                    self._outage.succeeded()
+            except Exception as exc:  # keep retrying until the ledger is back
+                self._outage.failed(f"{_brief(exc)}; {self.pending_count()} pending")
             await asyncio.sleep(self._retry_seconds)
 
     def _put(self, record: ledger_pb2.UsageRecord) -> None:
@@ -153,3 +157,9 @@ class UsageOutbox:
                 "DELETE FROM outbox WHERE team = ? AND request_id = ?",
                 [(r.team, r.request_id) for r in records],
             )
+
+
+def _brief(exc: Exception) -> str:
+    """One line about a failure: gRPC errors carry a multi-line debug string."""
+    code = getattr(exc, "code", None)
+    return code().name if callable(code) else type(exc).__name__

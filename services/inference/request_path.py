@@ -20,6 +20,7 @@ from costmesh.router.v1 import router_pb2
 from costmesh.types.v1 import types_pb2
 from services.common.auth import Principal
 from services.common.errors import DeadlineExceeded, Unavailable
+from services.common.outages import OutageLog
 from services.common.telemetry import current_trace_id
 from services.inference.idempotency import IdempotencyStore
 from services.inference.outbox import UsageOutbox
@@ -59,6 +60,8 @@ class CompletionPath:
         self._providers = providers
         self._outbox = outbox
         self._idempotency = idempotency
+        self._cache_outage = OutageLog(log, "cache lookups (served as misses)")
+        self._store_outage = OutageLog(log, "cache stores")
         # Stores still in flight, by cache key: an identical request waits for the
         # store instead of paying the provider again.
         self._pending_stores: dict[str, asyncio.Task[None]] = {}
@@ -174,11 +177,12 @@ class CompletionPath:
                 timeout=deadline.cap(self._peers.timeout),
             )
         except grpc.aio.AioRpcError as exc:
-            log.warning("cache lookup failed (%s); serving as a miss", exc.code())
+            self._cache_outage.failed(exc.code().name)
             trace.get_current_span().add_event(
                 "cache.lookup_failed", {"grpc.status": str(exc.code())}
             )
             return None
+        self._cache_outage.succeeded()
         if found.outcome in (types_pb2.CACHE_OUTCOME_EXACT, types_pb2.CACHE_OUTCOME_SEMANTIC):
             return found.entry
         return None
@@ -221,8 +225,9 @@ class CompletionPath:
                 await self._peers.cache.Store(
                     request, metadata=self._peers.metadata, timeout=self._peers.timeout
                 )
+                self._store_outage.succeeded()
             except grpc.aio.AioRpcError as exc:
-                log.warning("cache store failed (%s)", exc.code())
+                self._store_outage.failed(exc.code().name)
             finally:
                 self._pending_stores.pop(digest, None)
 
