@@ -47,10 +47,10 @@ class KeyTable:
             entry.reject_unknown({"team", "role", "sha256"})
             digest = entry.get_str("sha256").lower()
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-                raise ConfigError(f"{entry._key('sha256')}: expected 64 hex digits")
+                raise ConfigError(f"{entry.key_name('sha256')}: expected 64 hex digits")
             team = entry.get_str("team")
             if not team:
-                raise ConfigError(f"{entry._key('team')}: must not be empty")
+                raise ConfigError(f"{entry.key_name('team')}: must not be empty")
             table[digest] = Principal(team, entry.get_choice("role", ROLES, "member"))
         if service_key:
             table[hash_key(service_key)] = Principal(SERVICE_TEAM, "service")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import tomllib
 from collections.abc import Mapping
@@ -45,7 +46,20 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     for var, dotted in ENV_OVERRIDES.items():
         if var in env:
             _set_dotted(data, dotted, env[var])
+    _inherit_feature_defaults(data)
     return Config(data)
+
+
+def _inherit_feature_defaults(data: dict[str, Any]) -> None:
+    """Every [features.X] starts from [features.default] and overrides what it names."""
+    features = data.get("features")
+    if not isinstance(features, dict) or not isinstance(features.get("default"), dict):
+        return
+    for name, table in features.items():
+        if name != "default" and isinstance(table, dict):
+            merged = copy.deepcopy(features["default"])
+            _deep_merge(merged, table)
+            features[name] = merged
 
 
 class Config:
@@ -55,15 +69,16 @@ class Config:
         self._data = data
         self._prefix = prefix
 
-    def _key(self, key: str) -> str:
+    def key_name(self, key: str) -> str:
+        """The dotted name of `key` in this table, for error messages."""
         return f"{self._prefix}{key}"
 
     def section(self, key: str) -> Config:
         """A sub-table; an absent one reads as empty so its keys fall back to defaults."""
         value = self._data.get(key, {})
         if not isinstance(value, dict):
-            raise ConfigError(f"{self._key(key)}: expected a table")
-        return Config(value, f"{self._key(key)}.")
+            raise ConfigError(f"{self.key_name(key)}: expected a table")
+        return Config(value, f"{self.key_name(key)}.")
 
     def names(self) -> list[str]:
         return list(self._data)
@@ -71,7 +86,7 @@ class Config:
     def get_str(self, key: str, default: str | None = None) -> str:
         value = self._data.get(key, default)
         if not isinstance(value, str):
-            raise ConfigError(f"{self._key(key)}: expected a string, got {value!r}")
+            raise ConfigError(f"{self.key_name(key)}: expected a string, got {value!r}")
         return value
 
     def get_int(self, key: str, default: int | None = None, minimum: int | None = None) -> int:
@@ -80,11 +95,13 @@ class Config:
             try:
                 value = int(value)
             except ValueError:
-                raise ConfigError(f"{self._key(key)}: expected an integer, got {value!r}") from None
+                raise ConfigError(
+                    f"{self.key_name(key)}: expected an integer, got {value!r}"
+                ) from None
         if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{self._key(key)}: expected an integer, got {value!r}")
+            raise ConfigError(f"{self.key_name(key)}: expected an integer, got {value!r}")
         if minimum is not None and value < minimum:
-            raise ConfigError(f"{self._key(key)}: must be at least {minimum}, got {value}")
+            raise ConfigError(f"{self.key_name(key)}: must be at least {minimum}, got {value}")
         return value
 
     def get_float(self, key: str, default: float | None = None) -> float:
@@ -93,9 +110,11 @@ class Config:
             try:
                 value = float(value)
             except ValueError:
-                raise ConfigError(f"{self._key(key)}: expected a number, got {value!r}") from None
+                raise ConfigError(
+                    f"{self.key_name(key)}: expected a number, got {value!r}"
+                ) from None
         if not isinstance(value, int | float) or isinstance(value, bool):
-            raise ConfigError(f"{self._key(key)}: expected a number, got {value!r}")
+            raise ConfigError(f"{self.key_name(key)}: expected a number, got {value!r}")
         return float(value)
 
     def get_bool(self, key: str, default: bool | None = None) -> bool:
@@ -103,14 +122,14 @@ class Config:
         if isinstance(value, str) and value.lower() in {"true", "false", "1", "0"}:
             value = value.lower() in {"true", "1"}
         if not isinstance(value, bool):
-            raise ConfigError(f"{self._key(key)}: expected true or false, got {value!r}")
+            raise ConfigError(f"{self.key_name(key)}: expected true or false, got {value!r}")
         return value
 
     def get_choice(self, key: str, choices: tuple[str, ...], default: str | None = None) -> str:
         value = self.get_str(key, default)
         if value not in choices:
             raise ConfigError(
-                f"{self._key(key)}: expected one of {', '.join(choices)}, got {value!r}"
+                f"{self.key_name(key)}: expected one of {', '.join(choices)}, got {value!r}"
             )
         return value
 
@@ -118,15 +137,15 @@ class Config:
         """An array of tables, such as [[auth.keys]]."""
         value = self._data.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            raise ConfigError(f"{self._key(key)}: expected an array of tables")
-        return [Config(v, f"{self._key(key)}[{i}].") for i, v in enumerate(value)]
+            raise ConfigError(f"{self.key_name(key)}: expected an array of tables")
+        return [Config(v, f"{self.key_name(key)}[{i}].") for i, v in enumerate(value)]
 
     def reject_unknown(self, allowed: set[str]) -> None:
         """Fail on misspelt keys instead of silently ignoring them."""
         for key in self._data:
             if key not in allowed:
                 raise ConfigError(
-                    f"{self._key(key)}: unknown key (expected one of {sorted(allowed)})"
+                    f"{self.key_name(key)}: unknown key (expected one of {sorted(allowed)})"
                 )
 
 

@@ -72,7 +72,9 @@ def _price(model: Config, key: str) -> Decimal:
     try:
         value = Decimal(raw)
     except InvalidOperation:
-        raise ConfigError(f"{model._key(key)}: expected a decimal string, got {raw!r}") from None
+        raise ConfigError(
+            f"{model.key_name(key)}: expected a decimal string, got {raw!r}"
+        ) from None
     if not value.is_finite() or value < 0:
-        raise ConfigError(f"{model._key(key)}: must be a non-negative number, got {raw!r}")
+        raise ConfigError(f"{model.key_name(key)}: must be a non-negative number, got {raw!r}")
     return value

@@ -87,7 +87,9 @@ class SqliteUsageStore:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        # FULL: once the ledger acknowledges a record the outbox deletes its copy, so
+        # the acknowledgement must survive a power loss, not only a process crash.
+        self._db.execute("PRAGMA synchronous=FULL")
         self._migrate()
 
     def _migrate(self) -> None:

@@ -54,6 +54,9 @@ def load_plans(features: Config, known_models: set[str]) -> dict[str, FeaturePla
         tier = feature.get_choice("tier", TIERS, "simple")
         models_table = feature.section("models")
         models = {t: models_table.get_str(t) for t in TIERS}
+        for t, model in models.items():
+            if not model:
+                raise ConfigError(f"features.{name}.models.{t}: must name a model")
         escalation = feature.get_str("escalation_model", "")
         for key, model in [
             *((f"models.{t}", m) for t, m in models.items()),

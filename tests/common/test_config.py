@@ -61,6 +61,11 @@ def test_file_overrides_defaults_and_environment_overrides_the_file(tmp_path: Pa
         ),
         ("[ledgr]\ndatabase = 'x'\n", {}, r"ledgr: unknown key"),
         ("[peers]\ntimeout_seconds = 0\n", {}, r"peers\.timeout_seconds: must be positive"),
+        (
+            "[features.support.models]\nsimple = ''\n",
+            {},
+            r"features\.support\.models\.simple: must name a model",
+        ),
     ],
     ids=[
         "type",
@@ -73,6 +78,7 @@ def test_file_overrides_defaults_and_environment_overrides_the_file(tmp_path: Pa
         "typo",
         "section",
         "timeout",
+        "empty model",
     ],
 )
 async def test_bad_configuration_fails_at_start_naming_the_key(
@@ -94,3 +100,19 @@ async def test_separate_processes_need_a_shared_service_key(tmp_path: Path) -> N
     env = {"COSTMESH_DATA_DIR": str(tmp_path)}
     with pytest.raises(ConfigError, match="COSTMESH_SERVICE_KEY"):
         await start_mesh(load_config(env=env), env, ["ledger"], TracerProvider(), port=0)
+
+
+def test_features_inherit_from_default_and_override_what_they_name(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        "[features.default]\nmax_tokens_limit = 1000\n"
+        "[features.search]\ntier = 'complex'\n[features.search.models]\ncomplex = 'gpt-4o-mini'\n"
+    )
+
+    search = load_config(path, env={}).section("features").section("search")
+
+    assert search.get_str("tier") == "complex"
+    assert search.get_int("max_tokens_limit") == 1000, "inherited from default"
+    assert search.get_int("cache_ttl_seconds") == 3600, "inherited from the embedded default"
+    assert search.section("models").get_str("complex") == "gpt-4o-mini"
+    assert search.section("models").get_str("simple") == "gpt-4o-mini", "models merge key by key"
