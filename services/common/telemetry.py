@@ -19,7 +19,7 @@ from opentelemetry.instrumentation.grpc import (
     filters,
 )
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
@@ -45,17 +45,22 @@ def setup_tracing(
     env = os.environ if env is None else env
     name = env.get("OTEL_SERVICE_NAME") or default_service_name
     provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}))
-    for processor in _processors(env):
-        provider.add_span_processor(processor)
+    for exporter in exporters_from_env(env):
+        # Console output is for people watching: print each span as it ends.
+        if isinstance(exporter, ConsoleSpanExporter):
+            provider.add_span_processor(SimpleSpanProcessor(exporter))
+        else:
+            provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
 
 
-def _processors(env: Mapping[str, str]) -> list[SpanProcessor]:
+def exporters_from_env(env: Mapping[str, str]) -> list[SpanExporter]:
+    """The span exporters OTEL_TRACES_EXPORTER asks for (OTLP when only an endpoint is set)."""
     endpoint_set = any(
         env.get(k) for k in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     )
     wanted = env.get("OTEL_TRACES_EXPORTER") or ("otlp" if endpoint_set else "none")
-    processors: list[SpanProcessor] = []
+    exporters: list[SpanExporter] = []
     for exporter_name in (n.strip() for n in wanted.split(",")):
         if exporter_name not in _EXPORTERS:
             raise ConfigError(
@@ -63,15 +68,11 @@ def _processors(env: Mapping[str, str]) -> list[SpanProcessor]:
                 f" (expected {', '.join(_EXPORTERS)})"
             )
         if exporter_name == "otlp":
-            processors.append(BatchSpanProcessor(_otlp_exporter()))
+            # The exporter reads OTEL_EXPORTER_OTLP_* (endpoint, headers, insecure) itself.
+            exporters.append(OTLPSpanExporter())
         elif exporter_name == "console":
-            processors.append(SimpleSpanProcessor(ConsoleSpanExporter()))
-    return processors
-
-
-def _otlp_exporter() -> SpanExporter:
-    # The exporter reads OTEL_EXPORTER_OTLP_* (endpoint, headers, insecure) itself.
-    return OTLPSpanExporter()
+            exporters.append(ConsoleSpanExporter())
+    return exporters
 
 
 def server_interceptors(provider: trace.TracerProvider) -> list[grpc.aio.ServerInterceptor]:
