@@ -82,12 +82,11 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     ) -> AsyncIterator[ledger_pb2.ExportUsageResponse]:
         team = _visible_team(require_role("member", "admin", "service"), request.team)
         start_us, end_us = _range(request, "start_time", "end_time")
-        rows = self._store.export(start_us, end_us, team)
-        while True:
-            row = await asyncio.to_thread(next, rows, None)
-            if row is None:
-                return
-            yield ledger_pb2.ExportUsageResponse(record=_to_record(row))
+        pages = self._store.export(start_us, end_us, team)
+        no_more: list[UsageRow] = []
+        while page := await asyncio.to_thread(next, pages, no_more):
+            for row in page:
+                yield ledger_pb2.ExportUsageResponse(record=_to_record(row))
 
     def _to_row(self, index: int, record: ledger_pb2.UsageRecord) -> UsageRow:
         field = f"records[{index}]"

@@ -139,8 +139,8 @@ class SqliteUsageStore:
             rows = self._db.execute(sql, params).fetchall()
         return [SpendTotal(str(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
-    def export(self, start_us: int, end_us: int, team: str = "") -> Iterator[UsageRow]:
-        """Rows in time order, fetched in pages so a month does not sit in memory."""
+    def export(self, start_us: int, end_us: int, team: str = "") -> Iterator[list[UsageRow]]:
+        """Pages of rows in time order, so a month never sits in memory at once."""
         where, params = self._where(start_us, end_us, team, "")
         last = (-1, "")
         while True:
@@ -152,8 +152,7 @@ class SqliteUsageStore:
                 page = self._db.execute(sql, [*params, *last]).fetchall()
             if not page:
                 return
-            for values in page:
-                yield UsageRow(*values)
+            yield [UsageRow(*values) for values in page]
             last = (page[-1][2], page[-1][0])
 
     @staticmethod
