@@ -67,6 +67,8 @@ def build(
     """The front door, talking to peers at `addresses` (cache, router, ledger)."""
     settings = InferenceSettings.from_config(config)
     tracer = tracer_provider.get_tracer("costmesh.inference")
+    # First, since it may refuse (a missing key): nothing else is open yet.
+    providers = Providers(settings, env, tracer, simulator_allowed)
     ledger = ledger_pb2_grpc.LedgerServiceStub(channels.get(addresses["ledger"]))
 
     async def send(
@@ -85,7 +87,6 @@ def build(
         return list(response.results)
 
     outbox = UsageOutbox(settings.outbox_path, send, settings.outbox_retry_seconds)
-    providers = Providers(settings, env, tracer, simulator_allowed)
     peers = Peers(
         cache=cache_pb2_grpc.CacheServiceStub(channels.get(addresses["cache"])),
         router=router_pb2_grpc.RouterServiceStub(channels.get(addresses["router"])),
