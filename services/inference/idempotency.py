@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import sqlite3
 import threading
 import time
@@ -18,8 +19,10 @@ from pathlib import Path
 from costmesh.inference.v1 import inference_pb2
 from services.common.errors import AlreadyExists
 
+log = logging.getLogger(__name__)
 Response = inference_pb2.CompleteResponse
-_PRUNE_EVERY = 1000
+_PRUNE_EVERY = 100
+_PRUNE_BATCH = 1000
 
 
 def _reused() -> AlreadyExists:
@@ -44,18 +47,21 @@ class IdempotencyStore:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
+        self._db.executescript(
             "CREATE TABLE IF NOT EXISTS answered (team TEXT NOT NULL, request_id TEXT NOT NULL,"
             " fingerprint TEXT NOT NULL, response BLOB NOT NULL, expires_at REAL NOT NULL,"
-            " PRIMARY KEY (team, request_id))"
+            " PRIMARY KEY (team, request_id));"
+            "CREATE INDEX IF NOT EXISTS answered_expiry ON answered (expires_at);"
         )
         self._lock = threading.Lock()
         self._ttl = ttl_seconds
         self._clock = clock
         self._saves = 0
-        # Requests being answered now, with their fingerprints: a concurrent repeat
-        # waits for the first. The future holds None when the first attempt failed.
-        self._in_flight: dict[tuple[str, str], tuple[str, asyncio.Future[Response | None]]] = {}
+        # Answers under way, with their fingerprints. Each runs as its own task, so a
+        # caller that gives up does not stop it: a retry joins it instead of paying
+        # the provider again.
+        self._in_flight: dict[tuple[str, str], tuple[str, asyncio.Task[Response]]] = {}
+        self._prune()
 
     async def answer_once(
         self,
@@ -63,36 +69,60 @@ class IdempotencyStore:
         request: inference_pb2.CompleteRequest,
         answer: Callable[[], Awaitable[Response]],
     ) -> Response:
-        """The stored response for a repeat, else `answer()` (remembered if it succeeds)."""
+        """The stored response for a repeat, else `answer()` (remembered if it succeeds).
+
+        A concurrent repeat shares the outcome of the attempt under way, error included.
+        """
         key = (team, request.request_id)
         digest = fingerprint(request)
-        while (running := self._in_flight.get(key)) is not None:
-            if running[0] != digest:
-                raise _reused()
-            response = await asyncio.shield(running[1])
-            if response is not None:
-                return response
-            # The first attempt failed: this repeat tries on its own.
-        future: asyncio.Future[Response | None] = asyncio.get_running_loop().create_future()
-        self._in_flight[key] = (digest, future)
-        response = None
-        try:
-            response = self._checked(await asyncio.to_thread(self._get, key), digest)
-            if response is None:
-                response = await answer()
-                await asyncio.to_thread(self._put, key, digest, response)
-            return response
-        finally:
-            del self._in_flight[key]
-            future.set_result(response)
-
-    @staticmethod
-    def _checked(stored: tuple[str, bytes] | None, digest: str) -> Response | None:
-        if stored is None:
-            return None
-        if stored[0] != digest:
+        running = self._in_flight.get(key)
+        if running is None:
+            task = asyncio.ensure_future(self._answer_and_remember(key, digest, answer))
+            self._in_flight[key] = (digest, task)
+            task.add_done_callback(lambda _: self._in_flight.pop(key, None))
+            task.add_done_callback(_log_unretrieved)
+            running = (digest, task)
+        if running[0] != digest:
             raise _reused()
-        return Response.FromString(stored[1])
+        return await asyncio.shield(running[1])
+
+    def settle(self, team: str, request_id: str, trace_id: str, cost_nano_usd: int) -> None:
+        """The ledger has priced a response that was stored as cost_pending: replays
+        from now on carry the confirmed cost. The trace id makes sure it is the same
+        answer, not a later one that reused the id after the replay window."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT response FROM answered WHERE team = ? AND request_id = ?",
+                (team, request_id),
+            ).fetchone()
+            if row is None:
+                return
+            response = Response.FromString(row[0])
+            if not response.cost_pending or response.trace_id != trace_id:
+                return
+            response.cost_pending = False
+            response.cost_nano_usd = cost_nano_usd
+            self._db.execute(
+                "UPDATE answered SET response = ? WHERE team = ? AND request_id = ?",
+                (response.SerializeToString(), team, request_id),
+            )
+
+    async def _answer_and_remember(
+        self, key: tuple[str, str], digest: str, answer: Callable[[], Awaitable[Response]]
+    ) -> Response:
+        stored = await asyncio.to_thread(self._get, key)
+        if stored is not None:
+            if stored[0] != digest:
+                raise _reused()
+            return Response.FromString(stored[1])
+        response = await answer()
+        try:
+            await asyncio.to_thread(self._put, key, digest, response)
+        except sqlite3.Error:
+            # The answer is paid for and recorded; failing it now would make the
+            # client retry and pay again. Only the replay protection is lost.
+            log.exception("could not remember request_id %s of team %s", key[1], key[0])
+        return response
 
     def _get(self, key: tuple[str, str]) -> tuple[str, bytes] | None:
         with self._lock:
@@ -104,16 +134,30 @@ class IdempotencyStore:
         return None if row is None else (str(row[0]), bytes(row[1]))
 
     def _put(self, key: tuple[str, str], digest: str, response: Response) -> None:
-        now = self._clock()
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO answered VALUES (?, ?, ?, ?, ?)",
-                (*key, digest, response.SerializeToString(), now + self._ttl),
+                (*key, digest, response.SerializeToString(), self._clock() + self._ttl),
             )
             self._saves += 1
-            if self._saves % _PRUNE_EVERY == 0:
-                self._db.execute("DELETE FROM answered WHERE expires_at <= ?", (now,))
+        if self._saves % _PRUNE_EVERY == 0:
+            self._prune()
+
+    def _prune(self) -> None:
+        """Drop a bounded batch of expired entries (indexed, so cheap at any size)."""
+        with self._lock:
+            self._db.execute(
+                "DELETE FROM answered WHERE rowid IN (SELECT rowid FROM answered"
+                " WHERE expires_at <= ? LIMIT ?)",
+                (self._clock(), _PRUNE_BATCH),
+            )
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _log_unretrieved(task: asyncio.Task[Response]) -> None:
+    """Everyone waiting on an answer may have given up; its failure still gets logged."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("answer failed: %r", task.exception())

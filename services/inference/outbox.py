@@ -11,6 +11,8 @@ import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+from google.protobuf import text_format
+
 from costmesh.ledger.v1 import ledger_pb2
 from services.common.outages import OutageLog
 
@@ -19,12 +21,20 @@ log = logging.getLogger(__name__)
 Send = Callable[
     [Sequence[ledger_pb2.UsageRecord], float], Awaitable[Sequence[ledger_pb2.RecordedUsage]]
 ]
+# Told of each record the flusher delivered late, with the cost the ledger gave it.
+Delivered = Callable[[ledger_pb2.UsageRecord, ledger_pb2.RecordedUsage], None]
 BATCH = 200
 FLUSH_TIME_LIMIT = 10.0
 
 
-class RejectedError(Exception):
-    """The ledger refused the records as invalid: retrying them unchanged cannot help."""
+class RefusedError(Exception):
+    """The ledger refused records. `permanent`: they are malformed and can never be
+    taken; otherwise (e.g. a model the ledger has no price for yet) a later try,
+    after the ledger's configuration is fixed, may succeed."""
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class UsageOutbox:
@@ -33,7 +43,9 @@ class UsageOutbox:
     ledger rejects is parked in a dead-letter table (and logged) so that it cannot
     block the records behind it."""
 
-    def __init__(self, path: Path, send: Send, retry_seconds: float) -> None:
+    def __init__(
+        self, path: Path, send: Send, retry_seconds: float, on_delivered: Delivered | None = None
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -49,6 +61,7 @@ class UsageOutbox:
         self._lock = threading.Lock()
         self._send = send
         self._retry_seconds = retry_seconds
+        self._on_delivered = on_delivered
         self._flusher: asyncio.Task[None] | None = None
         self._outage = OutageLog(log, "usage delivery to the ledger (kept in the outbox)")
 
@@ -56,46 +69,74 @@ class UsageOutbox:
         self, record: ledger_pb2.UsageRecord, time_limit: float
     ) -> ledger_pb2.RecordedUsage | None:
         """Persist, then try once now; None means the ledger will get it later."""
-        await asyncio.to_thread(self._put, record)
+        try:
+            await asyncio.to_thread(self._put, record)
+        except sqlite3.Error:
+            # Disk full or broken: still try the ledger directly, and if that fails
+            # too the log line below is the only copy of this usage.
+            log.exception("outbox could not persist usage %s", record.request_id)
+            persisted = False
+        else:
+            persisted = True
         try:
             (result,) = await self._send([record], time_limit)
-        except RejectedError as exc:
-            await asyncio.to_thread(self._park, record, str(exc))
+        except RefusedError as exc:
+            if exc.permanent and persisted:
+                await asyncio.to_thread(self._park, record, str(exc))
+            self._lost_unless(persisted, record, str(exc))
             return None
         except Exception as exc:  # any other failure: the flusher retries it
             self._outage.failed(_brief(exc))
+            self._lost_unless(persisted, record, _brief(exc))
             return None
         self._outage.succeeded()
-        await asyncio.to_thread(self._delete, [record])
+        if persisted:
+            await asyncio.to_thread(self._delete, [record])
         return result
 
     async def flush(self) -> int:
-        """Send everything pending; the number of records the ledger acknowledged."""
-        sent = 0
-        while batch := await asyncio.to_thread(self._pending, BATCH):
+        """Send everything pending, a page at a time; the number of records delivered.
+
+        Records the ledger refuses for now stay behind without blocking the rest.
+        """
+        sent, after = 0, 0
+        while page := await asyncio.to_thread(self._pending, after, BATCH):
+            after = page[-1][0]
+            batch = [record for _, record in page]
             try:
-                await self._send(batch, FLUSH_TIME_LIMIT)
-                delivered = list(batch)
-            except RejectedError:
-                delivered = await self._send_one_by_one(batch)
-            await asyncio.to_thread(self._delete, delivered)
-            sent += len(delivered)
-            if len(batch) < BATCH:
-                break
+                results = list(zip(batch, await self._send(batch, FLUSH_TIME_LIMIT), strict=True))
+            except RefusedError:
+                results = await self._send_one_by_one(batch)
+            await asyncio.to_thread(self._delete, [record for record, _ in results])
+            if self._on_delivered is not None:
+                for record, result in results:
+                    await asyncio.to_thread(self._on_delivered, record, result)
+            sent += len(results)
         return sent
 
     async def _send_one_by_one(
         self, batch: Sequence[ledger_pb2.UsageRecord]
-    ) -> list[ledger_pb2.UsageRecord]:
-        """The records of a rejected batch that the ledger takes alone; the rest are parked."""
+    ) -> list[tuple[ledger_pb2.UsageRecord, ledger_pb2.RecordedUsage]]:
+        """What the ledger takes of a refused batch, record by record; malformed records
+        are parked, the rest of the refused stay for a later try."""
         delivered = []
         for record in batch:
             try:
-                await self._send([record], FLUSH_TIME_LIMIT)
-                delivered.append(record)
-            except RejectedError as exc:
-                await asyncio.to_thread(self._park, record, str(exc))
+                (result,) = await self._send([record], FLUSH_TIME_LIMIT)
+                delivered.append((record, result))
+            except RefusedError as exc:
+                if exc.permanent:
+                    await asyncio.to_thread(self._park, record, str(exc))
+                else:
+                    self._outage.failed(f"refused for now: {exc}")
         return delivered
+
+    @staticmethod
+    def _lost_unless(persisted: bool, record: ledger_pb2.UsageRecord, why: str) -> None:
+        if not persisted:
+            log.error(
+                "usage LOST (%s): %s", why, text_format.MessageToString(record, as_one_line=True)
+            )
 
     def pending_count(self) -> int:
         with self._lock:
@@ -146,10 +187,13 @@ class UsageOutbox:
             )
             self._db.execute("COMMIT")
 
-    def _pending(self, limit: int) -> list[ledger_pb2.UsageRecord]:
+    def _pending(self, after: int, limit: int) -> list[tuple[int, ledger_pb2.UsageRecord]]:
         with self._lock:
-            rows = self._db.execute("SELECT record FROM outbox LIMIT ?", (limit,)).fetchall()
-        return [ledger_pb2.UsageRecord.FromString(blob) for (blob,) in rows]
+            rows = self._db.execute(
+                "SELECT rowid, record FROM outbox WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        return [(int(rowid), ledger_pb2.UsageRecord.FromString(blob)) for rowid, blob in rows]
 
     def _delete(self, records: Sequence[ledger_pb2.UsageRecord]) -> None:
         with self._lock:

@@ -37,7 +37,8 @@ class Call:
     """One validated CompleteRequest and what the path needs to know about it."""
 
     request: inference_pb2.CompleteRequest
-    request_id: str
+    request_id: str  # the caller's, or usage_id when the caller chose none
+    usage_id: str  # this answer's own ledger id: a call made again gets a new one
     principal: Principal
     max_tokens: int
     deadline: Deadline
@@ -74,12 +75,17 @@ class CompletionPath:
     ) -> inference_pb2.CompleteResponse:
         started = time.monotonic()
         _, max_tokens = validate(request, self._settings)
+        usage_id = uuid.uuid4().hex
         call = Call(
             request=request,
-            request_id=request.request_id or uuid.uuid4().hex,
+            request_id=request.request_id or usage_id,
+            usage_id=usage_id,
             principal=principal,
             max_tokens=max_tokens,
-            deadline=Deadline.after(time_remaining),
+            # A caller that names a request_id can retry and collect the answer, so
+            # it is finished even past the caller's deadline; without one nobody
+            # could ever read it, and the caller's deadline bounds the work.
+            deadline=Deadline.after(None if request.request_id else time_remaining),
             started=started,
         )
         span = trace.get_current_span()
@@ -237,7 +243,8 @@ class CompletionPath:
         now = timestamp_pb2.Timestamp()
         now.GetCurrentTime()
         record = ledger_pb2.UsageRecord(
-            request_id=response.request_id,
+            request_id=call.usage_id,
+            client_request_id=call.request.request_id,
             trace_id=response.trace_id,
             time=now,
             team=call.principal.team,
@@ -250,7 +257,9 @@ class CompletionPath:
             latency_ms=int((time.monotonic() - call.started) * 1000),
             status=ledger_pb2.CALL_STATUS_OK,
         )
-        result = await self._outbox.deliver(record, call.deadline.cap(self._peers.timeout))
+        # Not capped by the caller's deadline: this write is shielded from the caller
+        # and must not be cut short (or logged as a ledger outage) because of it.
+        result = await self._outbox.deliver(record, self._peers.timeout)
         if result is None:
             response.cost_pending = True
         else:

@@ -18,7 +18,7 @@ from services.common.config import Config
 from services.common.errors import Unimplemented
 from services.common.server import ServiceDef
 from services.inference.idempotency import IdempotencyStore
-from services.inference.outbox import RejectedError, UsageOutbox
+from services.inference.outbox import RefusedError, UsageOutbox
 from services.inference.peers import Peers
 from services.inference.providers import Providers
 from services.inference.request_path import CompletionPath
@@ -82,11 +82,12 @@ def build(
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise RejectedError(exc.details() or "invalid record") from exc
+                raise RefusedError(exc.details() or "invalid", permanent=True) from exc
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise RefusedError(exc.details() or "refused", permanent=False) from exc
             raise
         return list(response.results)
 
-    outbox = UsageOutbox(settings.outbox_path, send, settings.outbox_retry_seconds)
     peers = Peers(
         cache=cache_pb2_grpc.CacheServiceStub(channels.get(addresses["cache"])),
         router=router_pb2_grpc.RouterServiceStub(channels.get(addresses["router"])),
@@ -94,6 +95,14 @@ def build(
         timeout=channels.timeout,
     )
     idempotency = IdempotencyStore(settings.idempotency_path, settings.idempotency_ttl_seconds)
+
+    def settle(record: ledger_pb2.UsageRecord, result: ledger_pb2.RecordedUsage) -> None:
+        if record.client_request_id:
+            idempotency.settle(
+                record.team, record.client_request_id, record.trace_id, result.cost_nano_usd
+            )
+
+    outbox = UsageOutbox(settings.outbox_path, send, settings.outbox_retry_seconds, settle)
     path = CompletionPath(settings, peers, providers, outbox, idempotency)
     servicer = InferenceServicer(path)
 

@@ -16,7 +16,7 @@ from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh.types.v1 import types_pb2
 from services.common.auth import Principal, require_role
 from services.common.config import Config
-from services.common.errors import InvalidArgument, PermissionDenied
+from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from services.common.server import ServiceDef
 from services.ledger.pricing import PriceCatalog, Usage
 from services.ledger.store import SpendTotal, SqliteUsageStore, UsageRow
@@ -92,6 +92,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         field = f"records[{index}]"
         if not record.request_id or len(record.request_id) > 128:
             raise InvalidArgument(f"{field}.request_id", "required, at most 128 characters")
+        if len(record.client_request_id) > 128:
+            raise InvalidArgument(f"{field}.client_request_id", "at most 128 characters")
         for name in ("team", "feature", "model"):
             if not getattr(record, name):
                 raise InvalidArgument(f"{field}.{name}", "required")
@@ -104,7 +106,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             raise InvalidArgument(f"{field}.usage.cached_input_tokens", "exceeds input_tokens")
         billed = usage.input_tokens + usage.output_tokens > 0
         if billed and not self._catalog.knows(record.model):
-            raise InvalidArgument(f"{field}.model", f"no price for model {record.model!r}")
+            # Not the record's fault: the catalog lacks the model. Writers keep the
+            # record and retry once the ledger's configuration has the price.
+            raise FailedPrecondition(
+                f"{field}.model: no price for model {record.model!r} in catalog"
+                f" {self._catalog.version}",
+                reason="MODEL_NOT_PRICED",
+            )
         when = record.time.ToDatetime(UTC) if record.HasField("time") else datetime.now(UTC)
         return UsageRow(
             request_id=record.request_id,
@@ -126,6 +134,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             status=record.status or ledger_pb2.CALL_STATUS_OK,
             cost_nano_usd=self._catalog.cost_nano_usd(record.model, usage),
             price_version=self._catalog.version,
+            client_request_id=record.client_request_id,
         )
 
 
@@ -185,6 +194,7 @@ def _to_record(row: UsageRow) -> ledger_pb2.UsageRecord:
         status=row.status,  # type: ignore[arg-type]
         cost_nano_usd=row.cost_nano_usd,
         price_version=row.price_version,
+        client_request_id=row.client_request_id,
     )
 
 

@@ -33,6 +33,7 @@ _MIGRATIONS = (
         status INTEGER NOT NULL,
         cost_nano_usd INTEGER NOT NULL,
         price_version TEXT NOT NULL,
+        client_request_id TEXT NOT NULL,
         PRIMARY KEY (team, request_id)
     );
     CREATE INDEX usage_time ON usage (time_us);
@@ -63,6 +64,7 @@ class UsageRow:
     status: int
     cost_nano_usd: int
     price_version: str
+    client_request_id: str = ""
 
 
 @dataclass(frozen=True)

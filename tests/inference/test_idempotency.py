@@ -116,3 +116,20 @@ async def test_concurrent_repeats_of_a_request_id_share_one_provider_call(
     assert simulator.call_count == 1
     assert len({r.SerializeToString(deterministic=True) for r in replies}) == 1
     assert (await teams.spend_by_team())["team-a"] == (1, replies[0].cost_nano_usd)
+
+
+async def test_a_retry_after_the_caller_gave_up_joins_the_answer_under_way(
+    teams: TwoTeams, simulator: OpenAISimulator
+) -> None:
+    simulator.set_latency(0.5)
+    request = user_request("Slow answer", request_id="req-gave-up")
+    metadata = (("authorization", f"Bearer {KEYS['team-a']}"),)
+    with pytest.raises(grpc.aio.AioRpcError) as gave_up:
+        await teams.inference.Complete(request, metadata=metadata, timeout=0.2)
+
+    retried = await teams.complete("team-a", request)
+
+    assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert retried.content == "[simulated] Answer to: Slow answer"
+    assert simulator.call_count == 1, "the abandoned answer was not paid for twice"
+    assert (await teams.spend_by_team())["team-a"] == (1, retried.cost_nano_usd)

@@ -15,6 +15,7 @@ from costmesh.inference.v1 import inference_pb2_grpc
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from services.common.config import Config, load_config
 from services.common.server import RunningServer
+from services.inference.outbox import RefusedError, UsageOutbox
 from services.inference.simulator import OpenAISimulator
 from services.mesh import start_mesh
 from tests.conftest import AUTH, mesh_env, user_request
@@ -43,9 +44,11 @@ class SplitMesh:
         )
         return load_config(path, self.env)
 
-    async def start_ledger(self) -> None:
+    async def start_ledger(self, extra_toml: str = "") -> None:
+        path = self.data_dir / "ledger.toml"
+        path.write_text(extra_toml)
         self.ledger = await start_mesh(
-            load_config(env=self.env), self.env, ["ledger"], self.provider, port=self.ledger_port
+            load_config(path, self.env), self.env, ["ledger"], self.provider, port=self.ledger_port
         )
         self.ledger_port = self.ledger.port
 
@@ -122,20 +125,79 @@ async def test_records_in_the_outbox_survive_an_inference_restart(split: SplitMe
     assert (await split.ledger_calls())[0] == 1
 
 
-async def test_a_record_the_ledger_rejects_is_parked_and_blocks_nothing(split: SplitMesh) -> None:
+async def test_a_model_the_ledger_cannot_price_waits_without_blocking_the_rest(
+    split: SplitMesh,
+) -> None:
     assert split.ledger is not None
     await split.ledger.stop(grace=1)
-    rejected_id, _, _ = await split.complete("unpriced model", model="local-llama")
+    _, _, unpriced_pending = await split.complete("unpriced model", model="local-llama")
     _, _, queued_behind = await split.complete("priced model, queued behind it")
     await split.start_ledger()
 
-    total = await split.wait_for_calls(1)
+    await split.wait_for_calls(1)
+    assert split.ledger is not None
+    await split.ledger.stop(grace=1)  # the operator adds the missing price
+    await split.start_ledger(
+        '[models."local-llama"]\nprovider = "openai"\ncontext_window = 8000\n'
+        'input_usd_per_mtok = "0.01"\ncached_input_usd_per_mtok = "0.01"\n'
+        'output_usd_per_mtok = "0.02"\n'
+    )
+    await split.wait_for_calls(2)
     with sqlite3.connect(split.data_dir / "outbox.sqlite3") as outbox:
-        parked = outbox.execute("SELECT request_id, reason FROM dead_letter").fetchall()
+        parked = outbox.execute("SELECT COUNT(*) FROM dead_letter").fetchone()[0]
         pending = outbox.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
 
+    assert unpriced_pending
     assert queued_behind
-    assert total > 0
-    assert [request_id for request_id, _ in parked] == [rejected_id]
-    assert "no price for model 'local-llama'" in parked[0][1]
-    assert pending == 0
+    assert (parked, pending) == (0, 0)
+
+
+async def test_a_malformed_record_is_parked_and_the_next_one_delivered(split: SplitMesh) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{split.ledger_port}") as channel:
+        ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
+        service_key = (("authorization", f"Bearer {SERVICE_KEY}"),)
+
+        async def send(
+            records: Sequence[ledger_pb2.UsageRecord], time_limit: float
+        ) -> Sequence[ledger_pb2.RecordedUsage]:
+            try:
+                reply = await ledger.RecordUsage(
+                    ledger_pb2.RecordUsageRequest(records=records),
+                    metadata=service_key,
+                    timeout=time_limit,
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise RefusedError(exc.details() or "", permanent=True) from exc
+            return list(reply.results)
+
+        outbox = UsageOutbox(split.data_dir / "unit-outbox.sqlite3", send, retry_seconds=60)
+        malformed = ledger_pb2.UsageRecord(request_id="bad", team="t", feature="f")  # no model
+        good = ledger_pb2.UsageRecord(request_id="good", team="t", feature="f", model="gpt-4o")
+        refused = await outbox.deliver(malformed, 5)
+        accepted = await outbox.deliver(good, 5)
+        with sqlite3.connect(split.data_dir / "unit-outbox.sqlite3") as db:
+            parked = db.execute("SELECT request_id, reason FROM dead_letter").fetchall()
+        await outbox.stop()
+
+    assert refused is None
+    assert accepted is not None
+    assert parked == [("bad", "records[0].model: required")]
+
+
+async def test_a_replayed_pending_answer_carries_the_cost_once_the_ledger_has_it(
+    split: SplitMesh,
+) -> None:
+    assert split.ledger is not None
+    await split.ledger.stop(grace=1)
+    assert split.front is not None
+    request = user_request("Charge me later", request_id="req-pending")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{split.front.port}") as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        first = await stub.Complete(request, metadata=AUTH, timeout=10)
+        await split.start_ledger()
+        total = await split.wait_for_calls(1)
+        replay = await stub.Complete(request, metadata=AUTH, timeout=10)
+
+    assert first.cost_pending
+    assert not replay.cost_pending
+    assert replay.cost_nano_usd == total > 0

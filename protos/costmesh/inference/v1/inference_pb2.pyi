@@ -65,7 +65,8 @@ class CompleteRequest(_message.Message):
     request_id: _builtins.str
     """Caller-chosen idempotency id, unique per team for a day: a repeat of the same
     request returns the first response and is never billed twice; reusing the id
-    for a different request is ALREADY_EXISTS. Generated when empty.
+    for a different request is ALREADY_EXISTS. With an id, an answer is finished
+    even if the caller's deadline passes, so a retry collects it. Generated when empty.
     """
     feature: _builtins.str
     """The application feature making the call, as named in the mesh configuration."""

@@ -99,9 +99,10 @@ class UsageRecord(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     COST_NANO_USD_FIELD_NUMBER: _builtins.int
     PRICE_VERSION_FIELD_NUMBER: _builtins.int
+    CLIENT_REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key within the team, chosen by costmesh or the caller (never the
-    provider's response id).
+    """Idempotency key of this record within the team: one per answered call, minted
+    by costmesh (never the provider's response id, which is known to repeat).
     """
     trace_id: _builtins.str
     """OpenTelemetry trace id of the call, 32 hex digits."""
@@ -129,6 +130,10 @@ class UsageRecord(_message.Message):
     """Cost in billionths of a US dollar, set by the ledger from its price catalog."""
     price_version: _builtins.str
     """Version of the price catalog that priced this record, set by the ledger."""
+    client_request_id: _builtins.str
+    """The request id the caller chose, if any; calls made again after its replay
+    window share it, each with its own record.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the call finished."""
@@ -156,10 +161,11 @@ class UsageRecord(_message.Message):
         status: Global___CallStatus.ValueType = ...,
         cost_nano_usd: _builtins.int = ...,
         price_version: _builtins.str = ...,
+        client_request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "cache_outcome", b"cache_outcome", "cost_nano_usd", b"cost_nano_usd", "escalated", b"escalated", "feature", b"feature", "latency_ms", b"latency_ms", "model", b"model", "price_version", b"price_version", "provider", b"provider", "request_id", b"request_id", "status", b"status", "team", b"team", "tier", b"tier", "time", b"time", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "cache_outcome", b"cache_outcome", "client_request_id", b"client_request_id", "cost_nano_usd", b"cost_nano_usd", "escalated", b"escalated", "feature", b"feature", "latency_ms", b"latency_ms", "model", b"model", "price_version", b"price_version", "provider", b"provider", "request_id", b"request_id", "status", b"status", "team", b"team", "tier", b"tier", "time", b"time", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
