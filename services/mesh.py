@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -90,6 +90,25 @@ def _peer_addresses(config: Config, names: Sequence[str], local: str) -> dict[st
     return addresses
 
 
+# SHA-256 of "cm-demo-admin-key", the key the embedded defaults ship for newcomers.
+DEMO_KEY_DIGEST = "47a6045eb3aa6a2edbaa67b4e97cbc6761bb966681d0a6c10c4e96ae2636018b"
+_LOOPBACK = ("127.", "localhost", "::1", "[::1]")
+
+
+def _refuse_demo_key_off_loopback(config: Config, host: str) -> None:
+    """The demo key is public: it may only open a mesh nobody else can reach."""
+    demo = [
+        entry.key_name("sha256")
+        for entry in config.section("auth").tables("keys")
+        if entry.get_str("sha256", "").lower() == DEMO_KEY_DIGEST
+    ]
+    if demo and not host.startswith(_LOOPBACK):
+        raise ConfigError(
+            f"{demo[0]}: the public demo key cm-demo-admin-key is configured but the server "
+            f"listens on {host}; set your own keys ([[auth.keys]] or COSTMESH_API_KEYS)"
+        )
+
+
 def _check_server(config: Config) -> tuple[str, int]:
     """The configured listen host and port, after checking every server.* value."""
     server = config.section("server")
@@ -110,31 +129,36 @@ def _build_services(
     names: Sequence[str],
     channels: Channels,
     tracer_provider: TracerProvider,
-) -> Callable[[str], list[ServiceDef]]:
+) -> Callable[[str], Awaitable[list[ServiceDef]]]:
     """What create_server calls once it knows where the services reach each other."""
 
-    def build(local: str) -> list[ServiceDef]:
-        built = []
-        for name in (n for n in SERVICES if n in names):
-            if name == "cache":
-                built.append(cache_service.build(config))
-            elif name == "router":
-                built.append(router_service.build(config))
-            elif name == "ledger":
-                built.append(ledger_service.build(config))
-            else:
-                # The simulator is for the one-process demo only: a split deployment
-                # that lost its key must fail loudly, not answer placeholders.
-                built.append(
-                    inference_service.build(
-                        config,
-                        env,
-                        channels,
-                        _peer_addresses(config, names, local),
-                        tracer_provider,
-                        simulator_allowed=set(names) == set(SERVICES),
-                    )
-                )
+    def build_one(name: str, local: str) -> ServiceDef:
+        if name == "cache":
+            return cache_service.build(config)
+        if name == "router":
+            return router_service.build(config)
+        if name == "ledger":
+            return ledger_service.build(config)
+        # The simulator is for the one-process demo only: a split deployment that
+        # lost its key must fail loudly, not answer placeholders.
+        return inference_service.build(
+            config,
+            env,
+            channels,
+            _peer_addresses(config, names, local),
+            tracer_provider,
+            simulator_allowed=set(names) == set(SERVICES),
+        )
+
+    async def build(local: str) -> list[ServiceDef]:
+        built: list[ServiceDef] = []
+        try:
+            for name in (n for n in SERVICES if n in names):
+                built.append(build_one(name, local))
+        except BaseException:
+            for service in reversed(built):  # a later one failed: close what is open
+                await service.stop()
+            raise
         return built
 
     return build
@@ -153,18 +177,23 @@ async def start_mesh(
         raise ConfigError(f"services: expected some of {', '.join(SERVICES)}, got {list(names)}")
     check_keys(config)
     host, configured_port = _check_server(config)
+    _refuse_demo_key_off_loopback(config, host)
     service_key = _service_key(config, env, names)
     keys = KeyTable.from_config(config.section("auth"), service_key)
     channels = Channels(
         service_key, tracer_provider, config.section("peers").get_float("timeout_seconds", 5.0)
     )
     interceptors = [*telemetry.server_interceptors(tracer_provider), EdgeInterceptor(keys)]
-    running = await create_server(
-        host,
-        configured_port if port is None else port,
-        _build_services(config, env, names, channels, tracer_provider),
-        interceptors,
-        internal="inference" in names and any(p in names for p in PEERS),
-    )
+    try:
+        running = await create_server(
+            host,
+            configured_port if port is None else port,
+            _build_services(config, env, names, channels, tracer_provider),
+            interceptors,
+            internal="inference" in names and any(p in names for p in PEERS),
+        )
+    except BaseException:
+        await channels.close()
+        raise
     running.cleanups.append(channels.close)
     return running

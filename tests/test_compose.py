@@ -29,7 +29,7 @@ import services.cli
 from services.cache import service as cache_service
 from services.cli import _parser
 from services.common import telemetry
-from services.common.config import CONFIG_ENV, ENV_OVERRIDES, ConfigError, load_config
+from services.common.config import API_KEYS_ENV, CONFIG_ENV, ENV_OVERRIDES, ConfigError, load_config
 from services.inference import service as inference_service
 from services.ledger import service as ledger_service
 from services.mesh import PEERS, SERVICES, _peer_addresses, _service_key
@@ -48,7 +48,11 @@ GRPC_SERVICE: dict[str, str] = {
     "ledger": ledger_service.SERVICE_NAME,
     "inference": inference_service.SERVICE_NAME,
 }
-HOST_ENV = {"COSTMESH_SERVICE_KEY": "test-shared-service-key", "OPENAI_API_KEY": "sk-test"}
+HOST_ENV = {
+    "COSTMESH_SERVICE_KEY": "test-shared-service-key",
+    "OPENAI_API_KEY": "sk-test",
+    "COSTMESH_API_KEYS": "ops:admin:" + "a" * 64,
+}
 _INTERPOLATION = re.compile(r"\$\$|\$\{(?P<name>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
 _HEALTH_SERVICE = re.compile(r"HealthCheckRequest\(service='(?P<name>[^']*)'")
 _HEALTH_ADDRESS = re.compile(r"insecure_channel\('(?P<host>[^':]+):(?P<port>\d+)'\)")
@@ -163,7 +167,8 @@ def _known_variables() -> set[str]:
     """Every environment variable some part of the code reads."""
     config = load_config(env={})
     providers = config.section("providers")
-    known = {*ENV_OVERRIDES, CONFIG_ENV, config.section("auth").get_str("service_key_env")}
+    known = {*ENV_OVERRIDES, CONFIG_ENV, API_KEYS_ENV}
+    known.add(config.section("auth").get_str("service_key_env"))
     known |= {providers.section(name).get_str("api_key_env") for name in providers.names()}
     telemetry_source = inspect.getsource(telemetry)
     known |= set(re.findall(r"\bOTEL_[A-Z_]*[A-Z]\b", telemetry_source))

@@ -24,6 +24,9 @@ ENV_OVERRIDES: dict[str, str] = {
     "OPENAI_BASE_URL": "providers.openai.base_url",
 }
 CONFIG_ENV = "COSTMESH_CONFIG"
+# API keys for containers, replacing [[auth.keys]]: "team:role:sha256" entries
+# separated by commas (the role may be left out: "team::sha256" is a member key).
+API_KEYS_ENV = "COSTMESH_API_KEYS"
 
 
 class ConfigError(ValueError):
@@ -46,6 +49,8 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     for var, dotted in ENV_OVERRIDES.items():
         if var in env:
             _set_dotted(data, dotted, env[var])
+    if env.get(API_KEYS_ENV):
+        data.setdefault("auth", {})["keys"] = _parse_api_keys(env[API_KEYS_ENV])
     _inherit_feature_defaults(data)
     return Config(data)
 
@@ -147,6 +152,17 @@ class Config:
                 raise ConfigError(
                     f"{self.key_name(key)}: unknown key (expected one of {sorted(allowed)})"
                 )
+
+
+def _parse_api_keys(value: str) -> list[dict[str, str]]:
+    keys = []
+    for index, entry in enumerate(e.strip() for e in value.split(",") if e.strip()):
+        parts = entry.split(":")
+        if len(parts) != 3:
+            raise ConfigError(f"{API_KEYS_ENV}[{index}]: expected team:role:sha256, got {entry!r}")
+        team, role, digest = parts
+        keys.append({"team": team, "role": role or "member", "sha256": digest})
+    return keys
 
 
 def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> None:

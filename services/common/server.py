@@ -84,38 +84,57 @@ def _bind(server: grpc.aio.Server, address: str) -> int:
 async def create_server(
     host: str,
     port: int,
-    build_services: Callable[[str], Sequence[ServiceDef]],
+    build_services: Callable[[str], Awaitable[Sequence[ServiceDef]]],
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     internal: bool = False,
 ) -> RunningServer:
     """Bind first (port 0 picks a free one), then build the services knowing the
-    address at which they reach each other (the internal server's, when asked for)."""
+    address at which they reach each other (the internal server's, when asked for).
+    If anything fails on the way, whatever was opened is closed again."""
     server = _new_server(interceptors)
     bound = _bind(server, f"{host}:{port}")
     internal_server = _new_server(interceptors) if internal else None
-    if internal_server is not None:
-        local = f"127.0.0.1:{_bind(internal_server, '127.0.0.1:0')}"
-    else:
-        local = f"{_dial_host(host)}:{bound}"
-    services = build_services(local)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for service in services:
-        service.register(server)
+    running = RunningServer(server, bound, health.aio.HealthServicer(), [], internal_server)
+    try:
         if internal_server is not None:
-            service.register(internal_server)
-    names = [s.name for s in services]
+            local = f"127.0.0.1:{_bind(internal_server, '127.0.0.1:0')}"
+        else:
+            local = f"{_dial_host(host)}:{bound}"
+        running.services = await build_services(local)
+        await _start(running)
+    except BaseException:
+        await _abandon(running)
+        raise
+    return running
+
+
+async def _abandon(running: RunningServer) -> None:
+    """Undo a start that failed. grpc releases a bound port only when a started server
+    stops, so the servers are started (with nothing registered yet, or the services
+    already stopping) just to be stopped."""
+    for server in (running.server, running.internal):
+        if server is not None:
+            await server.start()  # harmless when it already runs
+    await running.stop(grace=0)
+
+
+async def _start(running: RunningServer) -> None:
+    health_pb2_grpc.add_HealthServicer_to_server(running.health, running.server)
+    for service in running.services:
+        service.register(running.server)
+        if running.internal is not None:
+            service.register(running.internal)
+    names = [s.name for s in running.services]
     reflection.enable_server_reflection(
-        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], running.server
     )
-    if internal_server is not None:
-        await internal_server.start()
-    await server.start()
-    for service in services:
+    if running.internal is not None:
+        await running.internal.start()
+    await running.server.start()
+    for service in running.services:
         await service.start()
-        await health_servicer.set(service.name, health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, bound, health_servicer, services, internal_server)
+        await running.health.set(service.name, health_pb2.HealthCheckResponse.SERVING)
+    await running.health.set("", health_pb2.HealthCheckResponse.SERVING)
 
 
 def _dial_host(host: str) -> str:

@@ -76,8 +76,13 @@ class Providers:
         self._simulator_allowed = simulator_allowed
         self._clients: dict[str, tuple[openai.AsyncOpenAI, str]] = {}
         self._simulators: list[OpenAISimulator] = []
-        for name, info in settings.providers.items():
-            self._clients[name] = self._client(name, info, env)
+        try:
+            for name, info in settings.providers.items():
+                self._clients[name] = self._client(name, info, env)
+        except BaseException:
+            for simulator in self._simulators:  # started for an earlier provider
+                simulator.stop()
+            raise
 
     def _client(
         self, name: str, info: ProviderInfo, env: Mapping[str, str]
@@ -86,7 +91,9 @@ class Providers:
         base_url = info.base_url
         label = name
         if not key:
-            if not (info.simulate_without_key and self._simulator_allowed):
+            if not info.simulate_without_key:
+                raise ConfigError(f"providers.{name}.api_key_env: set {info.api_key_env}")
+            if not self._simulator_allowed:
                 raise ConfigError(
                     f"providers.{name}.api_key_env: set {info.api_key_env} (the simulator "
                     "stands in only when all four services run in one process)"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,46 @@ def test_features_inherit_from_default_and_override_what_they_name(tmp_path: Pat
     assert search.get_int("cache_ttl_seconds") == 3600, "inherited from the embedded default"
     assert search.section("models").get_str("complex") == "gpt-4o-mini"
     assert search.section("models").get_str("simple") == "gpt-4o-mini", "models merge key by key"
+
+
+async def test_the_public_demo_key_is_refused_off_loopback(tmp_path: Path) -> None:
+    env = {"COSTMESH_DATA_DIR": str(tmp_path), "COSTMESH_HOST": "0.0.0.0"}
+    with pytest.raises(ConfigError, match=r"auth\.keys\[0\]\.sha256: the public demo key"):
+        await start_mesh(load_config(env=env), env, SERVICES, TracerProvider(), port=0)
+
+
+def test_api_keys_from_the_environment_replace_the_configured_ones() -> None:
+    digest = "b" * 64
+    keys = load_config(env={"COSTMESH_API_KEYS": f"ops:admin:{digest}, search::{'c' * 64}"})
+
+    entries = keys.section("auth").tables("keys")
+
+    assert [(e.get_str("team"), e.get_str("role"), e.get_str("sha256")) for e in entries] == [
+        ("ops", "admin", digest),
+        ("search", "member", "c" * 64),
+    ]
+
+
+def test_a_malformed_api_keys_variable_names_the_entry() -> None:
+    with pytest.raises(ConfigError, match=r"COSTMESH_API_KEYS\[1\]: expected team:role:sha256"):
+        load_config(env={"COSTMESH_API_KEYS": f"ops:admin:{'a' * 64},oops"})
+
+
+async def test_a_start_that_fails_partway_leaves_the_port_and_files_free(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[providers.other]\nbase_url = "http://127.0.0.1:9/v1"\napi_key_env = "OTHER_KEY"\n'
+        "simulate_without_key = false\n"
+    )
+    env = {"COSTMESH_DATA_DIR": str(tmp_path)}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    with pytest.raises(ConfigError, match=r"providers\.other\.api_key_env: set OTHER_KEY"):
+        await start_mesh(load_config(bad, env), env, SERVICES, TracerProvider(), port=port)
+    running = await start_mesh(load_config(env=env), env, SERVICES, TracerProvider(), port=port)
+    await running.stop(grace=0)
+
+    assert running.port == port
+    assert not [t for t in threading.enumerate() if t.name.startswith("openai-simulator")]
