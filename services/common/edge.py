@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -76,7 +77,10 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                     async for response in behavior(request, context):
                         yield response
                 finally:
-                    auth.reset_current(token)
+                    # A stream the client cancelled is closed from another context,
+                    # where the token cannot be reset; that context ends anyway.
+                    with contextlib.suppress(ValueError):
+                        auth.reset_current(token)
             except Exception as exc:
                 await _abort(context, exc, method)
 
@@ -86,6 +90,8 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, method: str) -> None:
     if isinstance(exc, grpc.aio.AbortError | asyncio.CancelledError):
         raise exc
+    if context.done():  # the client is gone (cancelled): nobody to tell
+        return
     status: status_pb2.Status
     if isinstance(exc, errors.ServiceError):
         status = errors.to_rpc_status(exc)
