@@ -53,6 +53,9 @@ _KNOWN_KEYS = {
 
 def check_keys(config: Config) -> None:
     """Reject keys no part of costmesh reads, naming the first one found."""
+    features = config.section("features")
+    for name in features.names():
+        features.section(name).section("models").reject_unknown({"simple", "moderate", "complex"})
     for path, allowed in _KNOWN_KEYS.items():
         if not path:
             config.reject_unknown(allowed)

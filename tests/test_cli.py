@@ -56,3 +56,13 @@ async def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     assert code == 1
     assert f"cannot listen on 127.0.0.1:{port}" in err
     assert "Traceback" not in err
+
+
+async def test_an_unopenable_ledger_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "ledger.sqlite3").mkdir()  # a folder where the database file should be
+
+    code, err = await _serve(["--port", "0"], {"COSTMESH_DATA_DIR": str(tmp_path)})
+
+    assert code == 1
+    assert f"cannot open database {tmp_path / 'ledger.sqlite3'}" in err
+    assert "Traceback" not in err

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from costmesh.inference.v1 import inference_pb2
 from services.common.errors import AlreadyExists
+from services.common.sqlite import open_database
 
 log = logging.getLogger(__name__)
 Response = inference_pb2.CompleteResponse
@@ -43,10 +44,7 @@ class IdempotencyStore:
     def __init__(
         self, path: Path, ttl_seconds: int, clock: Callable[[], float] = time.time
     ) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = open_database(path)
         self._db.executescript(
             "CREATE TABLE IF NOT EXISTS answered (team TEXT NOT NULL, request_id TEXT NOT NULL,"
             " fingerprint TEXT NOT NULL, response BLOB NOT NULL, expires_at REAL NOT NULL,"

@@ -15,6 +15,7 @@ from google.protobuf import text_format
 
 from costmesh.ledger.v1 import ledger_pb2
 from services.common.outages import OutageLog
+from services.common.sqlite import open_database
 
 log = logging.getLogger(__name__)
 # Sends records to the ledger within a time limit in seconds; raises when it cannot.
@@ -39,19 +40,16 @@ class RefusedError(Exception):
 
 class UsageOutbox:
     """Survives a ledger outage and a restart: nothing is lost, repeats are harmless
-    because the ledger ignores a request id it has already recorded. A record the
-    ledger rejects is parked in a dead-letter table (and logged) so that it cannot
-    block the records behind it."""
+    because the ledger ignores a request id it has already recorded. A malformed
+    record the ledger rejects is parked in a dead-letter table (and logged); one it
+    refuses for now (a model it cannot price yet) waits. Neither blocks the rest."""
 
     def __init__(
         self, path: Path, send: Send, retry_seconds: float, on_delivered: Delivered | None = None
     ) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # WAL + NORMAL survives a killed process (the failure the outbox is for) without
-        # an fsync per call; only an OS crash or power loss can drop the last commits.
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        # NORMAL: survives a killed process (the failure the outbox is for) without an
+        # fsync per call; only an OS crash or power loss can drop the last commits.
+        self._db = open_database(path)
         self._db.executescript(
             "CREATE TABLE IF NOT EXISTS outbox (team TEXT NOT NULL, request_id TEXT NOT NULL,"
             " record BLOB NOT NULL, PRIMARY KEY (team, request_id));"

@@ -48,9 +48,9 @@ class InferenceSettings:
         for name in features.names():
             f = features.section(name)
             limit = f.get_int("max_tokens_limit", 4096, minimum=1)
-            default = f.get_int("max_tokens_default", min(512, limit), minimum=1)
-            if default > limit:
-                raise ConfigError(f"features.{name}.max_tokens_default: exceeds max_tokens_limit")
+            # Capped rather than refused: a feature that only lowers its limit must
+            # not trip over the default it inherited.
+            default = min(f.get_int("max_tokens_default", 512, minimum=1), limit)
             limits[name] = FeatureLimits(
                 default, limit, f.get_int("max_input_tokens", 16000, minimum=1)
             )

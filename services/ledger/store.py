@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
+
+from services.common.sqlite import open_database
 
 GROUPS = {"team": "team", "feature": "feature", "model": "model", "day": "day", "": "''"}
 
@@ -84,14 +85,10 @@ class SqliteUsageStore:
     """Thread-safe; callers on an event loop run its methods in a worker thread."""
 
     def __init__(self, path: str | Path) -> None:
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: once the ledger acknowledges a record the outbox deletes its copy, so
         # the acknowledgement must survive a power loss, not only a process crash.
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = open_database(path, synchronous="FULL")
+        self._lock = threading.Lock()
         self._migrate()
 
     def _migrate(self) -> None:

@@ -10,6 +10,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from services.common.config import ConfigError, load_config
+from services.inference.settings import InferenceSettings
 from services.mesh import SERVICES, start_mesh
 
 
@@ -68,6 +69,11 @@ def test_file_overrides_defaults_and_environment_overrides_the_file(tmp_path: Pa
             {},
             r"features\.support\.models\.simple: must name a model",
         ),
+        (
+            "[features.support.models]\nsimpel = 'gpt-4o'\n",
+            {},
+            r"features\.support\.models\.simpel: unknown key",
+        ),
     ],
     ids=[
         "type",
@@ -81,6 +87,7 @@ def test_file_overrides_defaults_and_environment_overrides_the_file(tmp_path: Pa
         "section",
         "timeout",
         "empty model",
+        "tier typo",
     ],
 )
 async def test_bad_configuration_fails_at_start_naming_the_key(
@@ -161,3 +168,13 @@ async def test_a_start_that_fails_partway_leaves_the_port_and_files_free(tmp_pat
 
     assert running.port == port
     assert not [t for t in threading.enumerate() if t.name.startswith("openai-simulator")]
+
+
+def test_a_feature_that_lowers_its_limit_gets_a_default_within_it(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[features.summaries]\nmax_tokens_limit = 256\n")
+
+    settings = InferenceSettings.from_config(load_config(path, env={}))
+
+    assert settings.features["summaries"].max_tokens_limit == 256
+    assert settings.features["summaries"].max_tokens_default == 256
