@@ -4,140 +4,37 @@ from __future__ import annotations
 
 import base64
 import copy
-import hashlib
 import hmac
 import json
-import math
-import random
-import re
 import struct
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Self
 
-_TOKEN_RE = re.compile(r"\w+|[^\w\s]")
-_DEFAULT_DIMENSIONS = 64
-_MAX_DIMENSIONS = 4096
-_MODELS = ("gpt-4o", "gpt-4o-mini")
-_CHAT_PATH = "/v1/chat/completions"
-_EMBEDDINGS_PATH = "/v1/embeddings"
+from services.inference.simulator_wire import (
+    CHAT_PATH,
+    DEFAULT_DIMENSIONS,
+    EMBEDDINGS_PATH,
+    MAX_DIMENSIONS,
+    ApiError,
+    content_text,
+    count_tokens,
+    embed,
+    models_list,
+    non_empty_str,
+    parse_json,
+    positive_int,
+    require_model,
+    stream_chunks,
+    truncate,
+)
 
-
-def count_tokens(text: str) -> int:
-    r"""Deterministic token count: number of regex matches of r"\w+|[^\w\s]"."""
-    return sum(1 for _ in _TOKEN_RE.finditer(text))
-
-
-@dataclass(eq=False)  # exceptions must stay hashable
-class _ApiError(Exception):
-    """Carries an HTTP status and OpenAI error fields to the one place that writes error bodies."""
-
-    status: int
-    message: str
-    param: str | None = None
-    code: str | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-
-    def body(self) -> dict[str, Any]:
-        """Mirror OpenAI's error envelope so the SDK maps it onto its typed exceptions."""
-        kind, code = "invalid_request_error", self.code
-        if self.status == 429:
-            kind, code = "requests", self.code or "rate_limit_exceeded"
-        elif self.status >= 500:
-            kind = "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": code}}
-
-
-def _content_text(content: object) -> str | None:
-    """Flatten string or text-part content; None marks a shape the real API would reject."""
-    if isinstance(content, str):
-        return content
-    if content is None:  # assistant tool-call turns legitimately carry no content
-        return ""
-    if not isinstance(content, list):
-        return None
-    texts: list[str] = []
-    for part in content:
-        if not isinstance(part, dict):
-            return None
-        if part.get("type") == "text":
-            text = part.get("text")
-            if not isinstance(text, str):
-                return None
-            texts.append(text)
-    return " ".join(texts)
-
-
-def _non_empty_str(value: object) -> bool:
-    return isinstance(value, str) and bool(value)
-
-
-def _require_model(body: dict[str, Any]) -> str:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise _ApiError(400, "you must provide a model parameter", param="model")
-    return model
-
-
-def _positive_int(body: dict[str, Any], name: str, upper: int | None = None) -> int | None:
-    """Read an optional integer knob, rejecting values the real API would refuse."""
-    value = body.get(name)
-    if value is None:
-        return None
-    too_big = upper is not None and isinstance(value, int) and value > upper
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or too_big:
-        raise _ApiError(400, f"Invalid value for '{name}': {value!r}.", param=name)
-    return value
-
-
-def _truncate(text: str, limit: int | None) -> tuple[str, bool]:
-    """Cut at the end of the limit-th token so the kept prefix re-tokenises to exactly `limit`."""
-    matches = list(_TOKEN_RE.finditer(text))
-    if limit is None or len(matches) <= limit:
-        return text, False
-    return text[: matches[limit - 1].end()], True
-
-
-def _embed(text: str, dimensions: int) -> list[float]:
-    """Sum per-token seeded Gaussians so texts sharing tokens point in similar directions."""
-    vector = [0.0] * dimensions
-    for token in _TOKEN_RE.findall(text.lower()):
-        seed = int.from_bytes(hashlib.blake2b(token.encode(), digest_size=8).digest(), "big")
-        rng = random.Random(seed)
-        for i in range(dimensions):
-            vector[i] += rng.gauss(0.0, 1.0)
-    norm = math.sqrt(sum(v * v for v in vector))
-    if norm == 0.0:  # token-free text still needs a valid unit vector
-        return [1.0] + [0.0] * (dimensions - 1)
-    return [v / norm for v in vector]
-
-
-def _stream_chunks(response: dict[str, Any], include_usage: bool) -> Iterator[dict[str, Any]]:
-    """Replay a finished completion as chunks so streamed and plain answers can never diverge."""
-    base = {key: response[key] for key in ("id", "created", "model", "system_fingerprint")}
-    base["object"] = "chat.completion.chunk"
-    answer = response["choices"][0]
-
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-        out = {**base, "choices": [choice]}
-        # OpenAI sends an explicit null usage on every chunk once usage was requested.
-        if include_usage:
-            out["usage"] = None
-        return out
-
-    yield chunk({"role": "assistant", "content": ""})
-    for piece in re.findall(r"\s*\S+\s*", answer["message"]["content"]):
-        yield chunk({"content": piece})
-    yield chunk({}, answer["finish_reason"])
-    if include_usage:
-        yield {**base, "choices": [], "usage": response["usage"]}
+__all__ = ["OpenAISimulator", "count_tokens"]
 
 
 class _Server(ThreadingHTTPServer):
@@ -178,26 +75,26 @@ class _Handler(BaseHTTPRequestHandler):
                 sim._check_auth(self.headers.get("Authorization"))
                 path = self.path.split("?", 1)[0].rstrip("/")
                 if (method, path) == ("GET", "/v1/models"):
-                    self._send_json(200, _models())
+                    self._send_json(200, models_list())
                     return
-                if method != "POST" or path not in (_CHAT_PATH, _EMBEDDINGS_PATH):
+                if method != "POST" or path not in (CHAT_PATH, EMBEDDINGS_PATH):
                     message = f"Unknown request URL: {method} {path}."
-                    raise _ApiError(404, message, code="unknown_url")
-                body = _parse_json(raw)
-                if path == _CHAT_PATH:
+                    raise ApiError(404, message, code="unknown_url")
+                body = parse_json(raw)
+                if path == CHAT_PATH:
                     sim._record(body)
                 sim._maybe_fail()
-                if path == _EMBEDDINGS_PATH:
+                if path == EMBEDDINGS_PATH:
                     self._send_json(200, sim._embeddings(body))
                     return
                 response = sim._complete(body)
                 if body.get("stream") is True:
                     options = body.get("stream_options")
                     usage = isinstance(options, dict) and options.get("include_usage") is True
-                    self._send_stream(_stream_chunks(response, usage))
+                    self._send_stream(stream_chunks(response, usage))
                 else:
                     self._send_json(200, response)
-            except _ApiError as exc:
+            except ApiError as exc:
                 self._send_json(exc.status, exc.body(), exc.headers)
         except ConnectionError:
             self.close_connection = True  # the client already gave up (e.g. its timeout fired)
@@ -208,7 +105,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             # Unknown framing: nothing after this point on the socket can be trusted.
             self.close_connection = True
-            raise _ApiError(400, "Invalid Content-Length header.") from None
+            raise ApiError(400, "Invalid Content-Length header.") from None
         return self.rfile.read(length) if length > 0 else b""
 
     def _send_json(
@@ -237,21 +134,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
-
-
-def _models() -> dict[str, Any]:
-    data = [{"id": m, "object": "model", "created": 0, "owned_by": "simulator"} for m in _MODELS]
-    return {"object": "list", "data": data}
-
-
-def _parse_json(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _ApiError(400, "We could not parse the JSON body of your request.") from None
-    if not isinstance(body, dict):
-        raise _ApiError(400, "The request body must be a JSON object.")
-    return body
 
 
 class OpenAISimulator:
@@ -382,10 +264,10 @@ class OpenAISimulator:
         scheme, _, token = (header or "").partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise _ApiError(401, "You didn't provide an API key.", code="invalid_api_key")
+            raise ApiError(401, "You didn't provide an API key.", code="invalid_api_key")
         expected = self._api_key
         if expected is not None and not hmac.compare_digest(token.encode(), expected.encode()):
-            raise _ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
 
     def _record(self, body: dict[str, Any]) -> None:
         with self._lock:
@@ -397,23 +279,23 @@ class OpenAISimulator:
         if failure is not None:
             status, retry_after, message = failure
             headers = {} if retry_after is None else {"Retry-After": f"{retry_after:g}"}
-            raise _ApiError(status, message, headers=headers)
+            raise ApiError(status, message, headers=headers)
 
     def _complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        model, messages = _require_model(body), body.get("messages")
+        model, messages = require_model(body), body.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise _ApiError(400, "'messages' must be a non-empty array.", param="messages")
+            raise ApiError(400, "'messages' must be a non-empty array.", param="messages")
         prompt_tokens, last_user = 0, ""
         for i, message in enumerate(messages):
             role = message.get("role") if isinstance(message, dict) else None
-            text = _content_text(message.get("content")) if isinstance(message, dict) else None
-            if not _non_empty_str(role) or text is None:
-                raise _ApiError(400, f"Invalid message at messages[{i}].", param=f"messages[{i}]")
+            text = content_text(message.get("content")) if isinstance(message, dict) else None
+            if not non_empty_str(role) or text is None:
+                raise ApiError(400, f"Invalid message at messages[{i}].", param=f"messages[{i}]")
             prompt_tokens += count_tokens(text) + 4
             if role == "user":
                 last_user = text
-        limit = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
-        answer, truncated = _truncate(f"[simulated] Answer to: {last_user}", limit)
+        limit = positive_int(body, "max_completion_tokens") or positive_int(body, "max_tokens")
+        answer, truncated = truncate(f"[simulated] Answer to: {last_user}", limit)
         completion_tokens = count_tokens(answer)
         with self._lock:
             self._call_count += 1
@@ -442,17 +324,17 @@ class OpenAISimulator:
         }
 
     def _embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
-        model, raw_input = _require_model(body), body.get("input")
+        model, raw_input = require_model(body), body.get("input")
         texts: Any = [raw_input] if isinstance(raw_input, str) else raw_input
-        if not isinstance(texts, list) or not texts or not all(_non_empty_str(t) for t in texts):
+        if not isinstance(texts, list) or not texts or not all(non_empty_str(t) for t in texts):
             message = "'input' must be a non-empty string or array of non-empty strings."
-            raise _ApiError(400, message, param="input")
-        dimensions = _positive_int(body, "dimensions", _MAX_DIMENSIONS) or _DEFAULT_DIMENSIONS
+            raise ApiError(400, message, param="input")
+        dimensions = positive_int(body, "dimensions", MAX_DIMENSIONS) or DEFAULT_DIMENSIONS
         # The SDK asks for base64 unless the caller chose a format, then decodes it itself.
         as_base64 = body.get("encoding_format") == "base64"
         data: list[dict[str, Any]] = []
         for index, text in enumerate(texts):
-            vector = _embed(text, dimensions)
+            vector = embed(text, dimensions)
             encoded: Any = vector
             if as_base64:
                 encoded = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
