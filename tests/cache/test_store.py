@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from services.cache.keys import RequestKey
 from services.cache.store import Answer, ExactStore
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import Clock
 
 
 def key(

@@ -7,14 +7,7 @@ import logging
 import pytest
 
 from services.common.outages import OutageLog
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import Clock
 
 
 def test_a_burst_of_failures_logs_once_then_reminds_then_reports_recovery(
