@@ -124,9 +124,10 @@ class CompletionPath:
             else await self._lookup(key, request.cache_control.max_age_seconds, deadline)
         )
         if hit is not None:
-            response.content, response.model = hit.content, hit.model
-            response.provider, response.finish_reason = "cache", hit.finish_reason
-            response.cached, response.cache_outcome = True, types_pb2.CACHE_OUTCOME_EXACT
+            entry = hit.entry
+            response.content, response.model = entry.content, entry.model
+            response.provider, response.finish_reason = "cache", entry.finish_reason
+            response.cached, response.cache_outcome = True, hit.outcome
         else:
             await self._generate(call, key, response)
         trace.get_current_span().set_attributes(
@@ -171,7 +172,8 @@ class CompletionPath:
 
     async def _lookup(
         self, key: cache_pb2.CacheKey, max_age: int, deadline: Deadline
-    ) -> cache_pb2.CacheEntry | None:
+    ) -> cache_pb2.LookupResponse | None:
+        """The cache's hit, or None for a miss (and for a cache that failed: fail open)."""
         digest = _key_digest(key)
         pending = self._pending_stores.get(digest)
         if pending is not None:
@@ -190,7 +192,7 @@ class CompletionPath:
             return None
         self._cache_outage.succeeded()
         if found.outcome in (types_pb2.CACHE_OUTCOME_EXACT, types_pb2.CACHE_OUTCOME_SEMANTIC):
-            return found.entry
+            return found
         return None
 
     async def _route(
