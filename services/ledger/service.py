@@ -19,7 +19,8 @@ from services.common.config import Config
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from services.common.server import ServiceDef
 from services.ledger.pricing import PriceCatalog, Usage
-from services.ledger.store import SpendTotal, SqliteUsageStore, UsageRow
+from services.ledger.rows import SpendTotal, UsageRow, UsageStore
+from services.ledger.stores import open_store
 
 SERVICE_NAME = "costmesh.ledger.v1.LedgerService"
 MAX_RECORDS_PER_CALL = 1000
@@ -34,7 +35,7 @@ _FOREVER_US = 2**62
 
 
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
-    def __init__(self, store: SqliteUsageStore, catalog: PriceCatalog) -> None:
+    def __init__(self, store: UsageStore, catalog: PriceCatalog) -> None:
         self._store = store
         self._catalog = catalog
 
@@ -201,10 +202,8 @@ def _to_record(row: UsageRow) -> ledger_pb2.UsageRecord:
 def build(config: Config) -> ServiceDef:
     """The ledger service on the configured SQLite file."""
     ledger = config.section("ledger")
-    database = Path(ledger.get_str("database"))
-    if str(database) != ":memory:" and not database.is_absolute():
-        database = Path(config.section("server").get_str("data_dir")) / database
-    store = SqliteUsageStore(database)
+    data_dir = Path(config.section("server").get_str("data_dir"))
+    store = open_store(ledger.get_str("database"), data_dir)
     catalog = PriceCatalog.from_config(config.section("models"), ledger.get_str("price_version"))
     servicer = LedgerServicer(store, catalog)
 

@@ -1,4 +1,4 @@
-"""The SQLite usage store: idempotent, exact sums, in-place schema upgrades."""
+"""The usage stores (SQLite and PostgreSQL): idempotent, exact sums, in-place upgrades."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
-from services.ledger.store import SqliteUsageStore, UsageRow
+from services.ledger.rows import UsageRow
+from services.ledger.sqlite_store import SqliteUsageStore
+from tests.ledger.conftest import OpenStore
 
 DAY_US = 86_400 * 1_000_000
 BASE = UsageRow(
@@ -32,8 +34,10 @@ BASE = UsageRow(
 )
 
 
-def test_a_repeated_request_id_is_ignored_and_reports_the_first_cost(tmp_path: Path) -> None:
-    store = SqliteUsageStore(tmp_path / "ledger.sqlite3")
+def test_a_repeated_request_id_is_ignored_and_reports_the_first_cost(
+    open_ledger_store: OpenStore,
+) -> None:
+    store = open_ledger_store()
     first = store.record([BASE])
     again = store.record([replace(BASE, cost_nano_usd=999)])
 
@@ -42,8 +46,8 @@ def test_a_repeated_request_id_is_ignored_and_reports_the_first_cost(tmp_path: P
     assert store.spend("", 0, 2**62)[0].calls == 1
 
 
-def test_spend_groups_sum_exactly_and_respect_the_time_range(tmp_path: Path) -> None:
-    store = SqliteUsageStore(":memory:")
+def test_spend_groups_sum_exactly_and_respect_the_time_range(open_ledger_store: OpenStore) -> None:
+    store = open_ledger_store()
     rows = [
         replace(BASE, request_id="a", team="support", cost_nano_usd=1),
         replace(BASE, request_id="b", team="support", cost_nano_usd=2, cache_outcome=2),
@@ -70,8 +74,8 @@ def test_spend_groups_sum_exactly_and_respect_the_time_range(tmp_path: Path) -> 
     assert only_search[0].cost_nano_usd == 12
 
 
-def test_export_pages_through_every_row_in_time_order(tmp_path: Path) -> None:
-    store = SqliteUsageStore(":memory:")
+def test_export_pages_through_every_row_in_time_order(open_ledger_store: OpenStore) -> None:
+    store = open_ledger_store()
     rows = [replace(BASE, request_id=f"r{i:04}", time_us=BASE.time_us + i) for i in range(1203)]
     store.record(list(reversed(rows)))
 
@@ -80,14 +84,29 @@ def test_export_pages_through_every_row_in_time_order(tmp_path: Path) -> None:
     assert [r.request_id for r in exported] == [r.request_id for r in rows]
 
 
-def test_reopening_keeps_rows_and_an_old_schema_is_upgraded_in_place(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.sqlite3"
-    SqliteUsageStore(path).record([BASE])
-    reopened = SqliteUsageStore(path)
+def test_reopening_keeps_rows(open_ledger_store: OpenStore) -> None:
+    open_ledger_store().record([BASE])
+    reopened = open_ledger_store()
+
+    assert reopened.spend("", 0, 2**62)[0].calls == 1
+    assert reopened.record([BASE]) == [(27_000, True)]
+
+
+def test_an_empty_sqlite_file_is_upgraded_in_place(tmp_path: Path) -> None:
     legacy = tmp_path / "legacy.sqlite3"
     sqlite3.connect(legacy).close()  # an empty file at schema version 0
     upgraded = SqliteUsageStore(legacy)
 
-    assert reopened.spend("", 0, 2**62)[0].calls == 1
     assert upgraded.record([BASE]) == [(27_000, False)]
     assert sqlite3.connect(legacy).execute("PRAGMA user_version").fetchone()[0] == 1
+
+
+def test_money_beyond_32_bits_sums_exactly(open_ledger_store: OpenStore) -> None:
+    store = open_ledger_store()
+    big = 9_007_199_254_740_993  # 2**53 + 1: lost by any float on the way
+    store.record([replace(BASE, request_id="a", cost_nano_usd=big), replace(BASE, request_id="b")])
+
+    (total,) = store.spend("", 0, 2**62)
+
+    assert total.cost_nano_usd == big + BASE.cost_nano_usd
+    assert isinstance(total.cost_nano_usd, int)

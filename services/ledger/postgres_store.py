@@ -1,0 +1,74 @@
+"""PostgreSQL usage store, for scale: a connection pool, the same behaviour as SQLite."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from psycopg_pool import ConnectionPool
+
+from services.ledger.rows import MIGRATIONS, SpendTotal, Sql, UsageRow, spend_total
+
+_SQL = Sql("%s")
+# Serialises migrations when several ledger replicas start at once.
+_MIGRATION_LOCK = 0x636F73746D657368  # "costmesh"
+
+
+class PostgresUsageStore:
+    """Thread-safe through its pool; callers on an event loop use a worker thread."""
+
+    def __init__(self, conninfo: str, max_size: int = 8) -> None:
+        self._pool = ConnectionPool(conninfo, min_size=1, max_size=max_size, open=False)
+        try:
+            self._pool.open(wait=True, timeout=10)
+        except Exception as exc:
+            self._pool.close()
+            raise OSError(f"cannot connect to the ledger database: {exc}") from exc
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._pool.connection() as db, db.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            db.execute("CREATE TABLE IF NOT EXISTS costmesh_schema (version INTEGER NOT NULL)")
+            row = db.execute("SELECT version FROM costmesh_schema").fetchone()
+            version = 0 if row is None else int(row[0])
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in filter(str.strip, script.split(";")):
+                    db.execute(statement)
+                db.execute("DELETE FROM costmesh_schema")
+                db.execute("INSERT INTO costmesh_schema VALUES (%s)", (number,))
+
+    def record(self, rows: Sequence[UsageRow]) -> list[tuple[int, bool]]:
+        results: list[tuple[int, bool]] = []
+        with self._pool.connection() as db, db.transaction():
+            for row in rows:
+                if db.execute(_SQL.insert(), row.values()).rowcount == 1:
+                    results.append((row.cost_nano_usd, False))
+                else:
+                    existing = (row.team, row.request_id)
+                    found = db.execute(_SQL.existing_cost(), existing).fetchone()
+                    if found is None:  # the insert conflicted, so the row exists
+                        raise RuntimeError(f"usage row {existing} vanished mid-transaction")
+                    results.append((int(found[0]), True))
+        return results
+
+    def spend(
+        self, group: str, start_us: int, end_us: int, team: str = "", feature: str = ""
+    ) -> list[SpendTotal]:
+        where, params = _SQL.where(start_us, end_us, team, feature)
+        with self._pool.connection() as db:
+            rows = db.execute(_SQL.spend(group, where), params).fetchall()
+        return [spend_total(r) for r in rows]
+
+    def export(self, start_us: int, end_us: int, team: str = "") -> Iterator[list[UsageRow]]:
+        where, params = _SQL.where(start_us, end_us, team, "")
+        last: tuple[object, ...] = (-1, "", "")
+        while True:
+            with self._pool.connection() as db:
+                page = db.execute(_SQL.export_page(where), [*params, *last]).fetchall()
+            if not page:
+                return
+            yield [UsageRow.from_values(values) for values in page]
+            last = (page[-1][2], page[-1][4], page[-1][0])
+
+    def close(self) -> None:
+        self._pool.close()

@@ -1,0 +1,70 @@
+"""SQLite usage store, the embedded default: one file, no server."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from services.common.sqlite import open_database
+from services.ledger.rows import MIGRATIONS, SpendTotal, Sql, UsageRow, spend_total
+
+_SQL = Sql("?")
+
+
+class SqliteUsageStore:
+    """Thread-safe; callers on an event loop run its methods in a worker thread."""
+
+    def __init__(self, path: str | Path) -> None:
+        # FULL: once the ledger acknowledges a record the outbox deletes its copy, so
+        # the acknowledgement must survive a power loss, not only a process crash.
+        self._db = open_database(path, synchronous="FULL")
+        self._lock = threading.Lock()
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._lock:
+            version: int = self._db.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                self._db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+
+    def record(self, rows: Sequence[UsageRow]) -> list[tuple[int, bool]]:
+        results: list[tuple[int, bool]] = []
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for row in rows:
+                    if self._db.execute(_SQL.insert(), row.values()).rowcount == 1:
+                        results.append((row.cost_nano_usd, False))
+                    else:
+                        existing = (row.team, row.request_id)
+                        (cost,) = self._db.execute(_SQL.existing_cost(), existing).fetchone()
+                        results.append((int(cost), True))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return results
+
+    def spend(
+        self, group: str, start_us: int, end_us: int, team: str = "", feature: str = ""
+    ) -> list[SpendTotal]:
+        where, params = _SQL.where(start_us, end_us, team, feature)
+        with self._lock:
+            rows = self._db.execute(_SQL.spend(group, where), params).fetchall()
+        return [spend_total(r) for r in rows]
+
+    def export(self, start_us: int, end_us: int, team: str = "") -> Iterator[list[UsageRow]]:
+        where, params = _SQL.where(start_us, end_us, team, "")
+        last: tuple[object, ...] = (-1, "", "")
+        while True:
+            with self._lock:
+                page = self._db.execute(_SQL.export_page(where), [*params, *last]).fetchall()
+            if not page:
+                return
+            yield [UsageRow.from_values(values) for values in page]
+            last = (page[-1][2], page[-1][4], page[-1][0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
