@@ -16,6 +16,7 @@ from services.common.edge import EdgeInterceptor
 from services.common.server import RunningServer, ServiceDef, create_server
 from services.inference import service as inference_service
 from services.ledger import service as ledger_service
+from services.ledger.pricing import PRICE_KEYS
 from services.router import service as router_service
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,7 @@ _KNOWN_KEYS = {
         "idempotency", "idempotency_ttl_seconds",
     },
     "providers.*": {"base_url", "api_key_env", "simulate_without_key"},
-    "models.*": {
-        "provider", "context_window",
-        "input_usd_per_mtok", "cached_input_usd_per_mtok", "output_usd_per_mtok",
-    },
+    "models.*": {"provider", "context_window", "price_changes", *PRICE_KEYS},
     "features.*": {
         "tier", "models", "escalation_model", "cache_ttl_seconds",
         "max_tokens_default", "max_tokens_limit", "max_input_tokens",

@@ -187,7 +187,11 @@ async def test_export_streams_every_recorded_call_with_its_cost_and_trace(mesh: 
         types_pb2.CACHE_OUTCOME_MISS,
     ]
     assert {r.team for r in exported} == {"demo"}
-    assert {r.price_version for r in exported} == {"2026-11-01"}
+    assert [r.price_version for r in exported] == [
+        "2026-11-01:gpt-4o-mini@1970-01-01",
+        "2026-11-01:none",  # a hit uses no tokens: no price applies
+        "2026-11-01:gpt-4o-mini@1970-01-01",
+    ]
 
 
 async def test_the_mesh_serves_on_a_specific_listen_address(

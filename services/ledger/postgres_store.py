@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 
 from psycopg_pool import ConnectionPool
 
-from services.ledger.rows import MIGRATIONS, SpendTotal, Sql, UsageRow, spend_total
+from services.ledger.rows import MIGRATIONS, SpendTotal, Sql, UsageRow, rollup_values
 
 _SQL = Sql("%s")
 # Serialises migrations when several ledger replicas start at once.
@@ -42,6 +42,7 @@ class PostgresUsageStore:
         with self._pool.connection() as db, db.transaction():
             for row in rows:
                 if db.execute(_SQL.insert(), row.values()).rowcount == 1:
+                    db.execute(_SQL.rollup_upsert(), rollup_values(row))
                     results.append((row.cost_nano_usd, False))
                 else:
                     existing = (row.team, row.request_id)
@@ -54,10 +55,11 @@ class PostgresUsageStore:
     def spend(
         self, group: str, start_us: int, end_us: int, team: str = "", feature: str = ""
     ) -> list[SpendTotal]:
-        where, params = _SQL.where(start_us, end_us, team, feature)
-        with self._pool.connection() as db:
-            rows = db.execute(_SQL.spend(group, where), params).fetchall()
-        return [spend_total(r) for r in rows]
+        def query(sql: str, params: list[object]) -> list[Sequence[object]]:
+            with self._pool.connection() as db:
+                return list(db.execute(sql, params).fetchall())
+
+        return _SQL.spend(query, group, start_us, end_us, team=team, feature=feature)
 
     def export(self, start_us: int, end_us: int, team: str = "") -> Iterator[list[UsageRow]]:
         where, params = _SQL.where(start_us, end_us, team, "")

@@ -1,23 +1,35 @@
-"""The price catalog: exact decimal prices per model, turned into integer nano-USD costs."""
+"""The price catalog: exact decimal prices per model with effective dates, turned into
+integer nano-USD costs. A price change applies from its date and never rewrites history."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from bisect import bisect_right
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 
 from services.common.config import Config, ConfigError
 
 _NANO_PER_USD = Decimal(1_000_000_000)
 _TOKENS_PER_MTOK = Decimal(1_000_000)
+_SECONDS_PER_HOUR = Decimal(3600)
+_BEGINNING = date(1970, 1, 1)
+PRICE_KEYS = {
+    "effective_from", "input_usd_per_mtok", "cached_input_usd_per_mtok", "output_usd_per_mtok",
+    "batch_discount", "gpu_usd_per_hour", "input_tokens_per_second", "output_tokens_per_second",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class ModelPrice:
-    """USD per million tokens, exact."""
+    """USD per million tokens, exact, from `effective_from` (UTC) on."""
 
+    effective_from: date
     input: Decimal
     cached_input: Decimal
     output: Decimal
+    # Fraction taken off for the provider's batch API (OpenAI: 0.5).
+    batch_discount: Decimal = Decimal(0)
 
 
 @dataclass(frozen=True)
@@ -27,54 +39,134 @@ class Usage:
     output_tokens: int
 
 
-class PriceCatalog:
-    """Prices every call with one named catalog version."""
+@dataclass(frozen=True)
+class Priced:
+    cost_nano_usd: int
+    # Which price was used: "<catalog version>:<model>@<effective date>".
+    version: str
 
-    def __init__(self, version: str, prices: dict[str, ModelPrice]) -> None:
+
+class PriceCatalog:
+    """Every model's price history, each price in force from its date until the next."""
+
+    def __init__(self, version: str, prices: dict[str, list[ModelPrice]]) -> None:
         self.version = version
-        self._prices = prices
+        self._prices = {m: sorted(p, key=lambda x: x.effective_from) for m, p in prices.items()}
 
     @classmethod
     def from_config(cls, models: Config, version: str) -> PriceCatalog:
         prices = {}
         for name in models.names():
             model = models.section(name)
-            prices[name] = ModelPrice(
-                input=_price(model, "input_usd_per_mtok"),
-                cached_input=_price(model, "cached_input_usd_per_mtok"),
-                output=_price(model, "output_usd_per_mtok"),
-            )
+            base = _price(model, previous=None)
+            history = [base]
+            for change in model.tables("price_changes"):
+                history.append(_price(change, previous=history[-1]))
+            if len({p.effective_from for p in history}) != len(history):
+                raise ConfigError(f"models.{name}.price_changes: two prices share a date")
+            prices[name] = history
         return cls(version, prices)
 
     def knows(self, model: str) -> bool:
         return model in self._prices
 
-    def cost_nano_usd(self, model: str, usage: Usage) -> int:
+    def price_at(self, model: str, when: datetime) -> ModelPrice:
+        """The price in force at `when`; before the first date, the first price."""
+        history = self._prices[model]
+        day = when.astimezone(UTC).date()
+        index = bisect_right([p.effective_from for p in history], day) - 1
+        return history[max(index, 0)]
+
+    def cost(self, model: str, usage: Usage, when: datetime, batch: bool = False) -> Priced:
         """Cost of one call, rounded half-even to a whole nano-USD once, per call.
 
         Cached input tokens are part of input_tokens and billed at the cached price.
         A call that used no tokens (a cache hit) costs nothing whatever its model.
         """
         if usage.input_tokens == usage.output_tokens == 0:
-            return 0
-        price = self._prices[model]
+            return Priced(0, f"{self.version}:none")
+        price = self.price_at(model, when)
         uncached = usage.input_tokens - usage.cached_input_tokens
         usd = (
             uncached * price.input
             + usage.cached_input_tokens * price.cached_input
             + usage.output_tokens * price.output
         ) / _TOKENS_PER_MTOK
-        return int((usd * _NANO_PER_USD).quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
+        if batch:
+            usd *= 1 - price.batch_discount
+        nano = int((usd * _NANO_PER_USD).quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
+        return Priced(nano, f"{self.version}:{model}@{price.effective_from.isoformat()}")
 
 
-def _price(model: Config, key: str) -> Decimal:
-    raw = model.get_str(key)
+def _price(table: Config, previous: ModelPrice | None) -> ModelPrice:
+    """One dated price; keys it leaves out keep their previous value."""
+    table.reject_unknown(
+        PRICE_KEYS
+        | ({"provider", "context_window", "price_changes"} if previous is None else set())
+    )
+    effective = _date(table, "effective_from", _BEGINNING if previous is None else None)
+    if "gpu_usd_per_hour" in table.names():
+        return ModelPrice(effective, *_self_hosted(table), batch_discount=Decimal(0))
+    if previous is not None:
+        return replace(
+            previous,
+            effective_from=effective,
+            input=_decimal(table, "input_usd_per_mtok", previous.input),
+            cached_input=_decimal(table, "cached_input_usd_per_mtok", previous.cached_input),
+            output=_decimal(table, "output_usd_per_mtok", previous.output),
+            batch_discount=_decimal(table, "batch_discount", previous.batch_discount, upper=1),
+        )
+    return ModelPrice(
+        effective,
+        input=_decimal(table, "input_usd_per_mtok"),
+        cached_input=_decimal(table, "cached_input_usd_per_mtok"),
+        output=_decimal(table, "output_usd_per_mtok"),
+        batch_discount=_decimal(table, "batch_discount", Decimal(0), upper=1),
+    )
+
+
+def _self_hosted(table: Config) -> tuple[Decimal, Decimal, Decimal]:
+    """(input, cached input, output) USD per Mtok from a GPU's hourly cost and the
+    throughput measured on it; prefill (input) runs faster than decoding."""
+    per_hour = _decimal(table, "gpu_usd_per_hour")
+    output_tps = _decimal(table, "output_tokens_per_second")
+    input_tps = _decimal(table, "input_tokens_per_second", output_tps * 10)
+    if output_tps <= 0 or input_tps <= 0:
+        raise ConfigError(f"{table.key_name('output_tokens_per_second')}: must be positive")
+    per_input = per_hour / _SECONDS_PER_HOUR / input_tps * _TOKENS_PER_MTOK
+    per_output = per_hour / _SECONDS_PER_HOUR / output_tps * _TOKENS_PER_MTOK
+    return per_input, per_input, per_output
+
+
+def _date(table: Config, key: str, default: date | None) -> date:
+    if key not in table.names():
+        if default is None:
+            raise ConfigError(f"{table.key_name(key)}: required (YYYY-MM-DD)")
+        return default
+    raw = table.get_str(key)
+    try:
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise ConfigError(f"{table.key_name(key)}: expected YYYY-MM-DD, got {raw!r}") from None
+
+
+def _decimal(
+    table: Config, key: str, default: Decimal | None = None, upper: int | None = None
+) -> Decimal:
+    if key not in table.names():
+        if default is None:
+            raise ConfigError(f"{table.key_name(key)}: required")
+        return default
+    raw = table.get_str(key)
     try:
         value = Decimal(raw)
     except InvalidOperation:
         raise ConfigError(
-            f"{model.key_name(key)}: expected a decimal string, got {raw!r}"
+            f"{table.key_name(key)}: expected a decimal string, got {raw!r}"
         ) from None
-    if not value.is_finite() or value < 0:
-        raise ConfigError(f"{model.key_name(key)}: must be a non-negative number, got {raw!r}")
+    if not value.is_finite() or value < 0 or (upper is not None and value > upper):
+        bound = f" and at most {upper}" if upper is not None else ""
+        raise ConfigError(
+            f"{table.key_name(key)}: must be a non-negative number{bound}, got {raw!r}"
+        )
     return value

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import astuple, dataclass, fields
+from datetime import date, timedelta
 from typing import Protocol
 
-# Group-by dimensions: the SQL expression for each.
-GROUPS = {"team": "team", "feature": "feature", "model": "model", "day": "day", "": "''"}
+# Group-by dimensions and the column each reads; week and month fold days.
+GROUPS = ("", "team", "feature", "model", "tier", "day", "week", "month")
+_DIMENSION_COLUMN = {"": "''", "week": "day", "month": "day"}
+
+_SUMMED = (
+    "calls", "input_tokens", "output_tokens", "cost_nano_usd",
+    "counterfactual_cost_nano_usd", "cached_calls", "escalated_calls",
+)  # fmt: skip
 
 # The usage table in the SQL both engines accept. Money and token counts are BIGINT:
 # integer nano-USD overflows 32 bits at $2.15.
@@ -37,8 +44,36 @@ USAGE_TABLE = """
     );
     CREATE INDEX usage_time ON usage (time_us)
 """
+# Version 2: the counterfactual cost (what the call would have cost on the feature's
+# baseline model without cache or routing), and a daily rollup kept in step with
+# every insert, so a month of spend reads a few thousand rows, not millions.
+COUNTERFACTUAL_AND_ROLLUP = """
+    ALTER TABLE usage ADD COLUMN baseline_model TEXT NOT NULL DEFAULT '';
+    ALTER TABLE usage ADD COLUMN counterfactual_cost_nano_usd BIGINT NOT NULL DEFAULT 0;
+    UPDATE usage SET counterfactual_cost_nano_usd = cost_nano_usd;
+    CREATE TABLE usage_daily (
+        day TEXT NOT NULL,
+        team TEXT NOT NULL,
+        feature TEXT NOT NULL,
+        model TEXT NOT NULL,
+        tier INTEGER NOT NULL,
+        calls BIGINT NOT NULL,
+        input_tokens BIGINT NOT NULL,
+        output_tokens BIGINT NOT NULL,
+        cost_nano_usd BIGINT NOT NULL,
+        counterfactual_cost_nano_usd BIGINT NOT NULL,
+        cached_calls BIGINT NOT NULL,
+        escalated_calls BIGINT NOT NULL,
+        PRIMARY KEY (day, team, feature, model, tier)
+    );
+    INSERT INTO usage_daily
+        SELECT day, team, feature, model, tier, COUNT(*), SUM(input_tokens),
+            SUM(output_tokens), SUM(cost_nano_usd), SUM(counterfactual_cost_nano_usd),
+            SUM(CASE WHEN cache_outcome IN (2, 3) THEN 1 ELSE 0 END), SUM(escalated)
+        FROM usage GROUP BY day, team, feature, model, tier
+"""
 # Each entry upgrades the schema by one version, in place; append, never edit.
-MIGRATIONS: tuple[str, ...] = (USAGE_TABLE,)
+MIGRATIONS: tuple[str, ...] = (USAGE_TABLE, COUNTERFACTUAL_AND_ROLLUP)
 
 
 @dataclass(frozen=True)
@@ -65,6 +100,8 @@ class UsageRow:
     cost_nano_usd: int
     price_version: str
     client_request_id: str = ""
+    baseline_model: str = ""
+    counterfactual_cost_nano_usd: int = 0
 
     def values(self) -> tuple[object, ...]:
         """Column values in order, booleans as 0/1 (both engines store INTEGER)."""
@@ -83,7 +120,12 @@ class SpendTotal:
     input_tokens: int
     output_tokens: int
     cost_nano_usd: int
+    counterfactual_cost_nano_usd: int
     cached_calls: int
+    escalated_calls: int
+
+    def plus(self, other: SpendTotal) -> SpendTotal:
+        return SpendTotal(self.key, *(getattr(self, f) + getattr(other, f) for f in _SUMMED))
 
 
 COLUMNS = [f.name for f in fields(UsageRow)]
@@ -105,6 +147,10 @@ class UsageStore(Protocol):
         """Pages of rows in time order, so a month never sits in memory at once."""
 
     def close(self) -> None: ...
+
+
+# Runs one SELECT with its parameters and returns every row.
+Query = Callable[[str, list[object]], list[Sequence[object]]]
 
 
 class Sql:
@@ -136,12 +182,49 @@ class Sql:
                 params.append(value)
         return " AND ".join(clauses), params
 
-    def spend(self, group: str, where: str) -> str:
+    def rollup_upsert(self) -> str:
+        m = self.mark
+        keys = "day, team, feature, model, tier"
+        updates = ", ".join(f"{c} = usage_daily.{c} + excluded.{c}" for c in _SUMMED)
         return (
-            f"SELECT {GROUPS[group]}, COUNT(*), SUM(input_tokens), SUM(output_tokens),"
-            " SUM(cost_nano_usd), SUM(CASE WHEN cache_outcome IN (2, 3) THEN 1 ELSE 0 END)"
-            f" FROM usage WHERE {where} GROUP BY 1 ORDER BY 1"
+            f"INSERT INTO usage_daily ({keys}, {', '.join(_SUMMED)})"
+            f" VALUES ({', '.join([m] * 12)})"
+            f" ON CONFLICT ({keys}) DO UPDATE SET {updates}"
         )
+
+    def spend_raw(self, group: str, where: str) -> str:
+        """Sums over individual rows, for the partial days at a range's edges."""
+        return (
+            f"SELECT {_dimension(group)}, COUNT(*), SUM(input_tokens), SUM(output_tokens),"
+            " SUM(cost_nano_usd), SUM(counterfactual_cost_nano_usd),"
+            " SUM(CASE WHEN cache_outcome IN (2, 3) THEN 1 ELSE 0 END), SUM(escalated)"
+            f" FROM usage WHERE {where} GROUP BY 1"
+        )
+
+    def spend_rollup(self, group: str, team: str, feature: str) -> str:
+        """Sums over whole days [first, end) from the rollup."""
+        clauses = [f"day >= {self.mark}", f"day < {self.mark}"]
+        clauses += [f"{c} = {self.mark}" for c, v in (("team", team), ("feature", feature)) if v]
+        sums = ", ".join(f"SUM({c})" for c in _SUMMED)
+        return (
+            f"SELECT {_dimension(group)}, {sums} FROM usage_daily"
+            f" WHERE {' AND '.join(clauses)} GROUP BY 1"
+        )
+
+    def spend(
+        self, query: Query, group: str, start_us: int, end_us: int, *, team: str, feature: str
+    ) -> list[SpendTotal]:
+        """Totals over [start_us, end_us): whole days from the rollup, edges from rows."""
+        first_day, end_day, edges = plan_range(start_us, end_us)
+        filters = [v for v in (team, feature) if v]
+        totals = []
+        if first_day:
+            rows = query(self.spend_rollup(group, team, feature), [first_day, end_day, *filters])
+            totals += [spend_total(r) for r in rows]
+        for edge_start, edge_end in edges:
+            where, params = self.where(edge_start, edge_end, team, feature)
+            totals += [spend_total(r) for r in query(self.spend_raw(group, where), params)]
+        return fold(group, totals)
 
     def export_page(self, where: str) -> str:
         m = self.mark
@@ -152,8 +235,66 @@ class Sql:
         )
 
 
+def _dimension(group: str) -> str:
+    if group not in GROUPS:
+        raise ValueError(f"unknown group {group!r}")
+    return _DIMENSION_COLUMN.get(group, group)
+
+
 def spend_total(values: Sequence[object]) -> SpendTotal:
     """A result row as a SpendTotal; SUMs come back as Decimal from PostgreSQL."""
     key, *numbers = values
-    calls, input_tokens, output_tokens, cost, cached = (int(n) for n in numbers)  # type: ignore[call-overload]
-    return SpendTotal(str(key), calls, input_tokens, output_tokens, cost, cached)
+    return SpendTotal(str(key), *(int(n) for n in numbers))  # type: ignore[call-overload]
+
+
+def rollup_values(row: UsageRow) -> tuple[object, ...]:
+    """The rollup increment one new row contributes."""
+    cached = int(row.cache_outcome in (2, 3))
+    return (
+        row.day, row.team, row.feature, row.model, row.tier, 1, row.input_tokens,
+        row.output_tokens, row.cost_nano_usd, row.counterfactual_cost_nano_usd, cached,
+        int(row.escalated),
+    )  # fmt: skip
+
+
+DAY_US = 86_400_000_000
+# "No upper bound": the last day dates can name.
+END_OF_TIME_US = (date(9999, 12, 31) - date(1970, 1, 1)).days * DAY_US
+
+
+def plan_range(start_us: int, end_us: int) -> tuple[str, str, list[tuple[int, int]]]:
+    """Split [start_us, end_us) into whole UTC days, read from the rollup as
+    [first_day, end_day), and the partial edges, read from the rows."""
+    start_us, end_us = max(start_us, 0), min(end_us, END_OF_TIME_US)
+    if start_us >= end_us:
+        return "", "", []
+    first = -(-start_us // DAY_US)  # the first midnight at or after start
+    last = end_us // DAY_US  # the last midnight at or before end
+    if first >= last:
+        return "", "", [(start_us, end_us)]
+    edges = [(a, b) for a, b in ((start_us, first * DAY_US), (last * DAY_US, end_us)) if a < b]
+    return _day(first), _day(last), edges
+
+
+def _day(days_since_epoch: int) -> str:
+    return (date(1970, 1, 1) + timedelta(days=days_since_epoch)).isoformat()
+
+
+def fold(group: str, totals: Iterable[SpendTotal]) -> list[SpendTotal]:
+    """Merge partial totals by key (days into weeks or months when asked), sorted."""
+    merged: dict[str, SpendTotal] = {}
+    for total in totals:
+        key = _bucket(group, total.key)
+        found = merged.get(key)
+        bucketed = SpendTotal(key, *(getattr(total, f) for f in _SUMMED))
+        merged[key] = bucketed if found is None else found.plus(bucketed)
+    return [merged[k] for k in sorted(merged)]
+
+
+def _bucket(group: str, key: str) -> str:
+    if group == "month":
+        return key[:7]
+    if group == "week":
+        year, week, _ = date.fromisoformat(key).isocalendar()
+        return f"{year}-W{week:02d}"
+    return key

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +16,11 @@ from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh.types.v1 import types_pb2
 from services.common.auth import Principal, require_role
 from services.common.config import Config
-from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from services.common.errors import InvalidArgument, PermissionDenied
 from services.common.server import ServiceDef
-from services.ledger.pricing import PriceCatalog, Usage
-from services.ledger.rows import SpendTotal, UsageRow, UsageStore
+from services.ledger.pricing import PriceCatalog
+from services.ledger.records import to_row
+from services.ledger.rows import END_OF_TIME_US, SpendTotal, UsageRow, UsageStore
 from services.ledger.stores import open_store
 
 SERVICE_NAME = "costmesh.ledger.v1.LedgerService"
@@ -30,8 +31,16 @@ _GROUPS = {
     ledger_pb2.GROUP_BY_FEATURE: "feature",
     ledger_pb2.GROUP_BY_MODEL: "model",
     ledger_pb2.GROUP_BY_DAY: "day",
+    ledger_pb2.GROUP_BY_TIER: "tier",
+    ledger_pb2.GROUP_BY_WEEK: "week",
+    ledger_pb2.GROUP_BY_MONTH: "month",
 }
-_FOREVER_US = 2**62
+_TIER_NAMES = {
+    str(types_pb2.TIER_UNSPECIFIED): "unspecified",
+    str(types_pb2.TIER_SIMPLE): "simple",
+    str(types_pb2.TIER_MODERATE): "moderate",
+    str(types_pb2.TIER_COMPLEX): "complex",
+}
 
 
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
@@ -45,7 +54,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         require_role("service")
         if len(request.records) > MAX_RECORDS_PER_CALL:
             raise InvalidArgument("records", f"at most {MAX_RECORDS_PER_CALL} per call")
-        rows = [self._to_row(i, r) for i, r in enumerate(request.records)]
+        rows = [to_row(i, r, self._catalog) for i, r in enumerate(request.records)]
         results = await asyncio.to_thread(self._store.record, rows)
         trace.get_current_span().set_attributes(
             {
@@ -73,9 +82,15 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         totals = await asyncio.to_thread(
             self._store.spend, _GROUPS[request.group_by], start_us, end_us, team, request.feature
         )
+        if request.group_by == ledger_pb2.GROUP_BY_TIER:
+            totals = [replace(t, key=_TIER_NAMES.get(t.key, t.key)) for t in totals]
+        cost = sum(t.cost_nano_usd for t in totals)
+        counterfactual = sum(t.counterfactual_cost_nano_usd for t in totals)
         return ledger_pb2.QuerySpendResponse(
             rows=[_to_spend_row(t) for t in totals],
-            total_cost_nano_usd=sum(t.cost_nano_usd for t in totals),
+            total_cost_nano_usd=cost,
+            total_counterfactual_cost_nano_usd=counterfactual,
+            total_savings_nano_usd=counterfactual - cost,
         )
 
     async def ExportUsage(
@@ -89,55 +104,6 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             for row in page:
                 yield ledger_pb2.ExportUsageResponse(record=_to_record(row))
 
-    def _to_row(self, index: int, record: ledger_pb2.UsageRecord) -> UsageRow:
-        field = f"records[{index}]"
-        if not record.request_id or len(record.request_id) > 128:
-            raise InvalidArgument(f"{field}.request_id", "required, at most 128 characters")
-        if len(record.client_request_id) > 128:
-            raise InvalidArgument(f"{field}.client_request_id", "at most 128 characters")
-        for name in ("team", "feature", "model"):
-            if not getattr(record, name):
-                raise InvalidArgument(f"{field}.{name}", "required")
-        usage = Usage(
-            record.usage.input_tokens, record.usage.cached_input_tokens, record.usage.output_tokens
-        )
-        if min(usage.input_tokens, usage.cached_input_tokens, usage.output_tokens) < 0:
-            raise InvalidArgument(f"{field}.usage", "token counts must not be negative")
-        if usage.cached_input_tokens > usage.input_tokens:
-            raise InvalidArgument(f"{field}.usage.cached_input_tokens", "exceeds input_tokens")
-        billed = usage.input_tokens + usage.output_tokens > 0
-        if billed and not self._catalog.knows(record.model):
-            # Not the record's fault: the catalog lacks the model. Writers keep the
-            # record and retry once the ledger's configuration has the price.
-            raise FailedPrecondition(
-                f"{field}.model: no price for model {record.model!r} in catalog"
-                f" {self._catalog.version}",
-                reason="MODEL_NOT_PRICED",
-            )
-        when = record.time.ToDatetime(UTC) if record.HasField("time") else datetime.now(UTC)
-        return UsageRow(
-            request_id=record.request_id,
-            trace_id=record.trace_id,
-            time_us=int(when.timestamp() * 1_000_000),
-            day=when.strftime("%Y-%m-%d"),
-            team=record.team,
-            feature=record.feature,
-            model=record.model,
-            provider=record.provider,
-            tier=record.tier,
-            input_tokens=usage.input_tokens,
-            cached_input_tokens=usage.cached_input_tokens,
-            output_tokens=usage.output_tokens,
-            cache_outcome=record.cache_outcome,
-            escalated=record.escalated,
-            batch=record.batch,
-            latency_ms=record.latency_ms,
-            status=record.status or ledger_pb2.CALL_STATUS_OK,
-            cost_nano_usd=self._catalog.cost_nano_usd(record.model, usage),
-            price_version=self._catalog.version,
-            client_request_id=record.client_request_id,
-        )
-
 
 def _visible_team(principal: Principal, requested: str) -> str:
     """Members only ever see their own team; admins and services see any."""
@@ -150,7 +116,7 @@ def _visible_team(principal: Principal, requested: str) -> str:
 
 def _range(request: Any, start_field: str, end_field: str) -> tuple[int, int]:
     start = _micros(getattr(request, start_field)) if request.HasField(start_field) else 0
-    end = _micros(getattr(request, end_field)) if request.HasField(end_field) else _FOREVER_US
+    end = _micros(getattr(request, end_field)) if request.HasField(end_field) else END_OF_TIME_US
     if end <= start:
         raise InvalidArgument(end_field, "must be after start_time")
     return start, end
@@ -168,6 +134,9 @@ def _to_spend_row(total: SpendTotal) -> ledger_pb2.SpendRow:
         output_tokens=total.output_tokens,
         cost_nano_usd=total.cost_nano_usd,
         cached_calls=total.cached_calls,
+        counterfactual_cost_nano_usd=total.counterfactual_cost_nano_usd,
+        savings_nano_usd=total.counterfactual_cost_nano_usd - total.cost_nano_usd,
+        escalated_calls=total.escalated_calls,
     )
 
 
@@ -196,6 +165,8 @@ def _to_record(row: UsageRow) -> ledger_pb2.UsageRecord:
         cost_nano_usd=row.cost_nano_usd,
         price_version=row.price_version,
         client_request_id=row.client_request_id,
+        baseline_model=row.baseline_model,
+        counterfactual_cost_nano_usd=row.counterfactual_cost_nano_usd,
     )
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from services.common.sqlite import open_database
-from services.ledger.rows import MIGRATIONS, SpendTotal, Sql, UsageRow, spend_total
+from services.ledger.rows import MIGRATIONS, SpendTotal, Sql, UsageRow, rollup_values
 
 _SQL = Sql("?")
 
@@ -35,6 +35,7 @@ class SqliteUsageStore:
             try:
                 for row in rows:
                     if self._db.execute(_SQL.insert(), row.values()).rowcount == 1:
+                        self._db.execute(_SQL.rollup_upsert(), rollup_values(row))
                         results.append((row.cost_nano_usd, False))
                     else:
                         existing = (row.team, row.request_id)
@@ -49,10 +50,11 @@ class SqliteUsageStore:
     def spend(
         self, group: str, start_us: int, end_us: int, team: str = "", feature: str = ""
     ) -> list[SpendTotal]:
-        where, params = _SQL.where(start_us, end_us, team, feature)
-        with self._lock:
-            rows = self._db.execute(_SQL.spend(group, where), params).fetchall()
-        return [spend_total(r) for r in rows]
+        def query(sql: str, params: list[object]) -> list[Sequence[object]]:
+            with self._lock:
+                return list(self._db.execute(sql, params).fetchall())
+
+        return _SQL.spend(query, group, start_us, end_us, team=team, feature=feature)
 
     def export(self, start_us: int, end_us: int, team: str = "") -> Iterator[list[UsageRow]]:
         where, params = _SQL.where(start_us, end_us, team, "")

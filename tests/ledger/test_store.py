@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import replace
-from pathlib import Path
 
 from services.ledger.rows import UsageRow
-from services.ledger.sqlite_store import SqliteUsageStore
 from tests.ledger.conftest import OpenStore
 
 DAY_US = 86_400 * 1_000_000
@@ -90,15 +87,6 @@ def test_reopening_keeps_rows(open_ledger_store: OpenStore) -> None:
 
     assert reopened.spend("", 0, 2**62)[0].calls == 1
     assert reopened.record([BASE]) == [(27_000, True)]
-
-
-def test_an_empty_sqlite_file_is_upgraded_in_place(tmp_path: Path) -> None:
-    legacy = tmp_path / "legacy.sqlite3"
-    sqlite3.connect(legacy).close()  # an empty file at schema version 0
-    upgraded = SqliteUsageStore(legacy)
-
-    assert upgraded.record([BASE]) == [(27_000, False)]
-    assert sqlite3.connect(legacy).execute("PRAGMA user_version").fetchone()[0] == 1
 
 
 def test_money_beyond_32_bits_sums_exactly(open_ledger_store: OpenStore) -> None:

@@ -61,6 +61,12 @@ class _GroupByEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GroupBy.Value
     """One row per model."""
     GROUP_BY_DAY: _GroupBy.ValueType  # 4
     """One row per UTC day (YYYY-MM-DD)."""
+    GROUP_BY_TIER: _GroupBy.ValueType  # 5
+    """One row per routing tier (simple, moderate, complex, unspecified)."""
+    GROUP_BY_WEEK: _GroupBy.ValueType  # 6
+    """One row per ISO week (YYYY-Www), weeks starting on Monday, UTC."""
+    GROUP_BY_MONTH: _GroupBy.ValueType  # 7
+    """One row per UTC month (YYYY-MM)."""
 
 class GroupBy(_GroupBy, metaclass=_GroupByEnumTypeWrapper):
     """GroupBy is the dimension spend is summed over."""
@@ -75,6 +81,12 @@ GROUP_BY_MODEL: GroupBy.ValueType  # 3
 """One row per model."""
 GROUP_BY_DAY: GroupBy.ValueType  # 4
 """One row per UTC day (YYYY-MM-DD)."""
+GROUP_BY_TIER: GroupBy.ValueType  # 5
+"""One row per routing tier (simple, moderate, complex, unspecified)."""
+GROUP_BY_WEEK: GroupBy.ValueType  # 6
+"""One row per ISO week (YYYY-Www), weeks starting on Monday, UTC."""
+GROUP_BY_MONTH: GroupBy.ValueType  # 7
+"""One row per UTC month (YYYY-MM)."""
 Global___GroupBy: _TypeAlias = GroupBy  # noqa: Y015
 
 @_typing.final
@@ -100,6 +112,9 @@ class UsageRecord(_message.Message):
     COST_NANO_USD_FIELD_NUMBER: _builtins.int
     PRICE_VERSION_FIELD_NUMBER: _builtins.int
     CLIENT_REQUEST_ID_FIELD_NUMBER: _builtins.int
+    BASELINE_MODEL_FIELD_NUMBER: _builtins.int
+    BASELINE_USAGE_FIELD_NUMBER: _builtins.int
+    COUNTERFACTUAL_COST_NANO_USD_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key of this record within the team: one per answered call, minted
     by costmesh (never the provider's response id, which is known to repeat).
@@ -134,6 +149,14 @@ class UsageRecord(_message.Message):
     """The request id the caller chose, if any; calls made again after its replay
     window share it, each with its own record.
     """
+    baseline_model: _builtins.str
+    """The model the feature would use without routing: the baseline savings are
+    measured against. Empty means no baseline (the counterfactual is the cost).
+    """
+    counterfactual_cost_nano_usd: _builtins.int
+    """What the call would have cost on the baseline model without cache or routing,
+    in billionths of a US dollar, set by the ledger.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the call finished."""
@@ -141,6 +164,12 @@ class UsageRecord(_message.Message):
     @_builtins.property
     def usage(self) -> _types_pb2.TokenUsage:
         """Tokens the provider billed; zero for a cache hit."""
+
+    @_builtins.property
+    def baseline_usage(self) -> _types_pb2.TokenUsage:
+        """The tokens the call would have used without the cache: for a hit, what the
+        cached answer cost when it was generated; otherwise the call's own usage.
+        """
 
     def __init__(
         self,
@@ -162,10 +191,13 @@ class UsageRecord(_message.Message):
         cost_nano_usd: _builtins.int = ...,
         price_version: _builtins.str = ...,
         client_request_id: _builtins.str = ...,
+        baseline_model: _builtins.str = ...,
+        baseline_usage: _types_pb2.TokenUsage | None = ...,
+        counterfactual_cost_nano_usd: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["baseline_usage", b"baseline_usage", "time", b"time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "cache_outcome", b"cache_outcome", "client_request_id", b"client_request_id", "cost_nano_usd", b"cost_nano_usd", "escalated", b"escalated", "feature", b"feature", "latency_ms", b"latency_ms", "model", b"model", "price_version", b"price_version", "provider", b"provider", "request_id", b"request_id", "status", b"status", "team", b"team", "tier", b"tier", "time", b"time", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_model", b"baseline_model", "baseline_usage", b"baseline_usage", "batch", b"batch", "cache_outcome", b"cache_outcome", "client_request_id", b"client_request_id", "cost_nano_usd", b"cost_nano_usd", "counterfactual_cost_nano_usd", b"counterfactual_cost_nano_usd", "escalated", b"escalated", "feature", b"feature", "latency_ms", b"latency_ms", "model", b"model", "price_version", b"price_version", "provider", b"provider", "request_id", b"request_id", "status", b"status", "team", b"team", "tier", b"tier", "time", b"time", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -303,6 +335,9 @@ class SpendRow(_message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     COST_NANO_USD_FIELD_NUMBER: _builtins.int
     CACHED_CALLS_FIELD_NUMBER: _builtins.int
+    COUNTERFACTUAL_COST_NANO_USD_FIELD_NUMBER: _builtins.int
+    SAVINGS_NANO_USD_FIELD_NUMBER: _builtins.int
+    ESCALATED_CALLS_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The group's value (team, feature, model or day); empty when not grouped."""
     calls: _builtins.int
@@ -315,6 +350,12 @@ class SpendRow(_message.Message):
     """Sum of costs in billionths of a US dollar."""
     cached_calls: _builtins.int
     """Calls answered from cache."""
+    counterfactual_cost_nano_usd: _builtins.int
+    """What the calls would have cost on the baseline model without cache or routing."""
+    savings_nano_usd: _builtins.int
+    """counterfactual_cost_nano_usd minus cost_nano_usd: what costmesh saved."""
+    escalated_calls: _builtins.int
+    """Calls that escalated to a stronger model."""
     def __init__(
         self,
         *,
@@ -324,10 +365,13 @@ class SpendRow(_message.Message):
         output_tokens: _builtins.int = ...,
         cost_nano_usd: _builtins.int = ...,
         cached_calls: _builtins.int = ...,
+        counterfactual_cost_nano_usd: _builtins.int = ...,
+        savings_nano_usd: _builtins.int = ...,
+        escalated_calls: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_calls", b"cached_calls", "calls", b"calls", "cost_nano_usd", b"cost_nano_usd", "input_tokens", b"input_tokens", "key", b"key", "output_tokens", b"output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_calls", b"cached_calls", "calls", b"calls", "cost_nano_usd", b"cost_nano_usd", "counterfactual_cost_nano_usd", b"counterfactual_cost_nano_usd", "escalated_calls", b"escalated_calls", "input_tokens", b"input_tokens", "key", b"key", "output_tokens", b"output_tokens", "savings_nano_usd", b"savings_nano_usd"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -341,8 +385,14 @@ class QuerySpendResponse(_message.Message):
 
     ROWS_FIELD_NUMBER: _builtins.int
     TOTAL_COST_NANO_USD_FIELD_NUMBER: _builtins.int
+    TOTAL_COUNTERFACTUAL_COST_NANO_USD_FIELD_NUMBER: _builtins.int
+    TOTAL_SAVINGS_NANO_USD_FIELD_NUMBER: _builtins.int
     total_cost_nano_usd: _builtins.int
     """Sum of cost over all rows, in billionths of a US dollar."""
+    total_counterfactual_cost_nano_usd: _builtins.int
+    """Sum of the counterfactual cost over all rows."""
+    total_savings_nano_usd: _builtins.int
+    """Sum of the savings over all rows."""
     @_builtins.property
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___SpendRow]:
         """One row per group, ordered by key."""
@@ -352,10 +402,12 @@ class QuerySpendResponse(_message.Message):
         *,
         rows: _abc.Iterable[Global___SpendRow] | None = ...,
         total_cost_nano_usd: _builtins.int = ...,
+        total_counterfactual_cost_nano_usd: _builtins.int = ...,
+        total_savings_nano_usd: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows", "total_cost_nano_usd", b"total_cost_nano_usd"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows", "total_cost_nano_usd", b"total_cost_nano_usd", "total_counterfactual_cost_nano_usd", b"total_counterfactual_cost_nano_usd", "total_savings_nano_usd", b"total_savings_nano_usd"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

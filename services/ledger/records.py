@@ -1,0 +1,82 @@
+"""A UsageRecord from a writer becomes a priced UsageRow, or an error naming its field."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from costmesh.ledger.v1 import ledger_pb2
+from costmesh.types.v1 import types_pb2
+from services.common.errors import FailedPrecondition, InvalidArgument
+from services.ledger.pricing import PriceCatalog, Usage
+from services.ledger.rows import UsageRow
+
+MAX_ID = 128
+
+
+def to_row(index: int, record: ledger_pb2.UsageRecord, catalog: PriceCatalog) -> UsageRow:
+    """Check, then price the call and its counterfactual at the call's own time."""
+    field = f"records[{index}]"
+    _check_ids(field, record)
+    usage = _usage(f"{field}.usage", record.usage)
+    baseline = _usage(f"{field}.baseline_usage", record.baseline_usage)
+    when = record.time.ToDatetime(UTC) if record.HasField("time") else datetime.now(UTC)
+    _check_priced(f"{field}.model", record.model, usage, catalog)
+    priced = catalog.cost(record.model, usage, when, batch=record.batch)
+    if record.baseline_model:
+        _check_priced(f"{field}.baseline_model", record.baseline_model, baseline, catalog)
+        counterfactual = catalog.cost(record.baseline_model, baseline, when).cost_nano_usd
+    else:
+        counterfactual = priced.cost_nano_usd  # no baseline: no savings claimed
+    return UsageRow(
+        request_id=record.request_id,
+        trace_id=record.trace_id,
+        time_us=int(when.timestamp() * 1_000_000),
+        day=when.strftime("%Y-%m-%d"),
+        team=record.team,
+        feature=record.feature,
+        model=record.model,
+        provider=record.provider,
+        tier=record.tier,
+        input_tokens=usage.input_tokens,
+        cached_input_tokens=usage.cached_input_tokens,
+        output_tokens=usage.output_tokens,
+        cache_outcome=record.cache_outcome,
+        escalated=record.escalated,
+        batch=record.batch,
+        latency_ms=record.latency_ms,
+        status=record.status or ledger_pb2.CALL_STATUS_OK,
+        cost_nano_usd=priced.cost_nano_usd,
+        price_version=priced.version,
+        client_request_id=record.client_request_id,
+        baseline_model=record.baseline_model,
+        counterfactual_cost_nano_usd=counterfactual,
+    )
+
+
+def _check_ids(field: str, record: ledger_pb2.UsageRecord) -> None:
+    if not record.request_id or len(record.request_id) > MAX_ID:
+        raise InvalidArgument(f"{field}.request_id", f"required, at most {MAX_ID} characters")
+    if len(record.client_request_id) > MAX_ID:
+        raise InvalidArgument(f"{field}.client_request_id", f"at most {MAX_ID} characters")
+    for name in ("team", "feature", "model"):
+        if not getattr(record, name):
+            raise InvalidArgument(f"{field}.{name}", "required")
+
+
+def _usage(field: str, tokens: types_pb2.TokenUsage) -> Usage:
+    usage = Usage(tokens.input_tokens, tokens.cached_input_tokens, tokens.output_tokens)
+    if min(usage.input_tokens, usage.cached_input_tokens, usage.output_tokens) < 0:
+        raise InvalidArgument(field, "token counts must not be negative")
+    if usage.cached_input_tokens > usage.input_tokens:
+        raise InvalidArgument(f"{field}.cached_input_tokens", "exceeds input_tokens")
+    return usage
+
+
+def _check_priced(field: str, model: str, usage: Usage, catalog: PriceCatalog) -> None:
+    if usage.input_tokens + usage.output_tokens > 0 and not catalog.knows(model):
+        # Not the record's fault: the catalog lacks the model. Writers keep the
+        # record and retry once the ledger's configuration has the price.
+        raise FailedPrecondition(
+            f"{field}: no price for model {model!r} in catalog {catalog.version}",
+            reason="MODEL_NOT_PRICED",
+        )
