@@ -43,7 +43,7 @@ _KNOWN_KEYS = {
     "providers.*": {"base_url", "api_key_env", "simulate_without_key"},
     "models.*": {"provider", "context_window", "price_changes", *PRICE_KEYS},
     "features.*": {
-        "tier", "models", "escalation_model", "cache_ttl_seconds",
+        "tier", "models", "escalation_model", "cache_ttl_seconds", "baseline_model",
         "max_tokens_default", "max_tokens_limit", "max_input_tokens",
     },
 }  # fmt: skip

@@ -209,3 +209,24 @@ async def test_the_mesh_serves_on_a_specific_listen_address(
 
     assert reply.content == "[simulated] Answer to: Bound elsewhere?"
     assert not reply.cost_pending
+
+
+async def test_savings_against_the_baseline_model_are_a_query(mesh: Mesh) -> None:
+    miss = await mesh.inference.Complete(user_request("Dispute a charge"), metadata=AUTH, timeout=10)
+    hit = await mesh.inference.Complete(user_request("Dispute a charge"), metadata=AUTH, timeout=10)
+
+    spend = await mesh.ledger.QuerySpend(
+        ledger_pb2.QuerySpendRequest(group_by=ledger_pb2.GROUP_BY_TIER), metadata=AUTH, timeout=5
+    )
+
+    # The baseline (gpt-4o: 2,500 and 10,000 nano-USD a token) for both calls: the
+    # miss with its own tokens, the hit with the tokens its answer first cost.
+    on_baseline = miss.usage.input_tokens * 2500 + miss.usage.output_tokens * 10_000
+    assert hit.cached
+    assert spend.total_cost_nano_usd == miss.cost_nano_usd
+    assert spend.total_counterfactual_cost_nano_usd == 2 * on_baseline
+    assert spend.total_savings_nano_usd == 2 * on_baseline - miss.cost_nano_usd
+    assert [(r.key, r.calls, r.savings_nano_usd) for r in spend.rows] == [
+        ("simple", 1, on_baseline - miss.cost_nano_usd),
+        ("unspecified", 1, on_baseline),  # a hit is not routed
+    ]

@@ -123,19 +123,22 @@ class CompletionPath:
             if request.cache_control.no_cache
             else await self._lookup(key, request.cache_control.max_age_seconds, deadline)
         )
+        baseline_usage = types_pb2.TokenUsage()
         if hit is not None:
             entry = hit.entry
+            baseline_usage.CopyFrom(entry.usage)  # what the answer cost when generated
             response.content, response.model = entry.content, entry.model
             response.provider, response.finish_reason = "cache", entry.finish_reason
             response.cached, response.cache_outcome = True, hit.outcome
         else:
             await self._generate(call, key, response)
+            baseline_usage.CopyFrom(response.usage)
         trace.get_current_span().set_attributes(
             {"costmesh.cache.outcome": types_pb2.CacheOutcome.Name(response.cache_outcome)}
         )
         # Shielded: once the work is done its usage is recorded, even if the caller
         # gives up (deadline, cancel) while the ledger write is under way.
-        await asyncio.shield(self._record(call, response))
+        await asyncio.shield(self._record(call, response, baseline_usage))
         return response
 
     async def _generate(
@@ -241,7 +244,12 @@ class CompletionPath:
 
         self._pending_stores[digest] = asyncio.create_task(store())
 
-    async def _record(self, call: Call, response: inference_pb2.CompleteResponse) -> None:
+    async def _record(
+        self,
+        call: Call,
+        response: inference_pb2.CompleteResponse,
+        baseline_usage: types_pb2.TokenUsage,
+    ) -> None:
         now = timestamp_pb2.Timestamp()
         now.GetCurrentTime()
         record = ledger_pb2.UsageRecord(
@@ -255,6 +263,8 @@ class CompletionPath:
             provider=response.provider,
             tier=response.tier,
             usage=response.usage,
+            baseline_model=self._settings.features[call.request.feature].baseline_model,
+            baseline_usage=baseline_usage,
             cache_outcome=response.cache_outcome,
             latency_ms=int((time.monotonic() - call.started) * 1000),
             status=ledger_pb2.CALL_STATUS_OK,

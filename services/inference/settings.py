@@ -15,6 +15,8 @@ class FeatureLimits:
     max_tokens_default: int
     max_tokens_limit: int
     max_input_tokens: int
+    # The model the feature would use without routing, for the ledger's savings.
+    baseline_model: str = ""
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,10 @@ class InferenceSettings:
             # not trip over the default it inherited.
             default = min(f.get_int("max_tokens_default", 512, minimum=1), limit)
             limits[name] = FeatureLimits(
-                default, limit, f.get_int("max_input_tokens", 16000, minimum=1)
+                default,
+                limit,
+                f.get_int("max_input_tokens", 16000, minimum=1),
+                f.get_str("baseline_model", f.section("models").get_str("complex", "")),
             )
         providers_cfg = config.section("providers")
         providers = {
@@ -72,6 +77,11 @@ class InferenceSettings:
             if provider not in providers:
                 raise ConfigError(f"models.{name}.provider: unknown provider {provider!r}")
             models[name] = ModelInfo(provider, m.get_int("context_window", minimum=1))
+        for name, feature in limits.items():
+            if feature.baseline_model and feature.baseline_model not in models:
+                raise ConfigError(
+                    f"features.{name}.baseline_model: unknown model {feature.baseline_model!r}"
+                )
         inference = config.section("inference")
         data_dir = Path(config.section("server").get_str("data_dir"))
         return cls(

@@ -83,7 +83,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             self._store.spend, _GROUPS[request.group_by], start_us, end_us, team, request.feature
         )
         if request.group_by == ledger_pb2.GROUP_BY_TIER:
-            totals = [replace(t, key=_TIER_NAMES.get(t.key, t.key)) for t in totals]
+            named = (replace(t, key=_TIER_NAMES.get(t.key, t.key)) for t in totals)
+            totals = sorted(named, key=lambda t: t.key)
         cost = sum(t.cost_nano_usd for t in totals)
         counterfactual = sum(t.counterfactual_cost_nano_usd for t in totals)
         return ledger_pb2.QuerySpendResponse(
