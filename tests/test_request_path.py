@@ -212,7 +212,9 @@ async def test_the_mesh_serves_on_a_specific_listen_address(
 
 
 async def test_savings_against_the_baseline_model_are_a_query(mesh: Mesh) -> None:
-    miss = await mesh.inference.Complete(user_request("Dispute a charge"), metadata=AUTH, timeout=10)
+    miss = await mesh.inference.Complete(
+        user_request("Dispute a charge"), metadata=AUTH, timeout=10
+    )
     hit = await mesh.inference.Complete(user_request("Dispute a charge"), metadata=AUTH, timeout=10)
 
     spend = await mesh.ledger.QuerySpend(
