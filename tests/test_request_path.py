@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+import pytest
 from google.protobuf import timestamp_pb2
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -232,3 +233,37 @@ async def test_savings_against_the_baseline_model_are_a_query(mesh: Mesh) -> Non
         ("simple", 1, on_baseline - miss.cost_nano_usd),
         ("unspecified", 1, on_baseline),  # a hit is not routed
     ]
+
+
+async def test_spend_by_team_then_feature_is_the_chargeback_table(mesh: Mesh) -> None:
+    for feature, question in (
+        ("support", "Refund?"),
+        ("default", "Summarise this"),
+        ("support", "Hours?"),
+    ):
+        await mesh.inference.Complete(
+            user_request(question, feature=feature), metadata=AUTH, timeout=10
+        )
+
+    table = await mesh.ledger.QuerySpend(
+        ledger_pb2.QuerySpendRequest(
+            group_by=ledger_pb2.GROUP_BY_TEAM, then_by=ledger_pb2.GROUP_BY_FEATURE
+        ),
+        metadata=AUTH,
+        timeout=5,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as same:
+        await mesh.ledger.QuerySpend(
+            ledger_pb2.QuerySpendRequest(
+                group_by=ledger_pb2.GROUP_BY_TEAM, then_by=ledger_pb2.GROUP_BY_TEAM
+            ),
+            metadata=AUTH,
+            timeout=5,
+        )
+
+    assert [(r.key, r.second_key, r.calls) for r in table.rows] == [
+        ("demo", "default", 1),
+        ("demo", "support", 2),
+    ]
+    assert same.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (same.value.details() or "").startswith("then_by")

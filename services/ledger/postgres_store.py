@@ -53,13 +53,18 @@ class PostgresUsageStore:
         return results
 
     def spend(
-        self, group: str, start_us: int, end_us: int, team: str = "", feature: str = ""
+        self,
+        groups: tuple[str, ...],
+        start_us: int,
+        end_us: int,
+        team: str = "",
+        feature: str = "",
     ) -> list[SpendTotal]:
         def query(sql: str, params: list[object]) -> list[Sequence[object]]:
             with self._pool.connection() as db:
                 return list(db.execute(sql, params).fetchall())
 
-        return _SQL.spend(query, group, start_us, end_us, team=team, feature=feature)
+        return _SQL.spend(query, groups, start_us, end_us, team=team, feature=feature)
 
     def export(self, start_us: int, end_us: int, team: str = "") -> Iterator[list[UsageRow]]:
         where, params = _SQL.where(start_us, end_us, team, "")

@@ -115,7 +115,9 @@ class UsageRow:
 
 @dataclass(frozen=True)
 class SpendTotal:
-    key: str
+    """Sums for one group; `keys` holds its value for each grouping dimension."""
+
+    keys: tuple[str, ...]
     calls: int
     input_tokens: int
     output_tokens: int
@@ -125,7 +127,11 @@ class SpendTotal:
     escalated_calls: int
 
     def plus(self, other: SpendTotal) -> SpendTotal:
-        return SpendTotal(self.key, *(getattr(self, f) + getattr(other, f) for f in _SUMMED))
+        return SpendTotal(self.keys, *(getattr(self, f) + getattr(other, f) for f in _SUMMED))
+
+    @property
+    def key(self) -> str:
+        return self.keys[0]
 
 
 COLUMNS = [f.name for f in fields(UsageRow)]
@@ -139,9 +145,15 @@ class UsageStore(Protocol):
         """Insert rows; for each, the cost now on file and whether it was a repeat."""
 
     def spend(
-        self, group: str, start_us: int, end_us: int, team: str = "", feature: str = ""
+        self,
+        groups: tuple[str, ...],
+        start_us: int,
+        end_us: int,
+        team: str = "",
+        feature: str = "",
     ) -> list[SpendTotal]:
-        """Sums per group over [start_us, end_us), optionally for one team and feature."""
+        """Sums per group (one or two dimensions of GROUPS) over [start_us, end_us),
+        optionally for one team and feature."""
 
     def export(self, start_us: int, end_us: int, team: str = "") -> Iterator[list[UsageRow]]:
         """Pages of rows in time order, so a month never sits in memory at once."""
@@ -192,39 +204,47 @@ class Sql:
             f" ON CONFLICT ({keys}) DO UPDATE SET {updates}"
         )
 
-    def spend_raw(self, group: str, where: str) -> str:
+    def spend_raw(self, groups: tuple[str, ...], where: str) -> str:
         """Sums over individual rows, for the partial days at a range's edges."""
         return (
-            f"SELECT {_dimension(group)}, COUNT(*), SUM(input_tokens), SUM(output_tokens),"
+            f"SELECT {_dimensions(groups)}, COUNT(*), SUM(input_tokens), SUM(output_tokens),"
             " SUM(cost_nano_usd), SUM(counterfactual_cost_nano_usd),"
             " SUM(CASE WHEN cache_outcome IN (2, 3) THEN 1 ELSE 0 END), SUM(escalated)"
-            f" FROM usage WHERE {where} GROUP BY 1"
+            f" FROM usage WHERE {where} GROUP BY {_positions(groups)}"
         )
 
-    def spend_rollup(self, group: str, team: str, feature: str) -> str:
+    def spend_rollup(self, groups: tuple[str, ...], team: str, feature: str) -> str:
         """Sums over whole days [first, end) from the rollup."""
         clauses = [f"day >= {self.mark}", f"day < {self.mark}"]
         clauses += [f"{c} = {self.mark}" for c, v in (("team", team), ("feature", feature)) if v]
         sums = ", ".join(f"SUM({c})" for c in _SUMMED)
         return (
-            f"SELECT {_dimension(group)}, {sums} FROM usage_daily"
-            f" WHERE {' AND '.join(clauses)} GROUP BY 1"
+            f"SELECT {_dimensions(groups)}, {sums} FROM usage_daily"
+            f" WHERE {' AND '.join(clauses)} GROUP BY {_positions(groups)}"
         )
 
     def spend(
-        self, query: Query, group: str, start_us: int, end_us: int, *, team: str, feature: str
+        self,
+        query: Query,
+        groups: tuple[str, ...],
+        start_us: int,
+        end_us: int,
+        *,
+        team: str,
+        feature: str,
     ) -> list[SpendTotal]:
         """Totals over [start_us, end_us): whole days from the rollup, edges from rows."""
         first_day, end_day, edges = plan_range(start_us, end_us)
         filters = [v for v in (team, feature) if v]
         totals = []
         if first_day:
-            rows = query(self.spend_rollup(group, team, feature), [first_day, end_day, *filters])
-            totals += [spend_total(r) for r in rows]
+            rows = query(self.spend_rollup(groups, team, feature), [first_day, end_day, *filters])
+            totals += [spend_total(len(groups), r) for r in rows]
         for edge_start, edge_end in edges:
             where, params = self.where(edge_start, edge_end, team, feature)
-            totals += [spend_total(r) for r in query(self.spend_raw(group, where), params)]
-        return fold(group, totals)
+            raw = query(self.spend_raw(groups, where), params)
+            totals += [spend_total(len(groups), r) for r in raw]
+        return fold(groups, totals)
 
     def export_page(self, where: str) -> str:
         m = self.mark
@@ -235,16 +255,20 @@ class Sql:
         )
 
 
-def _dimension(group: str) -> str:
-    if group not in GROUPS:
-        raise ValueError(f"unknown group {group!r}")
-    return _DIMENSION_COLUMN.get(group, group)
+def _dimensions(groups: tuple[str, ...]) -> str:
+    if not 1 <= len(groups) <= 2 or any(g not in GROUPS for g in groups):
+        raise ValueError(f"expected one or two of {GROUPS}, got {groups!r}")
+    return ", ".join(_DIMENSION_COLUMN.get(g, g) for g in groups)
 
 
-def spend_total(values: Sequence[object]) -> SpendTotal:
+def _positions(groups: tuple[str, ...]) -> str:
+    return ", ".join(str(i + 1) for i in range(len(groups)))
+
+
+def spend_total(dimensions: int, values: Sequence[object]) -> SpendTotal:
     """A result row as a SpendTotal; SUMs come back as Decimal from PostgreSQL."""
-    key, *numbers = values
-    return SpendTotal(str(key), *(int(n) for n in numbers))  # type: ignore[call-overload]
+    keys = tuple(str(v) for v in values[:dimensions])
+    return SpendTotal(keys, *(int(n) for n in values[dimensions:]))  # type: ignore[call-overload]
 
 
 def rollup_values(row: UsageRow) -> tuple[object, ...]:
@@ -280,14 +304,14 @@ def _day(days_since_epoch: int) -> str:
     return (date(1970, 1, 1) + timedelta(days=days_since_epoch)).isoformat()
 
 
-def fold(group: str, totals: Iterable[SpendTotal]) -> list[SpendTotal]:
-    """Merge partial totals by key (days into weeks or months when asked), sorted."""
-    merged: dict[str, SpendTotal] = {}
+def fold(groups: tuple[str, ...], totals: Iterable[SpendTotal]) -> list[SpendTotal]:
+    """Merge partial totals by keys (days into weeks or months when asked), sorted."""
+    merged: dict[tuple[str, ...], SpendTotal] = {}
     for total in totals:
-        key = _bucket(group, total.key)
-        found = merged.get(key)
-        bucketed = SpendTotal(key, *(getattr(total, f) for f in _SUMMED))
-        merged[key] = bucketed if found is None else found.plus(bucketed)
+        keys = tuple(_bucket(g, k) for g, k in zip(groups, total.keys, strict=True))
+        found = merged.get(keys)
+        bucketed = SpendTotal(keys, *(getattr(total, f) for f in _SUMMED))
+        merged[keys] = bucketed if found is None else found.plus(bucketed)
     return [merged[k] for k in sorted(merged)]
 
 

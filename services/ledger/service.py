@@ -76,15 +76,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self, request: ledger_pb2.QuerySpendRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ledger_pb2.QuerySpendResponse:
         team = _visible_team(require_role("member", "admin", "service"), request.team)
-        if request.group_by not in _GROUPS:
-            raise InvalidArgument("group_by", f"unknown value {request.group_by}")
+        groups = _groups(request)
         start_us, end_us = _range(request, "start_time", "end_time")
         totals = await asyncio.to_thread(
-            self._store.spend, _GROUPS[request.group_by], start_us, end_us, team, request.feature
+            self._store.spend, groups, start_us, end_us, team, request.feature
         )
-        if request.group_by == ledger_pb2.GROUP_BY_TIER:
-            named = (replace(t, key=_TIER_NAMES.get(t.key, t.key)) for t in totals)
-            totals = sorted(named, key=lambda t: t.key)
+        if "tier" in groups:
+            totals = sorted((_named_tiers(groups, t) for t in totals), key=lambda t: t.keys)
         cost = sum(t.cost_nano_usd for t in totals)
         counterfactual = sum(t.counterfactual_cost_nano_usd for t in totals)
         return ledger_pb2.QuerySpendResponse(
@@ -104,6 +102,25 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         while page := await asyncio.to_thread(next, pages, no_more):
             for row in page:
                 yield ledger_pb2.ExportUsageResponse(record=_to_record(row))
+
+
+def _groups(request: ledger_pb2.QuerySpendRequest) -> tuple[str, ...]:
+    for field in ("group_by", "then_by"):
+        if getattr(request, field) not in _GROUPS:
+            raise InvalidArgument(field, f"unknown value {getattr(request, field)}")
+    if request.then_by == ledger_pb2.GROUP_BY_UNSPECIFIED:
+        return (_GROUPS[request.group_by],)
+    if request.then_by == request.group_by or not request.group_by:
+        raise InvalidArgument("then_by", "needs a group_by, and a different one")
+    return (_GROUPS[request.group_by], _GROUPS[request.then_by])
+
+
+def _named_tiers(groups: tuple[str, ...], total: SpendTotal) -> SpendTotal:
+    """Tier keys as names (simple, moderate, ...) instead of enum numbers."""
+    keys = tuple(
+        _TIER_NAMES.get(k, k) if g == "tier" else k for g, k in zip(groups, total.keys, strict=True)
+    )
+    return replace(total, keys=keys)
 
 
 def _visible_team(principal: Principal, requested: str) -> str:
@@ -129,7 +146,8 @@ def _micros(ts: timestamp_pb2.Timestamp) -> int:
 
 def _to_spend_row(total: SpendTotal) -> ledger_pb2.SpendRow:
     return ledger_pb2.SpendRow(
-        key=total.key,
+        key=total.keys[0],
+        second_key=total.keys[1] if len(total.keys) > 1 else "",
         calls=total.calls,
         input_tokens=total.input_tokens,
         output_tokens=total.output_tokens,

@@ -61,8 +61,8 @@ def test_version_one_is_upgraded_in_place_keeping_every_row(kind: str, tmp_path:
     with version_one_database(kind, tmp_path) as database:
         store = open_store(database, tmp_path)
         try:
-            whole_day = {t.key: t for t in store.spend("team", DAY, DAY + 86_400_000_000)}
-            partial = {t.key: t for t in store.spend("team", DAY, DAY + 2)}
+            whole_day = {t.key: t for t in store.spend(("team",), DAY, DAY + 86_400_000_000)}
+            partial = {t.key: t for t in store.spend(("team",), DAY, DAY + 2)}
             exported = [row for page in store.export(0, 2**62) for row in page]
             again = store.record([UsageRow(*V1_ROWS[0])])  # type: ignore[arg-type]
         finally:

@@ -57,12 +57,12 @@ def _key(group: str, row: UsageRow) -> str:
 
 
 def _brute_force(
-    rows: list[UsageRow], group: str, start: int, end: int, team: str
+    rows: list[UsageRow], groups: tuple[str, ...], start: int, end: int, team: str
 ) -> list[SpendTotal]:
-    sums: dict[str, list[int]] = defaultdict(lambda: [0] * 7)
+    sums: dict[tuple[str, ...], list[int]] = defaultdict(lambda: [0] * 7)
     for row in rows:
         if start <= row.time_us < end and (not team or row.team == team):
-            total = sums[_key(group, row)]
+            total = sums[tuple(_key(g, row) for g in groups)]
             for i, value in enumerate(
                 (
                     1, row.input_tokens, row.output_tokens, row.cost_nano_usd,
@@ -89,8 +89,10 @@ def test_every_grouping_over_any_range_matches_a_sum_over_every_row(
         a, b = sorted(START + rng.randrange(10 * DAY_US) for _ in range(2))
         ranges.append((a, b))
 
+    groupings: list[tuple[str, ...]] = [(g,) for g in GROUPS]
+    groupings += [("team", "feature"), ("month", "model"), ("tier", "week"), ("day", "team")]
     for start, end in ranges:
-        for group in GROUPS:
+        for groups in groupings:
             team = rng.choice(["", "support"])
-            got = store.spend(group, start, end, team=team)
-            assert got == _brute_force(rows, group, start, end, team), (group, start, end, team)
+            got = store.spend(groups, start, end, team=team)
+            assert got == _brute_force(rows, groups, start, end, team), (groups, start, end, team)

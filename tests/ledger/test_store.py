@@ -40,7 +40,7 @@ def test_a_repeated_request_id_is_ignored_and_reports_the_first_cost(
 
     assert first == [(27_000, False)]
     assert again == [(27_000, True)]
-    assert store.spend("", 0, 2**62)[0].calls == 1
+    assert store.spend(("",), 0, 2**62)[0].calls == 1
 
 
 def test_spend_groups_sum_exactly_and_respect_the_time_range(open_ledger_store: OpenStore) -> None:
@@ -61,10 +61,10 @@ def test_spend_groups_sum_exactly_and_respect_the_time_range(open_ledger_store: 
     store.record(rows)
 
     by_team = {
-        t.key: (t.calls, t.cost_nano_usd, t.cached_calls) for t in store.spend("team", 0, 2**62)
+        t.key: (t.calls, t.cost_nano_usd, t.cached_calls) for t in store.spend(("team",), 0, 2**62)
     }
-    first_day = store.spend("day", BASE.time_us, BASE.time_us + DAY_US)
-    only_search = store.spend("", 0, 2**62, team="search")
+    first_day = store.spend(("day",), BASE.time_us, BASE.time_us + DAY_US)
+    only_search = store.spend(("",), 0, 2**62, team="search")
 
     assert by_team == {"search": (2, 12, 0), "support": (2, 3, 1)}
     assert [(t.key, t.cost_nano_usd) for t in first_day] == [("2025-11-26", 7)]
@@ -85,7 +85,7 @@ def test_reopening_keeps_rows(open_ledger_store: OpenStore) -> None:
     open_ledger_store().record([BASE])
     reopened = open_ledger_store()
 
-    assert reopened.spend("", 0, 2**62)[0].calls == 1
+    assert reopened.spend(("",), 0, 2**62)[0].calls == 1
     assert reopened.record([BASE]) == [(27_000, True)]
 
 
@@ -94,7 +94,7 @@ def test_money_beyond_32_bits_sums_exactly(open_ledger_store: OpenStore) -> None
     big = 9_007_199_254_740_993  # 2**53 + 1: lost by any float on the way
     store.record([replace(BASE, request_id="a", cost_nano_usd=big), replace(BASE, request_id="b")])
 
-    (total,) = store.spend("", 0, 2**62)
+    (total,) = store.spend(("",), 0, 2**62)
 
     assert total.cost_nano_usd == big + BASE.cost_nano_usd
     assert isinstance(total.cost_nano_usd, int)

@@ -292,12 +292,17 @@ class QuerySpendRequest(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     TEAM_FIELD_NUMBER: _builtins.int
     FEATURE_FIELD_NUMBER: _builtins.int
+    THEN_BY_FIELD_NUMBER: _builtins.int
     group_by: Global___GroupBy.ValueType
     """Dimension to group by."""
     team: _builtins.str
     """Restrict to one team; member keys are always restricted to their own."""
     feature: _builtins.str
     """Restrict to one feature."""
+    then_by: Global___GroupBy.ValueType
+    """A second dimension to group by within the first (e.g. feature within team);
+    unset for one dimension.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Inclusive lower bound on record time; unset means the beginning."""
@@ -314,10 +319,11 @@ class QuerySpendRequest(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         team: _builtins.str = ...,
         feature: _builtins.str = ...,
+        then_by: Global___GroupBy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "feature", b"feature", "group_by", b"group_by", "start_time", b"start_time", "team", b"team"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "feature", b"feature", "group_by", b"group_by", "start_time", b"start_time", "team", b"team", "then_by", b"then_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -338,6 +344,7 @@ class SpendRow(_message.Message):
     COUNTERFACTUAL_COST_NANO_USD_FIELD_NUMBER: _builtins.int
     SAVINGS_NANO_USD_FIELD_NUMBER: _builtins.int
     ESCALATED_CALLS_FIELD_NUMBER: _builtins.int
+    SECOND_KEY_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The group's value (team, feature, model or day); empty when not grouped."""
     calls: _builtins.int
@@ -356,6 +363,8 @@ class SpendRow(_message.Message):
     """counterfactual_cost_nano_usd minus cost_nano_usd: what costmesh saved."""
     escalated_calls: _builtins.int
     """Calls that escalated to a stronger model."""
+    second_key: _builtins.str
+    """The group's value in the then_by dimension; empty without then_by."""
     def __init__(
         self,
         *,
@@ -368,10 +377,11 @@ class SpendRow(_message.Message):
         counterfactual_cost_nano_usd: _builtins.int = ...,
         savings_nano_usd: _builtins.int = ...,
         escalated_calls: _builtins.int = ...,
+        second_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_calls", b"cached_calls", "calls", b"calls", "cost_nano_usd", b"cost_nano_usd", "counterfactual_cost_nano_usd", b"counterfactual_cost_nano_usd", "escalated_calls", b"escalated_calls", "input_tokens", b"input_tokens", "key", b"key", "output_tokens", b"output_tokens", "savings_nano_usd", b"savings_nano_usd"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_calls", b"cached_calls", "calls", b"calls", "cost_nano_usd", b"cost_nano_usd", "counterfactual_cost_nano_usd", b"counterfactual_cost_nano_usd", "escalated_calls", b"escalated_calls", "input_tokens", b"input_tokens", "key", b"key", "output_tokens", b"output_tokens", "savings_nano_usd", b"savings_nano_usd", "second_key", b"second_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
