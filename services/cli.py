@@ -8,13 +8,16 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TextIO
 
+import grpc
 from opentelemetry import trace
 
 from services.common import telemetry
 from services.common.auth import ROLES, hash_key, new_key
 from services.common.config import ConfigError, load_config
 from services.common.server import serve
+from services.ledger import commands as ledger_commands
 from services.mesh import SERVICES, start_mesh
 
 log = logging.getLogger("costmesh")
@@ -39,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     new_cmd = keys_sub.add_parser("new", help="make a key and print its config entry")
     new_cmd.add_argument("--team", required=True)
     new_cmd.add_argument("--role", choices=ROLES, default="member")
+    new_cmd.set_defaults(handler=_new_key)
+    ledger_commands.register(commands)
     return parser
 
 
@@ -63,8 +68,23 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_command(args: argparse.Namespace) -> int:
+    """A client command (ledger report, economics): errors as one line and an exit code."""
+    try:
+        return int(args.handler(args, sys.stdout))
+    except grpc.RpcError as exc:
+        print(f"costmesh: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"costmesh: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse has printed why
+        return int(exc.code or 0)
     level = os.environ.get("COSTMESH_LOG_LEVEL", "INFO").upper()
     if not isinstance(logging.getLevelName(level), int):
         print(
@@ -79,13 +99,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The openai SDK's HTTP client logs every request at INFO: too much for a service.
     for noisy in ("httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.command == "keys":
-        key = new_key()
-        print(f"key (give it to the team; it is not stored): {key}")
-        print(
-            f'[[auth.keys]]\nteam = "{args.team}"\nrole = "{args.role}"\nsha256 = "{hash_key(key)}"'
-        )
-        return 0
+    if args.command != "serve":
+        return _run_command(args)
+    return _run_serve(args)
+
+
+def _new_key(args: argparse.Namespace, out: TextIO) -> int:
+    key = new_key()
+    out.write(f"key (give it to the team; it is not stored): {key}\n")
+    out.write(f'[[auth.keys]]\nteam = "{args.team}"\nrole = "{args.role}"\n')
+    out.write(f'sha256 = "{hash_key(key)}"\n')
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_serve(args))
     except ConfigError as exc:

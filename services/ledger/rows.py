@@ -44,10 +44,18 @@ USAGE_TABLE = """
     );
     CREATE INDEX usage_time ON usage (time_us)
 """
+# Fills the daily rollup from the rows (the migration runs it once, on old data).
+ROLLUP_REBUILD = """
+    INSERT INTO usage_daily
+        SELECT day, team, feature, model, tier, COUNT(*), SUM(input_tokens),
+            SUM(output_tokens), SUM(cost_nano_usd), SUM(counterfactual_cost_nano_usd),
+            SUM(CASE WHEN cache_outcome IN (2, 3) THEN 1 ELSE 0 END), SUM(escalated)
+        FROM usage GROUP BY day, team, feature, model, tier
+"""
 # Version 2: the counterfactual cost (what the call would have cost on the feature's
 # baseline model without cache or routing), and a daily rollup kept in step with
 # every insert, so a month of spend reads a few thousand rows, not millions.
-COUNTERFACTUAL_AND_ROLLUP = """
+COUNTERFACTUAL_AND_ROLLUP = f"""
     ALTER TABLE usage ADD COLUMN baseline_model TEXT NOT NULL DEFAULT '';
     ALTER TABLE usage ADD COLUMN counterfactual_cost_nano_usd BIGINT NOT NULL DEFAULT 0;
     UPDATE usage SET counterfactual_cost_nano_usd = cost_nano_usd;
@@ -66,11 +74,7 @@ COUNTERFACTUAL_AND_ROLLUP = """
         escalated_calls BIGINT NOT NULL,
         PRIMARY KEY (day, team, feature, model, tier)
     );
-    INSERT INTO usage_daily
-        SELECT day, team, feature, model, tier, COUNT(*), SUM(input_tokens),
-            SUM(output_tokens), SUM(cost_nano_usd), SUM(counterfactual_cost_nano_usd),
-            SUM(CASE WHEN cache_outcome IN (2, 3) THEN 1 ELSE 0 END), SUM(escalated)
-        FROM usage GROUP BY day, team, feature, model, tier
+    {ROLLUP_REBUILD}
 """
 # Each entry upgrades the schema by one version, in place; append, never edit.
 MIGRATIONS: tuple[str, ...] = (USAGE_TABLE, COUNTERFACTUAL_AND_ROLLUP)
