@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from services.inference.outbox import RefusedError, UsageOutbox
 from services.inference.simulator import OpenAISimulator
 from services.mesh import start_mesh
 from tests.conftest import AUTH, mesh_env, user_request
+from tests.postgres import fresh_schema
 
 SERVICE_KEY = "cm-test-service-key"
 
@@ -71,6 +73,19 @@ class SplitMesh:
             )
         return sum(r.calls for r in spend.rows), spend.total_cost_nano_usd
 
+    def outbox_counts(self) -> tuple[int, int]:
+        """(parked, pending) records in inference's outbox file."""
+        with sqlite3.connect(self.data_dir / "outbox.sqlite3") as outbox:
+            parked = outbox.execute("SELECT COUNT(*) FROM dead_letter").fetchone()[0]
+            pending = outbox.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        return int(parked), int(pending)
+
+    async def wait_for_empty_outbox(self) -> None:
+        # Poll: the ledger acknowledges before the outbox deletes its copy.
+        async with asyncio.timeout(10):
+            while self.outbox_counts()[1]:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+
     async def wait_for_calls(self, expected: int) -> int:
         async with asyncio.timeout(10):
             # Poll: the outbox retries on its own schedule, in another server.
@@ -79,17 +94,23 @@ class SplitMesh:
         return found[1]
 
 
-@pytest.fixture
-async def split(simulator: OpenAISimulator, tmp_path: Path) -> AsyncIterator[SplitMesh]:
-    mesh = SplitMesh(simulator, tmp_path)
-    await mesh.start_ledger()
-    await mesh.start_front()
-    try:
-        yield mesh
-    finally:
-        for server in (mesh.front, mesh.ledger):
-            if server is not None:
-                await server.stop(grace=1)
+@pytest.fixture(params=["sqlite", "postgres"])
+async def split(
+    request: pytest.FixtureRequest, simulator: OpenAISimulator, tmp_path: Path
+) -> AsyncIterator[SplitMesh]:
+    """The split mesh, its ledger on SQLite or on the real PostgreSQL."""
+    with contextlib.ExitStack() as stack:
+        mesh = SplitMesh(simulator, tmp_path)
+        if request.param == "postgres":
+            mesh.env["LEDGER_DATABASE"] = stack.enter_context(fresh_schema())
+        await mesh.start_ledger()
+        await mesh.start_front()
+        try:
+            yield mesh
+        finally:
+            for server in (mesh.front, mesh.ledger):
+                if server is not None:
+                    await server.stop(grace=1)
 
 
 async def test_ledger_outage_loses_nothing_and_counts_nothing_twice(split: SplitMesh) -> None:
@@ -143,13 +164,11 @@ async def test_a_model_the_ledger_cannot_price_waits_without_blocking_the_rest(
         'output_usd_per_mtok = "0.02"\n'
     )
     await split.wait_for_calls(2)
-    with sqlite3.connect(split.data_dir / "outbox.sqlite3") as outbox:
-        parked = outbox.execute("SELECT COUNT(*) FROM dead_letter").fetchone()[0]
-        pending = outbox.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+    await split.wait_for_empty_outbox()
 
     assert unpriced_pending
     assert queued_behind
-    assert (parked, pending) == (0, 0)
+    assert split.outbox_counts() == (0, 0), "nothing parked, nothing left"
 
 
 async def test_a_malformed_record_is_parked_and_the_next_one_delivered(split: SplitMesh) -> None:
