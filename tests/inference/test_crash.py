@@ -1,0 +1,113 @@
+"""Killing inference mid-run (SIGKILL, no shutdown) loses no usage that a caller saw
+answered and counts nothing twice, whatever the ledger's store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+
+from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from services.common.config import load_config
+from services.inference.simulator import OpenAISimulator
+from services.mesh import start_mesh
+from tests.conftest import AUTH, PROVIDER_KEY, mesh_env, user_request
+from tests.postgres import fresh_schema
+
+SERVICE_KEY = "cm-test-service-key"
+
+
+async def _start_inference(env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "serve", "inference", "--port", "0",
+        env=env, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    async with asyncio.timeout(30):
+        while line := (await process.stdout.readline()).decode():
+            if line.startswith("costmesh: serving inference on "):
+                return process, line.rsplit(" ", 1)[1].strip()
+    raise AssertionError("inference did not start")
+
+
+async def _ledger_rows(address: str) -> list[ledger_pb2.UsageRecord]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        stream = stub.ExportUsage(ledger_pb2.ExportUsageRequest(), metadata=AUTH, timeout=10)
+        return [item.record async for item in stream]
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+async def test_a_killed_inference_loses_no_answered_usage_and_duplicates_nothing(
+    store: str, simulator: OpenAISimulator, tmp_path: Path
+) -> None:
+    with contextlib.ExitStack() as stack:
+        env = {**mesh_env(simulator, tmp_path / "peers"), "COSTMESH_SERVICE_KEY": SERVICE_KEY}
+        if store == "postgres":
+            env["LEDGER_DATABASE"] = stack.enter_context(fresh_schema())
+        config = load_config(env=env)
+        peers = await start_mesh(config, env, ["cache", "router"], TracerProvider(), port=0)
+        ledger = await start_mesh(config, env, ["ledger"], TracerProvider(), port=0)
+        ledger_port = ledger.port
+        address, ledger_address = f"127.0.0.1:{peers.port}", f"127.0.0.1:{ledger_port}"
+        front_env = {
+            **os.environ, **env, "OPENAI_API_KEY": PROVIDER_KEY,
+            "COSTMESH_DATA_DIR": str(tmp_path / "inference"),
+            "CACHE_ADDR": address, "ROUTER_ADDR": address, "LEDGER_ADDR": ledger_address,
+        }  # fmt: skip
+        try:
+            # The ledger is down while inference answers, so usage waits in the
+            # outbox when inference is killed.
+            await ledger.stop(grace=0)
+            simulator.set_latency(0.3)
+            process, front = await _start_inference(front_env)
+            requests = [user_request(f"question {i}", request_id=f"req-{i}") for i in range(12)]
+            answered = await _send_and_kill(front, requests, process)
+            simulator.set_latency(0)
+            ledger = await start_mesh(config, env, ["ledger"], TracerProvider(), port=ledger_port)
+            process, front = await _start_inference(front_env)  # the same outbox on disk
+            async with grpc.aio.insecure_channel(front) as channel:
+                stub = inference_pb2_grpc.InferenceServiceStub(channel)
+                retried = [await stub.Complete(r, metadata=AUTH, timeout=10) for r in requests]
+            process.send_signal(signal.SIGTERM)  # a clean stop flushes what is left
+            assert await process.wait() == 0
+            rows = await _ledger_rows(ledger_address)
+        finally:
+            await peers.stop(grace=1)
+            await ledger.stop(grace=1)
+
+    by_trace = {r.trace_id: r for r in rows}
+    assert len(answered) == 4, "four calls were answered before the kill"
+    assert all(a.cost_pending for a in answered), "their usage was still in the outbox"
+    assert all(a.trace_id in by_trace for a in answered), "an answered call went unrecorded"
+    assert len({(r.team, r.request_id) for r in rows}) == len(rows), "no record twice"
+    assert len([r for r in rows if r.provider == "openai"]) <= simulator.call_count
+    assert all(r.trace_id in by_trace for r in retried), "every retry's answer is recorded"
+
+
+async def _send_and_kill(
+    front: str, requests: list[inference_pb2.CompleteRequest], process: asyncio.subprocess.Process
+) -> list[inference_pb2.CompleteResponse]:
+    """Send all at once; SIGKILL inference once a few have been answered."""
+    answered: list[inference_pb2.CompleteResponse] = []
+    async with grpc.aio.insecure_channel(front) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        calls = [
+            asyncio.ensure_future(stub.Complete(r, metadata=AUTH, timeout=10)) for r in requests
+        ]
+        for call in asyncio.as_completed(calls):
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                answered.append(await call)
+            if len(answered) == 4 and process.returncode is None:
+                process.send_signal(signal.SIGKILL)
+                await process.wait()
+        await asyncio.gather(*calls, return_exceptions=True)
+    return answered
