@@ -146,9 +146,12 @@ def _line(row: ledger_pb2.SpendRow, dims: Sequence[str], total: int, fmt: str) -
 
 
 def _money(nano_usd: int, exact: bool) -> str:
-    """Dollars: every nano-dollar in CSV, cents in a table for people."""
+    """Dollars: every nano-dollar in CSV; for people, cents, or micro-dollars for
+    amounts under a dollar so that small spend does not read as zero."""
     usd = Decimal(nano_usd) / NANO
-    return f"{usd:.9f}" if exact else f"{usd:,.2f}"
+    if exact:
+        return f"{usd:.9f}"
+    return f"{usd:,.2f}" if abs(usd) >= 1 or usd == 0 else f"{usd:.6f}"
 
 
 def _pct(part: int, whole: int) -> str:
