@@ -6,13 +6,17 @@ from __future__ import annotations
 from bisect import bisect_right
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 
 from services.common.config import Config, ConfigError
 
-_NANO_PER_USD = Decimal(1_000_000_000)
-_TOKENS_PER_MTOK = Decimal(1_000_000)
-_SECONDS_PER_HOUR = Decimal(3600)
+# Prices from config are Decimals; a self-hosted price is a Fraction (GPU cost over
+# throughput need not be a finite decimal). Both convert to Fraction without loss.
+Exact = Decimal | Fraction
+_NANO_PER_USD = 1_000_000_000
+_TOKENS_PER_MTOK = 1_000_000
+_SECONDS_PER_HOUR = 3600
 _BEGINNING = date(1970, 1, 1)
 PRICE_KEYS = {
     "effective_from", "input_usd_per_mtok", "cached_input_usd_per_mtok", "output_usd_per_mtok",
@@ -25,11 +29,11 @@ class ModelPrice:
     """USD per million tokens, exact, from `effective_from` (UTC) on."""
 
     effective_from: date
-    input: Decimal
-    cached_input: Decimal
-    output: Decimal
+    input: Exact
+    cached_input: Exact
+    output: Exact
     # Fraction taken off for the provider's batch API (OpenAI: 0.5).
-    batch_discount: Decimal = Decimal(0)
+    batch_discount: Exact = Decimal(0)
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,9 @@ class PriceCatalog:
             model = models.section(name)
             base = _price(model, previous=None)
             history = [base]
-            for change in model.tables("price_changes"):
+            changes = model.tables("price_changes")
+            # Each change inherits from the price before it in time, not in the file.
+            for change in sorted(changes, key=lambda c: _date(c, "effective_from", None)):
                 history.append(_price(change, previous=history[-1]))
             if len({p.effective_from for p in history}) != len(history):
                 raise ConfigError(f"models.{name}.price_changes: two prices share a date")
@@ -88,13 +94,13 @@ class PriceCatalog:
         price = self.price_at(model, when)
         uncached = usage.input_tokens - usage.cached_input_tokens
         usd = (
-            uncached * price.input
-            + usage.cached_input_tokens * price.cached_input
-            + usage.output_tokens * price.output
+            uncached * Fraction(price.input)
+            + usage.cached_input_tokens * Fraction(price.cached_input)
+            + usage.output_tokens * Fraction(price.output)
         ) / _TOKENS_PER_MTOK
         if batch:
-            usd *= 1 - price.batch_discount
-        nano = int((usd * _NANO_PER_USD).quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
+            usd *= 1 - Fraction(price.batch_discount)
+        nano = round(usd * _NANO_PER_USD)  # exact arithmetic, one half-even rounding
         return Priced(nano, f"{self.version}:{model}@{price.effective_from.isoformat()}")
 
 
@@ -125,12 +131,12 @@ def _price(table: Config, previous: ModelPrice | None) -> ModelPrice:
     )
 
 
-def _self_hosted(table: Config) -> tuple[Decimal, Decimal, Decimal]:
+def _self_hosted(table: Config) -> tuple[Fraction, Fraction, Fraction]:
     """(input, cached input, output) USD per Mtok from a GPU's hourly cost and the
     throughput measured on it; prefill (input) runs faster than decoding."""
-    per_hour = _decimal(table, "gpu_usd_per_hour")
-    output_tps = _decimal(table, "output_tokens_per_second")
-    input_tps = _decimal(table, "input_tokens_per_second", output_tps * 10)
+    per_hour = Fraction(_decimal(table, "gpu_usd_per_hour"))
+    output_tps = Fraction(_decimal(table, "output_tokens_per_second"))
+    input_tps = Fraction(_decimal(table, "input_tokens_per_second", output_tps * 10))
     if output_tps <= 0 or input_tps <= 0:
         raise ConfigError(f"{table.key_name('output_tokens_per_second')}: must be positive")
     per_input = per_hour / _SECONDS_PER_HOUR / input_tps * _TOKENS_PER_MTOK
@@ -151,8 +157,8 @@ def _date(table: Config, key: str, default: date | None) -> date:
 
 
 def _decimal(
-    table: Config, key: str, default: Decimal | None = None, upper: int | None = None
-) -> Decimal:
+    table: Config, key: str, default: Exact | None = None, upper: int | None = None
+) -> Exact:
     if key not in table.names():
         if default is None:
             raise ConfigError(f"{table.key_name(key)}: required")

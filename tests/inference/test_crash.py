@@ -85,11 +85,16 @@ async def test_a_killed_inference_loses_no_answered_usage_and_duplicates_nothing
             await ledger.stop(grace=1)
 
     by_trace = {r.trace_id: r for r in rows}
-    assert len(answered) == 4, "four calls were answered before the kill"
+    provider_calls = [r for r in rows if r.provider == "openai"]
+    # Responses already on the wire when the kill lands are answered too: at least 4.
+    assert len(answered) >= 4, "calls were answered before the kill"
     assert all(a.cost_pending for a in answered), "their usage was still in the outbox"
     assert all(a.trace_id in by_trace for a in answered), "an answered call went unrecorded"
-    assert len({(r.team, r.request_id) for r in rows}) == len(rows), "no record twice"
-    assert len([r for r in rows if r.provider == "openai"]) <= simulator.call_count
+    replayed = {a.request_id: a.trace_id for a in answered}
+    assert all(replayed[r.request_id] == r.trace_id for r in retried if r.request_id in replayed)
+    per_request = [r.client_request_id for r in provider_calls]
+    assert len(per_request) == len(set(per_request)), "one provider record per request id"
+    assert len(provider_calls) <= simulator.call_count, "no record without a provider call"
     assert all(r.trace_id in by_trace for r in retried), "every retry's answer is recorded"
 
 

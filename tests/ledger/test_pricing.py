@@ -146,3 +146,32 @@ def test_costs_agree_to_the_nano_dollar_with_an_independent_calculation(  # noqa
     if input_tokens == output_tokens == 0:
         expected = 0
     assert got.cost_nano_usd == expected
+
+
+def test_self_hosted_costs_are_exact_even_when_the_price_is_no_finite_decimal(
+    tmp_path: Path,
+) -> None:
+    catalog = catalog_from(
+        '[models."local"]\nprovider = "openai"\ncontext_window = 8000\n'
+        'gpu_usd_per_hour = "2.50"\noutput_tokens_per_second = "64"\n',
+        tmp_path,
+    )
+
+    # 54 tokens at $2.50 / (3600 s x 64 tokens/s): 585,937.5 nano-USD, even -> 585,938.
+    assert catalog.cost("local", Usage(0, 0, 54), NOW).cost_nano_usd == 585_938
+
+
+def test_price_changes_listed_out_of_date_order_inherit_by_date(tmp_path: Path) -> None:
+    catalog = catalog_from(
+        '[[models."gpt-4o".price_changes]]\neffective_from = "2027-01-01"\n'
+        'output_usd_per_mtok = "8.00"\n'
+        '[[models."gpt-4o".price_changes]]\neffective_from = "2026-12-01"\n'
+        'input_usd_per_mtok = "2.00"\n',
+        tmp_path,
+    )
+    december = datetime(2026, 12, 15, tzinfo=UTC)
+    january = datetime(2027, 1, 15, tzinfo=UTC)
+
+    assert catalog.cost("gpt-4o", Usage(0, 0, 1_000_000), december).cost_nano_usd == 10 * 10**9
+    assert catalog.cost("gpt-4o", Usage(1_000_000, 0, 0), january).cost_nano_usd == 2 * 10**9
+    assert catalog.cost("gpt-4o", Usage(0, 0, 1_000_000), january).cost_nano_usd == 8 * 10**9
