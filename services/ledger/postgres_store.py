@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from psycopg import errors
 from psycopg_pool import ConnectionPool
 
-from services.ledger.rows import MIGRATIONS, SpendTotal, Sql, UsageRow, rollup_values
+from services.ledger.rows import MIGRATIONS, SpendTotal, Sql, UsageRow, rollup_increments
 
 _SQL = Sql("%s")
+_ATTEMPTS = 3
 # Serialises migrations when several ledger replicas start at once.
 _MIGRATION_LOCK = 0x636F73746D657368  # "costmesh"
 
@@ -38,18 +40,34 @@ class PostgresUsageStore:
                 db.execute("INSERT INTO costmesh_schema VALUES (%s)", (number,))
 
     def record(self, rows: Sequence[UsageRow]) -> list[tuple[int, bool]]:
-        results: list[tuple[int, bool]] = []
+        for attempt in range(_ATTEMPTS):
+            try:
+                return self._record_once(rows)
+            except (errors.DeadlockDetected, errors.SerializationFailure):
+                if attempt == _ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _record_once(self, rows: Sequence[UsageRow]) -> list[tuple[int, bool]]:
+        """Rows in key order, then one rollup upsert per key in key order: writers
+        sharing keys lock them in the same order, so they wait instead of deadlocking."""
+        order = sorted(range(len(rows)), key=lambda i: (rows[i].team, rows[i].request_id))
+        results: list[tuple[int, bool]] = [(0, False)] * len(rows)
+        inserted = []
         with self._pool.connection() as db, db.transaction():
-            for row in rows:
+            for i in order:
+                row = rows[i]
                 if db.execute(_SQL.insert(), row.values()).rowcount == 1:
-                    db.execute(_SQL.rollup_upsert(), rollup_values(row))
-                    results.append((row.cost_nano_usd, False))
+                    inserted.append(row)
+                    results[i] = (row.cost_nano_usd, False)
                 else:
                     existing = (row.team, row.request_id)
                     found = db.execute(_SQL.existing_cost(), existing).fetchone()
                     if found is None:  # the insert conflicted, so the row exists
                         raise RuntimeError(f"usage row {existing} vanished mid-transaction")
-                    results.append((int(found[0]), True))
+                    results[i] = (int(found[0]), True)
+            for increment in rollup_increments(inserted):
+                db.execute(_SQL.rollup_upsert(), increment)
         return results
 
     def spend(

@@ -275,6 +275,19 @@ def spend_total(dimensions: int, values: Sequence[object]) -> SpendTotal:
     return SpendTotal(keys, *(int(n) for n in values[dimensions:]))  # type: ignore[call-overload]
 
 
+def rollup_increments(inserted: Iterable[UsageRow]) -> list[tuple[object, ...]]:
+    """One rollup upsert per key, keys in sorted order: concurrent writers then take
+    the rollup's row locks in the same order and cannot deadlock one another."""
+    sums: dict[tuple[object, ...], list[int]] = {}
+    for row in inserted:
+        values = rollup_values(row)
+        key, increments = values[:5], values[5:]
+        total = sums.setdefault(key, [0] * len(increments))
+        for i, value in enumerate(increments):
+            total[i] += int(value)  # type: ignore[call-overload]
+    return [(*key, *sums[key]) for key in sorted(sums)]
+
+
 def rollup_values(row: UsageRow) -> tuple[object, ...]:
     """The rollup increment one new row contributes."""
     cached = int(row.cache_outcome in (2, 3))

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from services.common.sqlite import open_database
-from services.ledger.rows import MIGRATIONS, SpendTotal, Sql, UsageRow, rollup_values
+from services.ledger.rows import MIGRATIONS, SpendTotal, Sql, UsageRow, rollup_increments
 
 _SQL = Sql("?")
 
@@ -33,14 +33,17 @@ class SqliteUsageStore:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                inserted = []
                 for row in rows:
                     if self._db.execute(_SQL.insert(), row.values()).rowcount == 1:
-                        self._db.execute(_SQL.rollup_upsert(), rollup_values(row))
+                        inserted.append(row)
                         results.append((row.cost_nano_usd, False))
                     else:
                         existing = (row.team, row.request_id)
                         (cost,) = self._db.execute(_SQL.existing_cost(), existing).fetchone()
                         results.append((int(cost), True))
+                for increment in rollup_increments(inserted):
+                    self._db.execute(_SQL.rollup_upsert(), increment)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from services.ledger.rows import UsageRow
@@ -98,3 +99,30 @@ def test_money_beyond_32_bits_sums_exactly(open_ledger_store: OpenStore) -> None
 
     assert total.cost_nano_usd == big + BASE.cost_nano_usd
     assert isinstance(total.cost_nano_usd, int)
+
+
+def test_concurrent_writers_sharing_rollup_keys_neither_deadlock_nor_drift(
+    open_ledger_store: OpenStore,
+) -> None:
+    writers = [open_ledger_store(), open_ledger_store()]  # two ledger replicas
+    features = ["tickets", "faq", "triage", "drafts", "search"]
+    batches = [
+        [
+            replace(BASE, request_id=f"w{w}-b{b}-{f}", feature=f, cost_nano_usd=1000 + b)
+            for f in (features if w == 0 else list(reversed(features)))
+        ]
+        for w in range(2)
+        for b in range(15)
+    ]
+
+    def write(index: int) -> None:
+        writers[index % 2].record(batches[index])
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(write, range(len(batches))))  # raises if any writer failed
+
+    day = BASE.time_us - BASE.time_us % (86_400 * 1_000_000)
+    from_rollup = writers[0].spend(("feature",), day, day + 86_400 * 1_000_000)
+    from_rows = writers[0].spend(("feature",), day, day + 86_400 * 1_000_000 - 1)
+    assert from_rollup == from_rows
+    assert sum(t.calls for t in from_rollup) == 150
