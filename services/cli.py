@@ -75,7 +75,7 @@ def _run_command(args: argparse.Namespace) -> int:
     except grpc.RpcError as exc:
         print(f"costmesh: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    except ValueError as exc:
+    except (ValueError, ArithmeticError) as exc:
         print(f"costmesh: {exc}", file=sys.stderr)
         return 2
 

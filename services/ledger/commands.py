@@ -51,9 +51,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def _decimal(text: str) -> Decimal:
     try:
-        return Decimal(text)
+        value = Decimal(text)
     except InvalidOperation:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value.is_finite() or abs(value) > 10**15:
+        raise argparse.ArgumentTypeError(f"not a usable number: {text!r}")
+    return value
 
 
 def _connection(parser: argparse.ArgumentParser) -> None:

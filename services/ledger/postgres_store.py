@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import psycopg
 from psycopg import errors
 from psycopg_pool import ConnectionPool
 
-from services.ledger.rows import MIGRATIONS, SpendTotal, Sql, UsageRow, rollup_increments
+from services.ledger.rows import (
+    END_OF_TIME_US,
+    MIGRATIONS,
+    SpendTotal,
+    Sql,
+    UsageRow,
+    rollup_increments,
+)
 
 _SQL = Sql("%s")
 _ATTEMPTS = 3
@@ -28,6 +36,12 @@ class PostgresUsageStore:
         self._migrate()
 
     def _migrate(self) -> None:
+        try:
+            self._migrate_locked()
+        except psycopg.Error as exc:
+            raise OSError(f"cannot upgrade the ledger database: {exc}") from exc
+
+    def _migrate_locked(self) -> None:
         with self._pool.connection() as db, db.transaction():
             db.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             db.execute("CREATE TABLE IF NOT EXISTS costmesh_schema (version INTEGER NOT NULL)")
@@ -85,6 +99,7 @@ class PostgresUsageStore:
         return _SQL.spend(query, groups, start_us, end_us, team=team, feature=feature)
 
     def export(self, start_us: int, end_us: int, team: str = "") -> Iterator[list[UsageRow]]:
+        start_us, end_us = max(start_us, 0), min(end_us, END_OF_TIME_US)
         where, params = _SQL.where(start_us, end_us, team, "")
         last: tuple[object, ...] = (-1, "", "")
         while True:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
@@ -11,6 +11,9 @@ from services.ledger.pricing import PriceCatalog, Usage
 from services.ledger.rows import UsageRow
 
 MAX_ID = 128
+# Bounds that keep every sum far inside BIGINT: a record beyond them is malformed.
+MAX_TOKENS = 10**12
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 def to_row(index: int, record: ledger_pb2.UsageRecord, catalog: PriceCatalog) -> UsageRow:
@@ -18,13 +21,18 @@ def to_row(index: int, record: ledger_pb2.UsageRecord, catalog: PriceCatalog) ->
     field = f"records[{index}]"
     _check_ids(field, record)
     usage = _usage(f"{field}.usage", record.usage)
-    baseline = _usage(f"{field}.baseline_usage", record.baseline_usage)
-    when = record.time.ToDatetime(UTC) if record.HasField("time") else datetime.now(UTC)
+    # Without baseline usage the call's own tokens are what the baseline would use.
+    baseline_tokens = record.baseline_usage if record.HasField("baseline_usage") else record.usage
+    baseline = _usage(f"{field}.baseline_usage", baseline_tokens)
+    when = _time(f"{field}.time", record)
     _check_priced(f"{field}.model", record.model, usage, catalog)
     priced = catalog.cost(record.model, usage, when, batch=record.batch)
     if record.baseline_model:
         _check_priced(f"{field}.baseline_model", record.baseline_model, baseline, catalog)
-        counterfactual = catalog.cost(record.baseline_model, baseline, when).cost_nano_usd
+        # Same batch terms: the provider's batch discount is not costmesh's saving.
+        counterfactual = catalog.cost(
+            record.baseline_model, baseline, when, batch=record.batch
+        ).cost_nano_usd
     else:
         counterfactual = priced.cost_nano_usd  # no baseline: no savings claimed
     return UsageRow(
@@ -63,10 +71,24 @@ def _check_ids(field: str, record: ledger_pb2.UsageRecord) -> None:
             raise InvalidArgument(f"{field}.{name}", "required")
 
 
+def _time(field: str, record: ledger_pb2.UsageRecord) -> datetime:
+    """The call's time: now when unset; refused when no report could ever show it."""
+    now = datetime.now(UTC)
+    if not record.HasField("time"):
+        return now
+    when = record.time.ToDatetime(UTC)
+    if not EARLIEST <= when <= now + timedelta(days=1):
+        raise InvalidArgument(field, f"must be between {EARLIEST:%Y-%m-%d} and tomorrow")
+    return when
+
+
 def _usage(field: str, tokens: types_pb2.TokenUsage) -> Usage:
     usage = Usage(tokens.input_tokens, tokens.cached_input_tokens, tokens.output_tokens)
-    if min(usage.input_tokens, usage.cached_input_tokens, usage.output_tokens) < 0:
+    counts = (usage.input_tokens, usage.cached_input_tokens, usage.output_tokens)
+    if min(counts) < 0:
         raise InvalidArgument(field, "token counts must not be negative")
+    if max(counts) > MAX_TOKENS:
+        raise InvalidArgument(field, f"token counts must not exceed {MAX_TOKENS:,}")
     if usage.cached_input_tokens > usage.input_tokens:
         raise InvalidArgument(f"{field}.cached_input_tokens", "exceeds input_tokens")
     return usage

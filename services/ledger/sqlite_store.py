@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from services.common.sqlite import open_database
-from services.ledger.rows import MIGRATIONS, SpendTotal, Sql, UsageRow, rollup_increments
+from services.ledger.rows import (
+    END_OF_TIME_US,
+    MIGRATIONS,
+    SpendTotal,
+    Sql,
+    UsageRow,
+    rollup_increments,
+)
 
 _SQL = Sql("?")
 
@@ -23,10 +31,20 @@ class SqliteUsageStore:
         self._migrate()
 
     def _migrate(self) -> None:
+        """Upgrade in place. The version is read inside the write transaction, so two
+        processes starting on one old file upgrade it once, one after the other."""
         with self._lock:
-            version: int = self._db.execute("PRAGMA user_version").fetchone()[0]
-            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                self._db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                version: int = self._db.execute("PRAGMA user_version").fetchone()[0]
+                for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                    for statement in filter(str.strip, script.split(";")):
+                        self._db.execute(statement)
+                    self._db.execute(f"PRAGMA user_version = {number}")
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._db.execute("ROLLBACK")
+                raise OSError(f"cannot upgrade the ledger database: {exc}") from exc
 
     def record(self, rows: Sequence[UsageRow]) -> list[tuple[int, bool]]:
         results: list[tuple[int, bool]] = []
@@ -65,6 +83,7 @@ class SqliteUsageStore:
         return _SQL.spend(query, groups, start_us, end_us, team=team, feature=feature)
 
     def export(self, start_us: int, end_us: int, team: str = "") -> Iterator[list[UsageRow]]:
+        start_us, end_us = max(start_us, 0), min(end_us, END_OF_TIME_US)
         where, params = _SQL.where(start_us, end_us, team, "")
         last: tuple[object, ...] = (-1, "", "")
         while True:

@@ -98,3 +98,27 @@ async def test_a_member_key_sees_only_its_own_team_and_cannot_administer_the_cac
     assert other_team.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "team" in (other_team.value.details() or "")
     assert invalidate.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_member_exports_only_its_own_team(
+    member_mesh: tuple[grpc.aio.Channel, tuple[tuple[str, str], ...]],
+) -> None:
+    channel, member = member_mesh
+    await inference_pb2_grpc.InferenceServiceStub(channel).Complete(
+        user_request("Mine"), metadata=member, timeout=10
+    )
+    await inference_pb2_grpc.InferenceServiceStub(channel).Complete(
+        user_request("Theirs"), metadata=AUTH, timeout=10
+    )
+    ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
+
+    own = [
+        item.record.team
+        async for item in ledger.ExportUsage(ledger_pb2.ExportUsageRequest(), metadata=member)
+    ]
+    stream = ledger.ExportUsage(ledger_pb2.ExportUsageRequest(team="demo"), metadata=member)
+    with pytest.raises(grpc.aio.AioRpcError) as other:
+        await stream.read()
+
+    assert own == ["search"]
+    assert other.value.code() == grpc.StatusCode.PERMISSION_DENIED
