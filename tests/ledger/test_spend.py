@@ -57,11 +57,12 @@ def _key(group: str, row: UsageRow) -> str:
 
 
 def _brute_force(
-    rows: list[UsageRow], groups: tuple[str, ...], start: int, end: int, team: str
+    rows: list[UsageRow], groups: tuple[str, ...], start: int, end: int, team: str, feature: str
 ) -> list[SpendTotal]:
     sums: dict[tuple[str, ...], list[int]] = defaultdict(lambda: [0] * 7)
     for row in rows:
-        if start <= row.time_us < end and (not team or row.team == team):
+        wanted = (not team or row.team == team) and (not feature or row.feature == feature)
+        if start <= row.time_us < end and wanted:
             total = sums[tuple(_key(g, row) for g in groups)]
             for i, value in enumerate(
                 (
@@ -93,6 +94,7 @@ def test_every_grouping_over_any_range_matches_a_sum_over_every_row(
     groupings += [("team", "feature"), ("month", "model"), ("tier", "week"), ("day", "team")]
     for start, end in ranges:
         for groups in groupings:
-            team = rng.choice(["", "support"])
-            got = store.spend(groups, start, end, team=team)
-            assert got == _brute_force(rows, groups, start, end, team), (groups, start, end, team)
+            team, feature = rng.choice(["", "support"]), rng.choice(["", "", "faq"])
+            got = store.spend(groups, start, end, team=team, feature=feature)
+            want = _brute_force(rows, groups, start, end, team, feature)
+            assert got == want, (groups, start, end, team, feature)
