@@ -57,7 +57,7 @@ def _key(group: str, row: UsageRow) -> str:
 
 
 def _brute_force(
-    rows: list[UsageRow], groups: tuple[str, ...], start: int, end: int, team: str, feature: str
+    rows: list[UsageRow], groups: tuple[str, ...], start: int, end: int, *, team: str, feature: str
 ) -> list[SpendTotal]:
     sums: dict[tuple[str, ...], list[int]] = defaultdict(lambda: [0] * 7)
     for row in rows:
@@ -96,5 +96,5 @@ def test_every_grouping_over_any_range_matches_a_sum_over_every_row(
         for groups in groupings:
             team, feature = rng.choice(["", "support"]), rng.choice(["", "", "faq"])
             got = store.spend(groups, start, end, team=team, feature=feature)
-            want = _brute_force(rows, groups, start, end, team, feature)
+            want = _brute_force(rows, groups, start, end, team=team, feature=feature)
             assert got == want, (groups, start, end, team, feature)
