@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import psycopg
 from psycopg import errors
@@ -64,25 +65,47 @@ class PostgresUsageStore:
 
     def _record_once(self, rows: Sequence[UsageRow]) -> list[tuple[int, bool]]:
         """Rows in key order, then one rollup upsert per key in key order: writers
-        sharing keys lock them in the same order, so they wait instead of deadlocking."""
+        sharing keys lock them in the same order, so they wait instead of deadlocking.
+        Statements go out pipelined (executemany), not one round trip each."""
         order = sorted(range(len(rows)), key=lambda i: (rows[i].team, rows[i].request_id))
         results: list[tuple[int, bool]] = [(0, False)] * len(rows)
-        inserted = []
-        with self._pool.connection() as db, db.transaction():
+        with self._pool.connection() as db, db.transaction(), db.cursor() as cursor:
+            cursor.executemany(
+                _SQL.insert() + " RETURNING team, request_id",
+                [rows[i].values() for i in order],
+                returning=True,
+            )
+            fresh: set[tuple[str, str]] = set()
+            while True:
+                fresh.update((str(t), str(r)) for t, r in cursor.fetchall())
+                if not cursor.nextset():
+                    break
+            inserted, repeats = [], []
             for i in order:
-                row = rows[i]
-                if db.execute(_SQL.insert(), row.values()).rowcount == 1:
-                    inserted.append(row)
-                    results[i] = (row.cost_nano_usd, False)
+                key = (rows[i].team, rows[i].request_id)
+                if key in fresh:
+                    fresh.discard(key)  # a later copy in this batch is a repeat
+                    inserted.append(rows[i])
+                    results[i] = (rows[i].cost_nano_usd, False)
                 else:
-                    existing = (row.team, row.request_id)
-                    found = db.execute(_SQL.existing_cost(), existing).fetchone()
-                    if found is None:  # the insert conflicted, so the row exists
-                        raise RuntimeError(f"usage row {existing} vanished mid-transaction")
-                    results[i] = (int(found[0]), True)
-            for increment in rollup_increments(inserted):
-                db.execute(_SQL.rollup_upsert(), increment)
+                    repeats.append(i)
+            if repeats:
+                costs = self._existing_costs(cursor, [rows[i] for i in repeats])
+                for i in repeats:
+                    results[i] = (costs[(rows[i].team, rows[i].request_id)], True)
+            cursor.executemany(_SQL.rollup_upsert(), rollup_increments(inserted))
         return results
+
+    @staticmethod
+    def _existing_costs(
+        cursor: psycopg.Cursor[Any], repeats: Sequence[UsageRow]
+    ) -> dict[tuple[str, str], int]:
+        cursor.execute(
+            "SELECT team, request_id, cost_nano_usd FROM usage WHERE (team, request_id) IN"
+            " (SELECT * FROM unnest(%s::text[], %s::text[]))",
+            ([r.team for r in repeats], [r.request_id for r in repeats]),
+        )
+        return {(str(t), str(r)): int(c) for t, r, c in cursor.fetchall()}
 
     def spend(
         self,

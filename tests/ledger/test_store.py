@@ -126,3 +126,13 @@ def test_concurrent_writers_sharing_rollup_keys_neither_deadlock_nor_drift(
     from_rows = writers[0].spend(("feature",), day, day + 86_400 * 1_000_000 - 1)
     assert from_rollup == from_rows
     assert sum(t.calls for t in from_rollup) == 150
+
+
+def test_a_request_id_repeated_within_one_batch_counts_once(open_ledger_store: OpenStore) -> None:
+    store = open_ledger_store()
+    other = replace(BASE, request_id="other", cost_nano_usd=5)
+
+    results = store.record([BASE, other, replace(BASE, cost_nano_usd=1)])
+
+    assert results == [(27_000, False), (5, False), (27_000, True)]
+    assert store.spend(("",), 0, 2**62)[0].calls == 2
