@@ -9,14 +9,8 @@ import psycopg
 from psycopg import errors
 from psycopg_pool import ConnectionPool
 
-from services.ledger.rows import (
-    END_OF_TIME_US,
-    MIGRATIONS,
-    SpendTotal,
-    Sql,
-    UsageRow,
-    rollup_increments,
-)
+from services.ledger.rows import END_OF_TIME_US, MIGRATIONS, SpendTotal, UsageRow
+from services.ledger.sql import Sql, rollup_increments
 
 _SQL = Sql("%s")
 _ATTEMPTS = 3

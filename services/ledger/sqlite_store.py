@@ -8,14 +8,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from services.common.sqlite import open_database
-from services.ledger.rows import (
-    END_OF_TIME_US,
-    MIGRATIONS,
-    SpendTotal,
-    Sql,
-    UsageRow,
-    rollup_increments,
-)
+from services.ledger.rows import END_OF_TIME_US, MIGRATIONS, SpendTotal, UsageRow
+from services.ledger.sql import Sql, rollup_increments
 
 _SQL = Sql("?")
 
