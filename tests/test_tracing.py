@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from services.common import telemetry
 from services.inference.simulator import OpenAISimulator
 from tests.conftest import AUTH, PROVIDER_KEY, Mesh, user_request
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.processes import start_service
 
 SERVICE_KEY = "cm-test-service-key"
 
@@ -95,26 +94,6 @@ async def test_one_process_trace_covers_every_hop(mesh: Mesh) -> None:
     assert all(prompt not in str(s.attributes) for s in spans), "prompt text stays off spans"
 
 
-async def _start(service: str, env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.cli",
-        "serve",
-        service,
-        "--port",
-        "0",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert process.stdout is not None
-    async with asyncio.timeout(30):
-        while line := (await process.stdout.readline()).decode():
-            if line.startswith(f"costmesh: serving {service} on "):
-                return process, line.rsplit(" ", 1)[1].strip()
-    raise AssertionError(f"{service} exited with {await process.wait()} before serving")
-
-
 @pytest.fixture
 async def four_processes(
     simulator: OpenAISimulator, tmp_path: Path
@@ -144,10 +123,10 @@ async def four_processes(
     try:
         addresses = {}
         for service in ("cache", "router", "ledger"):
-            process, addresses[service] = await _start(service, base)
+            process, addresses[service] = await start_service(service, base)
             processes.append(process)
         peers = {f"{s.upper()}_ADDR": a for s, a in addresses.items()}
-        process, front = await _start("inference", {**base, **peers})
+        process, front = await start_service("inference", {**base, **peers})
         processes.append(process)
         yield front, receiver
     finally:

@@ -3,7 +3,7 @@ arithmetic that turns partial results into spend totals (rollup days plus edge r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import date, timedelta
 
 from services.ledger.rows import (
@@ -103,6 +103,17 @@ class Sql:
             raw = query(self.spend_raw(groups, where), params)
             totals += [spend_total(len(groups), r) for r in raw]
         return fold(groups, totals)
+
+    def export(
+        self, query: Query, start_us: int, end_us: int, team: str
+    ) -> Iterator[list[UsageRow]]:
+        """Pages of rows in time order (keyset pagination), never a month at once."""
+        start_us, end_us = max(start_us, 0), min(end_us, END_OF_TIME_US)
+        where, params = self.where(start_us, end_us, team, "")
+        last: tuple[object, ...] = (-1, "", "")
+        while page := query(self.export_page(where), [*params, *last]):
+            yield [UsageRow.from_values(values) for values in page]
+            last = (page[-1][2], page[-1][4], page[-1][0])
 
     def export_page(self, where: str) -> str:
         m = self.mark

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from services.common.sqlite import open_database
-from services.ledger.rows import END_OF_TIME_US, MIGRATIONS, SpendTotal, UsageRow
+from services.ledger.rows import MIGRATIONS, SpendTotal, UsageRow
 from services.ledger.sql import Sql, rollup_increments
 
 _SQL = Sql("?")
@@ -70,23 +70,14 @@ class SqliteUsageStore:
         team: str = "",
         feature: str = "",
     ) -> list[SpendTotal]:
-        def query(sql: str, params: list[object]) -> list[Sequence[object]]:
-            with self._lock:
-                return list(self._db.execute(sql, params).fetchall())
-
-        return _SQL.spend(query, groups, start_us, end_us, team=team, feature=feature)
+        return _SQL.spend(self._query, groups, start_us, end_us, team=team, feature=feature)
 
     def export(self, start_us: int, end_us: int, team: str = "") -> Iterator[list[UsageRow]]:
-        start_us, end_us = max(start_us, 0), min(end_us, END_OF_TIME_US)
-        where, params = _SQL.where(start_us, end_us, team, "")
-        last: tuple[object, ...] = (-1, "", "")
-        while True:
-            with self._lock:
-                page = self._db.execute(_SQL.export_page(where), [*params, *last]).fetchall()
-            if not page:
-                return
-            yield [UsageRow.from_values(values) for values in page]
-            last = (page[-1][2], page[-1][4], page[-1][0])
+        return _SQL.export(self._query, start_us, end_us, team)
+
+    def _query(self, sql: str, params: list[object]) -> list[Sequence[object]]:
+        with self._lock:
+            return list(self._db.execute(sql, params).fetchall())
 
     def close(self) -> None:
         with self._lock:

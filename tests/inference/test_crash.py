@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 from pathlib import Path
 
 import grpc
@@ -21,21 +20,9 @@ from services.inference.simulator import OpenAISimulator
 from services.mesh import start_mesh
 from tests.conftest import AUTH, PROVIDER_KEY, mesh_env, user_request
 from tests.postgres import fresh_schema
+from tests.processes import start_service
 
 SERVICE_KEY = "cm-test-service-key"
-
-
-async def _start_inference(env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", "serve", "inference", "--port", "0",
-        env=env, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert process.stdout is not None
-    async with asyncio.timeout(30):
-        while line := (await process.stdout.readline()).decode():
-            if line.startswith("costmesh: serving inference on "):
-                return process, line.rsplit(" ", 1)[1].strip()
-    raise AssertionError("inference did not start")
 
 
 async def _ledger_rows(address: str) -> list[ledger_pb2.UsageRecord]:
@@ -68,12 +55,12 @@ async def test_a_killed_inference_loses_no_answered_usage_and_duplicates_nothing
             # outbox when inference is killed.
             await ledger.stop(grace=0)
             simulator.set_latency(0.3)
-            process, front = await _start_inference(front_env)
+            process, front = await start_service("inference", front_env)
             requests = [user_request(f"question {i}", request_id=f"req-{i}") for i in range(12)]
             answered = await _send_and_kill(front, requests, process)
             simulator.set_latency(0)
             ledger = await start_mesh(config, env, ["ledger"], TracerProvider(), port=ledger_port)
-            process, front = await _start_inference(front_env)  # the same outbox on disk
+            process, front = await start_service("inference", front_env)  # the same outbox on disk
             async with grpc.aio.insecure_channel(front) as channel:
                 stub = inference_pb2_grpc.InferenceServiceStub(channel)
                 retried = [await stub.Complete(r, metadata=AUTH, timeout=10) for r in requests]
