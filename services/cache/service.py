@@ -1,31 +1,42 @@
-"""CacheService servicer: proto <-> domain translation around the exact-match store."""
+"""CacheService servicer: proto <-> domain translation around the semantic cache."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import grpc
+import numpy as np
 from google.protobuf import timestamp_pb2
 from opentelemetry import trace
 
 from costmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from costmesh.types.v1 import types_pb2
 from services.cache.keys import RequestKey
-from services.cache.store import Answer, Entry, ExactStore
+from services.cache.redis_store import RedisStore
+from services.cache.semantic import LookupResult, SemanticCache
+from services.cache.settings import CacheSettings
+from services.cache.store import Answer, Entry, MemoryStore, Store, StoreUnavailableError
 from services.common.auth import require_role
 from services.common.config import Config
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, Unavailable
 from services.common.server import ServiceDef
 
 SERVICE_NAME = "costmesh.cache.v1.CacheService"
 MAX_TTL_SECONDS = 30 * 24 * 3600
-_COUNTERS = ("exact_hits", "semantic_hits", "misses", "stores", "evictions", "expirations")
+# Only answers the provider finished are worth serving again.
+CACHEABLE_FINISH_REASONS = ("stop", "length")
+_OUTCOMES = {
+    "exact": types_pb2.CACHE_OUTCOME_EXACT,
+    "semantic": types_pb2.CACHE_OUTCOME_SEMANTIC,
+    "miss": types_pb2.CACHE_OUTCOME_MISS,
+}
+log = logging.getLogger(__name__)
 
 
 class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
-    def __init__(self, store: ExactStore, default_ttl: dict[str, int]) -> None:
-        self._store = store
-        self._default_ttl = default_ttl
+    def __init__(self, cache: SemanticCache) -> None:
+        self._cache = cache
 
     async def Lookup(
         self, request: cache_pb2.LookupRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -33,28 +44,43 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         require_role("service", "admin")
         if request.max_age_seconds < 0:
             raise InvalidArgument("max_age_seconds", "must not be negative")
-        entry = self._store.lookup(_to_key(request.key), request.max_age_seconds)
-        trace.get_current_span().set_attributes(
-            {"costmesh.feature": request.key.feature, "costmesh.cache.hit": entry is not None}
+        threshold = None
+        if request.HasField("similarity_threshold"):
+            threshold = request.similarity_threshold
+            if not 0 <= threshold <= 1:
+                raise InvalidArgument("similarity_threshold", "must be between 0 and 1")
+        key = _to_key(request.key)
+        result = await self._cache.lookup(key, request.max_age_seconds, threshold)
+        _trace_decision(key, result, threshold)
+        response = cache_pb2.LookupResponse(
+            outcome=_OUTCOMES[result.outcome],
+            similarity=result.similarity,
+            best_similarity=result.best_similarity,
+            guard_rejection=result.guard_rejection,
         )
-        if entry is None:
-            return cache_pb2.LookupResponse(outcome=types_pb2.CACHE_OUTCOME_MISS)
-        return cache_pb2.LookupResponse(
-            outcome=types_pb2.CACHE_OUTCOME_EXACT, entry=_to_proto(entry), similarity=1.0
-        )
+        if result.entry is not None:
+            response.entry.CopyFrom(_to_proto(result.entry))
+        if result.vector is not None and self._cache.embedder is not None:
+            response.query_embedding.extend(result.vector.tolist())
+            response.embedding_model = self._cache.embedder.model
+        return response
 
     async def Store(
         self, request: cache_pb2.StoreRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> cache_pb2.StoreResponse:
         require_role("service", "admin")
         key = _to_key(request.key)
-        ttl = request.ttl_seconds or self._default_ttl.get(
-            key.feature, self._default_ttl["default"]
-        )
+        ttl = request.ttl_seconds or self._cache.policy(key).ttl_seconds
         if not 0 < ttl <= MAX_TTL_SECONDS:
             raise InvalidArgument("ttl_seconds", f"must be between 1 and {MAX_TTL_SECONDS}")
         if not request.content:
             raise InvalidArgument("content", "an empty answer is never cached")
+        if request.finish_reason not in CACHEABLE_FINISH_REASONS:
+            raise InvalidArgument(
+                "finish_reason",
+                f"only finished answers ({', '.join(CACHEABLE_FINISH_REASONS)}) are cached, "
+                f"not {request.finish_reason or 'an unfinished one'!r}",
+            )
         answer = Answer(
             content=request.content,
             model=request.model,
@@ -63,13 +89,38 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             output_tokens=request.usage.output_tokens,
             finish_reason=request.finish_reason,
         )
-        entry = self._store.store(key, answer, ttl, tuple(request.tags))
-        trace.get_current_span().set_attributes(
-            {"costmesh.feature": key.feature, "costmesh.cache.ttl_seconds": ttl}
+        entry = await self._cache.put(
+            key, answer, ttl, tuple(request.tags), self._supplied_vector(request)
         )
+        trace.get_current_span().set_attributes(
+            {
+                "costmesh.feature": key.feature,
+                "costmesh.cache.ttl_seconds": ttl,
+                "costmesh.cache.stored": entry is not None,
+            }
+        )
+        if entry is None:  # the backend is down: dropped, not failed (fail-open)
+            return cache_pb2.StoreResponse()
         return cache_pb2.StoreResponse(
             entry_id=entry.entry_id, expires_at=_timestamp(entry.expires_at)
         )
+
+    def _supplied_vector(self, request: cache_pb2.StoreRequest) -> np.ndarray[Any, Any] | None:
+        """The lookup's embedding, passed back so a miss is embedded only once."""
+        embedder = self._cache.embedder
+        if not request.query_embedding or embedder is None:
+            return None
+        if request.embedding_model != embedder.model:
+            return None
+        if len(request.query_embedding) != embedder.dimensions:
+            raise InvalidArgument(
+                "query_embedding", f"{embedder.model} vectors have {embedder.dimensions} values"
+            )
+        vector = np.asarray(request.query_embedding, dtype=np.float32)
+        norm = float(np.linalg.norm(vector))
+        if not 0.99 < norm < 1.01:
+            raise InvalidArgument("query_embedding", "must be the unit vector Lookup returned")
+        return vector
 
     async def Invalidate(
         self, request: cache_pb2.InvalidateRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -78,27 +129,59 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         if not request.feature:
             raise InvalidArgument("feature", "required")
         target = request.WhichOneof("target")
-        if target == "tag" and request.tag:
-            removed = self._store.invalidate_tag(request.feature, request.tag)
-            return cache_pb2.InvalidateResponse(removed_entries=removed)
-        if target == "namespace":
-            removed, version = self._store.bump_namespace(request.feature, request.namespace)
-            return cache_pb2.InvalidateResponse(removed_entries=removed, namespace_version=version)
+        store = self._cache.store
+        try:
+            if target == "tag" and request.tag:
+                removed = await store.invalidate_tag(request.feature, request.tag)
+                return cache_pb2.InvalidateResponse(removed_entries=removed)
+            if target == "namespace":
+                removed, version = await store.bump(request.feature, request.namespace)
+                return cache_pb2.InvalidateResponse(
+                    removed_entries=removed, namespace_version=version
+                )
+        except StoreUnavailableError as exc:
+            # Unlike a lookup, an invalidation must not pass silently: say it failed.
+            raise Unavailable(f"cache backend unavailable: {exc}") from exc
         raise InvalidArgument("target", "set a non-empty tag or a namespace")
 
     async def GetStats(
         self, request: cache_pb2.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> cache_pb2.GetStatsResponse:
         require_role("service", "admin")
-        counts = {
-            name: sum(
-                n
-                for (feature, counter), n in self._store.counters.items()
-                if counter == name and (not request.feature or feature == request.feature)
-            )
-            for name in _COUNTERS
+        stats = self._cache.stats(request.feature)
+        return cache_pb2.GetStatsResponse(
+            entries=int(stats["entries"]),
+            exact_hits=int(stats["exact_hits"]),
+            semantic_hits=int(stats["semantic_hits"]),
+            misses=int(stats["misses"]),
+            stores=int(stats["stores"]),
+            evictions=int(stats["evictions"]),
+            expirations=int(stats["expirations"]),
+            hit_rate=float(stats["hit_rate"]),
+            memory_bytes=int(stats["memory_bytes"]),
+            guard_rejections=int(stats["guard_rejections"]),
+            backend_failures=int(stats["backend_failures"]),
+            invalidations=int(stats["invalidations"]),
+        )
+
+
+def _trace_decision(key: RequestKey, result: LookupResult, threshold: float | None) -> None:
+    span = trace.get_current_span()
+    span.set_attributes(
+        {
+            "costmesh.feature": key.feature,
+            "costmesh.cache.hit": result.entry is not None,
+            "costmesh.cache.outcome": result.outcome,
+            "costmesh.cache.similarity": result.similarity,
+            "costmesh.cache.best_similarity": result.best_similarity,
         }
-        return cache_pb2.GetStatsResponse(entries=self._store.count(request.feature), **counts)
+    )
+    if threshold is not None:
+        span.set_attribute("costmesh.cache.threshold_override", threshold)
+    if result.entry is not None:
+        span.set_attribute("costmesh.cache.entry_id", result.entry.entry_id)
+    if result.guard_rejection:
+        span.set_attribute("costmesh.cache.guard_rejection", result.guard_rejection)
 
 
 def _to_key(key: cache_pb2.CacheKey) -> RequestKey:
@@ -106,7 +189,6 @@ def _to_key(key: cache_pb2.CacheKey) -> RequestKey:
         raise InvalidArgument("key.feature", "required")
     if not key.messages:
         raise InvalidArgument("key.messages", "at least one message is required")
-    params = key.params
     return RequestKey(
         team=key.team,
         feature=key.feature,
@@ -114,12 +196,7 @@ def _to_key(key: cache_pb2.CacheKey) -> RequestKey:
         scope_key=key.scope_key,
         model=key.model,
         messages=tuple((m.role, m.content) for m in key.messages),
-        params=(
-            ("max_tokens", params.max_tokens if params.HasField("max_tokens") else None),
-            ("temperature", params.temperature if params.HasField("temperature") else None),
-            ("top_p", params.top_p if params.HasField("top_p") else None),
-            ("stop", list(params.stop)),
-        ),
+        params=key.params.SerializeToString(deterministic=True),
     )
 
 
@@ -144,20 +221,40 @@ def _to_proto(entry: Entry) -> cache_pb2.CacheEntry:
         expires_at=_timestamp(entry.expires_at),
         tags=list(entry.tags),
         finish_reason=answer.finish_reason,
+        question=entry.question,
     )
 
 
+def open_store(settings: CacheSettings, dimensions: int) -> Store:
+    if settings.backend == "redis":
+        return RedisStore(
+            settings.redis_url,
+            settings.redis_prefix,
+            dimensions,
+            ann_threshold=settings.ann_threshold,
+        )
+    return MemoryStore(dimensions, settings.ann_threshold)
+
+
 def build(config: Config) -> ServiceDef:
-    """The cache service with the in-process store and per-feature TTLs."""
-    features = config.section("features")
-    ttl = {
-        name: features.section(name).get_int("cache_ttl_seconds", 3600, minimum=1)
-        for name in features.names()
-    }
-    ttl.setdefault("default", 3600)
-    store = ExactStore(config.section("cache").get_int("max_entries", 100_000, minimum=1))
-    servicer = CacheServicer(store, ttl)
+    """The cache service on the configured backend and embedder."""
+    settings = CacheSettings.from_config(config)
+    embedder = settings.embedder(config.section("peers").get_float("timeout_seconds", 5.0))
+    store = open_store(settings, embedder.dimensions if embedder else 0)
+    cache = SemanticCache(store, embedder, settings.policies)
+    servicer = CacheServicer(cache)
+
+    async def start() -> None:
+        await store.start()
+
+    async def stop() -> None:
+        await store.close()
+        if embedder is not None:
+            embedder.close()
+
     return ServiceDef(
         SERVICE_NAME,
         lambda server: cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server),
+        start=start,
+        stop=stop,
     )

@@ -1,13 +1,24 @@
-"""In-process exact-match store: absolute TTLs, LRU bound, tags, namespace versions."""
+"""Cache entries and the in-process store: absolute TTLs, LRU per namespace, tags,
+namespace versions and one vector index per semantic partition."""
 
 from __future__ import annotations
 
+import heapq
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from services.cache.keys import RequestKey
+from services.cache.index import Vector, VectorIndex
+
+# What one entry costs beyond its own strings and vector: the Python objects of the
+# entry, its answer and the bookkeeping maps (measured by bench/semantic_lookup.py).
+ENTRY_OVERHEAD_BYTES = 600
+
+
+class StoreUnavailableError(Exception):
+    """The backend (Redis) cannot be reached: lookups miss and stores are dropped."""
 
 
 @dataclass(frozen=True)
@@ -27,82 +38,183 @@ class Entry:
     entry_id: str
     feature: str
     namespace: str
+    partition: str  # the semantic partition the vector lives in
+    question: str
     answer: Answer
     created_at: float
     expires_at: float
     tags: tuple[str, ...] = field(default_factory=tuple)
+    vector: Vector | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Memory accounted to the entry: its text, ids, tags and vector."""
+        text = (
+            self.answer.content,
+            self.answer.model,
+            self.question,
+            self.entry_id,
+            self.partition,
+            *self.tags,
+        )
+        vector = 0 if self.vector is None else int(self.vector.nbytes)
+        return ENTRY_OVERHEAD_BYTES + sum(len(t.encode()) for t in text) + vector
 
 
-class ExactStore:
-    """Bounded map from request digest to entry. Not thread-safe: one event loop owns it."""
+@dataclass(frozen=True)
+class Capacity:
+    """Bounds of one namespace; the least recently used entries go first."""
 
-    def __init__(self, max_entries: int, clock: Callable[[], float] = time.time) -> None:
-        self._max_entries = max_entries
+    max_entries: int
+    max_bytes: int = 0  # zero: bounded by entries only
+
+
+class Store(Protocol):
+    """Where entries live: this process (MemoryStore) or Redis (RedisStore)."""
+
+    counters: Counter[tuple[str, str]]
+
+    async def start(self) -> None: ...
+
+    async def version(self, feature: str, namespace: str) -> int: ...
+
+    async def get(self, entry_id: str) -> Entry | None: ...
+
+    async def nearest(self, partition: str, vector: Vector, k: int) -> list[tuple[str, float]]: ...
+
+    async def touch(self, entry: Entry) -> None: ...
+
+    async def put(self, entry: Entry, capacity: Capacity) -> None: ...
+
+    async def invalidate_tag(self, feature: str, tag: str) -> int: ...
+
+    async def bump(self, feature: str, namespace: str) -> tuple[int, int]: ...
+
+    def entries(self, feature: str = "") -> int: ...
+
+    def memory_bytes(self, feature: str = "") -> int: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryStore:
+    """All entries in this process. Not thread-safe: one event loop owns it."""
+
+    def __init__(
+        self, dimensions: int, ann_threshold: int = 0, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._dimensions = dimensions
+        self._ann_threshold = ann_threshold
         self._clock = clock
-        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._entries: dict[str, Entry] = {}
+        self._lru: defaultdict[tuple[str, str], OrderedDict[str, None]] = defaultdict(OrderedDict)
+        self._bytes: Counter[tuple[str, str]] = Counter()
+        self._indexes: dict[str, VectorIndex] = {}
+        self._tags: defaultdict[tuple[str, str], set[str]] = defaultdict(set)
         self._versions: dict[tuple[str, str], int] = {}
+        self._expiry: list[tuple[float, str]] = []
         self.counters: Counter[tuple[str, str]] = Counter()
 
-    def version(self, feature: str, namespace: str) -> int:
+    async def start(self) -> None:
+        """Nothing to load: a new process starts empty."""
+
+    async def version(self, feature: str, namespace: str) -> int:
         return self._versions.get((feature, namespace), 1)
 
-    def lookup(self, key: RequestKey, max_age_seconds: int = 0) -> Entry | None:
-        """The live entry for the key, or None; a hit refreshes recency, never expiry."""
-        entry_id = key.digest(self.version(key.feature, key.namespace))
-        entry = self._entries.get(entry_id)
-        now = self._clock()
-        if entry is not None and entry.expires_at <= now:
-            del self._entries[entry_id]
-            self.counters[(key.feature, "expirations")] += 1
-            entry = None
-        if entry is not None and max_age_seconds > 0 and now - entry.created_at > max_age_seconds:
-            entry = None
-        self.counters[(key.feature, "exact_hits" if entry else "misses")] += 1
-        if entry is not None:
-            self._entries.move_to_end(entry_id)
-        return entry
+    async def get(self, entry_id: str) -> Entry | None:
+        self._reclaim_expired()
+        return self._entries.get(entry_id)
 
-    def store(
-        self, key: RequestKey, answer: Answer, ttl_seconds: int, tags: tuple[str, ...]
-    ) -> Entry:
-        now = self._clock()
-        entry = Entry(
-            entry_id=key.digest(self.version(key.feature, key.namespace)),
-            feature=key.feature,
-            namespace=key.namespace,
-            answer=answer,
-            created_at=now,
-            expires_at=now + ttl_seconds,
-            tags=tags,
-        )
+    async def nearest(self, partition: str, vector: Vector, k: int) -> list[tuple[str, float]]:
+        self._reclaim_expired()
+        index = self._indexes.get(partition)
+        return [] if index is None else index.search(vector, k)
+
+    async def touch(self, entry: Entry) -> None:
+        lru = self._lru.get((entry.feature, entry.namespace))
+        if lru is not None and entry.entry_id in lru:
+            lru.move_to_end(entry.entry_id)
+
+    async def put(self, entry: Entry, capacity: Capacity) -> None:
+        self._reclaim_expired()
+        self._remove(entry.entry_id)
+        namespace = (entry.feature, entry.namespace)
         self._entries[entry.entry_id] = entry
-        self._entries.move_to_end(entry.entry_id)
-        self.counters[(key.feature, "stores")] += 1
-        while len(self._entries) > self._max_entries:
-            _, evicted = self._entries.popitem(last=False)
-            self.counters[(evicted.feature, "evictions")] += 1
-        return entry
+        self._lru[namespace][entry.entry_id] = None
+        self._bytes[namespace] += entry.nbytes
+        for tag in entry.tags:
+            self._tags[(entry.feature, tag)].add(entry.entry_id)
+        if entry.vector is not None:
+            index = self._indexes.get(entry.partition)
+            if index is None:
+                index = self._indexes[entry.partition] = VectorIndex(
+                    self._dimensions, self._ann_threshold
+                )
+            index.add(entry.entry_id, entry.vector)
+        heapq.heappush(self._expiry, (entry.expires_at, entry.entry_id))
+        lru = self._lru[namespace]
+        while len(lru) > capacity.max_entries or (
+            capacity.max_bytes and self._bytes[namespace] > capacity.max_bytes and len(lru) > 1
+        ):
+            oldest = next(iter(lru))
+            self._remove(oldest)
+            self.counters[(entry.feature, "evictions")] += 1
 
-    def invalidate_tag(self, feature: str, tag: str) -> int:
-        doomed = [
-            e.entry_id for e in self._entries.values() if e.feature == feature and tag in e.tags
-        ]
-        for entry_id in doomed:
-            del self._entries[entry_id]
-        return len(doomed)
+    async def invalidate_tag(self, feature: str, tag: str) -> int:
+        doomed = self._tags.pop((feature, tag), set())
+        removed = sum(1 for entry_id in doomed if self._remove(entry_id))
+        self.counters[(feature, "invalidations")] += removed
+        return removed
 
-    def bump_namespace(self, feature: str, namespace: str) -> tuple[int, int]:
+    async def bump(self, feature: str, namespace: str) -> tuple[int, int]:
         """Make every entry of the namespace unreachable at once, and reclaim them."""
-        old = self.version(feature, namespace)
-        self._versions[(feature, namespace)] = old + 1
-        doomed = [
-            e.entry_id
-            for e in self._entries.values()
-            if e.feature == feature and e.namespace == namespace
-        ]
+        version = self._versions.get((feature, namespace), 1) + 1
+        self._versions[(feature, namespace)] = version
+        doomed = list(self._lru.get((feature, namespace), ()))
         for entry_id in doomed:
-            del self._entries[entry_id]
-        return len(doomed), old + 1
+            self._remove(entry_id)
+        self.counters[(feature, "invalidations")] += len(doomed)
+        return len(doomed), version
 
-    def count(self, feature: str = "") -> int:
-        return sum(1 for e in self._entries.values() if not feature or e.feature == feature)
+    def entries(self, feature: str = "") -> int:
+        return sum(len(lru) for (f, _), lru in self._lru.items() if not feature or f == feature)
+
+    def memory_bytes(self, feature: str = "") -> int:
+        return sum(n for (f, _), n in self._bytes.items() if not feature or f == feature)
+
+    async def close(self) -> None:
+        """Nothing to release: the entries go with the process."""
+
+    def _remove(self, entry_id: str) -> bool:
+        entry = self._entries.pop(entry_id, None)
+        if entry is None:
+            return False
+        namespace = (entry.feature, entry.namespace)
+        lru = self._lru[namespace]
+        lru.pop(entry_id, None)
+        self._bytes[namespace] -= entry.nbytes
+        if not lru:
+            del self._lru[namespace]
+            del self._bytes[namespace]
+        for tag in entry.tags:
+            tagged = self._tags.get((entry.feature, tag))
+            if tagged is not None:
+                tagged.discard(entry_id)
+                if not tagged:
+                    del self._tags[(entry.feature, tag)]
+        index = self._indexes.get(entry.partition)
+        if index is not None:
+            index.remove(entry_id)
+            if not len(index):
+                del self._indexes[entry.partition]
+        return True
+
+    def _reclaim_expired(self) -> None:
+        """Drop entries whose TTL passed (a heap by expiry; stale heap items skip)."""
+        now = self._clock()
+        while self._expiry and self._expiry[0][0] <= now:
+            expires_at, entry_id = heapq.heappop(self._expiry)
+            entry = self._entries.get(entry_id)
+            if entry is not None and entry.expires_at == expires_at:
+                self._remove(entry_id)
+                self.counters[(entry.feature, "expirations")] += 1

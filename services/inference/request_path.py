@@ -19,7 +19,7 @@ from costmesh.ledger.v1 import ledger_pb2
 from costmesh.router.v1 import router_pb2
 from costmesh.types.v1 import types_pb2
 from services.common.auth import Principal
-from services.common.errors import DeadlineExceeded, Unavailable
+from services.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from services.common.outages import OutageLog
 from services.common.telemetry import current_trace_id
 from services.inference.idempotency import IdempotencyStore
@@ -30,6 +30,8 @@ from services.inference.settings import InferenceSettings
 from services.inference.validation import check_context_window, estimate_tokens, validate
 
 log = logging.getLogger(__name__)
+# Only answers the provider finished are stored (the cache refuses others too).
+CACHEABLE_FINISH_REASONS = ("stop", "length")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class CompletionPath:
         # Stores still in flight, by cache key: an identical request waits for the
         # store instead of paying the provider again.
         self._pending_stores: dict[str, asyncio.Task[None]] = {}
+        # Misses being generated, by cache key: identical ones wait for the first.
+        self._in_flight: dict[str, asyncio.Future[inference_pb2.CompleteResponse]] = {}
 
     async def complete(
         self,
@@ -105,11 +109,11 @@ class CompletionPath:
         return response
 
     async def _answer(self, call: Call) -> inference_pb2.CompleteResponse:
-        request, deadline = call.request, call.deadline
+        request, control = call.request, call.request.cache_control
         key = cache_pb2.CacheKey(
             team=call.principal.team,
             feature=request.feature,
-            namespace="",
+            namespace=control.namespace,
             scope_key=request.scope_key,
             model=request.model,
             messages=request.messages,
@@ -118,21 +122,22 @@ class CompletionPath:
         response = inference_pb2.CompleteResponse(
             request_id=call.request_id, trace_id=current_trace_id()
         )
-        hit = (
-            None
-            if request.cache_control.no_cache
-            else await self._lookup(key, request.cache_control.max_age_seconds, deadline)
-        )
+        caching = self._settings.features[request.feature].cache_mode != "off"
+        looked_up = None
+        if caching and not control.no_cache:
+            looked_up = await self._lookup(key, control, call.deadline)
         baseline_usage = types_pb2.TokenUsage()
-        if hit is not None:
-            entry = hit.entry
+        if looked_up is not None and looked_up.HasField("entry"):
+            entry = looked_up.entry
             baseline_usage.CopyFrom(entry.usage)  # what the answer cost when generated
             response.content, response.model = entry.content, entry.model
             response.provider, response.finish_reason = "cache", entry.finish_reason
-            response.cached, response.cache_outcome = True, hit.outcome
+            response.cached, response.cache_outcome = True, looked_up.outcome
         else:
-            await self._generate(call, key, response)
-            baseline_usage.CopyFrom(response.usage)
+            embedding = looked_up if looked_up is not None else cache_pb2.LookupResponse()
+            baseline_usage.CopyFrom(
+                await self._generate_once(call, key, response, embedding, caching)
+            )
         trace.get_current_span().set_attributes(
             {"costmesh.cache.outcome": types_pb2.CacheOutcome.Name(response.cache_outcome)}
         )
@@ -141,8 +146,59 @@ class CompletionPath:
         await asyncio.shield(self._record(call, response, baseline_usage))
         return response
 
+    async def _generate_once(
+        self,
+        call: Call,
+        key: cache_pb2.CacheKey,
+        response: inference_pb2.CompleteResponse,
+        looked_up: cache_pb2.LookupResponse,
+        caching: bool,
+    ) -> types_pb2.TokenUsage:
+        """Generate, unless an identical request is already generating: then share it.
+
+        Concurrent identical misses would each pay the provider for the same answer;
+        the first one calls it and the others wait for its answer (served as an
+        exact hit). A failed first call lets each waiter try on its own. Returns
+        what the answer cost the provider call that made it.
+        """
+        if not caching or call.request.cache_control.no_cache:
+            await self._generate(call, key, response, looked_up, caching)
+            return response.usage
+        digest = _key_digest(key)
+        leader = self._in_flight.get(digest)
+        if leader is not None:
+            wait = call.deadline.cap(self._settings.provider_timeout_seconds)
+            done, _ = await asyncio.wait({leader}, timeout=wait)
+            if leader in done and leader.exception() is None:
+                first = leader.result()
+                response.content, response.model = first.content, first.model
+                response.provider, response.finish_reason = "cache", first.finish_reason
+                response.cached, response.cache_outcome = True, types_pb2.CACHE_OUTCOME_EXACT
+                trace.get_current_span().set_attribute("costmesh.cache.collapsed", True)
+                return first.usage
+        future: asyncio.Future[inference_pb2.CompleteResponse] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._in_flight[digest] = future
+        try:
+            await self._generate(call, key, response, looked_up, caching)
+            future.set_result(response)
+            return response.usage
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: nobody may be waiting
+            raise
+        finally:
+            if self._in_flight.get(digest) is future:
+                del self._in_flight[digest]
+
     async def _generate(
-        self, call: Call, key: cache_pb2.CacheKey, response: inference_pb2.CompleteResponse
+        self,
+        call: Call,
+        key: cache_pb2.CacheKey,
+        response: inference_pb2.CompleteResponse,
+        looked_up: cache_pb2.LookupResponse,
+        caching: bool,
     ) -> None:
         request, max_tokens = call.request, call.max_tokens
         plan = await self._route(request, call.deadline)
@@ -166,37 +222,42 @@ class CompletionPath:
         response.tier = plan.tier
         response.cache_outcome = (
             types_pb2.CACHE_OUTCOME_BYPASS
-            if request.cache_control.no_cache
+            if request.cache_control.no_cache or not caching
             else types_pb2.CACHE_OUTCOME_MISS
         )
         response.usage.CopyFrom(_usage(completion))
-        if not request.cache_control.no_store and completion.content:
-            self._store_later(key, model, completion)
+        finished = completion.finish_reason in CACHEABLE_FINISH_REASONS
+        if caching and not request.cache_control.no_store and completion.content and finished:
+            self._store_later(key, model, completion, request.cache_control, looked_up)
 
     async def _lookup(
-        self, key: cache_pb2.CacheKey, max_age: int, deadline: Deadline
+        self, key: cache_pb2.CacheKey, control: inference_pb2.CacheControl, deadline: Deadline
     ) -> cache_pb2.LookupResponse | None:
-        """The cache's hit, or None for a miss (and for a cache that failed: fail open)."""
+        """The cache's answer (a hit, or a miss carrying the question's embedding), or
+        None when the cache failed: it fails open."""
         digest = _key_digest(key)
         pending = self._pending_stores.get(digest)
         if pending is not None:
             await asyncio.wait({pending}, timeout=deadline.cap(self._peers.timeout))
+        lookup = cache_pb2.LookupRequest(key=key, max_age_seconds=control.max_age_seconds)
+        if control.HasField("similarity_threshold"):
+            lookup.similarity_threshold = control.similarity_threshold
         try:
             found = await self._peers.cache.Lookup(
-                cache_pb2.LookupRequest(key=key, max_age_seconds=max_age),
-                metadata=self._peers.metadata,
-                timeout=deadline.cap(self._peers.timeout),
+                lookup, metadata=self._peers.metadata, timeout=deadline.cap(self._peers.timeout)
             )
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                # The request itself is wrong for this feature (say, a per-tenant
+                # cache without a scope_key): the caller must hear it.
+                raise InvalidArgument("cache", exc.details() or "refused by the cache") from exc
             self._cache_outage.failed(exc.code().name)
             trace.get_current_span().add_event(
                 "cache.lookup_failed", {"grpc.status": str(exc.code())}
             )
             return None
         self._cache_outage.succeeded()
-        if found.outcome in (types_pb2.CACHE_OUTCOME_EXACT, types_pb2.CACHE_OUTCOME_SEMANTIC):
-            return found
-        return None
+        return found
 
     async def _route(
         self, request: inference_pb2.CompleteRequest, deadline: Deadline
@@ -218,7 +279,14 @@ class CompletionPath:
                 f"router unavailable ({exc.code().name})", reason="ROUTER_UNAVAILABLE"
             ) from exc
 
-    def _store_later(self, key: cache_pb2.CacheKey, model: str, completion: Completion) -> None:
+    def _store_later(
+        self,
+        key: cache_pb2.CacheKey,
+        model: str,
+        completion: Completion,
+        control: inference_pb2.CacheControl,
+        looked_up: cache_pb2.LookupResponse,
+    ) -> None:
         """Store off the response path; a failed store only costs a future miss."""
         digest = _key_digest(key)
         request = cache_pb2.StoreRequest(
@@ -229,6 +297,10 @@ class CompletionPath:
             model=model,
             usage=_usage(completion),
             finish_reason=completion.finish_reason,
+            tags=control.tags,
+            # The lookup already embedded the question: the cache need not again.
+            query_embedding=looked_up.query_embedding,
+            embedding_model=looked_up.embedding_model,
         )
 
         async def store() -> None:

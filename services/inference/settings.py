@@ -17,6 +17,8 @@ class FeatureLimits:
     max_input_tokens: int
     # The model the feature would use without routing, for the ledger's savings.
     baseline_model: str = ""
+    # "off" skips the cache entirely; "exact" and "semantic" are the cache's business.
+    cache_mode: str = "semantic"
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class InferenceSettings:
                 limit,
                 f.get_int("max_input_tokens", 16000, minimum=1),
                 f.get_str("baseline_model", f.section("models").get_str("complex", "")),
+                f.get_choice("cache_mode", ("semantic", "exact", "off"), "semantic"),
             )
         providers_cfg = config.section("providers")
         providers = {

@@ -26,7 +26,7 @@ from costmesh.types.v1 import types_pb2 as costmesh_dot_types_dot_v1_dot_types__
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63ostmesh/cache/v1/cache.proto\x12\x11\x63ostmesh.cache.v1\x1a\x1d\x63ostmesh/types/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc5\x01\n\x08\x43\x61\x63heKey\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x11\n\tscope_key\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x30\n\x08messages\x18\x05 \x03(\x0b\x32\x1e.costmesh.types.v1.ChatMessage\x12\x33\n\x06params\x18\x06 \x01(\x0b\x32#.costmesh.types.v1.GenerationParams\x12\x0c\n\x04team\x18\x07 \x01(\t\"\xf1\x01\n\nCacheEntry\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12,\n\x05usage\x18\x04 \x01(\x0b\x32\x1d.costmesh.types.v1.TokenUsage\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04tags\x18\x07 \x03(\t\x12\x15\n\rfinish_reason\x18\x08 \x01(\t\"R\n\rLookupRequest\x12(\n\x03key\x18\x01 \x01(\x0b\x32\x1b.costmesh.cache.v1.CacheKey\x12\x17\n\x0fmax_age_seconds\x18\x02 \x01(\x03\"\x84\x01\n\x0eLookupResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0e\x32\x1f.costmesh.types.v1.CacheOutcome\x12,\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x1d.costmesh.cache.v1.CacheEntry\x12\x12\n\nsimilarity\x18\x03 \x01(\x01\"\xc0\x01\n\x0cStoreRequest\x12(\n\x03key\x18\x01 \x01(\x0b\x32\x1b.costmesh.cache.v1.CacheKey\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12,\n\x05usage\x18\x04 \x01(\x0b\x32\x1d.costmesh.types.v1.TokenUsage\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\x03\x12\x0c\n\x04tags\x18\x06 \x03(\t\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\"Q\n\rStoreResponse\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"R\n\x11InvalidateRequest\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\r\n\x03tag\x18\x02 \x01(\tH\x00\x12\x13\n\tnamespace\x18\x03 \x01(\tH\x00\x42\x08\n\x06target\"H\n\x12InvalidateResponse\x12\x17\n\x0fremoved_entries\x18\x01 \x01(\x03\x12\x19\n\x11namespace_version\x18\x02 \x01(\x03\"\"\n\x0fGetStatsRequest\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\"\x96\x01\n\x10GetStatsResponse\x12\x0f\n\x07\x65ntries\x18\x01 \x01(\x03\x12\x12\n\nexact_hits\x18\x02 \x01(\x03\x12\x15\n\rsemantic_hits\x18\x03 \x01(\x03\x12\x0e\n\x06misses\x18\x04 \x01(\x03\x12\x0e\n\x06stores\x18\x05 \x01(\x03\x12\x11\n\tevictions\x18\x06 \x01(\x03\x12\x13\n\x0b\x65xpirations\x18\x07 \x01(\x03\x32\xd9\x02\n\x0c\x43\x61\x63heService\x12M\n\x06Lookup\x12 .costmesh.cache.v1.LookupRequest\x1a!.costmesh.cache.v1.LookupResponse\x12J\n\x05Store\x12\x1f.costmesh.cache.v1.StoreRequest\x1a .costmesh.cache.v1.StoreResponse\x12Y\n\nInvalidate\x12$.costmesh.cache.v1.InvalidateRequest\x1a%.costmesh.cache.v1.InvalidateResponse\x12S\n\x08GetStats\x12\".costmesh.cache.v1.GetStatsRequest\x1a#.costmesh.cache.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63ostmesh/cache/v1/cache.proto\x12\x11\x63ostmesh.cache.v1\x1a\x1d\x63ostmesh/types/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc5\x01\n\x08\x43\x61\x63heKey\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x11\n\tscope_key\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x30\n\x08messages\x18\x05 \x03(\x0b\x32\x1e.costmesh.types.v1.ChatMessage\x12\x33\n\x06params\x18\x06 \x01(\x0b\x32#.costmesh.types.v1.GenerationParams\x12\x0c\n\x04team\x18\x07 \x01(\t\"\x83\x02\n\nCacheEntry\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12,\n\x05usage\x18\x04 \x01(\x0b\x32\x1d.costmesh.types.v1.TokenUsage\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04tags\x18\x07 \x03(\t\x12\x15\n\rfinish_reason\x18\x08 \x01(\t\x12\x10\n\x08question\x18\t \x01(\t\"\x8e\x01\n\rLookupRequest\x12(\n\x03key\x18\x01 \x01(\x0b\x32\x1b.costmesh.cache.v1.CacheKey\x12\x17\n\x0fmax_age_seconds\x18\x02 \x01(\x03\x12!\n\x14similarity_threshold\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x17\n\x15_similarity_threshold\"\xe8\x01\n\x0eLookupResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0e\x32\x1f.costmesh.types.v1.CacheOutcome\x12,\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x1d.costmesh.cache.v1.CacheEntry\x12\x12\n\nsimilarity\x18\x03 \x01(\x01\x12\x17\n\x0fquery_embedding\x18\x04 \x03(\x02\x12\x17\n\x0f\x65mbedding_model\x18\x05 \x01(\t\x12\x17\n\x0f\x62\x65st_similarity\x18\x06 \x01(\x01\x12\x17\n\x0fguard_rejection\x18\x07 \x01(\t\"\xf2\x01\n\x0cStoreRequest\x12(\n\x03key\x18\x01 \x01(\x0b\x32\x1b.costmesh.cache.v1.CacheKey\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12,\n\x05usage\x18\x04 \x01(\x0b\x32\x1d.costmesh.types.v1.TokenUsage\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\x03\x12\x0c\n\x04tags\x18\x06 \x03(\t\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\x12\x17\n\x0fquery_embedding\x18\x08 \x03(\x02\x12\x17\n\x0f\x65mbedding_model\x18\t \x01(\t\"Q\n\rStoreResponse\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"R\n\x11InvalidateRequest\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\r\n\x03tag\x18\x02 \x01(\tH\x00\x12\x13\n\tnamespace\x18\x03 \x01(\tH\x00\x42\x08\n\x06target\"H\n\x12InvalidateResponse\x12\x17\n\x0fremoved_entries\x18\x01 \x01(\x03\x12\x19\n\x11namespace_version\x18\x02 \x01(\x03\"\"\n\x0fGetStatsRequest\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\"\x89\x02\n\x10GetStatsResponse\x12\x0f\n\x07\x65ntries\x18\x01 \x01(\x03\x12\x12\n\nexact_hits\x18\x02 \x01(\x03\x12\x15\n\rsemantic_hits\x18\x03 \x01(\x03\x12\x0e\n\x06misses\x18\x04 \x01(\x03\x12\x0e\n\x06stores\x18\x05 \x01(\x03\x12\x11\n\tevictions\x18\x06 \x01(\x03\x12\x13\n\x0b\x65xpirations\x18\x07 \x01(\x03\x12\x10\n\x08hit_rate\x18\x08 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\t \x01(\x03\x12\x18\n\x10guard_rejections\x18\n \x01(\x03\x12\x18\n\x10\x62\x61\x63kend_failures\x18\x0b \x01(\x03\x12\x15\n\rinvalidations\x18\x0c \x01(\x03\x32\xd9\x02\n\x0c\x43\x61\x63heService\x12M\n\x06Lookup\x12 .costmesh.cache.v1.LookupRequest\x1a!.costmesh.cache.v1.LookupResponse\x12J\n\x05Store\x12\x1f.costmesh.cache.v1.StoreRequest\x1a .costmesh.cache.v1.StoreResponse\x12Y\n\nInvalidate\x12$.costmesh.cache.v1.InvalidateRequest\x1a%.costmesh.cache.v1.InvalidateResponse\x12S\n\x08GetStats\x12\".costmesh.cache.v1.GetStatsRequest\x1a#.costmesh.cache.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,23 +36,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CACHEKEY']._serialized_start=117
   _globals['_CACHEKEY']._serialized_end=314
   _globals['_CACHEENTRY']._serialized_start=317
-  _globals['_CACHEENTRY']._serialized_end=558
-  _globals['_LOOKUPREQUEST']._serialized_start=560
-  _globals['_LOOKUPREQUEST']._serialized_end=642
-  _globals['_LOOKUPRESPONSE']._serialized_start=645
-  _globals['_LOOKUPRESPONSE']._serialized_end=777
-  _globals['_STOREREQUEST']._serialized_start=780
-  _globals['_STOREREQUEST']._serialized_end=972
-  _globals['_STORERESPONSE']._serialized_start=974
-  _globals['_STORERESPONSE']._serialized_end=1055
-  _globals['_INVALIDATEREQUEST']._serialized_start=1057
-  _globals['_INVALIDATEREQUEST']._serialized_end=1139
-  _globals['_INVALIDATERESPONSE']._serialized_start=1141
-  _globals['_INVALIDATERESPONSE']._serialized_end=1213
-  _globals['_GETSTATSREQUEST']._serialized_start=1215
-  _globals['_GETSTATSREQUEST']._serialized_end=1249
-  _globals['_GETSTATSRESPONSE']._serialized_start=1252
-  _globals['_GETSTATSRESPONSE']._serialized_end=1402
-  _globals['_CACHESERVICE']._serialized_start=1405
-  _globals['_CACHESERVICE']._serialized_end=1750
+  _globals['_CACHEENTRY']._serialized_end=576
+  _globals['_LOOKUPREQUEST']._serialized_start=579
+  _globals['_LOOKUPREQUEST']._serialized_end=721
+  _globals['_LOOKUPRESPONSE']._serialized_start=724
+  _globals['_LOOKUPRESPONSE']._serialized_end=956
+  _globals['_STOREREQUEST']._serialized_start=959
+  _globals['_STOREREQUEST']._serialized_end=1201
+  _globals['_STORERESPONSE']._serialized_start=1203
+  _globals['_STORERESPONSE']._serialized_end=1284
+  _globals['_INVALIDATEREQUEST']._serialized_start=1286
+  _globals['_INVALIDATEREQUEST']._serialized_end=1368
+  _globals['_INVALIDATERESPONSE']._serialized_start=1370
+  _globals['_INVALIDATERESPONSE']._serialized_end=1442
+  _globals['_GETSTATSREQUEST']._serialized_start=1444
+  _globals['_GETSTATSREQUEST']._serialized_end=1478
+  _globals['_GETSTATSRESPONSE']._serialized_start=1481
+  _globals['_GETSTATSRESPONSE']._serialized_end=1746
+  _globals['_CACHESERVICE']._serialized_start=1749
+  _globals['_CACHESERVICE']._serialized_end=2094
 # @@protoc_insertion_point(module_scope)

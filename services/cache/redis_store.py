@@ -1,0 +1,374 @@
+"""Entries in Redis, shared by every cache replica and kept across restarts.
+
+Redis 7 has no vector search, so each replica mirrors the vectors in its own
+VectorIndex and follows a stream of put/delete events (its own included). A
+replica that starts, or that lost Redis for a while, rebuilds its mirror from a
+scan of the entries and then follows the stream from the last event it saw before
+the scan, so nothing that happened during the scan is missed. Redis errors raise
+StoreUnavailableError: the cache turns them into misses and dropped stores.
+
+Keys, under the configured prefix P:
+  P:e:<entry id>    hash: "m" JSON metadata and answer, "v" the float32 vector;
+                    expires with the entry (PEXPIREAT), so TTLs are Redis's own
+  P:ns:<hash>       sorted set of a namespace's entry ids by last use (LRU bound)
+  P:tag:<hash>      set of the entry ids carrying a tag
+  P:versions        hash of namespace -> number of bumps
+  P:events          stream of put/del events, trimmed to about `stream_length`
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import heapq
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from services.cache.index import Vector, VectorIndex
+from services.cache.store import Answer, Capacity, Entry, StoreUnavailableError
+from services.common.outages import OutageLog
+
+log = logging.getLogger(__name__)
+_FOLLOW_BLOCK_MS = 1000
+_RECONNECT_SECONDS = 0.5
+
+
+@dataclass
+class _Mirrored:
+    """What a replica keeps of an entry: enough to search and account for it."""
+
+    partition: str
+    feature: str
+    namespace: str
+    expires_at: float
+    nbytes: int
+
+
+class RedisStore:
+    """The Store protocol over Redis, with a local mirror of the vectors."""
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        dimensions: int,
+        *,
+        ann_threshold: int = 0,
+        stream_length: int = 200_000,
+        timeout: float = 1.0,
+    ) -> None:
+        self._prefix = prefix
+        self._dimensions = dimensions
+        self._ann_threshold = ann_threshold
+        self._stream_length = stream_length
+        self._redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, protocol=2
+        )
+        # XREAD blocks, so the follower gets its own connection and a longer timeout.
+        self._follower = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout + _FOLLOW_BLOCK_MS / 1000,
+            socket_connect_timeout=timeout,
+            protocol=2,
+        )
+        self._mirror: dict[str, _Mirrored] = {}
+        self._indexes: dict[str, VectorIndex] = {}
+        self._expiry: list[tuple[float, str]] = []
+        self._last_event = b"0-0"
+        self._task: asyncio.Task[None] | None = None
+        self._synced = asyncio.Event()
+        self._outage = OutageLog(log, "cache mirror of Redis (rebuilt when Redis returns)")
+        self.counters: Counter[tuple[str, str]] = Counter()
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Follow the event stream; the first rebuild is awaited when Redis is up."""
+        self._task = asyncio.create_task(self._follow())
+        synced = asyncio.create_task(self._synced.wait())
+        done, _ = await asyncio.wait(
+            {self._task, synced}, timeout=5.0, return_when=asyncio.FIRST_COMPLETED
+        )
+        synced.cancel()
+        if self._task in done:
+            self._task.result()  # a bug in the follower: surface it at start
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._redis.aclose()
+        await self._follower.aclose()
+
+    @property
+    def synced(self) -> asyncio.Event:
+        """Set while the mirror follows Redis; cleared while it cannot."""
+        return self._synced
+
+    # -- the Store protocol ---------------------------------------------------------
+
+    async def version(self, feature: str, namespace: str) -> int:
+        bumps = await self._call(
+            self._redis.hget(self._key("versions"), _field(feature, namespace))
+        )
+        return int(bumps or 0) + 1
+
+    async def get(self, entry_id: str) -> Entry | None:
+        raw = await self._call(self._redis.hmget(self._entry_key(entry_id), ["m", "v"]))
+        meta, vector = raw
+        if meta is None:
+            return None
+        return _entry(entry_id, json.loads(meta), vector)
+
+    async def nearest(self, partition: str, vector: Vector, k: int) -> list[tuple[str, float]]:
+        self._reclaim_expired()
+        index = self._indexes.get(partition)
+        return [] if index is None else index.search(vector, k)
+
+    async def touch(self, entry: Entry) -> None:
+        now_ms = int(time.time() * 1000)
+        await self._call(
+            self._redis.zadd(
+                self._ns_key(entry.feature, entry.namespace), {entry.entry_id: now_ms}, xx=True
+            )
+        )
+
+    async def put(self, entry: Entry, capacity: Capacity) -> None:
+        ns_key = self._ns_key(entry.feature, entry.namespace)
+        expires_ms = int(entry.expires_at * 1000)
+        meta = _meta(entry)
+        pipe = self._redis.pipeline(transaction=True)
+        entry_key = self._entry_key(entry.entry_id)
+        pipe.delete(entry_key)
+        pipe.hset(entry_key, mapping={"m": meta, "v": _vector_bytes(entry.vector)})
+        pipe.pexpireat(entry_key, expires_ms)
+        pipe.zadd(ns_key, {entry.entry_id: int(time.time() * 1000)})
+        for tag in entry.tags:
+            tag_key = self._tag_key(entry.feature, tag)
+            pipe.sadd(tag_key, entry.entry_id)
+            pipe.pexpireat(tag_key, expires_ms, nx=True)
+            pipe.pexpireat(tag_key, expires_ms, gt=True)
+        pipe.xadd(self._key("events"), self._put_event(entry), maxlen=self._stream_length)
+        pipe.zcard(ns_key)
+        results = await self._call(pipe.execute())
+        excess = int(results[-1]) - capacity.max_entries
+        if excess > 0:
+            await self._evict(entry.feature, ns_key, excess)
+
+    async def invalidate_tag(self, feature: str, tag: str) -> int:
+        tag_key = self._tag_key(feature, tag)
+        ids = [i.decode() for i in await self._call(self._redis.smembers(tag_key))]
+        removed = await self._delete(feature, ids)
+        await self._call(self._redis.delete(tag_key))
+        self.counters[(feature, "invalidations")] += removed
+        return removed
+
+    async def bump(self, feature: str, namespace: str) -> tuple[int, int]:
+        """Every replica's lookups use the new version at once; old entries are reclaimed."""
+        bumps = await self._call(
+            self._redis.hincrby(self._key("versions"), _field(feature, namespace), 1)
+        )
+        ns_key = self._ns_key(feature, namespace)
+        ids = [i.decode() for i in await self._call(self._redis.zrange(ns_key, 0, -1))]
+        removed = await self._delete(feature, ids, ns_key)
+        self.counters[(feature, "invalidations")] += removed
+        return removed, int(bumps) + 1
+
+    def entries(self, feature: str = "") -> int:
+        self._reclaim_expired()
+        return sum(1 for m in self._mirror.values() if not feature or m.feature == feature)
+
+    def memory_bytes(self, feature: str = "") -> int:
+        self._reclaim_expired()
+        return sum(m.nbytes for m in self._mirror.values() if not feature or m.feature == feature)
+
+    # -- writes -------------------------------------------------------------------
+
+    async def _evict(self, feature: str, ns_key: str, excess: int) -> None:
+        popped = await self._call(self._redis.zpopmin(ns_key, excess))
+        ids = [entry_id.decode() for entry_id, _ in popped]
+        # An id whose entry already expired is not an eviction: Redis dropped it.
+        self.counters[(feature, "evictions")] += await self._delete(feature, ids)
+
+    async def _delete(self, feature: str, ids: list[str], ns_key: str | None = None) -> int:
+        """Delete entries and announce it; returns how many still existed."""
+        if not ids:
+            return 0
+        pipe = self._redis.pipeline(transaction=True)
+        for entry_id in ids:
+            pipe.delete(self._entry_key(entry_id))
+        if ns_key is not None:
+            pipe.delete(ns_key)
+        for entry_id in ids:
+            pipe.xadd(
+                self._key("events"), {"op": "del", "id": entry_id}, maxlen=self._stream_length
+            )
+        results = await self._call(pipe.execute())
+        return sum(int(r) for r in results[: len(ids)])
+
+    # -- the mirror ------------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        rebuild = True
+        while True:
+            try:
+                if rebuild:
+                    await self._rebuild()
+                    rebuild = False
+                    self._synced.set()
+                    self._outage.succeeded()
+                reply: Any = await self._follower.xread(
+                    {self._key("events"): self._last_event}, count=1000, block=_FOLLOW_BLOCK_MS
+                )
+                for _, events in reply or ():
+                    for event_id, fields in events:
+                        self._apply(fields)
+                        self._last_event = event_id
+            except (RedisError, OSError) as exc:
+                # Events may be lost while Redis is away (or Redis itself restarted
+                # empty): the mirror is rebuilt from what Redis holds when it returns.
+                self._synced.clear()
+                self._outage.failed(type(exc).__name__)
+                rebuild = True
+                await asyncio.sleep(_RECONNECT_SECONDS)
+
+    async def _rebuild(self) -> None:
+        last: Any = await self._follower.xrevrange(self._key("events"), count=1)
+        self._last_event = last[0][0] if last else b"0-0"
+        self._mirror.clear()
+        self._indexes.clear()
+        self._expiry.clear()
+        async for key in self._follower.scan_iter(match=self._entry_key("*"), count=1000):
+            values: Any = await self._follower.hmget(key, ["m", "v"])
+            meta, vector = values
+            if meta is None:
+                continue  # expired since the scan listed it
+            entry_id = key.decode().rsplit(":", 1)[1]
+            self._mirror_put(entry_id, json.loads(meta), vector)
+
+    def _apply(self, fields: dict[bytes, bytes]) -> None:
+        entry_id = fields[b"id"].decode()
+        if fields[b"op"] == b"del":
+            self._mirror_remove(entry_id)
+            return
+        self._mirror_put(entry_id, json.loads(fields[b"m"]), fields.get(b"v"))
+
+    def _mirror_put(self, entry_id: str, meta: dict[str, Any], vector: bytes | None) -> None:
+        self._mirror_remove(entry_id)
+        if meta["expires_at"] <= time.time():
+            return
+        item = _Mirrored(
+            meta["partition"],
+            meta["feature"],
+            meta["namespace"],
+            meta["expires_at"],
+            meta["nbytes"],
+        )
+        self._mirror[entry_id] = item
+        if vector:
+            index = self._indexes.get(item.partition)
+            if index is None:
+                index = self._indexes[item.partition] = VectorIndex(
+                    self._dimensions, self._ann_threshold
+                )
+            index.add(entry_id, np.frombuffer(vector, dtype=np.float32))
+        heapq.heappush(self._expiry, (item.expires_at, entry_id))
+
+    def _mirror_remove(self, entry_id: str) -> None:
+        item = self._mirror.pop(entry_id, None)
+        if item is None:
+            return
+        index = self._indexes.get(item.partition)
+        if index is not None:
+            index.remove(entry_id)
+            if not len(index):
+                del self._indexes[item.partition]
+
+    def _reclaim_expired(self) -> None:
+        now = time.time()
+        while self._expiry and self._expiry[0][0] <= now:
+            expires_at, entry_id = heapq.heappop(self._expiry)
+            item = self._mirror.get(entry_id)
+            if item is not None and item.expires_at == expires_at:
+                self._mirror_remove(entry_id)
+                self.counters[(item.feature, "expirations")] += 1
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _put_event(self, entry: Entry) -> dict[Any, Any]:
+        return {
+            "op": "put",
+            "id": entry.entry_id,
+            "m": _meta(entry),
+            "v": _vector_bytes(entry.vector),
+        }
+
+    async def _call(self, awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailableError(f"redis: {type(exc).__name__}: {exc}") from exc
+
+    def _key(self, name: str) -> str:
+        return f"{self._prefix}:{name}"
+
+    def _entry_key(self, entry_id: str) -> str:
+        return f"{self._prefix}:e:{entry_id}"
+
+    def _ns_key(self, feature: str, namespace: str) -> str:
+        return f"{self._prefix}:ns:{_short_hash(_field(feature, namespace))}"
+
+    def _tag_key(self, feature: str, tag: str) -> str:
+        return f"{self._prefix}:tag:{_short_hash(_field(feature, tag))}"
+
+
+def _field(*parts: str) -> str:
+    return json.dumps(parts, ensure_ascii=False)
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _vector_bytes(vector: Vector | None) -> bytes:
+    return b"" if vector is None else np.asarray(vector, dtype=np.float32).tobytes()
+
+
+def _meta(entry: Entry) -> str:
+    return json.dumps(
+        {
+            "feature": entry.feature,
+            "namespace": entry.namespace,
+            "partition": entry.partition,
+            "question": entry.question,
+            "answer": asdict(entry.answer),
+            "created_at": entry.created_at,
+            "expires_at": entry.expires_at,
+            "tags": list(entry.tags),
+            "nbytes": entry.nbytes,
+        },
+        ensure_ascii=False,
+    )
+
+
+def _entry(entry_id: str, meta: dict[str, Any], vector: bytes | None) -> Entry:
+    return Entry(
+        entry_id=entry_id,
+        feature=meta["feature"],
+        namespace=meta["namespace"],
+        partition=meta["partition"],
+        question=meta["question"],
+        answer=Answer(**meta["answer"]),
+        created_at=meta["created_at"],
+        expires_at=meta["expires_at"],
+        tags=tuple(meta["tags"]),
+        vector=np.frombuffer(vector, dtype=np.float32) if vector else None,
+    )

@@ -1,0 +1,206 @@
+"""The cache's decisions: exact hash first, then the nearest question of the same
+partition, served only above the feature's threshold and past the guard."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from opentelemetry import trace
+
+from services.cache.embedding import Embedder
+from services.cache.guard import refusal
+from services.cache.index import Vector
+from services.cache.keys import RequestKey
+from services.cache.store import Answer, Capacity, Entry, Store, StoreUnavailableError
+from services.common.errors import InvalidArgument
+from services.common.outages import OutageLog
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+# Candidates fetched per search: the best live one is judged, stale ones (expired
+# or invalidated since the search) are skipped.
+_CANDIDATES = 4
+
+
+@dataclass(frozen=True)
+class FeaturePolicy:
+    """How one feature is cached ([features.X] cache_* keys)."""
+
+    semantic: bool = True
+    threshold: float = 0.92
+    question_mode: str = "last_user"
+    ttl_seconds: int = 3600
+    capacity: Capacity = field(default_factory=lambda: Capacity(100_000))
+    per_tenant: bool = False
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    outcome: str  # "exact", "semantic" or "miss"
+    entry: Entry | None = None
+    similarity: float = 0.0
+    best_similarity: float = 0.0
+    guard_rejection: str = ""
+    vector: Vector | None = None
+
+
+class SemanticCache:
+    """Lookup, store and invalidation over a Store, with per-feature counters."""
+
+    def __init__(
+        self,
+        store: Store,
+        embedder: Embedder | None,
+        policies: dict[str, FeaturePolicy],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.embedder = embedder
+        self._policies = policies
+        self._clock = clock
+        self.counters: Counter[tuple[str, str]] = Counter()
+        self._outage = OutageLog(log, "cache backend (lookups miss, stores dropped)")
+
+    def policy(self, key: RequestKey) -> FeaturePolicy:
+        policy = self._policies.get(key.feature) or self._policies["default"]
+        if policy.per_tenant and not key.scope_key:
+            raise InvalidArgument(
+                "key.scope_key", f"feature {key.feature!r} is cached per tenant: name the tenant"
+            )
+        return policy
+
+    async def lookup(
+        self, key: RequestKey, max_age_seconds: int = 0, threshold: float | None = None
+    ) -> LookupResult:
+        policy = self.policy(key)
+        try:
+            result = await self._find(key, policy, max_age_seconds, threshold)
+            self._outage.succeeded()
+        except StoreUnavailableError as exc:
+            self._outage.failed(str(exc))
+            self.counters[(key.feature, "backend_failures")] += 1
+            result = LookupResult("miss")
+        counter = {"exact": "exact_hits", "semantic": "semantic_hits"}.get(result.outcome, "misses")
+        self.counters[(key.feature, counter)] += 1
+        if result.guard_rejection:
+            self.counters[(key.feature, "guard_rejections")] += 1
+        if result.entry is not None:
+            await self.store.touch(result.entry)
+        return result
+
+    async def _find(
+        self, key: RequestKey, policy: FeaturePolicy, max_age: int, threshold: float | None
+    ) -> LookupResult:
+        version = await self.store.version(key.feature, key.namespace)
+        entry = await self.store.get(key.digest(version))
+        if entry is not None and self._fresh(entry, max_age):
+            return LookupResult("exact", entry, 1.0, 1.0)
+        question = key.question(policy.question_mode)
+        if not policy.semantic or self.embedder is None or not question:
+            return LookupResult("miss")
+        vector = (await self.embedder.embed([question])).vectors[0]
+        partition = key.semantic_partition(version, policy.question_mode, self.embedder.model)
+        with tracer.start_as_current_span("cache.search") as span:
+            candidates = await self.store.nearest(partition, vector, _CANDIDATES)
+            best = None
+            for entry_id, similarity in candidates:
+                found = await self.store.get(entry_id)
+                if found is not None and self._fresh(found, max_age):
+                    best = (found, similarity)
+                    break
+            span.set_attributes(
+                {
+                    "costmesh.cache.candidates": len(candidates),
+                    "costmesh.cache.best_similarity": best[1] if best else 0.0,
+                }
+            )
+        if best is None:
+            return LookupResult("miss", vector=vector)
+        found, similarity = best
+        if similarity < (policy.threshold if threshold is None else threshold):
+            return LookupResult("miss", best_similarity=similarity, vector=vector)
+        rejection = refusal(question, found.question)
+        if rejection:
+            return LookupResult(
+                "miss", best_similarity=similarity, guard_rejection=rejection, vector=vector
+            )
+        return LookupResult("semantic", found, similarity, similarity, vector=vector)
+
+    def _fresh(self, entry: Entry, max_age: int) -> bool:
+        now = self._clock()
+        return entry.expires_at > now and (max_age <= 0 or now - entry.created_at <= max_age)
+
+    async def put(
+        self,
+        key: RequestKey,
+        answer: Answer,
+        ttl_seconds: int,
+        tags: tuple[str, ...],
+        vector: Vector | None = None,
+    ) -> Entry | None:
+        """Store an answer; `vector` is the lookup's embedding of the same question.
+
+        None when the backend is down: the answer is dropped, never an error."""
+        policy = self.policy(key)
+        question = key.question(policy.question_mode)
+        model = self.embedder.model if self.embedder else ""
+        if policy.semantic and self.embedder is not None and question and vector is None:
+            vector = (await self.embedder.embed([question])).vectors[0]
+        if not policy.semantic or not question:
+            vector = None
+        try:
+            version = await self.store.version(key.feature, key.namespace)
+        except StoreUnavailableError as exc:
+            self._outage.failed(str(exc))
+            self.counters[(key.feature, "backend_failures")] += 1
+            return None
+        now = self._clock()
+        entry = Entry(
+            entry_id=key.digest(version),
+            feature=key.feature,
+            namespace=key.namespace,
+            partition=key.semantic_partition(version, policy.question_mode, model),
+            question=question,
+            answer=answer,
+            created_at=now,
+            expires_at=now + ttl_seconds,
+            tags=tags,
+            vector=vector,
+        )
+        try:
+            await self.store.put(entry, policy.capacity)
+            self._outage.succeeded()
+        except StoreUnavailableError as exc:
+            self._outage.failed(str(exc))
+            self.counters[(key.feature, "backend_failures")] += 1
+            return None
+        self.counters[(key.feature, "stores")] += 1
+        return entry
+
+    def stats(self, feature: str = "") -> dict[str, int | float]:
+        """Counters of this replica, and entries and memory of the store."""
+        names = (
+            "exact_hits", "semantic_hits", "misses", "stores", "guard_rejections",
+            "backend_failures", "evictions", "expirations", "invalidations",
+        )  # fmt: skip
+        sources = (self.counters, self.store.counters)
+        totals: dict[str, int | float] = {
+            name: sum(
+                n
+                for counters in sources
+                for (f, counter), n in counters.items()
+                if counter == name and (not feature or f == feature)
+            )
+            for name in names
+        }
+        hits = int(totals["exact_hits"]) + int(totals["semantic_hits"])
+        lookups = hits + int(totals["misses"])
+        totals["hit_rate"] = hits / lookups if lookups else 0.0
+        totals["entries"] = self.store.entries(feature)
+        totals["memory_bytes"] = self.store.memory_bytes(feature)
+        return totals
