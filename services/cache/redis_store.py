@@ -85,6 +85,7 @@ class RedisStore:
         self._last_event = b"0-0"
         self._task: asyncio.Task[None] | None = None
         self._synced = asyncio.Event()
+        self._progress = asyncio.Event()
         self._outage = OutageLog(log, "cache mirror of Redis (rebuilt when Redis returns)")
         self.counters: Counter[tuple[str, str]] = Counter()
 
@@ -108,10 +109,13 @@ class RedisStore:
         await self._redis.aclose()
         await self._follower.aclose()
 
-    @property
-    def synced(self) -> asyncio.Event:
-        """Set while the mirror follows Redis; cleared while it cannot."""
-        return self._synced
+    async def caught_up(self) -> None:
+        """Wait until the mirror has applied every event written so far."""
+        last = await self._call(self._redis.xrevrange(self._key("events"), count=1))
+        target = _event_order(last[0][0]) if last else (0, 0)
+        while not self._synced.is_set() or _event_order(self._last_event) < target:
+            self._progress.clear()
+            await self._progress.wait()
 
     # -- the Store protocol ---------------------------------------------------------
 
@@ -134,10 +138,9 @@ class RedisStore:
         return [] if index is None else index.search(vector, k)
 
     async def touch(self, entry: Entry) -> None:
-        now_ms = int(time.time() * 1000)
         await self._call(
             self._redis.zadd(
-                self._ns_key(entry.feature, entry.namespace), {entry.entry_id: now_ms}, xx=True
+                self._ns_key(entry.feature, entry.namespace), {entry.entry_id: time.time()}, xx=True
             )
         )
 
@@ -150,7 +153,7 @@ class RedisStore:
         pipe.delete(entry_key)
         pipe.hset(entry_key, mapping={"m": meta, "v": _vector_bytes(entry.vector)})
         pipe.pexpireat(entry_key, expires_ms)
-        pipe.zadd(ns_key, {entry.entry_id: int(time.time() * 1000)})
+        pipe.zadd(ns_key, {entry.entry_id: time.time()})
         for tag in entry.tags:
             tag_key = self._tag_key(entry.feature, tag)
             pipe.sadd(tag_key, entry.entry_id)
@@ -224,6 +227,7 @@ class RedisStore:
                     await self._rebuild()
                     rebuild = False
                     self._synced.set()
+                    self._progress.set()
                     self._outage.succeeded()
                 reply: Any = await self._follower.xread(
                     {self._key("events"): self._last_event}, count=1000, block=_FOLLOW_BLOCK_MS
@@ -232,6 +236,7 @@ class RedisStore:
                     for event_id, fields in events:
                         self._apply(fields)
                         self._last_event = event_id
+                self._progress.set()
             except (RedisError, OSError) as exc:
                 # Events may be lost while Redis is away (or Redis itself restarted
                 # empty): the mirror is rebuilt from what Redis holds when it returns.
@@ -332,6 +337,11 @@ class RedisStore:
 
 def _field(*parts: str) -> str:
     return json.dumps(parts, ensure_ascii=False)
+
+
+def _event_order(event_id: bytes) -> tuple[int, int]:
+    milliseconds, sequence = event_id.split(b"-")
+    return int(milliseconds), int(sequence)
 
 
 def _short_hash(text: str) -> str:

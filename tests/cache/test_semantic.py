@@ -1,87 +1,229 @@
-"""The exact-match store: absolute TTLs, bounded size, tags and namespace versions."""
+"""The semantic cache's decisions, on both stores (in-process and real Redis), with
+the real embedding model: hits by meaning, hard scope partitions, the guard,
+invalidation, absolute TTLs and the capacity bound."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import pytest
+
+from services.cache.embedding import MINILM, MINILM_DIMENSIONS, BatchingEmbedder, shared_minilm
 from services.cache.keys import RequestKey
-from services.cache.store import Answer, ExactStore
+from services.cache.redis_store import RedisStore
+from services.cache.semantic import FeaturePolicy, SemanticCache
+from services.cache.store import Answer, Capacity, MemoryStore, Store
 from tests.clock import Clock
+from tests.redis_server import fresh_prefix
+
+ANSWER = Answer("Tap 'Forgot password' on the sign-in screen.", "gpt-4o-mini", 10, 0, 5, "stop")
+SYSTEM = 1
 
 
 def key(
-    question: str, feature: str = "support", namespace: str = "", scope: str = "", team: str = "a"
+    question: str,
+    *,
+    feature: str = "support",
+    namespace: str = "",
+    scope: str = "",
+    team: str = "a",
+    model: str = "",
+    system: str = "You are a helpful bank assistant.",
+    params: bytes = b"",
 ) -> RequestKey:
-    return RequestKey(
-        team, feature, namespace, scope, "", ((2, question),), (("max_tokens", None),)
+    messages = ((SYSTEM, system), (2, question)) if system else ((2, question),)
+    return RequestKey(team, feature, namespace, scope, model, messages, params)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    if request.param == "memory":
+        yield MemoryStore(MINILM_DIMENSIONS)
+        return
+    with fresh_prefix() as (url, prefix):
+        redis_store = RedisStore(url, prefix, MINILM_DIMENSIONS)
+        await redis_store.start()
+        try:
+            yield redis_store
+        finally:
+            await redis_store.close()
+
+
+def embedder() -> BatchingEmbedder:
+    return BatchingEmbedder(MINILM, MINILM_DIMENSIONS, shared_minilm(None, 1).embed_sync)
+
+
+def make_cache(
+    store: Store, clock: Clock | None = None, capacity: int = 100, per_tenant: bool = False
+) -> SemanticCache:
+    policy = FeaturePolicy(capacity=Capacity(capacity), per_tenant=per_tenant)
+    return SemanticCache(
+        store, embedder(), {"default": policy, "support": policy}, clock or time.time
     )
 
 
-ANSWER = Answer("answer", "gpt-4o-mini", 10, 0, 5, "stop")
+async def settle(store: Store) -> None:
+    """Redis replicas learn of a put from the event stream; wait until this one has."""
+    if isinstance(store, RedisStore):
+        async with asyncio.timeout(5):
+            await store.caught_up()
 
 
-def test_equal_requests_share_a_key_and_different_ones_do_not() -> None:
-    assert key("a").digest(1) == key("a").digest(1)
-    assert key("a").digest(1) != key("a", scope="tenant").digest(1)
-    assert key("a").digest(1) != key("a").digest(2)
-    assert key("a").digest(1) != key("a", feature="search").digest(1)
-    assert key("a").digest(1) != key("a", team="b").digest(1)
+async def test_a_paraphrase_is_a_semantic_hit_naming_the_entry(store: Store) -> None:
+    cache = make_cache(store)
+    stored = await cache.put(key("How do I reset my password?"), ANSWER, 600, ())
+    await settle(store)
+
+    hit = await cache.lookup(key("how can I reset my password"))
+    unrelated = await cache.lookup(key("What is the exchange rate for euros?"))
+
+    assert stored is not None
+    assert hit.outcome == "semantic"
+    assert hit.entry is not None
+    assert hit.entry.entry_id == stored.entry_id
+    assert hit.entry.answer == ANSWER
+    assert 0.92 <= hit.similarity < 1
+    assert unrelated.outcome == "miss"
+    assert unrelated.best_similarity < 0.92
+    assert cache.stats()["semantic_hits"] == 1
+    assert cache.stats()["misses"] == 1
 
 
-def test_ttl_is_absolute_hits_do_not_extend_it() -> None:
-    clock = Clock()
-    store = ExactStore(10, clock)
-    store.store(key("q"), ANSWER, ttl_seconds=60, tags=())
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"scope": "tenant-b"},
+        {"feature": "billing"},
+        {"team": "b"},
+        {"model": "gpt-4o"},
+        {"system": "You are a pirate. Answer in pirate speak."},
+        {"params": b"\x08\x10"},
+        {"namespace": "faq"},
+    ],
+    ids=lambda o: next(iter(o)),
+)
+async def test_no_hit_crosses_a_scope_boundary(store: Store, other: dict[str, str]) -> None:
+    cache = make_cache(store)
+    await cache.put(key("How do I reset my password?", scope="tenant-a"), ANSWER, 600, ())
+    await settle(store)
 
-    clock.now += 59
-    assert store.lookup(key("q")) is not None
-    clock.now += 2
-    assert store.lookup(key("q")) is None
-    assert store.counters[("support", "expirations")] == 1
+    same_scope = await cache.lookup(key("How do I reset my password?", scope="tenant-a"))
+    fields: dict[str, object] = {"scope": "tenant-a", **other}
+    crossed = await cache.lookup(key("How do I reset my password?", **fields))  # type: ignore[arg-type]
 
-
-def test_max_age_refuses_older_entries_without_dropping_them() -> None:
-    clock = Clock()
-    store = ExactStore(10, clock)
-    store.store(key("q"), ANSWER, ttl_seconds=600, tags=())
-    clock.now += 100
-
-    assert store.lookup(key("q"), max_age_seconds=50) is None
-    assert store.lookup(key("q"), max_age_seconds=500) is not None
-
-
-def test_capacity_evicts_the_least_recently_used() -> None:
-    store = ExactStore(2, Clock())
-    store.store(key("a"), ANSWER, 60, ())
-    store.store(key("b"), ANSWER, 60, ())
-    store.lookup(key("a"))
-    store.store(key("c"), ANSWER, 60, ())
-
-    assert store.lookup(key("b")) is None
-    assert store.lookup(key("a")) is not None
-    assert store.count() == 2
-    assert store.counters[("support", "evictions")] == 1
+    assert same_scope.outcome == "exact"
+    assert crossed.outcome == "miss"
+    assert crossed.best_similarity == 0.0
 
 
-def test_invalidate_by_tag_drops_only_tagged_entries_of_the_feature() -> None:
-    store = ExactStore(10, Clock())
-    store.store(key("a"), ANSWER, 60, ("doc-1",))
-    store.store(key("b"), ANSWER, 60, ("doc-2",))
-    store.store(key("a", feature="search"), ANSWER, 60, ("doc-1",))
+async def test_a_bumped_namespace_version_is_a_new_partition(store: Store) -> None:
+    cache = make_cache(store)
+    await cache.put(key("How do I reset my password?", namespace="faq"), ANSWER, 600, ())
+    await settle(store)
 
-    assert store.invalidate_tag("support", "doc-1") == 1
-    assert store.lookup(key("a")) is None
-    assert store.lookup(key("b")) is not None
-    assert store.lookup(key("a", feature="search")) is not None
-
-
-def test_namespace_bump_makes_old_entries_unreachable_and_reclaims_them() -> None:
-    store = ExactStore(10, Clock())
-    store.store(key("a", namespace="faq"), ANSWER, 60, ())
-    store.store(key("a", namespace="other"), ANSWER, 60, ())
-
-    removed, version = store.bump_namespace("support", "faq")
+    removed, version = await store.bump("support", "faq")
+    await settle(store)
+    after = await cache.lookup(key("how can I reset my password", namespace="faq"))
 
     assert (removed, version) == (1, 2)
-    assert store.lookup(key("a", namespace="faq")) is None
-    assert store.lookup(key("a", namespace="other")) is not None
-    store.store(key("a", namespace="faq"), ANSWER, 60, ())
-    assert store.lookup(key("a", namespace="faq")) is not None
+    assert after.outcome == "miss"
+    assert store.entries("support") == 0
+
+
+async def test_the_guard_refuses_a_close_question_of_opposite_meaning(store: Store) -> None:
+    cache = make_cache(store)
+    await cache.put(key("Is port 6379 open on the server?"), ANSWER, 600, ())
+    await settle(store)
+
+    # A low threshold, so that only the guard stands between the query and the entry.
+    closed = await cache.lookup(key("Is port 6379 closed on the server?"), threshold=0.5)
+    other_port = await cache.lookup(key("Is port 5432 open on the server?"), threshold=0.5)
+
+    assert (closed.outcome, closed.guard_rejection) == ("miss", "polarity")
+    assert (other_port.outcome, other_port.guard_rejection) == ("miss", "numbers")
+    assert closed.best_similarity > 0.8
+    assert cache.stats()["guard_rejections"] == 2
+
+
+async def test_invalidating_a_tag_drops_only_its_entries(store: Store) -> None:
+    cache = make_cache(store)
+    await cache.put(key("How do I reset my password?"), ANSWER, 600, ("doc-1",))
+    await cache.put(key("What are your opening hours?"), ANSWER, 600, ("doc-2",))
+    await settle(store)
+
+    removed = await store.invalidate_tag("support", "doc-1")
+    await settle(store)
+
+    assert removed == 1
+    assert (await cache.lookup(key("how can I reset my password"))).outcome == "miss"
+    assert (await cache.lookup(key("What are your opening hours?"))).outcome == "exact"
+    assert cache.stats()["invalidations"] == 1
+
+
+async def test_capacity_evicts_the_least_recently_used(store: Store) -> None:
+    cache = make_cache(store, capacity=2)
+    for question in ("How do I reset my password?", "What are your opening hours?"):
+        await cache.put(key(question), ANSWER, 600, ())
+    await cache.lookup(key("How do I reset my password?"))  # now the most recent
+    await cache.put(key("Where is my card?"), ANSWER, 600, ())
+    await settle(store)
+
+    assert (await cache.lookup(key("What are your opening hours?"))).outcome == "miss"
+    assert (await cache.lookup(key("How do I reset my password?"))).outcome == "exact"
+    assert store.entries("support") == 2
+    assert cache.stats()["evictions"] == 1
+
+
+async def test_ttl_is_absolute_and_max_age_is_honoured(store: Store) -> None:
+    clock = Clock(time.time())
+    cache = make_cache(store, clock)
+    await cache.put(key("How do I reset my password?"), ANSWER, 600, ())
+    clock.now -= 1000  # stored 1000 s ago with a 60 s TTL: long expired
+    await cache.put(key("What are your opening hours?"), ANSWER, 60, ())
+    clock.now += 1000 + 300
+    await settle(store)
+
+    expired = await cache.lookup(key("What are your opening hours?"))
+    young = await cache.lookup(key("How do I reset my password?"), max_age_seconds=400)
+    too_old = await cache.lookup(key("How do I reset my password?"), max_age_seconds=200)
+
+    assert expired.outcome == "miss"
+    assert young.outcome == "exact"
+    assert too_old.outcome == "miss"
+
+
+async def test_a_hit_does_not_extend_the_ttl() -> None:
+    clock = Clock()
+    cache = make_cache(MemoryStore(MINILM_DIMENSIONS, clock=clock), clock)
+    await cache.put(key("How do I reset my password?"), ANSWER, 60, ())
+
+    clock.now += 59
+    assert (await cache.lookup(key("how can I reset my password"))).outcome == "semantic"
+    clock.now += 2
+    assert (await cache.lookup(key("How do I reset my password?"))).outcome == "miss"
+    assert cache.stats()["expirations"] == 1
+
+
+async def test_a_per_tenant_feature_refuses_a_request_without_a_tenant() -> None:
+    cache = make_cache(MemoryStore(MINILM_DIMENSIONS), per_tenant=True)
+
+    with pytest.raises(Exception, match="scope_key") as refused:
+        await cache.lookup(key("How do I reset my password?"))
+
+    assert type(refused.value).__name__ == "InvalidArgument"
+    assert cache.stats()["misses"] == 0
+
+
+async def test_memory_is_accounted_per_entry() -> None:
+    cache = make_cache(MemoryStore(MINILM_DIMENSIONS))
+    entry = await cache.put(key("How do I reset my password?"), ANSWER, 600, ("doc-1",))
+
+    assert entry is not None
+    assert entry.vector is not None
+    assert cache.stats()["memory_bytes"] == entry.nbytes
+    assert entry.nbytes > entry.vector.nbytes + len(ANSWER.content)
+    other = replace(entry, tags=())
+    assert other.nbytes < entry.nbytes
