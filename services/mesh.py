@@ -135,7 +135,7 @@ def _build_services(
 
     def build_one(name: str, local: str) -> ServiceDef:
         if name == "cache":
-            return cache_service.build(config)
+            return cache_service.build(config, tracer_provider)
         if name == "router":
             return router_service.build(config)
         if name == "ledger":

@@ -31,7 +31,6 @@ MINILM_MAX_TOKENS = 256
 _ONNX_OPSET = 17
 
 Vectors = npt.NDArray[np.float32]
-tracer = trace.get_tracer(__name__)
 
 
 @dataclass(frozen=True)
@@ -201,8 +200,10 @@ class BatchingEmbedder:
         dimensions: int,
         embed_sync: Callable[[Sequence[str]], Embeddings],
         max_batch: int = 32,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.model = model
+        self._tracer = tracer or trace.get_tracer(__name__)
         self.dimensions = dimensions
         self._embed_sync = embed_sync
         self._max_batch = max_batch
@@ -212,7 +213,7 @@ class BatchingEmbedder:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="embed")
 
     async def embed(self, texts: Sequence[str]) -> Embeddings:
-        with tracer.start_as_current_span("cache.embed") as span:
+        with self._tracer.start_as_current_span("cache.embed") as span:
             future: asyncio.Future[tuple[Embeddings, int]] = (
                 asyncio.get_running_loop().create_future()
             )
@@ -263,16 +264,24 @@ class OpenAIEmbedder:
     """Any OpenAI-compatible embeddings endpoint, reached through the openai SDK."""
 
     def __init__(
-        self, model: str, dimensions: int, base_url: str, api_key: str, timeout: float
+        self,
+        model: str,
+        dimensions: int,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         from openai import AsyncOpenAI  # noqa: PLC0415
 
+        self._tracer = tracer or trace.get_tracer(__name__)
         self.model = model
         self.dimensions = dimensions
         self._client = AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout)
 
     async def embed(self, texts: Sequence[str]) -> Embeddings:
-        with tracer.start_as_current_span("cache.embed") as span:
+        with self._tracer.start_as_current_span("cache.embed") as span:
             response = await self._client.embeddings.create(model=self.model, input=list(texts))
             rows = sorted(response.data, key=lambda d: d.index)
             vectors = normalise(np.array([d.embedding for d in rows], dtype=np.float32))

@@ -20,7 +20,6 @@ from services.common.errors import InvalidArgument
 from services.common.outages import OutageLog
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer(__name__)
 
 # Candidates fetched per search: the best live one is judged, stale ones (expired
 # or invalidated since the search) are skipped.
@@ -58,7 +57,9 @@ class SemanticCache:
         embedder: Embedder | None,
         policies: dict[str, FeaturePolicy],
         clock: Callable[[], float] = time.time,
+        tracer: trace.Tracer | None = None,
     ) -> None:
+        self._tracer = tracer or trace.get_tracer(__name__)
         self.store = store
         self.embedder = embedder
         self._policies = policies
@@ -105,7 +106,7 @@ class SemanticCache:
             return LookupResult("miss")
         vector = (await self.embedder.embed([question])).vectors[0]
         partition = key.semantic_partition(version, policy.question_mode, self.embedder.model)
-        with tracer.start_as_current_span("cache.search") as span:
+        with self._tracer.start_as_current_span("cache.search") as span:
             candidates = await self.store.nearest(partition, vector, _CANDIDATES)
             best = None
             for entry_id, similarity in candidates:

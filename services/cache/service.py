@@ -236,12 +236,13 @@ def open_store(settings: CacheSettings, dimensions: int) -> Store:
     return MemoryStore(dimensions, settings.ann_threshold)
 
 
-def build(config: Config) -> ServiceDef:
+def build(config: Config, tracer_provider: trace.TracerProvider) -> ServiceDef:
     """The cache service on the configured backend and embedder."""
     settings = CacheSettings.from_config(config)
-    embedder = settings.embedder(config.section("peers").get_float("timeout_seconds", 5.0))
+    tracer = tracer_provider.get_tracer("costmesh.cache")
+    embedder = settings.embedder(config.section("peers").get_float("timeout_seconds", 5.0), tracer)
     store = open_store(settings, embedder.dimensions if embedder else 0)
-    cache = SemanticCache(store, embedder, settings.policies)
+    cache = SemanticCache(store, embedder, settings.policies, tracer=tracer)
     servicer = CacheServicer(cache)
 
     async def start() -> None:

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from opentelemetry import trace
+
 from services.cache.embedding import (
     MINILM,
     MINILM_DIMENSIONS,
@@ -75,7 +77,7 @@ class CacheSettings:
             provider_api_key_env=api_key_env,
         )
 
-    def embedder(self, timeout: float) -> Embedder | None:
+    def embedder(self, timeout: float, tracer: trace.Tracer) -> Embedder | None:
         """The configured embedder, or None when no feature caches semantically."""
         if not any(p.semantic for p in self.policies.values()):
             return None
@@ -86,7 +88,7 @@ class CacheSettings:
                     "name an embeddings provider for other models"
                 )
             model = shared_minilm(self.model_dir, self.embedding_threads)
-            return BatchingEmbedder(MINILM, MINILM_DIMENSIONS, model.embed_sync)
+            return BatchingEmbedder(MINILM, MINILM_DIMENSIONS, model.embed_sync, tracer=tracer)
         api_key = os.environ.get(self.provider_api_key_env, "")
         if not api_key:
             raise ConfigError(
@@ -98,7 +100,8 @@ class CacheSettings:
             self.embedding_dimensions,
             self.provider_base_url,
             api_key,
-            timeout,
+            timeout=timeout,
+            tracer=tracer,
         )
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
+from opentelemetry.trace import SpanKind
 
 from costmesh.cache.v1 import cache_pb2
+from costmesh.inference.v1 import inference_pb2
+from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
 from services.inference.simulator import OpenAISimulator
 from tests.conftest import AUTH, Mesh, user_request
@@ -38,6 +43,9 @@ async def test_namespace_bump_makes_the_next_identical_request_miss(
     assert (bumped.removed_entries, bumped.namespace_version) == (1, 2)
     assert after.cache_outcome == types_pb2.CACHE_OUTCOME_MISS
     assert simulator.call_count == 2
+    assert (
+        await mesh.cache.GetStats(cache_pb2.GetStatsRequest(), metadata=AUTH, timeout=5)
+    ).invalidations == 1
 
 
 async def test_store_refuses_an_empty_answer_and_a_bad_ttl(mesh: Mesh) -> None:
@@ -54,3 +62,151 @@ async def test_store_refuses_an_empty_answer_and_a_bad_ttl(mesh: Mesh) -> None:
     assert empty.value.code() == ttl.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (empty.value.details() or "").startswith("content")
     assert (ttl.value.details() or "").startswith("ttl_seconds")
+
+
+async def test_a_paraphrase_is_served_from_the_cache_with_its_spans(
+    mesh: Mesh, simulator: OpenAISimulator
+) -> None:
+    first = await mesh.inference.Complete(
+        user_request("How do I reset my password?"), metadata=AUTH, timeout=10
+    )
+    mesh.spans.clear()
+    second = await mesh.inference.Complete(
+        user_request("how can I reset my password"), metadata=AUTH, timeout=10
+    )
+
+    assert second.cache_outcome == types_pb2.CACHE_OUTCOME_SEMANTIC
+    assert (second.content, second.cached) == (first.content, True)
+    assert simulator.call_count == 1
+    finished = mesh.spans.get_finished_spans()
+    spans = {s.name: s for s in finished}
+    embed, search = spans["cache.embed"], spans["cache.search"]
+    assert embed.attributes is not None
+    assert embed.attributes["costmesh.embedding.batch_size"] == 1
+    assert search.attributes is not None
+    assert search.attributes["costmesh.cache.candidates"] == 1
+    assert float(search.attributes["costmesh.cache.best_similarity"]) >= 0.92  # type: ignore[arg-type]
+    (lookup,) = [
+        s for s in finished if s.name.endswith("CacheService/Lookup") and s.kind == SpanKind.SERVER
+    ]
+    assert lookup.attributes is not None
+    assert lookup.attributes["costmesh.cache.outcome"] == "semantic"
+    assert embed.parent is not None
+    assert search.parent is not None
+    assert embed.parent.span_id == search.parent.span_id == lookup.context.span_id
+
+
+async def test_a_miss_is_embedded_once_for_lookup_and_store(mesh: Mesh) -> None:
+    await mesh.inference.Complete(user_request("Where is my card?"), metadata=AUTH, timeout=10)
+    # The same request again waits for the store in flight, then hits exactly.
+    again = await mesh.inference.Complete(
+        user_request("Where is my card?"), metadata=AUTH, timeout=10
+    )
+
+    embeds = [s for s in mesh.spans.get_finished_spans() if s.name == "cache.embed"]
+    stats = await mesh.cache.GetStats(cache_pb2.GetStatsRequest(), metadata=AUTH, timeout=5)
+    assert again.cache_outcome == types_pb2.CACHE_OUTCOME_EXACT
+    assert len(embeds) == 1
+    assert stats.stores == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"scope_key": "tenant-b"},
+        {"model": "gpt-4o"},
+        {"system": "Answer in French."},
+        {"namespace": "v2"},
+    ],
+    ids=lambda c: next(iter(c)),
+)
+async def test_complete_never_serves_an_answer_across_a_scope(
+    mesh: Mesh, simulator: OpenAISimulator, change: dict[str, str]
+) -> None:
+    def request(text: str, **c: str) -> inference_pb2.CompleteRequest:
+        messages = [
+            types_pb2.ChatMessage(role=types_pb2.ROLE_SYSTEM, content=c.get("system", "Be brief."))
+        ]
+        messages.append(types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=text))
+        return inference_pb2.CompleteRequest(
+            feature="support",
+            messages=messages,
+            scope_key=c.get("scope_key", "tenant-a"),
+            model=c.get("model", ""),
+            cache_control=inference_pb2.CacheControl(namespace=c.get("namespace", "")),
+        )
+
+    await mesh.inference.Complete(request("How do I reset my password?"), metadata=AUTH, timeout=10)
+    again = await mesh.inference.Complete(
+        request("how can I reset my password"), metadata=AUTH, timeout=10
+    )
+    crossed = await mesh.inference.Complete(
+        request("How do I reset my password?", **change), metadata=AUTH, timeout=10
+    )
+
+    assert again.cache_outcome == types_pb2.CACHE_OUTCOME_SEMANTIC
+    assert crossed.cache_outcome == types_pb2.CACHE_OUTCOME_MISS
+    assert simulator.call_count == 2
+
+
+async def test_concurrent_identical_misses_make_one_provider_call(
+    mesh: Mesh, simulator: OpenAISimulator
+) -> None:
+    simulator.set_latency(1.0)
+
+    answers = await asyncio.gather(
+        *(
+            mesh.inference.Complete(
+                user_request("Why was I charged twice?"), metadata=AUTH, timeout=10
+            )
+            for _ in range(5)
+        )
+    )
+
+    assert simulator.call_count == 1
+    assert len({a.content for a in answers}) == 1
+    assert sorted(a.cached for a in answers) == [False, True, True, True, True]
+    spend = await mesh.ledger.QuerySpend(
+        ledger_pb2.QuerySpendRequest(group_by=ledger_pb2.GROUP_BY_FEATURE), metadata=AUTH, timeout=5
+    )
+    assert [(r.calls, r.cached_calls) for r in spend.rows] == [(5, 4)]
+
+
+async def test_tags_from_the_request_let_an_operator_invalidate_the_answer(
+    mesh: Mesh, simulator: OpenAISimulator
+) -> None:
+    tagged = user_request(
+        "What is the fee for international transfers?",
+        cache_control=inference_pb2.CacheControl(tags=["pricing-page"]),
+    )
+    await mesh.inference.Complete(tagged, metadata=AUTH, timeout=10)
+    await mesh.inference.Complete(tagged, metadata=AUTH, timeout=10)  # waits for the store
+
+    dropped = await mesh.cache.Invalidate(
+        cache_pb2.InvalidateRequest(feature="support", tag="pricing-page"), metadata=AUTH, timeout=5
+    )
+    again = await mesh.inference.Complete(tagged, metadata=AUTH, timeout=10)
+
+    assert dropped.removed_entries == 1
+    assert again.cache_outcome == types_pb2.CACHE_OUTCOME_MISS
+    assert simulator.call_count == 2
+    assert (
+        await mesh.cache.GetStats(cache_pb2.GetStatsRequest(), metadata=AUTH, timeout=5)
+    ).invalidations == 1
+
+
+async def test_store_refuses_an_unfinished_answer(mesh: Mesh) -> None:
+    key = cache_pb2.CacheKey(
+        feature="support", messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content="q")]
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as cut:
+        await mesh.cache.Store(
+            cache_pb2.StoreRequest(key=key, content="half an ans", finish_reason="content_filter"),
+            metadata=AUTH,
+            timeout=5,
+        )
+
+    assert cut.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (cut.value.details() or "").startswith("finish_reason")
+    stats = await mesh.cache.GetStats(cache_pb2.GetStatsRequest(), metadata=AUTH, timeout=5)
+    assert stats.entries == 0
