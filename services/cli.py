@@ -13,6 +13,7 @@ from typing import TextIO
 import grpc
 from opentelemetry import trace
 
+from services.cache import evaluate as cache_eval
 from services.common import telemetry
 from services.common.auth import ROLES, hash_key, new_key
 from services.common.config import ConfigError, load_config
@@ -44,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     new_cmd.add_argument("--role", choices=ROLES, default="member")
     new_cmd.set_defaults(handler=_new_key)
     ledger_commands.register(commands)
+    cache_eval.register(commands)
     return parser
 
 
@@ -69,7 +71,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    """A client command (ledger report, economics): errors as one line and an exit code."""
+    """A client command (ledger, economics, cache eval): errors as one line and an exit code."""
     try:
         return int(args.handler(args, sys.stdout))
     except grpc.RpcError as exc:

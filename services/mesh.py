@@ -35,7 +35,11 @@ _KNOWN_KEYS = {
     "peers": {"cache", "router", "ledger", "timeout_seconds"},
     "auth": {"service_key_env", "keys"},
     "ledger": {"database", "price_version"},
-    "cache": {"max_entries"},
+    "cache": {
+        "backend", "redis_url", "redis_prefix", "max_entries", "max_bytes", "ann_threshold",
+        "embedding_provider", "embedding_model", "embedding_dimensions", "embedding_threads",
+        "model_dir",
+    },
     "inference": {
         "outbox", "outbox_retry_seconds", "provider_timeout_seconds",
         "idempotency", "idempotency_ttl_seconds",
@@ -45,6 +49,8 @@ _KNOWN_KEYS = {
     "features.*": {
         "tier", "models", "escalation_model", "cache_ttl_seconds", "baseline_model",
         "max_tokens_default", "max_tokens_limit", "max_input_tokens",
+        "cache_mode", "cache_similarity_threshold", "cache_question", "cache_per_tenant",
+        "cache_max_entries", "cache_max_bytes",
     },
 }  # fmt: skip
 

@@ -1,0 +1,194 @@
+"""Cache replicas sharing one real Redis: what one stores the other serves, an
+invalidation on one holds on both, a new replica starts warm, and an outage of Redis
+costs hits, never a failed call."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from costmesh.cache.v1 import cache_pb2, cache_pb2_grpc
+from costmesh.types.v1 import types_pb2
+from services.common.config import load_config
+from services.common.server import RunningServer
+from services.inference.simulator import OpenAISimulator
+from services.mesh import SERVICES, start_mesh
+from tests.conftest import AUTH, Mesh, mesh_env, user_request
+from tests.redis_server import PrivateRedis, fresh_prefix
+
+Starter = Callable[[], Awaitable[tuple[RunningServer, "cache_pb2_grpc.CacheServiceAsyncStub"]]]
+
+
+def redis_config(tmp_path: Path, url: str, prefix: str) -> Path:
+    path = tmp_path / "redis-cache.toml"
+    path.write_text(f'[cache]\nbackend = "redis"\nredis_url = "{url}"\nredis_prefix = "{prefix}"\n')
+    return path
+
+
+def key(text: str) -> cache_pb2.CacheKey:
+    return cache_pb2.CacheKey(
+        team="demo",
+        feature="support",
+        messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=text)],
+    )
+
+
+def store(text: str, tag: str = "") -> cache_pb2.StoreRequest:
+    return cache_pb2.StoreRequest(
+        key=key(text), content=f"answer to {text}", finish_reason="stop", tags=[tag] if tag else []
+    )
+
+
+@pytest.fixture
+async def replicas(tmp_path: Path) -> AsyncIterator[Starter]:
+    """Starts cache-only replicas on one Redis prefix; stops them all afterwards."""
+    started: list[tuple[RunningServer, grpc.aio.Channel]] = []
+    with fresh_prefix() as (url, prefix):
+        env = {"COSTMESH_SERVICE_KEY": "replica-test-key"}
+        config = load_config(redis_config(tmp_path, url, prefix), env=env)
+
+        async def start() -> tuple[RunningServer, cache_pb2_grpc.CacheServiceAsyncStub]:
+            running = await start_mesh(config, env, ["cache"], TracerProvider(), port=0)
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+            started.append((running, channel))
+            return running, cache_pb2_grpc.CacheServiceStub(channel)
+
+        try:
+            yield start
+        finally:
+            for running, channel in started:
+                await channel.close()
+                await running.stop(grace=1)
+
+
+async def eventually_semantic(
+    cache: cache_pb2_grpc.CacheServiceAsyncStub, text: str, within: float
+) -> cache_pb2.LookupResponse:
+    """Polls Lookup until it is a semantic hit; fails after `within` seconds."""
+    async with asyncio.timeout(within):
+        while True:
+            found = await cache.Lookup(cache_pb2.LookupRequest(key=key(text)), metadata=AUTH)
+            if found.outcome == types_pb2.CACHE_OUTCOME_SEMANTIC:
+                return found
+            await asyncio.sleep(0.01)
+
+
+async def test_a_store_on_one_replica_is_a_semantic_hit_on_the_other(replicas: Starter) -> None:
+    _, first = await replicas()
+    _, second = await replicas()
+
+    stored = await first.Store(store("How do I reset my password?"), metadata=AUTH)
+    found = await eventually_semantic(second, "how can I reset my password", within=1.0)
+
+    assert found.entry.entry_id == stored.entry_id
+    assert found.entry.content == "answer to How do I reset my password?"
+
+
+async def test_an_invalidation_on_one_replica_holds_on_both(replicas: Starter) -> None:
+    _, first = await replicas()
+    _, second = await replicas()
+    await first.Store(store("How do I reset my password?", tag="doc-7"), metadata=AUTH)
+    await eventually_semantic(second, "how can I reset my password", within=1.0)
+
+    dropped = await second.Invalidate(
+        cache_pb2.InvalidateRequest(feature="support", tag="doc-7"), metadata=AUTH
+    )
+    on_first = await first.Lookup(
+        cache_pb2.LookupRequest(key=key("How do I reset my password?")), metadata=AUTH
+    )
+    on_second = await second.Lookup(
+        cache_pb2.LookupRequest(key=key("how can I reset my password")), metadata=AUTH
+    )
+
+    assert dropped.removed_entries == 1
+    assert on_first.outcome == on_second.outcome == types_pb2.CACHE_OUTCOME_MISS
+
+
+async def test_a_namespace_bump_on_one_replica_holds_on_both(replicas: Starter) -> None:
+    _, first = await replicas()
+    _, second = await replicas()
+    await first.Store(store("How do I reset my password?"), metadata=AUTH)
+    await eventually_semantic(second, "how can I reset my password", within=1.0)
+
+    bumped = await first.Invalidate(
+        cache_pb2.InvalidateRequest(feature="support", namespace=""), metadata=AUTH
+    )
+    after = await second.Lookup(
+        cache_pb2.LookupRequest(key=key("How do I reset my password?")), metadata=AUTH
+    )
+
+    assert (bumped.removed_entries, bumped.namespace_version) == (1, 2)
+    assert after.outcome == types_pb2.CACHE_OUTCOME_MISS
+
+
+async def test_a_new_replica_starts_with_the_shared_entries(replicas: Starter) -> None:
+    running, first = await replicas()
+    await first.Store(store("How do I reset my password?"), metadata=AUTH)
+    await running.stop(grace=1)
+
+    _, restarted = await replicas()
+    found = await restarted.Lookup(
+        cache_pb2.LookupRequest(key=key("how can I reset my password")), metadata=AUTH
+    )
+    stats = await restarted.GetStats(cache_pb2.GetStatsRequest(), metadata=AUTH)
+
+    assert found.outcome == types_pb2.CACHE_OUTCOME_SEMANTIC
+    assert stats.entries == 1
+
+
+@pytest.fixture
+async def mesh_on_private_redis(
+    simulator: OpenAISimulator, tmp_path: Path
+) -> AsyncIterator[tuple[Mesh, PrivateRedis]]:
+    server = PrivateRedis(tmp_path)
+    server.start()
+    env = mesh_env(simulator, tmp_path)
+    config = load_config(redis_config(tmp_path, server.url, "outage-test"), env=env)
+    provider = TracerProvider()
+    running = await start_mesh(config, env, SERVICES, provider, port=0)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    try:
+        address = f"127.0.0.1:{running.port}"
+        yield Mesh(running, address, channel, InMemorySpanExporter(), tmp_path), server
+    finally:
+        await channel.close()
+        await running.stop(grace=1)
+        server.stop()
+
+
+async def test_redis_stopped_and_restarted_mid_run_fails_no_call(
+    mesh_on_private_redis: tuple[Mesh, PrivateRedis], simulator: OpenAISimulator
+) -> None:
+    mesh, server = mesh_on_private_redis
+    ask = mesh.inference.Complete
+
+    await ask(user_request("How do I reset my password?"), metadata=AUTH, timeout=10)
+    before = await ask(user_request("how can I reset my password"), metadata=AUTH, timeout=10)
+    server.stop()
+    during = [
+        await ask(user_request(text), metadata=AUTH, timeout=10)
+        for text in ("how can I reset my password", "Where is my card?", "Where is my card?")
+    ]
+    outage = await mesh.cache.GetStats(cache_pb2.GetStatsRequest(), metadata=AUTH)
+    server.start()
+    async with asyncio.timeout(10):  # stores and lookups resume once Redis answers
+        while True:
+            await ask(user_request("How do I change my PIN?"), metadata=AUTH, timeout=10)
+            again = await ask(user_request("How do I change my PIN?"), metadata=AUTH, timeout=10)
+            if again.cached:
+                break
+            await asyncio.sleep(0.05)
+    # ... and semantic hits once the replica's mirror has followed Redis again.
+    resumed = await eventually_semantic(mesh.cache, "how can I change my PIN", within=5.0)
+
+    assert before.cache_outcome == types_pb2.CACHE_OUTCOME_SEMANTIC
+    assert all(r.cache_outcome == types_pb2.CACHE_OUTCOME_MISS for r in during)
+    assert all(r.content for r in during)  # every call answered, from the provider
+    assert outage.backend_failures >= 3
+    assert resumed.entry.content == again.content
