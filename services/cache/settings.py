@@ -64,7 +64,7 @@ class CacheSettings:
             backend=cache.get_choice("backend", ("memory", "redis"), "memory"),
             redis_url=cache.get_str("redis_url", "redis://127.0.0.1:6379/0"),
             redis_prefix=cache.get_str("redis_prefix", "costmesh:cache"),
-            ann_threshold=cache.get_int("ann_threshold", 20_000, minimum=0),
+            ann_threshold=cache.get_int("ann_threshold", 3000, minimum=0),
             policies=policies,
             embedding_provider=provider,
             embedding_model=cache.get_str("embedding_model", MINILM),
