@@ -41,7 +41,38 @@ _OPPOSITES = (
     ("incoming", "outgoing"), ("inbound", "outbound"), ("first", "last"),
     ("private", "public"), ("online", "offline"), ("connect", "disconnect"),
     ("install", "uninstall"), ("join", "leave"), ("win", "lose"),
+    # Whose: "change my name" is not "change your name" (measured: clinc150).
+    ("my", "your"), ("me", "you"), ("mine", "yours"), ("myself", "yourself"),
 )  # fmt: skip
+# "set a four minute timer" names the same number as "set a 4 minute timer".
+_NUMBER_WORDS = {
+    word: str(value)
+    for value, word in enumerate(
+        (
+            "zero",
+            "one",
+            "two",
+            "three",
+            "four",
+            "five",
+            "six",
+            "seven",
+            "eight",
+            "nine",
+            "ten",
+            "eleven",
+            "twelve",
+            "thirteen",
+            "fourteen",
+            "fifteen",
+            "sixteen",
+            "seventeen",
+            "eighteen",
+            "nineteen",
+            "twenty",
+        )  # fmt: skip
+    )
+} | {"thirty": "30", "forty": "40", "fifty": "50", "hundred": "100", "thousand": "1000"}
 _OPPOSITE = frozenset(_OPPOSITES) | frozenset((b, a) for a, b in _OPPOSITES)
 
 
@@ -57,25 +88,29 @@ def _features(text: str) -> _Features:
     tokens = _WORD.findall(text)
     plain = [t.lower().translate(_APOSTROPHES) for t in tokens]
     words = frozenset(plain)
-    # "don't" and "dont" both negate; so does any other "...n't" contraction.
+    # "don't" and "dont" both negate; so does any other "...n't" contraction, but
+    # not the "or not" of "approved yet or not".
     negations = sum(
         1
-        for token, word in zip(tokens, plain, strict=True)
-        if word in _NEGATIONS or token.lower().endswith(("n't", "n\u2019t"))
+        for i, (token, word) in enumerate(zip(tokens, plain, strict=True))
+        if (word in _NEGATIONS or token.lower().endswith(("n't", "n\u2019t")))
+        and not (word == "not" and i > 0 and plain[i - 1] == "or")
     )
+    shouting = text.isupper()  # all capitals say nothing about names
     names = frozenset(
         t.lower()
         for i, t in enumerate(tokens)
-        if _looks_like_name(t, first=i == 0 or _starts_sentence(text, t))
+        if not shouting and _looks_like_name(t, first=i == 0 or _starts_sentence(text, t))
     )
     numbers = frozenset(n.replace(",", "") for n in _NUMBER.findall(text))
+    numbers |= {_NUMBER_WORDS[w] for w in plain if w in _NUMBER_WORDS}
     return _Features(negations, words, numbers, names)
 
 
 def _looks_like_name(token: str, first: bool) -> bool:
     """Acronyms (AWS, S3), inner capitals (iPhone), or a capital mid-sentence (Paris)."""
-    if len(token) < 2 or not token[0].isalpha() or token == "I":  # noqa: S105 - a word, not a password
-        return False
+    if len(token) < 2 or not token[0].isalpha() or token.startswith(("I'", "I\u2019")):
+        return False  # "I'm", "I've": the pronoun, not a name
     if token.isupper() or any(c.isupper() for c in token[1:]):
         return True
     return token[0].isupper() and not first
@@ -97,6 +132,7 @@ def refusal(query: str, candidate: str) -> str:
         return "polarity"
     if q.numbers != c.numbers:
         return "numbers"
-    if q.names != c.names:
+    # A name the other text lacks even in lower case ("PIN" matches "pin").
+    if q.names - c.words or c.names - q.words:
         return "entities"
     return ""
