@@ -46,6 +46,7 @@ test: lint check-generated
 ## Benchmarks, run on demand (not part of the test suite).
 bench: $(STAMP)
 	$(BIN)/python bench/cache_hit_latency.py
+	$(BIN)/python bench/semantic_lookup.py
 	$(BIN)/python bench/ledger.py
 
 clean:

@@ -141,7 +141,7 @@ def _build_services(
 
     def build_one(name: str, local: str) -> ServiceDef:
         if name == "cache":
-            return cache_service.build(config, tracer_provider)
+            return cache_service.build(config, env, tracer_provider)
         if name == "router":
             return router_service.build(config)
         if name == "ledger":

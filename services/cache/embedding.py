@@ -48,10 +48,11 @@ class Embedder(Protocol):
 
     model: str
     dimensions: int
+    billed: bool  # a provider charges for its tokens (the local model is free)
 
     async def embed(self, texts: Sequence[str]) -> Embeddings: ...
 
-    def close(self) -> None: ...
+    async def close(self) -> None: ...
 
 
 def normalise(vectors: npt.NDArray[np.floating]) -> Vectors:
@@ -209,12 +210,14 @@ class BatchingEmbedder:
     queue fills while the model is busy, so batches (and throughput) grow with it.
     """
 
+    billed = False
+
     def __init__(
         self,
         model: str,
         dimensions: int,
         embed_sync: Callable[[Sequence[str]], Embeddings],
-        max_batch: int = 32,
+        max_batch: int = 16,
         tracer: trace.Tracer | None = None,
     ) -> None:
         self.model = model
@@ -271,12 +274,14 @@ class BatchingEmbedder:
                 if not w.future.done():
                     w.future.set_result((Embeddings(rows, share), len(texts)))
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 class OpenAIEmbedder:
     """Any OpenAI-compatible embeddings endpoint, reached through the openai SDK."""
+
+    billed = True
 
     def __init__(
         self,
@@ -314,5 +319,6 @@ class OpenAIEmbedder:
             )
             return Embeddings(vectors, response.usage.prompt_tokens)
 
-    def close(self) -> None:
-        """The SDK client closes with the event loop; nothing to release here."""
+    async def close(self) -> None:
+        """Its HTTP connections belong to this event loop: close them with it."""
+        await self._client.close()

@@ -7,7 +7,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from opentelemetry import trace
 
@@ -31,7 +31,7 @@ class FeaturePolicy:
     """How one feature is cached ([features.X] cache_* keys)."""
 
     semantic: bool = True
-    threshold: float = 0.92
+    threshold: float = 0.94
     question_mode: str = "last_user"
     ttl_seconds: int = 3600
     capacity: Capacity = field(default_factory=lambda: Capacity(100_000))
@@ -46,6 +46,7 @@ class LookupResult:
     best_similarity: float = 0.0
     guard_rejection: str = ""
     vector: Vector | None = None
+    embedding_tokens: int = 0  # billed by an embeddings provider
 
 
 class SemanticCache:
@@ -104,8 +105,32 @@ class SemanticCache:
         question = key.question(policy.question_mode)
         if not policy.semantic or self.embedder is None or not question:
             return LookupResult("miss")
-        vector = (await self.embedder.embed([question])).vectors[0]
-        partition = key.semantic_partition(version, policy.question_mode, self.embedder.model)
+        embedded = await self.embedder.embed([question])
+        vector, tokens = embedded.vectors[0], embedded.input_tokens * self.embedder.billed
+        result = await self._search(
+            key,
+            version=version,
+            policy=policy,
+            question=question,
+            vector=vector,
+            max_age=max_age,
+            threshold=threshold,
+        )
+        return replace(result, embedding_tokens=tokens)
+
+    async def _search(
+        self,
+        key: RequestKey,
+        *,
+        version: int,
+        policy: FeaturePolicy,
+        question: str,
+        vector: Vector,
+        max_age: int,
+        threshold: float | None,
+    ) -> LookupResult:
+        model = self.embedder.model if self.embedder else ""
+        partition = key.semantic_partition(version, policy.question_mode, model)
         with self._tracer.start_as_current_span("cache.search") as span:
             candidates = await self.store.nearest(partition, vector, _CANDIDATES)
             best = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -57,6 +58,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             similarity=result.similarity,
             best_similarity=result.best_similarity,
             guard_rejection=result.guard_rejection,
+            embedding_usage=types_pb2.TokenUsage(input_tokens=result.embedding_tokens),
         )
         if result.entry is not None:
             response.entry.CopyFrom(_to_proto(result.entry))
@@ -236,11 +238,14 @@ def open_store(settings: CacheSettings, dimensions: int) -> Store:
     return MemoryStore(dimensions, settings.ann_threshold)
 
 
-def build(config: Config, tracer_provider: trace.TracerProvider) -> ServiceDef:
+def build(
+    config: Config, env: Mapping[str, str], tracer_provider: trace.TracerProvider
+) -> ServiceDef:
     """The cache service on the configured backend and embedder."""
     settings = CacheSettings.from_config(config)
     tracer = tracer_provider.get_tracer("costmesh.cache")
-    embedder = settings.embedder(config.section("peers").get_float("timeout_seconds", 5.0), tracer)
+    timeout = config.section("peers").get_float("timeout_seconds", 5.0)
+    embedder = settings.embedder(timeout, tracer, env)
     store = open_store(settings, embedder.dimensions if embedder else 0)
     cache = SemanticCache(store, embedder, settings.policies, tracer=tracer)
     servicer = CacheServicer(cache)
@@ -251,7 +256,7 @@ def build(config: Config, tracer_provider: trace.TracerProvider) -> ServiceDef:
     async def stop() -> None:
         await store.close()
         if embedder is not None:
-            embedder.close()
+            await embedder.close()
 
     return ServiceDef(
         SERVICE_NAME,

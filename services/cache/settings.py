@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,13 +71,15 @@ class CacheSettings:
             embedding_dimensions=cache.get_int(
                 "embedding_dimensions", MINILM_DIMENSIONS, minimum=1
             ),
-            embedding_threads=cache.get_int("embedding_threads", 1, minimum=1),
+            embedding_threads=cache.get_int("embedding_threads", 2, minimum=1),
             model_dir=Path(model_dir) if model_dir else None,
             provider_base_url=base_url,
             provider_api_key_env=api_key_env,
         )
 
-    def embedder(self, timeout: float, tracer: trace.Tracer) -> Embedder | None:
+    def embedder(
+        self, timeout: float, tracer: trace.Tracer, env: Mapping[str, str]
+    ) -> Embedder | None:
         """The configured embedder, or None when no feature caches semantically."""
         if not any(p.semantic for p in self.policies.values()):
             return None
@@ -89,7 +91,7 @@ class CacheSettings:
                 )
             model = shared_minilm(self.model_dir, self.embedding_threads)
             return BatchingEmbedder(MINILM, MINILM_DIMENSIONS, model.embed_sync, tracer=tracer)
-        api_key = os.environ.get(self.provider_api_key_env, "")
+        api_key = env.get(self.provider_api_key_env, "")
         if not api_key:
             raise ConfigError(
                 f"cache.embedding_provider {self.embedding_provider!r} needs its key in "
@@ -107,7 +109,7 @@ class CacheSettings:
 
 def _policy(feature: Config, default_capacity: Capacity) -> FeaturePolicy:
     mode = feature.get_choice("cache_mode", CACHE_MODES, "semantic")
-    threshold = feature.get_float("cache_similarity_threshold", 0.92)
+    threshold = feature.get_float("cache_similarity_threshold", 0.94)
     if not 0 < threshold <= 1:
         raise ConfigError(f"{feature.key_name('cache_similarity_threshold')}: must be in (0, 1]")
     return FeaturePolicy(

@@ -7,7 +7,7 @@ import heapq
 import time
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from services.cache.index import Vector, VectorIndex
@@ -109,6 +109,7 @@ class MemoryStore:
         self._entries: dict[str, Entry] = {}
         self._lru: defaultdict[tuple[str, str], OrderedDict[str, None]] = defaultdict(OrderedDict)
         self._bytes: Counter[tuple[str, str]] = Counter()
+        self._sizes: dict[str, int] = {}  # accounted when stored (the vector goes to the index)
         self._indexes: dict[str, VectorIndex] = {}
         self._tags: defaultdict[tuple[str, str], set[str]] = defaultdict(set)
         self._versions: dict[tuple[str, str], int] = {}
@@ -139,8 +140,10 @@ class MemoryStore:
         self._reclaim_expired()
         self._remove(entry.entry_id)
         namespace = (entry.feature, entry.namespace)
-        self._entries[entry.entry_id] = entry
+        # The index keeps the vector: the entry map keeps one copy of it, not two.
+        self._entries[entry.entry_id] = replace(entry, vector=None)
         self._lru[namespace][entry.entry_id] = None
+        self._sizes[entry.entry_id] = entry.nbytes
         self._bytes[namespace] += entry.nbytes
         for tag in entry.tags:
             self._tags[(entry.feature, tag)].add(entry.entry_id)
@@ -192,7 +195,7 @@ class MemoryStore:
         namespace = (entry.feature, entry.namespace)
         lru = self._lru[namespace]
         lru.pop(entry_id, None)
-        self._bytes[namespace] -= entry.nbytes
+        self._bytes[namespace] -= self._sizes.pop(entry_id)
         if not lru:
             del self._lru[namespace]
             del self._bytes[namespace]

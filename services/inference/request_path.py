@@ -144,6 +144,8 @@ class CompletionPath:
         # Shielded: once the work is done its usage is recorded, even if the caller
         # gives up (deadline, cancel) while the ledger write is under way.
         await asyncio.shield(self._record(call, response, baseline_usage))
+        if looked_up is not None and looked_up.embedding_usage.input_tokens:
+            await asyncio.shield(self._record_embedding(call, looked_up, response))
         return response
 
     async def _generate_once(
@@ -348,6 +350,37 @@ class CompletionPath:
             response.cost_pending = True
         else:
             response.cost_nano_usd = result.cost_nano_usd
+
+    async def _record_embedding(
+        self,
+        call: Call,
+        looked_up: cache_pb2.LookupResponse,
+        response: inference_pb2.CompleteResponse,
+    ) -> None:
+        """A billed embedding of the question is the cache's overhead: its own ledger
+        row, with nothing in the counterfactual (without a cache there is no embedding)."""
+        now = timestamp_pb2.Timestamp()
+        now.GetCurrentTime()
+        model = self._settings.models.get(looked_up.embedding_model)
+        record = ledger_pb2.UsageRecord(
+            request_id=uuid.uuid4().hex,
+            client_request_id=call.request.request_id,
+            trace_id=response.trace_id,
+            time=now,
+            team=call.principal.team,
+            feature=call.request.feature,
+            model=looked_up.embedding_model,
+            provider=model.provider if model else "",
+            usage=looked_up.embedding_usage,
+            baseline_model=self._settings.features[call.request.feature].baseline_model,
+            baseline_usage=types_pb2.TokenUsage(),
+            status=ledger_pb2.CALL_STATUS_OK,
+        )
+        result = await self._outbox.deliver(record, self._peers.timeout)
+        if result is None:
+            response.cost_pending = True
+        else:
+            response.cost_nano_usd += result.cost_nano_usd
 
     async def drain(self) -> None:
         """Let in-flight cache stores finish before shutdown."""

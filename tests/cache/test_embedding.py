@@ -57,7 +57,7 @@ async def test_concurrent_requests_are_embedded_in_one_batch() -> None:
     try:
         results = await asyncio.gather(*(embedder.embed([t]) for t in TEXTS[:4] * 3))
     finally:
-        embedder.close()
+        await embedder.close()
 
     # All twelve arrive before the model is free: two runs, not twelve.
     assert batches == [8, 4]
@@ -82,6 +82,6 @@ async def test_a_failed_batch_fails_each_of_its_requests_and_the_next_one_runs()
             await embedder.embed(["first"])
         later = await embedder.embed(["second"])
     finally:
-        embedder.close()
+        await embedder.close()
 
     assert later.vectors.shape == (1, MINILM_DIMENSIONS)

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind
 
 from costmesh.cache.v1 import cache_pb2
-from costmesh.inference.v1 import inference_pb2
-from costmesh.ledger.v1 import ledger_pb2
+from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh.types.v1 import types_pb2
+from services.common.config import load_config
 from services.inference.simulator import OpenAISimulator
-from tests.conftest import AUTH, Mesh, user_request
+from services.mesh import SERVICES, start_mesh
+from tests.conftest import AUTH, Mesh, mesh_env, user_request
 
 
 async def test_stats_count_misses_hits_and_stores(mesh: Mesh) -> None:
@@ -210,3 +214,36 @@ async def test_store_refuses_an_unfinished_answer(mesh: Mesh) -> None:
     assert (cut.value.details() or "").startswith("finish_reason")
     stats = await mesh.cache.GetStats(cache_pb2.GetStatsRequest(), metadata=AUTH, timeout=5)
     assert stats.entries == 0
+
+
+async def test_a_billed_embedding_is_recorded_in_the_ledger_as_cache_overhead(
+    simulator: OpenAISimulator, tmp_path: Path
+) -> None:
+    config = tmp_path / "openai-embeddings.toml"
+    config.write_text(
+        '[cache]\nembedding_provider = "openai"\n'
+        'embedding_model = "text-embedding-3-small"\nembedding_dimensions = 64\n'
+    )
+    env = mesh_env(simulator, tmp_path)
+    running = await start_mesh(load_config(config, env=env), env, SERVICES, TracerProvider(), 0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            inference = inference_pb2_grpc.InferenceServiceStub(channel)
+            reply = await inference.Complete(
+                user_request("How do I reset my password?"), metadata=AUTH, timeout=10
+            )
+            spend = await ledger_pb2_grpc.LedgerServiceStub(channel).QuerySpend(
+                ledger_pb2.QuerySpendRequest(group_by=ledger_pb2.GROUP_BY_MODEL),
+                metadata=AUTH,
+                timeout=5,
+            )
+    finally:
+        await running.stop(grace=1)
+
+    rows = {row.key: row for row in spend.rows}
+    embedding = rows["text-embedding-3-small"]
+    assert (embedding.calls, embedding.output_tokens) == (1, 0)
+    assert embedding.input_tokens > 0
+    assert embedding.cost_nano_usd == embedding.input_tokens * 20  # $0.02 per million
+    assert embedding.counterfactual_cost_nano_usd == 0  # no cache, no embedding
+    assert reply.cost_nano_usd == spend.total_cost_nano_usd

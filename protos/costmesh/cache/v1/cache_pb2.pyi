@@ -186,6 +186,7 @@ class LookupResponse(_message.Message):
     EMBEDDING_MODEL_FIELD_NUMBER: _builtins.int
     BEST_SIMILARITY_FIELD_NUMBER: _builtins.int
     GUARD_REJECTION_FIELD_NUMBER: _builtins.int
+    EMBEDDING_USAGE_FIELD_NUMBER: _builtins.int
     outcome: _types_pb2.CacheOutcome.ValueType
     """MISS, EXACT or SEMANTIC."""
     similarity: _builtins.float
@@ -208,6 +209,12 @@ class LookupResponse(_message.Message):
         it again; empty when the lookup did not embed (exact hit, exact-only feature).
         """
 
+    @_builtins.property
+    def embedding_usage(self) -> _types_pb2.TokenUsage:
+        """Tokens an embeddings provider billed to embed the question; zero for the local
+        model. Inference records them in the ledger as the cache's overhead.
+        """
+
     def __init__(
         self,
         *,
@@ -218,10 +225,11 @@ class LookupResponse(_message.Message):
         embedding_model: _builtins.str = ...,
         best_similarity: _builtins.float = ...,
         guard_rejection: _builtins.str = ...,
+        embedding_usage: _types_pb2.TokenUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["embedding_usage", b"embedding_usage", "entry", b"entry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_similarity", b"best_similarity", "embedding_model", b"embedding_model", "entry", b"entry", "guard_rejection", b"guard_rejection", "outcome", b"outcome", "query_embedding", b"query_embedding", "similarity", b"similarity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_similarity", b"best_similarity", "embedding_model", b"embedding_model", "embedding_usage", b"embedding_usage", "entry", b"entry", "guard_rejection", b"guard_rejection", "outcome", b"outcome", "query_embedding", b"query_embedding", "similarity", b"similarity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
