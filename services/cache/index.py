@@ -10,6 +10,8 @@ the threshold (bench/NOTES.md): below ~3,000 vectors exact search is faster.
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -135,3 +137,51 @@ class VectorIndex:
             self._labels[entry_id] = label
             self._by_label[label] = entry_id
         self._graph.add(labels, vectors, threads=1)
+
+
+class PartitionedIndex:
+    """One VectorIndex per semantic partition: made by its first vector, dropped
+    with its last, so a search never looks outside its partition."""
+
+    def __init__(self, dimensions: int, ann_threshold: int) -> None:
+        self._dimensions = dimensions
+        self._ann_threshold = ann_threshold
+        self._indexes: dict[str, VectorIndex] = {}
+
+    def add(self, partition: str, entry_id: str, vector: Vector) -> None:
+        index = self._indexes.get(partition)
+        if index is None:
+            index = self._indexes[partition] = VectorIndex(self._dimensions, self._ann_threshold)
+        index.add(entry_id, vector)
+
+    def remove(self, partition: str, entry_id: str) -> None:
+        index = self._indexes.get(partition)
+        if index is not None:
+            index.remove(entry_id)
+            if not len(index):
+                del self._indexes[partition]
+
+    def search(self, partition: str, vector: Vector, k: int) -> list[tuple[str, float]]:
+        index = self._indexes.get(partition)
+        return [] if index is None else index.search(vector, k)
+
+    def clear(self) -> None:
+        self._indexes.clear()
+
+
+class ExpiryQueue:
+    """Entry ids by expiry time. Entries removed or re-stored meanwhile leave stale
+    items behind; the owner skips those by comparing the expiry it holds."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, str]] = []
+
+    def push(self, expires_at: float, entry_id: str) -> None:
+        heapq.heappush(self._heap, (expires_at, entry_id))
+
+    def due(self, now: float) -> Iterator[tuple[float, str]]:
+        while self._heap and self._heap[0][0] <= now:
+            yield heapq.heappop(self._heap)
+
+    def clear(self) -> None:
+        self._heap.clear()

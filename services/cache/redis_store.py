@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import heapq
 import json
 import logging
 import time
@@ -32,7 +31,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.cache.index import Vector, VectorIndex
+from services.cache.index import ExpiryQueue, PartitionedIndex, Vector
 from services.cache.store import Answer, Capacity, Entry, StoreUnavailableError
 from services.common.outages import OutageLog
 
@@ -66,8 +65,6 @@ class RedisStore:
         timeout: float = 1.0,
     ) -> None:
         self._prefix = prefix
-        self._dimensions = dimensions
-        self._ann_threshold = ann_threshold
         self._stream_length = stream_length
         self._redis = aioredis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, protocol=2
@@ -80,8 +77,8 @@ class RedisStore:
             protocol=2,
         )
         self._mirror: dict[str, _Mirrored] = {}
-        self._indexes: dict[str, VectorIndex] = {}
-        self._expiry: list[tuple[float, str]] = []
+        self._index = PartitionedIndex(dimensions, ann_threshold)
+        self._expiry = ExpiryQueue()
         self._last_event = b"0-0"
         self._task: asyncio.Task[None] | None = None
         self._synced = asyncio.Event()
@@ -134,8 +131,7 @@ class RedisStore:
 
     async def nearest(self, partition: str, vector: Vector, k: int) -> list[tuple[str, float]]:
         self._reclaim_expired()
-        index = self._indexes.get(partition)
-        return [] if index is None else index.search(vector, k)
+        return self._index.search(partition, vector, k)
 
     async def touch(self, entry: Entry) -> None:
         await self._call(
@@ -249,7 +245,7 @@ class RedisStore:
         last: Any = await self._follower.xrevrange(self._key("events"), count=1)
         self._last_event = last[0][0] if last else b"0-0"
         self._mirror.clear()
-        self._indexes.clear()
+        self._index.clear()
         self._expiry.clear()
         async for key in self._follower.scan_iter(match=self._entry_key("*"), count=1000):
             values: Any = await self._follower.hmget(key, ["m", "v"])
@@ -279,28 +275,16 @@ class RedisStore:
         )
         self._mirror[entry_id] = item
         if vector:
-            index = self._indexes.get(item.partition)
-            if index is None:
-                index = self._indexes[item.partition] = VectorIndex(
-                    self._dimensions, self._ann_threshold
-                )
-            index.add(entry_id, np.frombuffer(vector, dtype=np.float32))
-        heapq.heappush(self._expiry, (item.expires_at, entry_id))
+            self._index.add(item.partition, entry_id, np.frombuffer(vector, dtype=np.float32))
+        self._expiry.push(item.expires_at, entry_id)
 
     def _mirror_remove(self, entry_id: str) -> None:
         item = self._mirror.pop(entry_id, None)
-        if item is None:
-            return
-        index = self._indexes.get(item.partition)
-        if index is not None:
-            index.remove(entry_id)
-            if not len(index):
-                del self._indexes[item.partition]
+        if item is not None:
+            self._index.remove(item.partition, entry_id)
 
     def _reclaim_expired(self) -> None:
-        now = time.time()
-        while self._expiry and self._expiry[0][0] <= now:
-            expires_at, entry_id = heapq.heappop(self._expiry)
+        for expires_at, entry_id in self._expiry.due(time.time()):
             item = self._mirror.get(entry_id)
             if item is not None and item.expires_at == expires_at:
                 self._mirror_remove(entry_id)
