@@ -35,6 +35,10 @@ _CHUNK = 64
 Vectors = npt.NDArray[np.float32]
 
 
+class EmbeddingUnavailableError(Exception):
+    """The embeddings provider failed: the cache answers with a miss."""
+
+
 @dataclass(frozen=True)
 class Embeddings:
     """L2-normalised vectors, one row per text, and the tokens they took."""
@@ -298,11 +302,19 @@ class OpenAIEmbedder:
         self._tracer = tracer or trace.get_tracer(__name__)
         self.model = model
         self.dimensions = dimensions
-        self._client = AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout)
+        # No retries: a lookup that waits out backoffs is slower than the miss it avoids.
+        self._client = AsyncOpenAI(
+            base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0
+        )
 
     async def embed(self, texts: Sequence[str]) -> Embeddings:
+        from openai import OpenAIError  # noqa: PLC0415
+
         with self._tracer.start_as_current_span("cache.embed") as span:
-            response = await self._client.embeddings.create(model=self.model, input=list(texts))
+            try:
+                response = await self._client.embeddings.create(model=self.model, input=list(texts))
+            except OpenAIError as exc:
+                raise EmbeddingUnavailableError(f"{self.model}: {exc}") from exc
             rows = sorted(response.data, key=lambda d: d.index)
             vectors = normalise(np.array([d.embedding for d in rows], dtype=np.float32))
             if vectors.shape[1] != self.dimensions:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from opentelemetry import trace
 
-from services.cache.embedding import Embedder
+from services.cache.embedding import Embedder, EmbeddingUnavailableError
 from services.cache.guard import refusal
 from services.cache.index import Vector
 from services.cache.keys import RequestKey
@@ -21,6 +21,8 @@ from services.common.outages import OutageLog
 
 log = logging.getLogger(__name__)
 
+# What the cache survives: an unreachable Redis or embeddings provider costs hits.
+FAIL_OPEN = (StoreUnavailableError, EmbeddingUnavailableError)
 # Candidates fetched per search: the best live one is judged, stale ones (expired
 # or invalidated since the search) are skipped.
 _CANDIDATES = 4
@@ -83,9 +85,8 @@ class SemanticCache:
         try:
             result = await self._find(key, policy, max_age_seconds, threshold)
             self._outage.succeeded()
-        except StoreUnavailableError as exc:
-            self._outage.failed(str(exc))
-            self.counters[(key.feature, "backend_failures")] += 1
+        except FAIL_OPEN as exc:
+            self._failed(key.feature, exc)
             result = LookupResult("miss")
         counter = {"exact": "exact_hits", "semantic": "semantic_hits"}.get(result.outcome, "misses")
         self.counters[(key.feature, counter)] += 1
@@ -173,20 +174,37 @@ class SemanticCache:
 
         None when the backend is down: the answer is dropped, never an error."""
         policy = self.policy(key)
-        question = key.question(policy.question_mode)
-        model = self.embedder.model if self.embedder else ""
-        if policy.semantic and self.embedder is not None and question and vector is None:
-            vector = (await self.embedder.embed([question])).vectors[0]
-        if not policy.semantic or not question:
-            vector = None
         try:
-            version = await self.store.version(key.feature, key.namespace)
-        except StoreUnavailableError as exc:
-            self._outage.failed(str(exc))
-            self.counters[(key.feature, "backend_failures")] += 1
+            entry = await self._entry(
+                key, policy, answer=answer, ttl_seconds=ttl_seconds, tags=tags, vector=vector
+            )
+            await self.store.put(entry, policy.capacity)
+        except FAIL_OPEN as exc:
+            self._failed(key.feature, exc)
             return None
+        self._outage.succeeded()
+        self.counters[(key.feature, "stores")] += 1
+        return entry
+
+    async def _entry(
+        self,
+        key: RequestKey,
+        policy: FeaturePolicy,
+        *,
+        answer: Answer,
+        ttl_seconds: int,
+        tags: tuple[str, ...],
+        vector: Vector | None,
+    ) -> Entry:
+        question = key.question(policy.question_mode)
+        if not policy.semantic or self.embedder is None or not question:
+            vector = None
+        elif vector is None:
+            vector = (await self.embedder.embed([question])).vectors[0]
+        version = await self.store.version(key.feature, key.namespace)
+        model = self.embedder.model if self.embedder else ""
         now = self._clock()
-        entry = Entry(
+        return Entry(
             entry_id=key.digest(version),
             feature=key.feature,
             namespace=key.namespace,
@@ -198,15 +216,11 @@ class SemanticCache:
             tags=tags,
             vector=vector,
         )
-        try:
-            await self.store.put(entry, policy.capacity)
-            self._outage.succeeded()
-        except StoreUnavailableError as exc:
-            self._outage.failed(str(exc))
-            self.counters[(key.feature, "backend_failures")] += 1
-            return None
-        self.counters[(key.feature, "stores")] += 1
-        return entry
+
+    def _failed(self, feature: str, exc: Exception) -> None:
+        """A backend failure costs a hit or a store, never the call: log once, count."""
+        self._outage.failed(str(exc))
+        self.counters[(feature, "backend_failures")] += 1
 
     def stats(self, feature: str = "") -> dict[str, int | float]:
         """Counters of this replica, and entries and memory of the store."""

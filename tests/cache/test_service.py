@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
 from costmesh.cache.v1 import cache_pb2
-from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
-from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from costmesh.inference.v1 import inference_pb2
+from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
 from services.common.config import load_config
 from services.inference.simulator import OpenAISimulator
@@ -216,9 +218,9 @@ async def test_store_refuses_an_unfinished_answer(mesh: Mesh) -> None:
     assert stats.entries == 0
 
 
-async def test_a_billed_embedding_is_recorded_in_the_ledger_as_cache_overhead(
-    simulator: OpenAISimulator, tmp_path: Path
-) -> None:
+@pytest.fixture
+async def openai_embeddings_mesh(simulator: OpenAISimulator, tmp_path: Path) -> AsyncIterator[Mesh]:
+    """The mesh with the cache embedding through the provider's embeddings endpoint."""
     config = tmp_path / "openai-embeddings.toml"
     config.write_text(
         '[cache]\nembedding_provider = "openai"\n'
@@ -226,19 +228,24 @@ async def test_a_billed_embedding_is_recorded_in_the_ledger_as_cache_overhead(
     )
     env = mesh_env(simulator, tmp_path)
     running = await start_mesh(load_config(config, env=env), env, SERVICES, TracerProvider(), 0)
+    address = f"127.0.0.1:{running.port}"
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            inference = inference_pb2_grpc.InferenceServiceStub(channel)
-            reply = await inference.Complete(
-                user_request("How do I reset my password?"), metadata=AUTH, timeout=10
-            )
-            spend = await ledger_pb2_grpc.LedgerServiceStub(channel).QuerySpend(
-                ledger_pb2.QuerySpendRequest(group_by=ledger_pb2.GROUP_BY_MODEL),
-                metadata=AUTH,
-                timeout=5,
-            )
+        async with grpc.aio.insecure_channel(address) as channel:
+            yield Mesh(running, address, channel, InMemorySpanExporter(), tmp_path)
     finally:
         await running.stop(grace=1)
+
+
+async def test_a_billed_embedding_is_recorded_in_the_ledger_as_cache_overhead(
+    openai_embeddings_mesh: Mesh,
+) -> None:
+    mesh = openai_embeddings_mesh
+    reply = await mesh.inference.Complete(
+        user_request("How do I reset my password?"), metadata=AUTH, timeout=10
+    )
+    spend = await mesh.ledger.QuerySpend(
+        ledger_pb2.QuerySpendRequest(group_by=ledger_pb2.GROUP_BY_MODEL), metadata=AUTH, timeout=5
+    )
 
     rows = {row.key: row for row in spend.rows}
     embedding = rows["text-embedding-3-small"]
@@ -247,3 +254,19 @@ async def test_a_billed_embedding_is_recorded_in_the_ledger_as_cache_overhead(
     assert embedding.cost_nano_usd == embedding.input_tokens * 20  # $0.02 per million
     assert embedding.counterfactual_cost_nano_usd == 0  # no cache, no embedding
     assert reply.cost_nano_usd == spend.total_cost_nano_usd
+
+
+async def test_a_failing_embeddings_provider_costs_a_miss_not_the_call(
+    openai_embeddings_mesh: Mesh, simulator: OpenAISimulator
+) -> None:
+    mesh = openai_embeddings_mesh
+    simulator.fail_next(1, status=503)  # the lookup's embedding call
+
+    reply = await mesh.inference.Complete(
+        user_request("How do I reset my password?"), metadata=AUTH, timeout=10
+    )
+    stats = await mesh.cache.GetStats(cache_pb2.GetStatsRequest(), metadata=AUTH, timeout=5)
+
+    assert reply.content
+    assert reply.cache_outcome == types_pb2.CACHE_OUTCOME_MISS
+    assert (stats.backend_failures, stats.misses) == (1, 1)
