@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from costmesh.cache.v1 import cache_pb2
-from costmesh.inference.v1 import inference_pb2
+from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
 from services.common.config import load_config
@@ -270,3 +270,27 @@ async def test_a_failing_embeddings_provider_costs_a_miss_not_the_call(
     assert reply.content
     assert reply.cache_outcome == types_pb2.CACHE_OUTCOME_MISS
     assert (stats.backend_failures, stats.misses) == (1, 1)
+
+
+async def test_a_per_tenant_feature_refuses_a_call_without_a_tenant(
+    simulator: OpenAISimulator, tmp_path: Path
+) -> None:
+    config = tmp_path / "per-tenant.toml"
+    config.write_text("[features.support]\ncache_per_tenant = true\n")
+    env = mesh_env(simulator, tmp_path)
+    running = await start_mesh(load_config(config, env=env), env, SERVICES, TracerProvider(), 0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            inference = inference_pb2_grpc.InferenceServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await inference.Complete(user_request("Where is my card?"), metadata=AUTH)
+            scoped = await inference.Complete(
+                user_request("Where is my card?", scope_key="tenant-1"), metadata=AUTH
+            )
+    finally:
+        await running.stop(grace=1)
+
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "per tenant" in (refused.value.details() or "")
+    assert scoped.content
+    assert simulator.call_count == 1  # the refused call never reached the provider
