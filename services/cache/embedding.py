@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ _ONNX_OPSET = 17
 _CHUNK = 64
 
 Vectors = npt.NDArray[np.float32]
+log = logging.getLogger(__name__)
 
 
 class EmbeddingUnavailableError(Exception):
@@ -93,6 +95,7 @@ def minilm_onnx(cache_dir: Path) -> Path:
     if target.exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
+    log.info("exporting %s to ONNX once, into %s (a few seconds)", MINILM, target)
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     _export_minilm(partial)
     partial.replace(target)  # atomic: a concurrent start sees all or nothing
