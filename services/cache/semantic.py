@@ -108,6 +108,8 @@ class SemanticCache:
             return LookupResult("miss")
         embedded = await self.embedder.embed([question])
         vector, tokens = embedded.vectors[0], embedded.input_tokens * self.embedder.billed
+        if not embedded.whole(0):  # longer than the model reads: exact matches only
+            return LookupResult("miss", embedding_tokens=tokens)
         result = await self._search(
             key,
             version=version,
@@ -200,7 +202,8 @@ class SemanticCache:
         if not policy.semantic or self.embedder is None or not question:
             vector = None
         elif vector is None:
-            vector = (await self.embedder.embed([question])).vectors[0]
+            embedded = await self.embedder.embed([question])
+            vector = embedded.vectors[0] if embedded.whole(0) else None
         version = await self.store.version(key.feature, key.namespace)
         model = self.embedder.model if self.embedder else ""
         now = self._clock()
