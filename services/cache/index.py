@@ -11,7 +11,7 @@ the threshold (bench/NOTES.md): below ~3,000 vectors exact search is faster.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,9 @@ class VectorIndex:
     def __init__(self, dimensions: int, ann_threshold: int = 0) -> None:
         self.dimensions = dimensions
         self._ann_threshold = ann_threshold
-        self._matrix = np.empty((16, dimensions), dtype=np.float32)
+        # Grown by doubling from one row: most partitions (one per conversation
+        # context and tenant) hold a handful of questions.
+        self._matrix = np.empty((1, dimensions), dtype=np.float32)
         self._ids: list[str] = []
         self._rows: dict[str, int] = {}
         self._graph: Any = None  # usearch.index.Index once the partition is large
@@ -92,7 +94,7 @@ class VectorIndex:
                 self._graph = None
                 self._labels.clear()
                 self._by_label.clear()
-        if len(self._ids) < len(self._matrix) // 4 and len(self._matrix) > 16:
+        if len(self._ids) < len(self._matrix) // 4:
             self._matrix = self._matrix[: len(self._matrix) // 2].copy()
         return True
 
@@ -171,13 +173,21 @@ class PartitionedIndex:
 
 class ExpiryQueue:
     """Entry ids by expiry time. Entries removed or re-stored meanwhile leave stale
-    items behind; the owner skips those by comparing the expiry it holds."""
+    items behind; the owner skips those by comparing the expiry it holds, and
+    `compact` drops them when they outnumber the live ones."""
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, str]] = []
 
+    def __len__(self) -> int:
+        return len(self._heap)
+
     def push(self, expires_at: float, entry_id: str) -> None:
         heapq.heappush(self._heap, (expires_at, entry_id))
+
+    def compact(self, live: Callable[[float, str], bool]) -> None:
+        self._heap = [item for item in self._heap if live(*item)]
+        heapq.heapify(self._heap)
 
     def due(self, now: float) -> Iterator[tuple[float, str]]:
         while self._heap and self._heap[0][0] <= now:

@@ -13,7 +13,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-ROLE_USER = 2  # costmesh.types.v1.Role.ROLE_USER
+from costmesh.types.v1.types_pb2 import ROLE_USER
+
 QUESTION_MODES = ("last_user", "all_user")
 
 

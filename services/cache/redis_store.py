@@ -85,6 +85,7 @@ class RedisStore:
         self._expiry = ExpiryQueue()
         self._last_event = b"0-0"
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._synced = asyncio.Event()
         self._progress = asyncio.Event()
         self._outage = OutageLog(log, "cache mirror of Redis (rebuilt when Redis returns)")
@@ -104,6 +105,9 @@ class RedisStore:
             self._task.result()  # a bug in the follower: surface it at start
 
     async def close(self) -> None:
+        # A flag as well as the cancel: redis-py may turn the CancelledError that
+        # interrupts a blocked XREAD into a connection error the loop would survive.
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -227,7 +231,7 @@ class RedisStore:
 
     async def _follow(self) -> None:
         rebuild = True
-        while True:
+        while not self._closing:
             try:
                 if rebuild:
                     await self._rebuild()
@@ -297,11 +301,18 @@ class RedisStore:
         elif vector:  # another embedding model's entry (a config change): exact hits only
             self.counters[(item.feature, "foreign_vectors")] += 1
         self._expiry.push(item.expires_at, entry_id)
+        if len(self._expiry) > 2 * len(self._mirror) + 1024:
+            self._expiry.compact(self._expires_at)
 
     def _mirror_remove(self, entry_id: str) -> None:
         item = self._mirror.pop(entry_id, None)
         if item is not None:
             self._index.remove(item.partition, entry_id)
+
+    def _expires_at(self, expires_at: float, entry_id: str) -> bool:
+        """True when the queue item is the entry's current expiry (not a stale one)."""
+        held = self._mirror.get(entry_id)
+        return held is not None and held.expires_at == expires_at
 
     def _reclaim_expired(self) -> None:
         for expires_at, entry_id in self._expiry.due(time.time()):

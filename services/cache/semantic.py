@@ -49,6 +49,7 @@ class LookupResult:
     guard_rejection: str = ""
     vector: Vector | None = None
     embedding_tokens: int = 0  # billed by an embeddings provider
+    version: int = 0  # the namespace version looked up
 
 
 class SemanticCache:
@@ -93,7 +94,10 @@ class SemanticCache:
         if result.guard_rejection:
             self.counters[(key.feature, "guard_rejections")] += 1
         if result.entry is not None:
-            await self.store.touch(result.entry)
+            try:
+                await self.store.touch(result.entry)
+            except FAIL_OPEN as exc:  # the hit stands; only its recency is lost
+                self._failed(key.feature, exc)
         return result
 
     async def _find(
@@ -102,14 +106,14 @@ class SemanticCache:
         version = await self.store.version(key.feature, key.namespace)
         entry = await self.store.get(key.digest(version))
         if entry is not None and self._fresh(entry, max_age):
-            return LookupResult("exact", entry, 1.0, 1.0)
+            return LookupResult("exact", entry, 1.0, 1.0, version=version)
         question = key.question(policy.question_mode)
         if not policy.semantic or self.embedder is None or not question:
-            return LookupResult("miss")
+            return LookupResult("miss", version=version)
         embedded = await self.embedder.embed([question])
         vector, tokens = embedded.vectors[0], embedded.input_tokens * self.embedder.billed
         if not embedded.whole(0):  # longer than the model reads: exact matches only
-            return LookupResult("miss", embedding_tokens=tokens)
+            return LookupResult("miss", embedding_tokens=tokens, version=version)
         result = await self._search(
             key,
             version=version,
@@ -119,7 +123,7 @@ class SemanticCache:
             max_age=max_age,
             threshold=threshold,
         )
-        return replace(result, embedding_tokens=tokens)
+        return replace(result, embedding_tokens=tokens, version=version)
 
     async def _search(
         self,
@@ -170,15 +174,29 @@ class SemanticCache:
         answer: Answer,
         ttl_seconds: int,
         tags: tuple[str, ...],
+        *,
         vector: Vector | None = None,
+        seen_version: int = 0,
     ) -> Entry | None:
-        """Store an answer; `vector` is the lookup's embedding of the same question.
+        """Store an answer; `vector` is the lookup's embedding of the same question and
+        `seen_version` the namespace version that lookup saw.
 
-        None when the backend is down: the answer is dropped, never an error."""
+        None when the answer is dropped: the backend is down, or the namespace was
+        bumped since the lookup (the answer may be made of what was invalidated)."""
         policy = self.policy(key)
         try:
+            version = await self.store.version(key.feature, key.namespace)
+            if seen_version and version != seen_version:
+                self.counters[(key.feature, "stale_stores")] += 1
+                return None
             entry = await self._entry(
-                key, policy, answer=answer, ttl_seconds=ttl_seconds, tags=tags, vector=vector
+                key,
+                policy,
+                version=version,
+                answer=answer,
+                ttl_seconds=ttl_seconds,
+                tags=tags,
+                vector=vector,
             )
             await self.store.put(entry, policy.capacity)
         except FAIL_OPEN as exc:
@@ -193,6 +211,7 @@ class SemanticCache:
         key: RequestKey,
         policy: FeaturePolicy,
         *,
+        version: int,
         answer: Answer,
         ttl_seconds: int,
         tags: tuple[str, ...],
@@ -204,7 +223,6 @@ class SemanticCache:
         elif vector is None:
             embedded = await self.embedder.embed([question])
             vector = embedded.vectors[0] if embedded.whole(0) else None
-        version = await self.store.version(key.feature, key.namespace)
         model = self.embedder.model if self.embedder else ""
         now = self._clock()
         return Entry(
@@ -229,7 +247,7 @@ class SemanticCache:
         """Counters of this replica, and entries and memory of the store."""
         names = (
             "exact_hits", "semantic_hits", "misses", "stores", "guard_rejections",
-            "backend_failures", "evictions", "expirations", "invalidations",
+            "backend_failures", "evictions", "expirations", "invalidations", "stale_stores",
         )  # fmt: skip
         sources = (self.counters, self.store.counters)
         totals: dict[str, int | float] = {

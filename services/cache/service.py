@@ -59,6 +59,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             best_similarity=result.best_similarity,
             guard_rejection=result.guard_rejection,
             embedding_usage=types_pb2.TokenUsage(input_tokens=result.embedding_tokens),
+            namespace_version=result.version,
         )
         if result.entry is not None:
             response.entry.CopyFrom(_to_proto(result.entry))
@@ -91,8 +92,15 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             output_tokens=request.usage.output_tokens,
             finish_reason=request.finish_reason,
         )
+        if request.namespace_version < 0:
+            raise InvalidArgument("namespace_version", "must not be negative")
         entry = await self._cache.put(
-            key, answer, ttl, tuple(request.tags), self._supplied_vector(request)
+            key,
+            answer,
+            ttl,
+            tuple(request.tags),
+            vector=self._supplied_vector(request),
+            seen_version=request.namespace_version,
         )
         trace.get_current_span().set_attributes(
             {
@@ -164,6 +172,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             guard_rejections=int(stats["guard_rejections"]),
             backend_failures=int(stats["backend_failures"]),
             invalidations=int(stats["invalidations"]),
+            stale_stores=int(stats["stale_stores"]),
         )
 
 

@@ -148,6 +148,8 @@ class MemoryStore:
         if entry.vector is not None:
             self._index.add(entry.partition, entry.entry_id, entry.vector)
         self._expiry.push(entry.expires_at, entry.entry_id)
+        if len(self._expiry) > 2 * len(self._entries) + 1024:
+            self._expiry.compact(self._expires_at)
         lru = self._lru[namespace]
         while len(lru) > capacity.max_entries or (
             capacity.max_bytes and self._bytes[namespace] > capacity.max_bytes and len(lru) > 1
@@ -200,6 +202,11 @@ class MemoryStore:
                     del self._tags[(entry.feature, tag)]
         self._index.remove(entry.partition, entry_id)
         return True
+
+    def _expires_at(self, expires_at: float, entry_id: str) -> bool:
+        """True when the queue item is the entry's current expiry (not a stale one)."""
+        held = self._entries.get(entry_id)
+        return held is not None and held.expires_at == expires_at
 
     def _reclaim_expired(self) -> None:
         """Drop entries whose TTL passed (a heap by expiry; stale heap items skip)."""

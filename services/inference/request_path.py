@@ -143,10 +143,20 @@ class CompletionPath:
         )
         # Shielded: once the work is done its usage is recorded, even if the caller
         # gives up (deadline, cancel) while the ledger write is under way.
-        await asyncio.shield(self._record(call, response, baseline_usage))
-        if looked_up is not None and looked_up.embedding_usage.input_tokens:
-            await asyncio.shield(self._record_embedding(call, looked_up, response))
+        await asyncio.shield(self._record_all(call, response, baseline_usage, looked_up))
         return response
+
+    async def _record_all(
+        self,
+        call: Call,
+        response: inference_pb2.CompleteResponse,
+        baseline_usage: types_pb2.TokenUsage,
+        looked_up: cache_pb2.LookupResponse | None,
+    ) -> None:
+        """The answer's row, then the cache's billed embedding, as one shielded unit."""
+        await self._record(call, response, baseline_usage)
+        if looked_up is not None and looked_up.embedding_usage.input_tokens:
+            await self._record_embedding(call, looked_up, response)
 
     async def _generate_once(
         self,
@@ -160,24 +170,23 @@ class CompletionPath:
 
         Concurrent identical misses would each pay the provider for the same answer;
         the first one calls it and the others wait for its answer (served as an
-        exact hit). A failed first call lets each waiter try on its own. Returns
-        what the answer cost the provider call that made it.
+        exact hit). When the first call fails or is cancelled, the next waiter takes
+        its place. Returns what the answer cost the provider call that made it.
         """
         if not caching or call.request.cache_control.no_cache:
             await self._generate(call, key, response, looked_up, caching)
             return response.usage
         digest = _key_digest(key)
-        leader = self._in_flight.get(digest)
-        if leader is not None:
-            wait = call.deadline.cap(self._settings.provider_timeout_seconds)
-            done, _ = await asyncio.wait({leader}, timeout=wait)
-            if leader in done and leader.exception() is None:
-                first = leader.result()
-                response.content, response.model = first.content, first.model
-                response.provider, response.finish_reason = "cache", first.finish_reason
-                response.cached, response.cache_outcome = True, types_pb2.CACHE_OUTCOME_EXACT
-                trace.get_current_span().set_attribute("costmesh.cache.collapsed", True)
-                return first.usage
+        first = await self._first_answer(digest, call.deadline)
+        if first is not None:
+            response.content, response.model = first.content, first.model
+            response.provider, response.finish_reason = "cache", first.finish_reason
+            response.cached, response.cache_outcome = True, types_pb2.CACHE_OUTCOME_EXACT
+            trace.get_current_span().set_attribute("costmesh.cache.collapsed", True)
+            return first.usage
+        if digest in self._in_flight:  # a leader too slow to wait for: go alone
+            await self._generate(call, key, response, looked_up, caching)
+            return response.usage
         future: asyncio.Future[inference_pb2.CompleteResponse] = (
             asyncio.get_running_loop().create_future()
         )
@@ -193,6 +202,24 @@ class CompletionPath:
         finally:
             if self._in_flight.get(digest) is future:
                 del self._in_flight[digest]
+
+    async def _first_answer(
+        self, digest: str, deadline: Deadline
+    ) -> inference_pb2.CompleteResponse | None:
+        """The answer of an identical call in flight, once it is finished; None when
+        there is none, it failed (and no other took its place), it is unfinished
+        text, or it takes longer than this call may wait."""
+        wait = self._settings.provider_timeout_seconds + self._peers.timeout  # route + call
+        while (leader := self._in_flight.get(digest)) is not None:
+            done, _ = await asyncio.wait({leader}, timeout=deadline.cap(wait))
+            if leader not in done:
+                return None
+            if leader.exception() is None:
+                first = leader.result()
+                return first if first.finish_reason in CACHEABLE_FINISH_REASONS else None
+            # The leader failed and has left the map: another caller may have taken
+            # its place (then wait for that one), or this one becomes the leader.
+        return None
 
     async def _generate(
         self,
@@ -303,6 +330,8 @@ class CompletionPath:
             # The lookup already embedded the question: the cache need not again.
             query_embedding=looked_up.query_embedding,
             embedding_model=looked_up.embedding_model,
+            # An invalidation while the answer was generated means it is not stored.
+            namespace_version=looked_up.namespace_version,
         )
 
         async def store() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 from costmesh.inference.v1 import inference_pb2
@@ -26,6 +27,11 @@ def estimate_tokens(messages: Sequence[types_pb2.ChatMessage]) -> int:
     return sum(math.ceil(len(m.content) / 4) + _MESSAGE_OVERHEAD for m in messages)
 
 
+MAX_NAME = 128  # characters of a cache namespace or tag
+MAX_TAGS = 32
+_NAME = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_NAME}}}")
+
+
 def validate(
     request: inference_pb2.CompleteRequest, settings: InferenceSettings
 ) -> tuple[FeatureLimits, int]:
@@ -42,8 +48,7 @@ def validate(
         raise InvalidArgument("model", f"unknown model {request.model!r}")
     if len(request.scope_key) > MAX_SCOPE_KEY:
         raise InvalidArgument("scope_key", f"at most {MAX_SCOPE_KEY} characters")
-    if request.cache_control.max_age_seconds < 0:
-        raise InvalidArgument("cache_control.max_age_seconds", "must not be negative")
+    _validate_cache_control(request.cache_control)
     max_tokens = _validate_params(request.params, limits)
     prompt_tokens = estimate_tokens(request.messages)
     if prompt_tokens > limits.max_input_tokens:
@@ -53,6 +58,25 @@ def validate(
             f"at most {limits.max_input_tokens}",
         )
     return limits, max_tokens
+
+
+def _validate_cache_control(control: inference_pb2.CacheControl) -> None:
+    """Namespaces and tags name cache partitions and sets: keep them few and short."""
+    if control.max_age_seconds < 0:
+        raise InvalidArgument("cache_control.max_age_seconds", "must not be negative")
+    if control.HasField("similarity_threshold") and not 0 <= control.similarity_threshold <= 1:
+        raise InvalidArgument("cache_control.similarity_threshold", "must be between 0 and 1")
+    if not _NAME.fullmatch(control.namespace or "-"):
+        raise InvalidArgument(
+            "cache_control.namespace", f"letters, digits and ._:- only, at most {MAX_NAME}"
+        )
+    if len(control.tags) > MAX_TAGS:
+        raise InvalidArgument("cache_control.tags", f"at most {MAX_TAGS} tags")
+    for tag in control.tags:
+        if not _NAME.fullmatch(tag):
+            raise InvalidArgument(
+                "cache_control.tags", f"letters, digits and ._:- only, 1 to {MAX_NAME}"
+            )
 
 
 def check_context_window(prompt_tokens: int, max_tokens: int, model: str, window: int) -> None:

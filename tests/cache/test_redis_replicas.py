@@ -5,16 +5,22 @@ costs hits, never a failed call."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from costmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from costmesh.types.v1 import types_pb2
+from services.cache.embedding import MINILM_DIMENSIONS, normalise
+from services.cache.redis_store import RedisStore
+from services.cache.store import Answer, Capacity, Entry
 from services.common.config import load_config
 from services.common.server import RunningServer
 from services.inference.simulator import OpenAISimulator
@@ -22,6 +28,7 @@ from services.mesh import SERVICES, start_mesh
 from tests.conftest import AUTH, Mesh, mesh_env, user_request
 from tests.redis_server import PrivateRedis, fresh_prefix
 
+ANSWER = Answer("Tap 'Forgot password'.", "gpt-4o-mini", 10, 0, 5, "stop")
 Starter = Callable[[], Awaitable[tuple[RunningServer, "cache_pb2_grpc.CacheServiceAsyncStub"]]]
 
 
@@ -192,3 +199,31 @@ async def test_redis_stopped_and_restarted_mid_run_fails_no_call(
     assert all(r.content for r in during)  # every call answered, from the provider
     assert outage.backend_failures >= 3
     assert resumed.entry.content == again.content
+
+
+async def test_a_replica_skips_vectors_of_another_embedding_size(tmp_path: Path) -> None:
+    with fresh_prefix() as (url, prefix):
+        other = RedisStore(url, prefix, 8)  # say, a replica configured with another model
+        await other.start()
+        vector = normalise(np.ones((1, 8)))[0]
+        entry = Entry("a" * 64, "support", "", "p", "q", ANSWER, time.time(), time.time() + 60)
+        await other.put(replace(entry, vector=vector), Capacity(10))
+        await other.close()
+
+        ours = RedisStore(url, prefix, MINILM_DIMENSIONS)
+        await ours.start()
+        try:
+            async with asyncio.timeout(5):
+                await ours.caught_up()
+            found = await ours.get("a" * 64)
+            mine = replace(entry, entry_id="b" * 64, vector=normalise(np.ones((1, 384)))[0])
+            await ours.put(mine, Capacity(10))
+            async with asyncio.timeout(5):
+                await ours.caught_up()  # the follower survived the foreign vector
+            nearest = await ours.nearest("p", normalise(np.ones((1, 384)))[0], 2)
+        finally:
+            await ours.close()
+
+    assert found is not None  # the entry itself still answers exact lookups
+    assert [entry_id for entry_id, _ in nearest] == ["b" * 64]
+    assert ours.counters[("support", "foreign_vectors")] == 1

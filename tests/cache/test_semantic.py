@@ -227,3 +227,37 @@ async def test_memory_is_accounted_per_entry() -> None:
     assert entry.nbytes > entry.vector.nbytes + len(ANSWER.content)
     other = replace(entry, tags=())
     assert other.nbytes < entry.nbytes
+
+
+async def test_a_question_longer_than_the_model_reads_matches_exactly_only(store: Store) -> None:
+    cache = make_cache(store)
+    document = "The quarterly report says revenue grew in every region. " * 60
+    await cache.put(key(document + "Summarise it."), ANSWER, 600, ())
+    await settle(store)
+
+    other_instruction = await cache.lookup(key(document + "Write a haiku about it."))
+    same = await cache.lookup(key(document + "Summarise it."))
+
+    assert other_instruction.outcome == "miss"
+    assert other_instruction.vector is None  # nothing was compared by meaning
+    assert same.outcome == "exact"
+
+
+async def test_an_answer_generated_across_a_namespace_bump_is_not_stored(store: Store) -> None:
+    cache = make_cache(store)
+    missed = await cache.lookup(key("How do I reset my password?", namespace="faq"))
+    await store.bump("support", "faq")  # the FAQ changed while the answer was generated
+
+    stale = await cache.put(
+        key("How do I reset my password?", namespace="faq"),
+        ANSWER,
+        600,
+        (),
+        seen_version=missed.version,
+    )
+    fresh = await cache.lookup(key("How do I reset my password?", namespace="faq"))
+
+    assert missed.version == 1
+    assert stale is None
+    assert fresh.outcome == "miss"
+    assert cache.stats()["stale_stores"] == 1

@@ -187,6 +187,7 @@ class LookupResponse(_message.Message):
     BEST_SIMILARITY_FIELD_NUMBER: _builtins.int
     GUARD_REJECTION_FIELD_NUMBER: _builtins.int
     EMBEDDING_USAGE_FIELD_NUMBER: _builtins.int
+    NAMESPACE_VERSION_FIELD_NUMBER: _builtins.int
     outcome: _types_pb2.CacheOutcome.ValueType
     """MISS, EXACT or SEMANTIC."""
     similarity: _builtins.float
@@ -198,6 +199,11 @@ class LookupResponse(_message.Message):
     guard_rejection: _builtins.str
     """Why the closest candidate above the threshold was refused ("negation",
     "numbers", "entities"); empty when none was refused.
+    """
+    namespace_version: _builtins.int
+    """The namespace version this lookup saw. Pass it back with the Store of the answer
+    generated after a miss: if the namespace was bumped meanwhile, the answer (made
+    from what was just invalidated) is not stored.
     """
     @_builtins.property
     def entry(self) -> Global___CacheEntry:
@@ -226,10 +232,11 @@ class LookupResponse(_message.Message):
         best_similarity: _builtins.float = ...,
         guard_rejection: _builtins.str = ...,
         embedding_usage: _types_pb2.TokenUsage | None = ...,
+        namespace_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["embedding_usage", b"embedding_usage", "entry", b"entry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_similarity", b"best_similarity", "embedding_model", b"embedding_model", "embedding_usage", b"embedding_usage", "entry", b"entry", "guard_rejection", b"guard_rejection", "outcome", b"outcome", "query_embedding", b"query_embedding", "similarity", b"similarity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_similarity", b"best_similarity", "embedding_model", b"embedding_model", "embedding_usage", b"embedding_usage", "entry", b"entry", "guard_rejection", b"guard_rejection", "namespace_version", b"namespace_version", "outcome", b"outcome", "query_embedding", b"query_embedding", "similarity", b"similarity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -250,6 +257,7 @@ class StoreRequest(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     QUERY_EMBEDDING_FIELD_NUMBER: _builtins.int
     EMBEDDING_MODEL_FIELD_NUMBER: _builtins.int
+    NAMESPACE_VERSION_FIELD_NUMBER: _builtins.int
     content: _builtins.str
     """The answer text."""
     model: _builtins.str
@@ -262,6 +270,8 @@ class StoreRequest(_message.Message):
     """
     embedding_model: _builtins.str
     """The model of query_embedding."""
+    namespace_version: _builtins.int
+    """The namespace_version of the Lookup that missed; zero stores unconditionally."""
     @_builtins.property
     def key(self) -> Global___CacheKey:
         """What identifies the request."""
@@ -292,10 +302,11 @@ class StoreRequest(_message.Message):
         finish_reason: _builtins.str = ...,
         query_embedding: _abc.Iterable[_builtins.float] | None = ...,
         embedding_model: _builtins.str = ...,
+        namespace_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "embedding_model", b"embedding_model", "finish_reason", b"finish_reason", "key", b"key", "model", b"model", "query_embedding", b"query_embedding", "tags", b"tags", "ttl_seconds", b"ttl_seconds", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "embedding_model", b"embedding_model", "finish_reason", b"finish_reason", "key", b"key", "model", b"model", "namespace_version", b"namespace_version", "query_embedding", b"query_embedding", "tags", b"tags", "ttl_seconds", b"ttl_seconds", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -427,6 +438,7 @@ class GetStatsResponse(_message.Message):
     GUARD_REJECTIONS_FIELD_NUMBER: _builtins.int
     BACKEND_FAILURES_FIELD_NUMBER: _builtins.int
     INVALIDATIONS_FIELD_NUMBER: _builtins.int
+    STALE_STORES_FIELD_NUMBER: _builtins.int
     entries: _builtins.int
     """Entries currently stored."""
     exact_hits: _builtins.int
@@ -451,6 +463,8 @@ class GetStatsResponse(_message.Message):
     """Lookups served as misses and stores dropped because the backend failed."""
     invalidations: _builtins.int
     """Entries dropped by Invalidate (tag or namespace bump)."""
+    stale_stores: _builtins.int
+    """Answers not stored because their namespace was bumped after their lookup."""
     def __init__(
         self,
         *,
@@ -466,10 +480,11 @@ class GetStatsResponse(_message.Message):
         guard_rejections: _builtins.int = ...,
         backend_failures: _builtins.int = ...,
         invalidations: _builtins.int = ...,
+        stale_stores: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend_failures", b"backend_failures", "entries", b"entries", "evictions", b"evictions", "exact_hits", b"exact_hits", "expirations", b"expirations", "guard_rejections", b"guard_rejections", "hit_rate", b"hit_rate", "invalidations", b"invalidations", "memory_bytes", b"memory_bytes", "misses", b"misses", "semantic_hits", b"semantic_hits", "stores", b"stores"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend_failures", b"backend_failures", "entries", b"entries", "evictions", b"evictions", "exact_hits", b"exact_hits", "expirations", b"expirations", "guard_rejections", b"guard_rejections", "hit_rate", b"hit_rate", "invalidations", b"invalidations", "memory_bytes", b"memory_bytes", "misses", b"misses", "semantic_hits", b"semantic_hits", "stale_stores", b"stale_stores", "stores", b"stores"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
