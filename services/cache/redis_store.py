@@ -4,15 +4,19 @@ Redis 7 has no vector search, so each replica mirrors the vectors in its own
 VectorIndex and follows a stream of put/delete events (its own included). A
 replica that starts, or that lost Redis for a while, rebuilds its mirror from a
 scan of the entries and then follows the stream from the last event it saw before
-the scan, so nothing that happened during the scan is missed. Redis errors raise
-StoreUnavailableError: the cache turns them into misses and dropped stores.
+the scan, so nothing that happened during the scan is missed. A replica that falls
+more than `stream_length` events behind loses the trimmed ones (its mirror may then
+name deleted entries, which lookups skip, or lack new ones, which cost hits). Redis
+errors raise StoreUnavailableError: the cache turns them into misses and dropped
+stores. Capacity is bounded in entries per namespace; bound bytes with Redis's own
+maxmemory.
 
 Keys, under the configured prefix P:
   P:e:<entry id>    hash: "m" JSON metadata and answer, "v" the float32 vector;
                     expires with the entry (PEXPIREAT), so TTLs are Redis's own
   P:ns:<hash>       sorted set of a namespace's entry ids by last use (LRU bound)
   P:tag:<hash>      set of the entry ids carrying a tag
-  P:versions        hash of namespace -> number of bumps
+  P:versions        hash of (feature, namespace) -> number of bumps
   P:events          stream of put/del events, trimmed to about `stream_length`
 """
 
@@ -327,7 +331,7 @@ class RedisStore:
         return {
             "op": "put",
             "id": entry.entry_id,
-            "m": _meta(entry),
+            "m": _mirror_meta(entry),
             "v": _vector_bytes(entry.vector),
         }
 
@@ -381,6 +385,21 @@ def _meta(entry: Entry) -> str:
             "question": entry.question,
             "answer": asdict(entry.answer),
             "created_at": entry.created_at,
+            "expires_at": entry.expires_at,
+            "tags": list(entry.tags),
+            "nbytes": entry.nbytes,
+        },
+        ensure_ascii=False,
+    )
+
+
+def _mirror_meta(entry: Entry) -> str:
+    """What replicas need of a put to mirror it: no question, no answer."""
+    return json.dumps(
+        {
+            "feature": entry.feature,
+            "namespace": entry.namespace,
+            "partition": entry.partition,
             "expires_at": entry.expires_at,
             "tags": list(entry.tags),
             "nbytes": entry.nbytes,
