@@ -4,12 +4,11 @@ Redis 7 has no vector search, so each replica mirrors the vectors in its own
 VectorIndex and follows a stream of put/delete events (its own included). A
 replica that starts, or that lost Redis for a while, rebuilds its mirror from a
 scan of the entries and then follows the stream from the last event it saw before
-the scan, so nothing that happened during the scan is missed. A replica that falls
-more than `stream_length` events behind loses the trimmed ones (its mirror may then
-name deleted entries, which lookups skip, or lack new ones, which cost hits). Redis
-errors raise StoreUnavailableError: the cache turns them into misses and dropped
-stores. Capacity is bounded in entries per namespace; bound bytes with Redis's own
-maxmemory.
+the scan, so nothing that happened during the scan is missed. A replica that finds
+events it has not applied gone (it fell more than `stream_length` events behind, or
+Redis was flushed) rebuilds the same way. Redis errors raise StoreUnavailableError:
+the cache turns them into misses and dropped stores. Capacity is bounded in entries
+per namespace; bound bytes with Redis's own maxmemory.
 
 Keys, under the configured prefix P:
   P:e:<entry id>    hash: "m" JSON metadata and answer, "v" the float32 vector;
@@ -44,6 +43,7 @@ log = logging.getLogger(__name__)
 _FOLLOW_BLOCK_MS = 1000
 _ENTRY_ID = re.compile(r"[0-9a-f]{64}")  # a SHA-256 hex digest (keys.py)
 _RECONNECT_SECONDS = 0.5
+_GAP_CHECK_SECONDS = 2.0
 
 
 @dataclass
@@ -90,6 +90,7 @@ class RedisStore:
         self._last_event = b"0-0"
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._gap_checked = 0.0
         self._synced = asyncio.Event()
         self._progress = asyncio.Event()
         self._outage = OutageLog(log, "cache mirror of Redis (rebuilt when Redis returns)")
@@ -243,6 +244,12 @@ class RedisStore:
                     self._synced.set()
                     self._progress.set()
                     self._outage.succeeded()
+                if await self._missed_events():
+                    log.warning(
+                        "cache mirror missed events (stream trimmed or flushed); rebuilding"
+                    )
+                    rebuild = True
+                    continue
                 reply: Any = await self._follower.xread(
                     {self._key("events"): self._last_event}, count=1000, block=_FOLLOW_BLOCK_MS
                 )
@@ -262,6 +269,17 @@ class RedisStore:
             if rebuild:
                 self._synced.clear()
                 await asyncio.sleep(_RECONNECT_SECONDS)
+
+    async def _missed_events(self) -> bool:
+        """True when events this mirror has not applied are gone: trimmed from the
+        stream (it fell too far behind) or the stream itself (Redis flushed or
+        restarted empty). Checked every couple of seconds, not on every read."""
+        now = time.monotonic()
+        if now - self._gap_checked < _GAP_CHECK_SECONDS or self._last_event == b"0-0":
+            return False
+        self._gap_checked = now
+        first: Any = await self._follower.xrange(self._key("events"), count=1)
+        return not first or _event_order(first[0][0]) > _event_order(self._last_event)
 
     async def _rebuild(self) -> None:
         last: Any = await self._follower.xrevrange(self._key("events"), count=1)

@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import redis.asyncio
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -227,3 +228,31 @@ async def test_a_replica_skips_vectors_of_another_embedding_size(tmp_path: Path)
     assert found is not None  # the entry itself still answers exact lookups
     assert [entry_id for entry_id, _ in nearest] == ["b" * 64]
     assert ours.counters[("support", "foreign_vectors")] == 1
+
+
+async def test_a_replica_rebuilds_when_the_events_it_follows_are_gone() -> None:
+    with fresh_prefix() as (url, prefix):
+        store = RedisStore(url, prefix, MINILM_DIMENSIONS)
+        await store.start()
+        try:
+            vector = normalise(np.ones((1, MINILM_DIMENSIONS)))[0]
+            entry = Entry("c" * 64, "support", "", "p", "q", ANSWER, time.time(), time.time() + 60)
+            await store.put(replace(entry, vector=vector), Capacity(10))
+            async with asyncio.timeout(5):
+                await store.caught_up()
+            mirrored = store.entries()
+            client = redis.asyncio.Redis.from_url(url)
+            keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+            await client.delete(*keys)  # an operator flushes the cache's keys
+            await client.aclose()
+            async with asyncio.timeout(10):  # noticed within a gap check or two
+                while True:
+                    if not store.entries():
+                        break
+                    await asyncio.sleep(0.05)
+            nearest = await store.nearest("p", vector, 1)
+        finally:
+            await store.close()
+
+    assert mirrored == 1
+    assert nearest == []
