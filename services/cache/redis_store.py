@@ -16,6 +16,7 @@ Keys, under the configured prefix P:
   P:ns:<hash>       sorted set of a namespace's entry ids by last use (LRU bound)
   P:tag:<hash>      set of the entry ids carrying a tag
   P:versions        hash of (feature, namespace) -> number of bumps
+  P:tag_invalidated hash of (feature, tag) -> when it was last invalidated
   P:events          stream of put/del events, trimmed to about `stream_length`
 """
 
@@ -179,10 +180,18 @@ class RedisStore:
         pipe = self._redis.pipeline(transaction=True)  # read and drop the set at once
         pipe.smembers(tag_key)
         pipe.delete(tag_key)
-        members, _ = await self._call(pipe.execute())
+        pipe.hset(self._key("tag_invalidated"), _field(feature, tag), time.time())
+        members, _, _ = await self._call(pipe.execute())
         removed = await self._delete(feature, [i.decode() for i in members])
         self.counters[(feature, "invalidations")] += removed
         return removed
+
+    async def tag_invalidated_after(self, feature: str, tags: tuple[str, ...], when: float) -> bool:
+        if not tags:
+            return False
+        fields = [_field(feature, tag) for tag in tags]
+        times = await self._call(self._redis.hmget(self._key("tag_invalidated"), fields))
+        return any(t is not None and float(t) > when for t in times)
 
     async def bump(self, feature: str, namespace: str) -> tuple[int, int]:
         """Every replica's lookups use the new version at once; old entries are reclaimed."""

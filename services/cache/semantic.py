@@ -50,6 +50,7 @@ class LookupResult:
     vector: Vector | None = None
     embedding_tokens: int = 0  # billed by an embeddings provider
     version: int = 0  # the namespace version looked up
+    looked_up_at: float = 0.0
 
 
 class SemanticCache:
@@ -83,8 +84,11 @@ class SemanticCache:
         self, key: RequestKey, max_age_seconds: int = 0, threshold: float | None = None
     ) -> LookupResult:
         policy = self.policy(key)
+        started = self._clock()
         try:
-            result = await self._find(key, policy, max_age_seconds, threshold)
+            result = replace(
+                await self._find(key, policy, max_age_seconds, threshold), looked_up_at=started
+            )
             self._outage.succeeded()
         except FAIL_OPEN as exc:
             self._failed(key.feature, exc)
@@ -177,16 +181,21 @@ class SemanticCache:
         *,
         vector: Vector | None = None,
         seen_version: int = 0,
+        looked_up_at: float = 0.0,
     ) -> Entry | None:
-        """Store an answer; `vector` is the lookup's embedding of the same question and
-        `seen_version` the namespace version that lookup saw.
+        """Store an answer; `vector` is the lookup's embedding of the same question,
+        `seen_version` the namespace version that lookup saw and `looked_up_at` when.
 
         None when the answer is dropped: the backend is down, or the namespace was
-        bumped since the lookup (the answer may be made of what was invalidated)."""
+        bumped or one of its tags invalidated since the lookup (the answer may be
+        made of what was invalidated)."""
         policy = self.policy(key)
         try:
             version = await self.store.version(key.feature, key.namespace)
-            if seen_version and version != seen_version:
+            stale = seen_version and version != seen_version
+            if not stale and looked_up_at and tags:
+                stale = await self.store.tag_invalidated_after(key.feature, tags, looked_up_at)
+            if stale:
                 self.counters[(key.feature, "stale_stores")] += 1
                 return None
             entry = await self._entry(

@@ -60,6 +60,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             guard_rejection=result.guard_rejection,
             embedding_usage=types_pb2.TokenUsage(input_tokens=result.embedding_tokens),
             namespace_version=result.version,
+            looked_up_at=_timestamp(result.looked_up_at),
         )
         if result.entry is not None:
             response.entry.CopyFrom(_to_proto(result.entry))
@@ -101,6 +102,11 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             tuple(request.tags),
             vector=self._supplied_vector(request),
             seen_version=request.namespace_version,
+            looked_up_at=(
+                request.looked_up_at.ToNanoseconds() / 1e9
+                if request.HasField("looked_up_at")
+                else 0.0
+            ),
         )
         trace.get_current_span().set_attributes(
             {

@@ -89,6 +89,9 @@ class Store(Protocol):
 
     async def invalidate_tag(self, feature: str, tag: str) -> int: ...
 
+    async def tag_invalidated_after(self, feature: str, tags: tuple[str, ...], when: float) -> bool:
+        """True when one of the tags was invalidated after `when` (epoch seconds)."""
+
     async def bump(self, feature: str, namespace: str) -> tuple[int, int]: ...
 
     def entries(self, feature: str = "") -> int: ...
@@ -112,6 +115,7 @@ class MemoryStore:
         self._index = PartitionedIndex(dimensions, ann_threshold)
         self._tags: defaultdict[tuple[str, str], set[str]] = defaultdict(set)
         self._versions: dict[tuple[str, str], int] = {}
+        self._tag_invalidated: dict[tuple[str, str], float] = {}
         self._expiry = ExpiryQueue()
         self.counters: Counter[tuple[str, str]] = Counter()
 
@@ -159,10 +163,14 @@ class MemoryStore:
             self.counters[(entry.feature, "evictions")] += 1
 
     async def invalidate_tag(self, feature: str, tag: str) -> int:
+        self._tag_invalidated[(feature, tag)] = self._clock()
         doomed = self._tags.pop((feature, tag), set())
         removed = sum(1 for entry_id in doomed if self._remove(entry_id))
         self.counters[(feature, "invalidations")] += removed
         return removed
+
+    async def tag_invalidated_after(self, feature: str, tags: tuple[str, ...], when: float) -> bool:
+        return any(self._tag_invalidated.get((feature, tag), 0.0) > when for tag in tags)
 
     async def bump(self, feature: str, namespace: str) -> tuple[int, int]:
         """Make every entry of the namespace unreachable at once, and reclaim them."""

@@ -332,6 +332,7 @@ class CompletionPath:
             embedding_model=looked_up.embedding_model,
             # An invalidation while the answer was generated means it is not stored.
             namespace_version=looked_up.namespace_version,
+            looked_up_at=looked_up.looked_up_at if looked_up.HasField("looked_up_at") else None,
         )
 
         async def store() -> None:

@@ -261,3 +261,31 @@ async def test_an_answer_generated_across_a_namespace_bump_is_not_stored(store: 
     assert stale is None
     assert fresh.outcome == "miss"
     assert cache.stats()["stale_stores"] == 1
+
+
+async def test_an_answer_generated_across_its_tag_invalidation_is_not_stored(
+    store: Store,
+) -> None:
+    cache = make_cache(store)
+    missed = await cache.lookup(key("What is the fee for transfers?"))
+    await store.invalidate_tag("support", "pricing-page")  # the page changed meanwhile
+
+    stale = await cache.put(
+        key("What is the fee for transfers?"),
+        ANSWER,
+        600,
+        ("pricing-page",),
+        looked_up_at=missed.looked_up_at,
+    )
+    later = await cache.lookup(key("What is the fee for transfers?"))
+    fresh = await cache.put(
+        key("What is the fee for transfers?"),
+        ANSWER,
+        600,
+        ("pricing-page",),
+        looked_up_at=later.looked_up_at,
+    )
+
+    assert stale is None
+    assert fresh is not None  # generated after the invalidation: kept
+    assert cache.stats()["stale_stores"] == 1

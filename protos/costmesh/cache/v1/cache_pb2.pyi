@@ -188,6 +188,7 @@ class LookupResponse(_message.Message):
     GUARD_REJECTION_FIELD_NUMBER: _builtins.int
     EMBEDDING_USAGE_FIELD_NUMBER: _builtins.int
     NAMESPACE_VERSION_FIELD_NUMBER: _builtins.int
+    LOOKED_UP_AT_FIELD_NUMBER: _builtins.int
     outcome: _types_pb2.CacheOutcome.ValueType
     """MISS, EXACT or SEMANTIC."""
     similarity: _builtins.float
@@ -221,6 +222,12 @@ class LookupResponse(_message.Message):
         model. Inference records them in the ledger as the cache's overhead.
         """
 
+    @_builtins.property
+    def looked_up_at(self) -> _timestamp_pb2.Timestamp:
+        """When the lookup ran. Pass it back with the Store of the answer generated after
+        a miss: tags invalidated since then keep that answer out of the cache.
+        """
+
     def __init__(
         self,
         *,
@@ -233,10 +240,11 @@ class LookupResponse(_message.Message):
         guard_rejection: _builtins.str = ...,
         embedding_usage: _types_pb2.TokenUsage | None = ...,
         namespace_version: _builtins.int = ...,
+        looked_up_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["embedding_usage", b"embedding_usage", "entry", b"entry"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["embedding_usage", b"embedding_usage", "entry", b"entry", "looked_up_at", b"looked_up_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_similarity", b"best_similarity", "embedding_model", b"embedding_model", "embedding_usage", b"embedding_usage", "entry", b"entry", "guard_rejection", b"guard_rejection", "namespace_version", b"namespace_version", "outcome", b"outcome", "query_embedding", b"query_embedding", "similarity", b"similarity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_similarity", b"best_similarity", "embedding_model", b"embedding_model", "embedding_usage", b"embedding_usage", "entry", b"entry", "guard_rejection", b"guard_rejection", "looked_up_at", b"looked_up_at", "namespace_version", b"namespace_version", "outcome", b"outcome", "query_embedding", b"query_embedding", "similarity", b"similarity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -258,6 +266,7 @@ class StoreRequest(_message.Message):
     QUERY_EMBEDDING_FIELD_NUMBER: _builtins.int
     EMBEDDING_MODEL_FIELD_NUMBER: _builtins.int
     NAMESPACE_VERSION_FIELD_NUMBER: _builtins.int
+    LOOKED_UP_AT_FIELD_NUMBER: _builtins.int
     content: _builtins.str
     """The answer text."""
     model: _builtins.str
@@ -290,6 +299,10 @@ class StoreRequest(_message.Message):
         not embedded twice; ignored when embedding_model is not the cache's model.
         """
 
+    @_builtins.property
+    def looked_up_at(self) -> _timestamp_pb2.Timestamp:
+        """The looked_up_at of that Lookup; unset stores whatever tags were invalidated."""
+
     def __init__(
         self,
         *,
@@ -303,10 +316,11 @@ class StoreRequest(_message.Message):
         query_embedding: _abc.Iterable[_builtins.float] | None = ...,
         embedding_model: _builtins.str = ...,
         namespace_version: _builtins.int = ...,
+        looked_up_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "looked_up_at", b"looked_up_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "embedding_model", b"embedding_model", "finish_reason", b"finish_reason", "key", b"key", "model", b"model", "namespace_version", b"namespace_version", "query_embedding", b"query_embedding", "tags", b"tags", "ttl_seconds", b"ttl_seconds", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "embedding_model", b"embedding_model", "finish_reason", b"finish_reason", "key", b"key", "looked_up_at", b"looked_up_at", "model", b"model", "namespace_version", b"namespace_version", "query_embedding", b"query_embedding", "tags", b"tags", "ttl_seconds", b"ttl_seconds", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -464,7 +478,9 @@ class GetStatsResponse(_message.Message):
     invalidations: _builtins.int
     """Entries dropped by Invalidate (tag or namespace bump)."""
     stale_stores: _builtins.int
-    """Answers not stored because their namespace was bumped after their lookup."""
+    """Answers not stored because their namespace was bumped, or one of their tags
+    invalidated, after their lookup.
+    """
     def __init__(
         self,
         *,
