@@ -347,10 +347,10 @@ class RedisStore:
 
     def _reclaim_expired(self) -> None:
         for expires_at, entry_id in self._expiry.due(time.time()):
-            item = self._mirror.get(entry_id)
-            if item is not None and item.expires_at == expires_at:
+            if self._expires_at(expires_at, entry_id):
+                feature = self._mirror[entry_id].feature
                 self._mirror_remove(entry_id)
-                self.counters[(item.feature, "expirations")] += 1
+                self.counters[(feature, "expirations")] += 1
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -403,36 +403,29 @@ def _vector_bytes(vector: Vector | None) -> bytes:
     return b"" if vector is None else np.asarray(vector, dtype=np.float32).tobytes()
 
 
-def _meta(entry: Entry) -> str:
-    return json.dumps(
-        {
-            "feature": entry.feature,
-            "namespace": entry.namespace,
-            "partition": entry.partition,
-            "question": entry.question,
-            "answer": asdict(entry.answer),
-            "created_at": entry.created_at,
-            "expires_at": entry.expires_at,
-            "tags": list(entry.tags),
-            "nbytes": entry.nbytes,
-        },
-        ensure_ascii=False,
-    )
+def _mirror_fields(entry: Entry) -> dict[str, Any]:
+    """What replicas need of an entry to mirror it: no question, no answer."""
+    return {
+        "feature": entry.feature,
+        "namespace": entry.namespace,
+        "partition": entry.partition,
+        "expires_at": entry.expires_at,
+        "tags": list(entry.tags),
+        "nbytes": entry.nbytes,
+    }
 
 
 def _mirror_meta(entry: Entry) -> str:
-    """What replicas need of a put to mirror it: no question, no answer."""
-    return json.dumps(
-        {
-            "feature": entry.feature,
-            "namespace": entry.namespace,
-            "partition": entry.partition,
-            "expires_at": entry.expires_at,
-            "tags": list(entry.tags),
-            "nbytes": entry.nbytes,
-        },
-        ensure_ascii=False,
-    )
+    return json.dumps(_mirror_fields(entry), ensure_ascii=False)
+
+
+def _meta(entry: Entry) -> str:
+    whole = _mirror_fields(entry) | {
+        "question": entry.question,
+        "answer": asdict(entry.answer),
+        "created_at": entry.created_at,
+    }
+    return json.dumps(whole, ensure_ascii=False)
 
 
 def _entry(entry_id: str, meta: dict[str, Any]) -> Entry:

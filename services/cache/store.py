@@ -219,7 +219,7 @@ class MemoryStore:
     def _reclaim_expired(self) -> None:
         """Drop entries whose TTL passed (a heap by expiry; stale heap items skip)."""
         for expires_at, entry_id in self._expiry.due(self._clock()):
-            entry = self._entries.get(entry_id)
-            if entry is not None and entry.expires_at == expires_at:
+            if self._expires_at(expires_at, entry_id):
+                feature = self._entries[entry_id].feature
                 self._remove(entry_id)
-                self.counters[(entry.feature, "expirations")] += 1
+                self.counters[(feature, "expirations")] += 1
