@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint generate check-generated bench clean
+.PHONY: serve test lint generate check-generated bench router-artefact clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/cache_hit_latency.py
 	$(BIN)/python bench/semantic_lookup.py
 	$(BIN)/python bench/ledger.py
+
+## Retrain the router artefact that ships with costmesh (Bitext support tickets).
+router-artefact: $(STAMP)
+	$(BIN)/costmesh router train --data bitext --out services/router/support-tiers.npz
 
 clean:
 	rm -rf $(VENV) node_modules .costmesh

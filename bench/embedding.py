@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.cache.embedding import MiniLM, minilm_dir
+from services.common.embedding import MiniLM, minilm_dir
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "banking77"
 Embed = Callable[[Sequence[str]], object]

@@ -19,10 +19,10 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from services.cache.embedding import MINILM, MINILM_DIMENSIONS, Embeddings, shared_minilm
 from services.cache.keys import RequestKey
 from services.cache.semantic import FeaturePolicy, SemanticCache
 from services.cache.store import Answer, Capacity, Entry, MemoryStore
+from services.common.embedding import MINILM, MINILM_DIMENSIONS, Embeddings, shared_minilm
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "banking77"
 ANSWER = Answer("answer", "gpt-4o-mini", 10, 0, 5, "stop")

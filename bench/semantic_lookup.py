@@ -32,7 +32,7 @@ import numpy as np
 
 from costmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from costmesh.types.v1 import types_pb2
-from services.cache.embedding import normalise, shared_minilm
+from services.common.embedding import normalise, shared_minilm
 
 SERVICE_KEY = "bench-service-key"
 AUTH = (("authorization", f"Bearer {SERVICE_KEY}"),)

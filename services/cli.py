@@ -20,6 +20,7 @@ from services.common.config import ConfigError, load_config
 from services.common.server import serve
 from services.ledger import commands as ledger_commands
 from services.mesh import SERVICES, start_mesh
+from services.router import commands as router_commands
 
 log = logging.getLogger("costmesh")
 
@@ -46,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     new_cmd.set_defaults(handler=_new_key)
     ledger_commands.register(commands)
     cache_eval.register(commands)
+    router_commands.register(commands)
     return parser
 
 
@@ -71,7 +73,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    """A client command (ledger, economics, cache eval): errors as one line and an exit code."""
+    """A client command (ledger, cache, router): errors as one line and an exit code."""
     try:
         return int(args.handler(args, sys.stdout))
     except grpc.RpcError as exc:

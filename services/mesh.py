@@ -29,7 +29,7 @@ PEERS = ("cache", "router", "ledger")
 _KNOWN_KEYS = {
     "": {
         "server", "peers", "auth", "providers", "models",
-        "ledger", "cache", "features", "inference",
+        "ledger", "cache", "features", "inference", "router",
     },
     "server": {"host", "port", "grace_seconds", "data_dir"},
     "peers": {"cache", "router", "ledger", "timeout_seconds"},
@@ -39,6 +39,9 @@ _KNOWN_KEYS = {
         "backend", "redis_url", "redis_prefix", "max_entries", "max_bytes", "ann_threshold",
         "embedding_provider", "embedding_model", "embedding_dimensions", "embedding_threads",
         "model_dir",
+    },
+    "router": {
+        "artefact", "reload_seconds", "calibration_window", "model_dir", "embedding_threads",
     },
     "inference": {
         "outbox", "outbox_retry_seconds", "provider_timeout_seconds",
@@ -51,6 +54,8 @@ _KNOWN_KEYS = {
         "max_tokens_default", "max_tokens_limit", "max_input_tokens",
         "cache_mode", "cache_similarity_threshold", "cache_question", "cache_per_tenant",
         "cache_max_entries", "cache_max_bytes",
+        "router", "router_artefact", "router_model", "cheap_tier_min_probability",
+        "cheap_share_target", "escalation", "escalation_threshold", "escalation_target_rate",
     },
 }  # fmt: skip
 
@@ -143,7 +148,9 @@ def _build_services(
         if name == "cache":
             return cache_service.build(config, env, tracer_provider)
         if name == "router":
-            return router_service.build(config)
+            return router_service.build(
+                config, env, tracer_provider, simulator_allowed=set(names) == set(SERVICES)
+            )
         if name == "ledger":
             return ledger_service.build(config)
         # The simulator is for the one-process demo only: a split deployment that

@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
 
 from costmesh.inference.v1 import inference_pb2_grpc
+from costmesh.types.v1 import types_pb2
 from services.common import telemetry
 from services.inference.simulator import OpenAISimulator
 from tests.conftest import AUTH, PROVIDER_KEY, Mesh, user_request
@@ -82,7 +83,9 @@ async def test_one_process_trace_covers_every_hop(mesh: Mesh) -> None:
     route = _named(spans, "RouterService/Route", SpanKind.SERVER)
     assert route.attributes is not None
     assert route.attributes["costmesh.route.model"] == "gpt-4o-mini"
-    assert route.attributes["costmesh.route.tier"] == "simple"
+    tier = types_pb2.Tier.Name(reply.tier).removeprefix("TIER_").lower()
+    assert route.attributes["costmesh.route.tier"] == tier
+    assert route.attributes["costmesh.route.reason"] == reply.route_reason
     lookup = _named(spans, "CacheService/Lookup", SpanKind.SERVER)
     assert lookup.attributes is not None
     assert lookup.attributes["costmesh.cache.hit"] is False

@@ -39,6 +39,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from costmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from costmesh.types.v1 import types_pb2
 from services.common.auth import new_key
+from services.common.cli_support import count, positive, unit, unit_list, write_grid
 from services.common.config import load_config
 from services.mesh import start_mesh
 
@@ -587,7 +588,7 @@ def render(report: Report, fmt: str, out: TextIO, err: TextIO) -> None:
         return
     out.write(f"{report.title}\n\n")
     lines = [[c.cell(r) for c in columns] for r in report.rows]
-    _write_grid(out, [c.title for c in columns], lines, fmt)
+    write_grid(out, [c.title for c in columns], lines, fmt)
     out.write("\n")
     for line in report.notes:
         out.write(f"{line}\n")
@@ -595,26 +596,6 @@ def render(report: Report, fmt: str, out: TextIO, err: TextIO) -> None:
         out.write(f"\n{report.examples_title}\n\n")
         _write_examples(out, report.examples, fmt)
     out.write("\n")
-
-
-def _write_grid(
-    out: TextIO, header: list[str], lines: list[list[str]], fmt: str, numeric: int = 99
-) -> None:
-    """Aligned columns; in markdown the first `numeric` columns align right."""
-    if fmt == "markdown":
-        out.write("| " + " | ".join(header) + " |\n")
-        out.write("|" + "|".join("---:" if i < numeric else "---" for i in range(len(header))))
-        out.write("|\n")
-        for line in lines:
-            out.write("| " + " | ".join(_md(x) for x in line) + " |\n")
-        return
-    widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=True)]
-    for line in [header, *lines]:
-        out.write("  ".join(x.rjust(w) for x, w in zip(line, widths, strict=True)) + "\n")
-
-
-def _md(text: str) -> str:
-    return text.replace("|", "\\|")
 
 
 def _write_examples(out: TextIO, examples: Sequence[Observation], fmt: str) -> None:
@@ -631,7 +612,7 @@ def _write_examples(out: TextIO, examples: Sequence[Observation], fmt: str) -> N
         if o.served is not None
     ]
     if fmt == "markdown":
-        _write_grid(out, header, lines, fmt, numeric=1)
+        write_grid(out, header, lines, fmt, numeric=1)
         return
     for sim, query, label, question, matched in lines:
         out.write(f"  {sim}  [{label}] {query!r}\n         -> [{matched}] {question!r}\n")
@@ -737,8 +718,8 @@ def stream_report(labelled: LabelledSet, run: StreamRun, options: EvalOptions) -
 
 
 def _examples_title(shown: Sequence[Observation], limit: int, threshold: float) -> str:
-    count = min(len(shown), limit)
-    return f"false hits at {_threshold(threshold)} ({count} of {len(shown)}, most similar first):"
+    listed = min(len(shown), limit)
+    return f"false hits at {_threshold(threshold)} ({listed} of {len(shown)}, most similar first):"
 
 
 # --- argparse -----------------------------------------------------------------
@@ -756,54 +737,20 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     ev.add_argument("--mode", choices=("fill", "stream"), default="fill",
                     help="fill: store train, sweep thresholds over test (default); "
                     "stream: replay test in a seeded order, storing each miss")  # fmt: skip
-    ev.add_argument("--thresholds", type=_thresholds, default=DEFAULT_THRESHOLDS,
+    ev.add_argument("--thresholds", type=unit_list, default=DEFAULT_THRESHOLDS,
                     help="comma-separated sweep (default 0.80,0.82,...,0.98)")  # fmt: skip
-    ev.add_argument("--threshold", type=_unit,
+    ev.add_argument("--threshold", type=unit,
                     help="stream mode's threshold (default: the recommended one)")  # fmt: skip
-    ev.add_argument("--max-false-hit-rate", type=_unit, default=0.01)
+    ev.add_argument("--max-false-hit-rate", type=unit, default=0.01)
     ev.add_argument("--format", choices=FORMATS, default="table")
     ev.add_argument("--target", default="", help="HOST:PORT of a running cache "
                     "(default: start one in this process on the embedded defaults)")  # fmt: skip
     ev.add_argument("--api-key", default=os.environ.get("COSTMESH_API_KEY", ""),
                     help="key for --target (default: $COSTMESH_API_KEY)")  # fmt: skip
-    ev.add_argument("--concurrency", type=_positive, default=32)
+    ev.add_argument("--concurrency", type=positive, default=32)
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--examples", type=_count, default=10, help="false hits to list")
+    ev.add_argument("--examples", type=count, default=10, help="false hits to list")
     ev.set_defaults(handler=_handle)
-
-
-def _unit(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1: {text!r}")
-    return value
-
-
-def _thresholds(text: str) -> tuple[float, ...]:
-    values = sorted({_unit(t.strip()) for t in text.split(",") if t.strip()})
-    if not values:
-        raise argparse.ArgumentTypeError("name at least one threshold")
-    return tuple(values)
-
-
-def _positive(text: str) -> int:
-    value = _count(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
 
 
 def _handle(args: argparse.Namespace, out: TextIO) -> int:

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field, replace
 
 from opentelemetry import trace
 
-from services.cache.embedding import Embedder, EmbeddingUnavailableError
 from services.cache.guard import refusal
 from services.cache.index import Vector
 from services.cache.keys import RequestKey
 from services.cache.store import Answer, Capacity, Entry, Store, StoreUnavailableError
+from services.common.embedding import Embedder, EmbeddingUnavailableError
 from services.common.errors import InvalidArgument
 from services.common.outages import OutageLog
 

@@ -8,7 +8,11 @@ from pathlib import Path
 
 from opentelemetry import trace
 
-from services.cache.embedding import (
+from services.cache.keys import QUESTION_MODES
+from services.cache.semantic import FeaturePolicy
+from services.cache.store import Capacity
+from services.common.config import Config, ConfigError
+from services.common.embedding import (
     MINILM,
     MINILM_DIMENSIONS,
     BatchingEmbedder,
@@ -16,10 +20,6 @@ from services.cache.embedding import (
     OpenAIEmbedder,
     shared_minilm,
 )
-from services.cache.keys import QUESTION_MODES
-from services.cache.semantic import FeaturePolicy
-from services.cache.store import Capacity
-from services.common.config import Config, ConfigError
 
 CACHE_MODES = ("semantic", "exact", "off")
 

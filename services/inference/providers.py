@@ -46,6 +46,8 @@ class Completion:
     cached_input_tokens: int
     output_tokens: int
     usage_estimated: bool = False
+    # Log-probability of each answer token, when the call asked for them.
+    token_logprobs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class ChatCall:
     temperature: float | None
     top_p: float | None
     stop: list[str]
+    logprobs: bool = False
 
 
 class Providers:
@@ -141,6 +144,7 @@ class Providers:
                         temperature=call.temperature,
                         top_p=call.top_p,
                         stop=call.stop or None,
+                        logprobs=call.logprobs or None,
                         timeout=time_limit,
                     )
             except (openai.OpenAIError, TimeoutError) as exc:
@@ -178,6 +182,7 @@ def _completion(response: ChatCompletion, call: ChatCall, label: str) -> Complet
     content = choice.message.content or ""
     usage = response.usage
     details = usage.prompt_tokens_details if usage else None
+    tokens = choice.logprobs.content if choice.logprobs and choice.logprobs.content else []
     return Completion(
         content=content,
         finish_reason=choice.finish_reason or "",
@@ -187,6 +192,7 @@ def _completion(response: ChatCompletion, call: ChatCall, label: str) -> Complet
         cached_input_tokens=(details.cached_tokens or 0) if details else 0,
         output_tokens=usage.completion_tokens if usage else math.ceil(len(content) / 4),
         usage_estimated=usage is None,
+        token_logprobs=tuple(t.logprob for t in tokens),
     )
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -22,6 +23,13 @@ from services.common.auth import Principal
 from services.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from services.common.outages import OutageLog
 from services.common.telemetry import current_trace_id
+from services.inference.escalation import (
+    RATING_TOKENS,
+    EscalationThresholds,
+    ask_for_rating,
+    logprob_confidence,
+    strip_rating,
+)
 from services.inference.idempotency import IdempotencyStore
 from services.inference.outbox import UsageOutbox
 from services.inference.peers import Deadline, Peers
@@ -35,6 +43,17 @@ CACHEABLE_FINISH_REASONS = ("stop", "length")
 
 
 @dataclass(frozen=True)
+class Overhead:
+    """A billed call made around the answer: its own ledger row, with nothing in the
+    counterfactual (without cache and routing it would not have happened)."""
+
+    model: str
+    provider: str
+    usage: types_pb2.TokenUsage
+    purpose: ledger_pb2.CallPurpose.ValueType
+
+
+@dataclass(frozen=True)
 class Call:
     """One validated CompleteRequest and what the path needs to know about it."""
 
@@ -45,6 +64,9 @@ class Call:
     max_tokens: int
     deadline: Deadline
     started: float
+    # Filled in as the call goes: the router's plan and the overhead to record.
+    route: router_pb2.RouteResponse = field(default_factory=router_pb2.RouteResponse)
+    overhead: list[Overhead] = field(default_factory=list)
 
 
 class CompletionPath:
@@ -70,6 +92,7 @@ class CompletionPath:
         self._pending_stores: dict[str, asyncio.Task[None]] = {}
         # Misses being generated, by cache key: identical ones wait for the first.
         self._in_flight: dict[str, asyncio.Future[inference_pb2.CompleteResponse]] = {}
+        self._escalation = EscalationThresholds()
 
     async def complete(
         self,
@@ -153,10 +176,20 @@ class CompletionPath:
         baseline_usage: types_pb2.TokenUsage,
         looked_up: cache_pb2.LookupResponse | None,
     ) -> None:
-        """The answer's row, then the cache's billed embedding, as one shielded unit."""
+        """The answer's row, then its overhead's, as one shielded unit."""
         await self._record(call, response, baseline_usage)
         if looked_up is not None and looked_up.embedding_usage.input_tokens:
-            await self._record_embedding(call, looked_up, response)
+            model = self._settings.models.get(looked_up.embedding_model)
+            call.overhead.append(
+                Overhead(
+                    looked_up.embedding_model,
+                    model.provider if model else "",
+                    looked_up.embedding_usage,
+                    ledger_pb2.CALL_PURPOSE_CACHE_EMBEDDING,
+                )
+            )
+        for overhead in call.overhead:
+            await self._record_overhead(call, overhead, response)
 
     async def _generate_once(
         self,
@@ -229,26 +262,12 @@ class CompletionPath:
         looked_up: cache_pb2.LookupResponse,
         caching: bool,
     ) -> None:
-        request, max_tokens = call.request, call.max_tokens
-        plan = await self._route(request, call.deadline)
-        model = plan.model
-        window = self._settings.models[model].context_window
-        check_context_window(estimate_tokens(request.messages), max_tokens, model, window)
-        params = request.params
-        completion = await self._providers.chat(
-            ChatCall(
-                model=model,
-                messages=request.messages,
-                max_tokens=max_tokens,
-                temperature=params.temperature if params.HasField("temperature") else None,
-                top_p=params.top_p if params.HasField("top_p") else None,
-                stop=list(params.stop),
-            ),
-            call.deadline.cap(self._settings.provider_timeout_seconds),
-        )
-        response.content, response.model = completion.content, model
+        request = call.request
+        plan = await self._route(call, looked_up)
+        completion = await self._answer_with_escalation(call, plan, response)
+        response.content, response.model = completion.content, completion.model
         response.provider, response.finish_reason = completion.provider, completion.finish_reason
-        response.tier = plan.tier
+        response.tier, response.route_reason = plan.tier, plan.reason
         response.cache_outcome = (
             types_pb2.CACHE_OUTCOME_BYPASS
             if request.cache_control.no_cache or not caching
@@ -257,7 +276,80 @@ class CompletionPath:
         response.usage.CopyFrom(_usage(completion))
         finished = completion.finish_reason in CACHEABLE_FINISH_REASONS
         if caching and not request.cache_control.no_store and completion.content and finished:
-            self._store_later(key, model, completion, request.cache_control, looked_up)
+            self._store_later(key, completion, request.cache_control, looked_up)
+
+    async def _answer_with_escalation(
+        self,
+        call: Call,
+        plan: router_pb2.RouteResponse,
+        response: inference_pb2.CompleteResponse,
+    ) -> Completion:
+        """The planned model's answer, or the escalation model's when the first one is
+        not confident enough. `model` of the result is the catalog name that answered."""
+        feature, method = call.request.feature, plan.escalation_method
+        threshold = self._escalation.threshold(
+            feature, method, plan.escalation_threshold, plan.escalation_target_rate
+        )
+        wanted = threshold > 0 or plan.escalation_target_rate > 0
+        judged = bool(plan.escalation_model and method and wanted)
+        first = await self._chat(call, plan.model, method if judged else None)
+        rated = method == router_pb2.ESCALATION_METHOD_SELF_RATING
+        content, confidence = strip_rating(first.content) if rated else (first.content, None)
+        if method == router_pb2.ESCALATION_METHOD_LOGPROBS:
+            confidence = logprob_confidence(first.token_logprobs)
+        first = dataclasses.replace(first, content=content, model=plan.model)
+        if not judged:
+            return first
+        span = trace.get_current_span()
+        if confidence is not None:
+            response.confidence = confidence
+            self._escalation.observe(feature, method, confidence)
+            span.set_attribute("costmesh.escalation.confidence", confidence)
+        escalate = confidence is None or confidence < threshold
+        span.set_attributes(
+            {
+                "costmesh.escalation.method": router_pb2.EscalationMethod.Name(method),
+                "costmesh.escalation.threshold": threshold,
+                "costmesh.escalated": escalate,
+            }
+        )
+        if not escalate:
+            return first
+        call.overhead.append(
+            Overhead(
+                plan.model, first.provider, _usage(first), ledger_pb2.CALL_PURPOSE_ESCALATED_ATTEMPT
+            )
+        )
+        final = await self._chat(call, plan.escalation_model, None)
+        if rated:  # asked or not, a rating tag never reaches the caller
+            final = dataclasses.replace(final, content=strip_rating(final.content)[0])
+        response.escalated, response.escalated_from = True, plan.model
+        span.set_attribute("costmesh.escalated_from", plan.model)
+        return dataclasses.replace(final, model=plan.escalation_model)
+
+    async def _chat(
+        self, call: Call, model: str, judged_by: router_pb2.EscalationMethod.ValueType | None
+    ) -> Completion:
+        """One provider call for this request; a judged one asks for its rating or logprobs."""
+        request, max_tokens = call.request, call.max_tokens
+        messages: list[types_pb2.ChatMessage] = list(request.messages)
+        if judged_by == router_pb2.ESCALATION_METHOD_SELF_RATING:
+            messages, max_tokens = ask_for_rating(messages), max_tokens + RATING_TOKENS
+        window = self._settings.models[model].context_window
+        check_context_window(estimate_tokens(messages), max_tokens, model, window)
+        params = request.params
+        return await self._providers.chat(
+            ChatCall(
+                model=model,
+                messages=messages,
+                max_tokens=max_tokens,
+                temperature=params.temperature if params.HasField("temperature") else None,
+                top_p=params.top_p if params.HasField("top_p") else None,
+                stop=list(params.stop),
+                logprobs=judged_by == router_pb2.ESCALATION_METHOD_LOGPROBS,
+            ),
+            call.deadline.cap(self._settings.provider_timeout_seconds),
+        )
 
     async def _lookup(
         self, key: cache_pb2.CacheKey, control: inference_pb2.CacheControl, deadline: Deadline
@@ -289,17 +381,20 @@ class CompletionPath:
         return found
 
     async def _route(
-        self, request: inference_pb2.CompleteRequest, deadline: Deadline
+        self, call: Call, looked_up: cache_pb2.LookupResponse
     ) -> router_pb2.RouteResponse:
+        """The router's plan. The cache's embedding of the question goes along, so the
+        router need not embed it again (it is of the same text: the last user message)."""
+        request, deadline = call.request, call.deadline
+        route = router_pb2.RouteRequest(
+            feature=request.feature, messages=request.messages, requested_model=request.model
+        )
+        if self._settings.features[request.feature].cache_question == "last_user":
+            route.embedding.extend(looked_up.query_embedding)
+            route.embedding_model = looked_up.embedding_model
         try:
-            return await self._peers.router.Route(
-                router_pb2.RouteRequest(
-                    feature=request.feature,
-                    messages=request.messages,
-                    requested_model=request.model,
-                ),
-                metadata=self._peers.metadata,
-                timeout=deadline.cap(self._peers.timeout),
+            plan = await self._peers.router.Route(
+                route, metadata=self._peers.metadata, timeout=deadline.cap(self._peers.timeout)
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and deadline.passed():
@@ -307,11 +402,22 @@ class CompletionPath:
             raise Unavailable(
                 f"router unavailable ({exc.code().name})", reason="ROUTER_UNAVAILABLE"
             ) from exc
+        call.route.CopyFrom(plan)
+        if plan.classifier_usage.input_tokens or plan.classifier_usage.output_tokens:
+            provider = self._settings.models.get(plan.classifier_model)
+            call.overhead.append(
+                Overhead(
+                    plan.classifier_model,
+                    provider.provider if provider else "",
+                    plan.classifier_usage,
+                    ledger_pb2.CALL_PURPOSE_ROUTING,
+                )
+            )
+        return plan
 
     def _store_later(
         self,
         key: cache_pb2.CacheKey,
-        model: str,
         completion: Completion,
         control: inference_pb2.CacheControl,
         looked_up: cache_pb2.LookupResponse,
@@ -323,7 +429,7 @@ class CompletionPath:
             content=completion.content,
             # The catalog name, not the provider's dated snapshot name: the ledger
             # prices and groups hits under the model that was asked for.
-            model=model,
+            model=completion.model,
             usage=_usage(completion),
             finish_reason=completion.finish_reason,
             tags=control.tags,
@@ -370,8 +476,12 @@ class CompletionPath:
             baseline_model=self._settings.features[call.request.feature].baseline_model,
             baseline_usage=baseline_usage,
             cache_outcome=response.cache_outcome,
+            escalated=response.escalated,
             latency_ms=int((time.monotonic() - call.started) * 1000),
             status=ledger_pb2.CALL_STATUS_OK,
+            purpose=ledger_pb2.CALL_PURPOSE_ANSWER,
+            route_probabilities=call.route.probabilities,
+            route_reason=call.route.reason,
         )
         # Not capped by the caller's deadline: this write is shielded from the caller
         # and must not be cut short (or logged as a ledger outage) because of it.
@@ -381,17 +491,11 @@ class CompletionPath:
         else:
             response.cost_nano_usd = result.cost_nano_usd
 
-    async def _record_embedding(
-        self,
-        call: Call,
-        looked_up: cache_pb2.LookupResponse,
-        response: inference_pb2.CompleteResponse,
+    async def _record_overhead(
+        self, call: Call, overhead: Overhead, response: inference_pb2.CompleteResponse
     ) -> None:
-        """A billed embedding of the question is the cache's overhead: its own ledger
-        row, with nothing in the counterfactual (without a cache there is no embedding)."""
         now = timestamp_pb2.Timestamp()
         now.GetCurrentTime()
-        model = self._settings.models.get(looked_up.embedding_model)
         record = ledger_pb2.UsageRecord(
             request_id=uuid.uuid4().hex,
             client_request_id=call.request.request_id,
@@ -399,12 +503,14 @@ class CompletionPath:
             time=now,
             team=call.principal.team,
             feature=call.request.feature,
-            model=looked_up.embedding_model,
-            provider=model.provider if model else "",
-            usage=looked_up.embedding_usage,
+            model=overhead.model,
+            provider=overhead.provider,
+            tier=call.route.tier,
+            usage=overhead.usage,
             baseline_model=self._settings.features[call.request.feature].baseline_model,
             baseline_usage=types_pb2.TokenUsage(),
             status=ledger_pb2.CALL_STATUS_OK,
+            purpose=overhead.purpose,
         )
         result = await self._outbox.deliver(record, self._peers.timeout)
         if result is None:

@@ -19,6 +19,8 @@ class FeatureLimits:
     baseline_model: str = ""
     # "off" skips the cache entirely; "exact" and "semantic" are the cache's business.
     cache_mode: str = "semantic"
+    # What the cache embeds ("last_user" is also what the router classifies).
+    cache_question: str = "last_user"
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class InferenceSettings:
                 f.get_int("max_input_tokens", 16000, minimum=1),
                 f.get_str("baseline_model", f.section("models").get_str("complex", "")),
                 f.get_choice("cache_mode", ("semantic", "exact", "off"), "semantic"),
+                f.get_choice("cache_question", ("last_user", "all_user"), "last_user"),
             )
         providers_cfg = config.section("providers")
         providers = {

@@ -6,6 +6,7 @@ import base64
 import copy
 import hmac
 import json
+import math
 import struct
 import threading
 import time
@@ -22,15 +23,20 @@ from services.inference.simulator_wire import (
     EMBEDDINGS_PATH,
     MAX_DIMENSIONS,
     ApiError,
-    content_text,
     count_tokens,
+    default_answer,
     embed,
+    logprob_options,
+    logprobs_body,
     models_list,
     non_empty_str,
     parse_json,
     positive_int,
+    read_messages,
     require_model,
+    split_tokens,
     stream_chunks,
+    token_logprobs,
     truncate,
 )
 
@@ -152,6 +158,7 @@ class OpenAISimulator:
         self._report_usage = True
         self._requests: list[dict[str, Any]] = []
         self._call_count = 0
+        self._scripts: dict[str, tuple[str, float | None]] = {}
 
     def start(self) -> str:
         """Bind and serve in a daemon thread; binding here lets port=0 pick a free port."""
@@ -223,6 +230,19 @@ class OpenAISimulator:
         with self._lock:
             self._latency = seconds
 
+    def script(self, model: str, content: str, *, token_logprob: float | None = None) -> None:
+        """Pin `model`'s answer until reset(), so a test can make one tier weak or confident.
+
+        The content is sent as given (any [CONFIDENCE: N] tag is the caller's), still cut by
+        max_tokens; token_logprob, when given, is every token's logprob if logprobs are asked.
+        """
+        if not model:
+            raise ValueError("model must be a non-empty string")
+        if token_logprob is not None and not (math.isfinite(token_logprob) and token_logprob <= 0):
+            raise ValueError("token_logprob must be a finite number <= 0")
+        with self._lock:
+            self._scripts[model] = (content, token_logprob)
+
     @property
     def requests(self) -> list[dict[str, Any]]:
         """Deep copies of chat request bodies, in arrival order, for assertions."""
@@ -236,9 +256,10 @@ class OpenAISimulator:
             return self._call_count
 
     def reset(self) -> None:
-        """Forget failures, latency, recorded requests and the call count between scenarios."""
+        """Forget failures, latency, scripts, recorded requests and the call count."""
         with self._lock:
             self._failures.clear()
+            self._scripts.clear()
             self._latency = 0.0
             self._requests.clear()
             self._call_count = 0
@@ -282,28 +303,25 @@ class OpenAISimulator:
             raise ApiError(status, message, headers=headers)
 
     def _complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        model, messages = require_model(body), body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "'messages' must be a non-empty array.", param="messages")
-        prompt_tokens, last_user = 0, ""
-        for i, message in enumerate(messages):
-            role = message.get("role") if isinstance(message, dict) else None
-            text = content_text(message.get("content")) if isinstance(message, dict) else None
-            if not non_empty_str(role) or text is None:
-                raise ApiError(400, f"Invalid message at messages[{i}].", param=f"messages[{i}]")
-            prompt_tokens += count_tokens(text) + 4
-            if role == "user":
-                last_user = text
+        model, prompt = require_model(body), read_messages(body.get("messages"))
         limit = positive_int(body, "max_completion_tokens") or positive_int(body, "max_tokens")
-        answer, truncated = truncate(f"[simulated] Answer to: {last_user}", limit)
-        completion_tokens = count_tokens(answer)
+        top_logprobs = logprob_options(body)
         with self._lock:
             self._call_count += 1
             report_usage = self._report_usage
+            scripted = self._scripts.get(model)
+        content, fixed_logprob = scripted or (default_answer(model, prompt), None)
+        answer, truncated = truncate(content, limit)
+        completion_tokens = count_tokens(answer)
+        logprobs = None
+        if top_logprobs is not None:
+            tokens = split_tokens(answer)
+            values = token_logprobs(model, prompt.last_user, len(tokens), fixed_logprob)
+            logprobs = logprobs_body(tokens, values, top_logprobs)
         usage = {
-            "prompt_tokens": prompt_tokens,
+            "prompt_tokens": prompt.tokens,
             "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
+            "total_tokens": prompt.tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": 0},
         }
         return {
@@ -316,7 +334,7 @@ class OpenAISimulator:
                     "index": 0,
                     "message": {"role": "assistant", "content": answer},
                     "finish_reason": "length" if truncated else "stop",
-                    "logprobs": None,
+                    "logprobs": logprobs,
                 }
             ],
             "usage": usage if report_usage else None,

@@ -8,8 +8,10 @@ import json
 import math
 import random
 import re
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
@@ -18,6 +20,19 @@ MAX_DIMENSIONS = 4096
 _MODELS = ("gpt-4o", "gpt-4o-mini")
 CHAT_PATH = "/v1/chat/completions"
 EMBEDDINGS_PATH = "/v1/embeddings"
+# Prompt markers inference uses to ask for a self-rating and for a complexity label.
+CONFIDENCE_MARKER = "[CONFIDENCE: N]"
+CLASSIFY_MARKER = "Reply with one word: simple, moderate or complex"
+MAX_TOP_LOGPROBS = 20
+_LOGPROB_RANGE = (-1.5, -0.01)
+_LOGPROB_FLOOR = -9999.0  # what OpenAI reports for a token it considers impossible
+_SYSTEM_ROLES = ("system", "developer")
+# Stand-ins offered as top_logprobs alternatives; more than MAX_TOP_LOGPROBS so that
+# skipping the answer's own token still leaves enough.
+_ALTERNATIVES = (
+    " the", " a", " and", " of", " to", " in", " is", " it", " that", " for",
+    ",", ".", " on", " with", " as", " be", " this", " not", " or", " by", " an",
+)  # fmt: skip
 
 
 def count_tokens(text: str) -> int:
@@ -65,6 +80,129 @@ def content_text(content: object) -> str | None:
     return " ".join(texts)
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """What the simulator reads from `messages`: usage, the question and the instructions."""
+
+    tokens: int
+    last_user: str
+    system: tuple[str, ...]
+
+
+def read_messages(messages: object) -> Prompt:
+    """Validate `messages` as the real API would and count prompt tokens (4 overhead each)."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty array.", param="messages")
+    tokens, last_user, system = 0, "", []
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        text = content_text(message.get("content")) if isinstance(message, dict) else None
+        if not non_empty_str(role) or text is None:
+            raise ApiError(400, f"Invalid message at messages[{i}].", param=f"messages[{i}]")
+        tokens += count_tokens(text) + 4
+        if role == "user":
+            last_user = text
+        elif role in _SYSTEM_ROLES:
+            system.append(text)
+    return Prompt(tokens, last_user, tuple(system))
+
+
+def _unit(text: str) -> float:
+    """Map text to [0, 1) through sha256, so simulated numbers repeat across runs and hosts."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+
+
+def self_rating(model: str, last_user: str) -> int:
+    """The simulated [CONFIDENCE: k], k in 4..10, from sha256(model + last user message)."""
+    return 4 + int(_unit(model + last_user) * 7)
+
+
+def classify(last_user: str) -> str:
+    """Simulated router label by length alone: a stand-in for an LLM classifier, not one."""
+    if len(last_user) < 60:
+        return "simple"
+    return "moderate" if len(last_user) < 140 else "complex"
+
+
+def default_answer(model: str, prompt: Prompt) -> str:
+    """The unscripted answer: a classifier label when asked for one, else an echo, self-rated
+    when the instructions ask for [CONFIDENCE: N]."""
+    if any(CLASSIFY_MARKER in text for text in prompt.system):
+        return classify(prompt.last_user)
+    answer = f"[simulated] Answer to: {prompt.last_user}"
+    if any(CONFIDENCE_MARKER in text for text in prompt.system):
+        answer += f"\n[CONFIDENCE: {self_rating(model, prompt.last_user)}]"
+    return answer
+
+
+def token_logprobs(model: str, last_user: str, count: int, fixed: float | None) -> list[float]:
+    """One logprob per answer token: `fixed` (a script's), else deterministic per
+    (model, last user message, index) in [-1.5, -0.01]."""
+    if fixed is not None:
+        return [fixed] * count
+    low, high = _LOGPROB_RANGE
+    return [
+        round(low + _unit(f"{model}\0{last_user}\0{index}") * (high - low), 6)
+        for index in range(count)
+    ]
+
+
+def logprob_options(body: dict[str, Any]) -> int | None:
+    """None when logprobs are off, else top_logprobs (0 by default); rejects what OpenAI does."""
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        message = f"Invalid type for 'logprobs': expected a boolean, but got {logprobs!r}."
+        raise ApiError(400, message, param="logprobs")
+    if top is None:
+        return 0 if logprobs else None
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        message = f"Invalid value for 'top_logprobs': {top!r}. Expected an integer from 0 to 20."
+        raise ApiError(400, message, param="top_logprobs")
+    if not logprobs:
+        message = "Invalid value for 'top_logprobs': 'logprobs' must be true to use top_logprobs."
+        raise ApiError(400, message, param="top_logprobs")
+    return top
+
+
+def split_tokens(text: str) -> list[str]:
+    """Cut text at each counted token's start: count_tokens(text) pieces that join back to text
+    (leading and trailing whitespace ride on the neighbouring token)."""
+    starts = [match.start() for match in _TOKEN_RE.finditer(text)]
+    if not starts:
+        return []
+    return [text[a:b] for a, b in pairwise([0, *starts[1:], len(text)])]
+
+
+def _alternatives(token: str, logprob: float, count: int) -> list[dict[str, Any]]:
+    """`count` candidates, the chosen token first, each less likely than the last and the
+    total probability at most 1, so consumers computing margins or entropy see sane numbers."""
+    if count == 0:
+        return []
+    chosen = math.exp(logprob)
+    mass = min(chosen, 1.0 - chosen)
+    out = [{"token": token, "logprob": logprob, "bytes": list(token.encode())}]
+    others = (alt for alt in _ALTERNATIVES if alt != token)
+    for rank, alt in zip(range(1, count), others, strict=False):
+        value = math.log(mass / 2**rank) if mass > 0 else _LOGPROB_FLOOR
+        alt_logprob = max(value, _LOGPROB_FLOOR)
+        out.append({"token": alt, "logprob": alt_logprob, "bytes": list(alt.encode())})
+    return out
+
+
+def logprobs_body(tokens: list[str], logprobs: list[float], top: int) -> dict[str, Any]:
+    """choices[0].logprobs in OpenAI's shape."""
+    content = [
+        {
+            "token": token,
+            "logprob": logprob,
+            "bytes": list(token.encode()),
+            "top_logprobs": _alternatives(token, logprob, top),
+        }
+        for token, logprob in zip(tokens, logprobs, strict=True)
+    ]
+    return {"content": content, "refusal": None}
+
+
 def non_empty_str(value: object) -> bool:
     return isinstance(value, str) and bool(value)
 
@@ -109,14 +247,29 @@ def embed(text: str, dimensions: int) -> list[float]:
     return [v / norm for v in vector]
 
 
+def _logprobs_per_piece(pieces: list[str], entries: list[dict[str, Any]]) -> list[Any]:
+    """Hand each streamed piece the logprob entries whose tokens spell it; pieces start where a
+    token starts (see split_tokens), so none is ever split."""
+    pending, out = deque(entries), []
+    for piece in pieces:
+        taken, spelled = [], ""
+        while pending and len(spelled) < len(piece):
+            taken.append(pending.popleft())
+            spelled += taken[-1]["token"]
+        out.append({"content": taken, "refusal": None})
+    return out
+
+
 def stream_chunks(response: dict[str, Any], include_usage: bool) -> Iterator[dict[str, Any]]:
     """Replay a finished completion as chunks so streamed and plain answers can never diverge."""
     base = {key: response[key] for key in ("id", "created", "model", "system_fingerprint")}
     base["object"] = "chat.completion.chunk"
     answer = response["choices"][0]
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+    def chunk(
+        delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None
+    ) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
         out = {**base, "choices": [choice]}
         # OpenAI sends an explicit null usage on every chunk once usage was requested.
         if include_usage:
@@ -124,8 +277,12 @@ def stream_chunks(response: dict[str, Any], include_usage: bool) -> Iterator[dic
         return out
 
     yield chunk({"role": "assistant", "content": ""})
-    for piece in re.findall(r"\s*\S+\s*", answer["message"]["content"]):
-        yield chunk({"content": piece})
+    pieces = re.findall(r"\s*\S+\s*", answer["message"]["content"])
+    logprobs: list[Any] = [None] * len(pieces)
+    if answer["logprobs"] is not None:
+        logprobs = _logprobs_per_piece(pieces, answer["logprobs"]["content"])
+    for piece, piece_logprobs in zip(pieces, logprobs, strict=True):
+        yield chunk({"content": piece}, logprobs=piece_logprobs)
     yield chunk({}, answer["finish_reason"])
     if include_usage:
         yield {**base, "choices": [], "usage": response["usage"]}

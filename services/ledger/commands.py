@@ -176,11 +176,13 @@ _EXPORT_HEADER = [
     "time", "request_id", "client_request_id", "trace_id", "team", "feature", "model",
     "provider", "tier", "input_tokens", "cached_input_tokens", "output_tokens", "cache_outcome",
     "escalated", "batch", "latency_ms", "cost_nano_usd", "counterfactual_cost_nano_usd",
-    "price_version",
+    "price_version", "purpose", "route_reason", "p_simple", "p_moderate", "p_complex",
 ]  # fmt: skip
+_PROBABILITY_TIERS = (types_pb2.TIER_SIMPLE, types_pb2.TIER_MODERATE, types_pb2.TIER_COMPLEX)
 
 
 def _export_line(r: ledger_pb2.UsageRecord) -> Iterable[object]:
+    probabilities = {p.tier: p.probability for p in r.route_probabilities}
     return [
         r.time.ToDatetime(UTC).isoformat(), r.request_id, r.client_request_id, r.trace_id,
         r.team, r.feature, r.model, r.provider, _name(types_pb2.Tier.Name(r.tier), "TIER_"),
@@ -188,6 +190,8 @@ def _export_line(r: ledger_pb2.UsageRecord) -> Iterable[object]:
         _name(types_pb2.CacheOutcome.Name(r.cache_outcome), "CACHE_OUTCOME_"),
         int(r.escalated), int(r.batch), r.latency_ms, r.cost_nano_usd,
         r.counterfactual_cost_nano_usd, r.price_version,
+        _name(ledger_pb2.CallPurpose.Name(r.purpose), "CALL_PURPOSE_"), r.route_reason,
+        *(probabilities.get(tier, 0.0) for tier in _PROBABILITY_TIERS),
     ]  # fmt: skip
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 from costmesh.ledger.v1 import ledger_pb2
@@ -11,6 +12,13 @@ from services.ledger.pricing import PriceCatalog, Usage
 from services.ledger.rows import UsageRow
 
 MAX_ID = 128
+MAX_ROUTE_REASON = 1000
+# Where each tier's probability is stored (UsageRow.p_simple and so on).
+PROBABILITY_FIELDS = {
+    types_pb2.TIER_SIMPLE: "p_simple",
+    types_pb2.TIER_MODERATE: "p_moderate",
+    types_pb2.TIER_COMPLEX: "p_complex",
+}
 # Bounds that keep every sum far inside BIGINT: a record beyond them is malformed.
 MAX_TOKENS = 10**12
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
@@ -20,6 +28,10 @@ def to_row(index: int, record: ledger_pb2.UsageRecord, catalog: PriceCatalog) ->
     """Check, then price the call and its counterfactual at the call's own time."""
     field = f"records[{index}]"
     _check_ids(field, record)
+    _check_purpose(f"{field}.purpose", record.purpose)
+    if len(record.route_reason) > MAX_ROUTE_REASON:
+        raise InvalidArgument(f"{field}.route_reason", f"at most {MAX_ROUTE_REASON} characters")
+    probabilities = _probabilities(f"{field}.route_probabilities", record.route_probabilities)
     usage = _usage(f"{field}.usage", record.usage)
     # Without baseline usage the call's own tokens are what the baseline would use.
     baseline_tokens = record.baseline_usage if record.HasField("baseline_usage") else record.usage
@@ -58,6 +70,9 @@ def to_row(index: int, record: ledger_pb2.UsageRecord, catalog: PriceCatalog) ->
         client_request_id=record.client_request_id,
         baseline_model=record.baseline_model,
         counterfactual_cost_nano_usd=counterfactual,
+        purpose=record.purpose,
+        route_reason=record.route_reason,
+        **probabilities,
     )
 
 
@@ -69,6 +84,29 @@ def _check_ids(field: str, record: ledger_pb2.UsageRecord) -> None:
     for name in ("team", "feature", "model"):
         if not getattr(record, name):
             raise InvalidArgument(f"{field}.{name}", "required")
+
+
+def _check_purpose(field: str, purpose: int) -> None:
+    # Proto3 enums are open: a newer writer may send a value this ledger cannot name.
+    if purpose not in ledger_pb2.CallPurpose.values():
+        raise InvalidArgument(field, f"unknown value {purpose}")
+
+
+def _probabilities(
+    field: str, probabilities: Iterable[types_pb2.TierProbability]
+) -> dict[str, float]:
+    """The router's probability per tier as row columns; tiers not given are 0."""
+    columns: dict[str, float] = {}
+    for i, entry in enumerate(probabilities):
+        column = PROBABILITY_FIELDS.get(entry.tier)
+        if column is None:
+            raise InvalidArgument(f"{field}[{i}].tier", "must be SIMPLE, MODERATE or COMPLEX")
+        if column in columns:
+            raise InvalidArgument(f"{field}[{i}].tier", "each tier at most once")
+        if not 0.0 <= entry.probability <= 1.0:  # NaN fails this too
+            raise InvalidArgument(f"{field}[{i}].probability", "must be between 0 and 1")
+        columns[column] = entry.probability
+    return columns
 
 
 def _time(field: str, record: ledger_pb2.UsageRecord) -> datetime:

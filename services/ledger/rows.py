@@ -44,6 +44,7 @@ USAGE_TABLE = """
     CREATE INDEX usage_time ON usage (time_us)
 """
 # Fills the daily rollup from the rows (the migration runs it once, on old data).
+# Part of migration 2 and so frozen: it runs before the purpose column exists.
 ROLLUP_REBUILD = """
     INSERT INTO usage_daily
         SELECT day, team, feature, model, tier, COUNT(*), SUM(input_tokens),
@@ -75,8 +76,42 @@ COUNTERFACTUAL_AND_ROLLUP = f"""
     );
     {ROLLUP_REBUILD}
 """
+# Version 3: what each call was for, and the router's view of the request. Only
+# answers (purpose 0, written before purposes existed, or 1) are calls: overhead rows
+# (escalated attempts, routing, cache embeddings) add cost and tokens, not calls, and
+# are never cached or escalated calls. The rollup is rebuilt on that rule; every old
+# row is an answer, so its counts do not change. Written out in full, not from
+# ROW_SUMS below, so that later edits to the live query never change a migration.
+PURPOSE_AND_ROUTE = """
+    ALTER TABLE usage ADD COLUMN purpose INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN route_reason TEXT NOT NULL DEFAULT '';
+    ALTER TABLE usage ADD COLUMN p_simple DOUBLE PRECISION NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN p_moderate DOUBLE PRECISION NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN p_complex DOUBLE PRECISION NOT NULL DEFAULT 0;
+    DELETE FROM usage_daily;
+    INSERT INTO usage_daily
+        SELECT day, team, feature, model, tier,
+            SUM(CASE WHEN purpose IN (0, 1) THEN 1 ELSE 0 END),
+            SUM(input_tokens), SUM(output_tokens), SUM(cost_nano_usd),
+            SUM(counterfactual_cost_nano_usd),
+            SUM(CASE WHEN purpose IN (0, 1) AND cache_outcome IN (2, 3) THEN 1 ELSE 0 END),
+            SUM(CASE WHEN purpose IN (0, 1) AND escalated <> 0 THEN 1 ELSE 0 END)
+        FROM usage GROUP BY day, team, feature, model, tier
+"""
 # Each entry upgrades the schema by one version, in place; append, never edit.
-MIGRATIONS: tuple[str, ...] = (USAGE_TABLE, COUNTERFACTUAL_AND_ROLLUP)
+MIGRATIONS: tuple[str, ...] = (USAGE_TABLE, COUNTERFACTUAL_AND_ROLLUP, PURPOSE_AND_ROUTE)
+
+# CallPurpose values that are calls (UNSPECIFIED, from older writers, and ANSWER).
+ANSWER_PURPOSES = (0, 1)
+_ANSWER = f"purpose IN {ANSWER_PURPOSES}"
+# Sums over usage rows in SUMMED order, on the rule of migration 3 (which the rollup
+# insert in sql.rollup_values follows too).
+ROW_SUMS = (
+    f"SUM(CASE WHEN {_ANSWER} THEN 1 ELSE 0 END), SUM(input_tokens), SUM(output_tokens),"
+    " SUM(cost_nano_usd), SUM(counterfactual_cost_nano_usd),"
+    f" SUM(CASE WHEN {_ANSWER} AND cache_outcome IN (2, 3) THEN 1 ELSE 0 END),"
+    f" SUM(CASE WHEN {_ANSWER} AND escalated <> 0 THEN 1 ELSE 0 END)"
+)
 
 
 @dataclass(frozen=True)
@@ -105,6 +140,16 @@ class UsageRow:
     client_request_id: str = ""
     baseline_model: str = ""
     counterfactual_cost_nano_usd: int = 0
+    purpose: int = 0  # CallPurpose; 0 (unspecified) counts as an answer
+    route_reason: str = ""
+    p_simple: float = 0.0
+    p_moderate: float = 0.0
+    p_complex: float = 0.0
+
+    @property
+    def is_answer(self) -> bool:
+        """Whether the row is a call, not overhead around one."""
+        return self.purpose in ANSWER_PURPOSES
 
     def values(self) -> tuple[object, ...]:
         """Column values in order, booleans as 0/1 (both engines store INTEGER)."""
@@ -113,7 +158,10 @@ class UsageRow:
     @classmethod
     def from_values(cls, values: Sequence[object]) -> UsageRow:
         row = cls(*values)  # type: ignore[arg-type]
-        return cls(**{**row.__dict__, "escalated": bool(row.escalated), "batch": bool(row.batch)})
+        # Booleans come back as 0/1, and a SQLite column default may read as integer 0.
+        exact: dict[str, object] = {"escalated": bool(row.escalated), "batch": bool(row.batch)}
+        exact |= {p: float(getattr(row, p)) for p in PROBABILITY_COLUMNS}
+        return cls(**{**row.__dict__, **exact})
 
 
 @dataclass(frozen=True)
@@ -138,6 +186,8 @@ class SpendTotal:
 
 
 COLUMNS = [f.name for f in fields(UsageRow)]
+# The router's probability per tier, in tier order (SIMPLE=1, MODERATE=2, COMPLEX=3).
+PROBABILITY_COLUMNS = ("p_simple", "p_moderate", "p_complex")
 EXPORT_PAGE = 500
 DAY_US = 86_400_000_000
 # "No upper bound": the last day dates can name.

@@ -19,7 +19,7 @@ from services.common.config import Config
 from services.common.errors import InvalidArgument, PermissionDenied
 from services.common.server import ServiceDef
 from services.ledger.pricing import PriceCatalog
-from services.ledger.records import to_row
+from services.ledger.records import PROBABILITY_FIELDS, to_row
 from services.ledger.rows import END_OF_TIME_US, SpendTotal, UsageRow, UsageStore
 from services.ledger.stores import open_store
 
@@ -186,7 +186,18 @@ def _to_record(row: UsageRow) -> ledger_pb2.UsageRecord:
         client_request_id=row.client_request_id,
         baseline_model=row.baseline_model,
         counterfactual_cost_nano_usd=row.counterfactual_cost_nano_usd,
+        purpose=row.purpose,  # type: ignore[arg-type]
+        route_probabilities=_route_probabilities(row),
+        route_reason=row.route_reason,
     )
+
+
+def _route_probabilities(row: UsageRow) -> list[types_pb2.TierProbability]:
+    """Every tier's probability, or none when the writer gave none (all stored as 0)."""
+    given = [(tier, getattr(row, column)) for tier, column in PROBABILITY_FIELDS.items()]
+    if not any(probability for _, probability in given):
+        return []
+    return [types_pb2.TierProbability(tier=tier, probability=p) for tier, p in given]
 
 
 def build(config: Config) -> ServiceDef:

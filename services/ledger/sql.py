@@ -12,6 +12,7 @@ from services.ledger.rows import (
     END_OF_TIME_US,
     EXPORT_PAGE,
     GROUPS,
+    ROW_SUMS,
     SUMMED,
     SpendTotal,
     UsageRow,
@@ -65,9 +66,7 @@ class Sql:
     def spend_raw(self, groups: tuple[str, ...], where: str) -> str:
         """Sums over individual rows, for the partial days at a range's edges."""
         return (
-            f"SELECT {_dimensions(groups)}, COUNT(*), SUM(input_tokens), SUM(output_tokens),"
-            " SUM(cost_nano_usd), SUM(counterfactual_cost_nano_usd),"
-            " SUM(CASE WHEN cache_outcome IN (2, 3) THEN 1 ELSE 0 END), SUM(escalated)"
+            f"SELECT {_dimensions(groups)}, {ROW_SUMS}"
             f" FROM usage WHERE {where} GROUP BY {_positions(groups)}"
         )
 
@@ -154,12 +153,14 @@ def rollup_increments(inserted: Iterable[UsageRow]) -> list[tuple[object, ...]]:
 
 
 def rollup_values(row: UsageRow) -> tuple[object, ...]:
-    """The rollup increment one new row contributes."""
-    cached = int(row.cache_outcome in (2, 3))
+    """The rollup increment one new row contributes: overhead rows (not answers) add
+    their cost and tokens but no call, cached call or escalated call (as ROW_SUMS)."""
+    answer = int(row.is_answer)
+    cached = answer * int(row.cache_outcome in (2, 3))
     return (
-        row.day, row.team, row.feature, row.model, row.tier, 1, row.input_tokens,
+        row.day, row.team, row.feature, row.model, row.tier, answer, row.input_tokens,
         row.output_tokens, row.cost_nano_usd, row.counterfactual_cost_nano_usd, cached,
-        int(row.escalated),
+        answer * int(row.escalated),
     )  # fmt: skip
 
 

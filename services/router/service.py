@@ -1,7 +1,9 @@
-"""RouterService servicer: proto <-> domain translation around the feature plans."""
+"""RouterService servicer: classify the question, apply the feature's knob, plan models."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -10,10 +12,22 @@ from opentelemetry import trace
 from costmesh.router.v1 import router_pb2, router_pb2_grpc
 from costmesh.types.v1 import types_pb2
 from services.common.auth import current_principal
-from services.common.config import Config
+from services.common.config import Config, ConfigError
+from services.common.embedding import MINILM, MINILM_DIMENSIONS, BatchingEmbedder, shared_minilm
 from services.common.errors import InvalidArgument
 from services.common.server import ServiceDef
-from services.router.plans import FeaturePlan, load_plans
+from services.inference.providers import Providers
+from services.inference.settings import InferenceSettings
+from services.router.artefact import TIERS, ArtefactError
+from services.router.classifiers import (
+    ArtefactFile,
+    Classifier,
+    EmbeddingClassifier,
+    LLMClassifier,
+    RulesClassifier,
+)
+from services.router.plans import FeaturePlan, RouterSettings
+from services.router.policy import CheapShare, cheap_score, choose_tier
 
 SERVICE_NAME = "costmesh.router.v1.RouterService"
 TIER_TO_PROTO = {
@@ -21,47 +35,236 @@ TIER_TO_PROTO = {
     "moderate": types_pb2.TIER_MODERATE,
     "complex": types_pb2.TIER_COMPLEX,
 }
+ESCALATION_TO_PROTO = {
+    "off": router_pb2.ESCALATION_METHOD_UNSPECIFIED,
+    "self_rating": router_pb2.ESCALATION_METHOD_SELF_RATING,
+    "logprobs": router_pb2.ESCALATION_METHOD_LOGPROBS,
+}
+# How long an llm classification may take when the caller set no deadline.
+_DEFAULT_TIME_LIMIT = 5.0
+
+
+class FeatureRouter:
+    """One feature's classifier, knob and routing statistics."""
+
+    def __init__(
+        self, name: str, plan: FeaturePlan, classifier: Classifier, cheap_share: CheapShare
+    ) -> None:
+        self.name = name
+        self.plan = plan
+        self.classifier = classifier
+        self.cheap_share = cheap_share
+        self.tiers: Counter[str] = Counter()
+        self.failures = 0
+
+    async def route(
+        self, request: router_pb2.RouteRequest, time_limit: float
+    ) -> router_pb2.RouteResponse:
+        plan = self.plan
+        if request.requested_model:
+            return self._as_requested(request.requested_model)
+        question = next(
+            (m.content for m in reversed(request.messages) if m.role == types_pb2.ROLE_USER), ""
+        )
+        found = await self.classifier.classify(
+            question, request.embedding, request.embedding_model, time_limit
+        )
+        threshold = self.cheap_share.threshold()
+        tier = choose_tier(found.probabilities, threshold)
+        score = cheap_score(found.probabilities)
+        self.cheap_share.observe(score, tier)
+        self.tiers[tier] += 1
+        self.failures += found.failed
+        model = plan.models[tier]
+        escalation = plan.escalation_model if plan.escalation_model != model else ""
+        response = router_pb2.RouteResponse(
+            tier=TIER_TO_PROTO[tier],
+            model=model,
+            escalation_model=escalation,
+            confidence=found.probabilities[TIERS.index(tier)],
+            reason=f"{found.explanation}; {_verdict(found.probabilities, tier, threshold)}"
+            f" -> {model}",
+            probabilities=[
+                types_pb2.TierProbability(tier=TIER_TO_PROTO[t], probability=p)
+                for t, p in zip(TIERS, found.probabilities, strict=True)
+            ],
+            classifier=self.classifier.kind,
+            classifier_version=found.version,
+            cheap_tier_threshold=threshold,
+            cheap_share_target=self.cheap_share.target,
+            cheap_share_observed=self.cheap_share.observed,
+            classifier_model=found.model,
+        )
+        if found.usage is not None:
+            response.classifier_usage.CopyFrom(found.usage)
+        if escalation and plan.escalation_method != "off":
+            response.escalation_method = ESCALATION_TO_PROTO[plan.escalation_method]
+            response.escalation_threshold = plan.escalation_threshold
+            response.escalation_target_rate = plan.escalation_target_rate
+        trace.get_current_span().set_attributes(
+            {
+                "costmesh.route.classifier": self.classifier.kind,
+                "costmesh.route.classifier_version": found.version,
+                "costmesh.route.embedded": found.embedded,
+                "costmesh.route.cheap_tier_threshold": threshold,
+                "costmesh.route.cheap_score": score,
+                **{
+                    f"costmesh.route.p_{t}": p
+                    for t, p in zip(TIERS, found.probabilities, strict=True)
+                },
+            }
+        )
+        return response
+
+    def _as_requested(self, model: str) -> router_pb2.RouteResponse:
+        """The caller chose the model: report the cheapest tier it serves, plan nothing."""
+        tier = next((t for t in TIERS if self.plan.models[t] == model), "")
+        return router_pb2.RouteResponse(
+            tier=TIER_TO_PROTO.get(tier, types_pb2.TIER_UNSPECIFIED),
+            model=model,
+            confidence=1.0,
+            reason=f"caller asked for {model}; routing skipped",
+            classifier="caller",
+        )
+
+    def stats(self) -> router_pb2.FeatureRouteStats:
+        return router_pb2.FeatureRouteStats(
+            feature=self.name,
+            classifier=self.classifier.kind,
+            classifier_version=self.classifier.version,
+            requests=sum(self.tiers.values()),
+            tiers=[
+                router_pb2.TierCount(tier=TIER_TO_PROTO[t], requests=self.tiers[t]) for t in TIERS
+            ],
+            cheap_tier_threshold=self.cheap_share.threshold(),
+            cheap_share_target=self.cheap_share.target,
+            cheap_share_observed=self.cheap_share.observed,
+            classifier_failures=self.failures,
+        )
+
+
+def _verdict(probabilities: tuple[float, float, float], tier: str, threshold: float) -> str:
+    if tier == TIERS[-1]:
+        return f"P(below complex) {cheap_score(probabilities):.2f} < {threshold:.2f}: complex"
+    at_most = sum(probabilities[: TIERS.index(tier) + 1])
+    return f"P(at most {tier}) {at_most:.2f} >= {threshold:.2f}: {tier}"
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
-    def __init__(self, plans: dict[str, FeaturePlan]) -> None:
-        self._plans = plans
+    def __init__(self, features: dict[str, FeatureRouter]) -> None:
+        self._features = features
 
     async def Route(
         self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> router_pb2.RouteResponse:
         current_principal()
-        plan = self._plans.get(request.feature)
-        if plan is None:
+        feature = self._features.get(request.feature)
+        if feature is None:
             raise InvalidArgument("feature", f"unknown feature {request.feature!r}")
-        decision = plan.decide(request.feature, request.requested_model)
+        has_question = any(m.role == types_pb2.ROLE_USER for m in request.messages)
+        if not has_question and not request.requested_model:
+            raise InvalidArgument("messages", "at least one user message is required")
+        remaining = context.time_remaining()
+        response = await feature.route(
+            request, _DEFAULT_TIME_LIMIT if remaining is None else remaining
+        )
         trace.get_current_span().set_attributes(
             {
                 "costmesh.feature": request.feature,
-                "costmesh.route.tier": decision.tier,
-                "costmesh.route.model": decision.model,
-                "costmesh.route.reason": decision.reason,
+                "costmesh.route.tier": TIERS[response.tier - 1] if response.tier else "",
+                "costmesh.route.model": response.model,
+                "costmesh.route.escalation_model": response.escalation_model,
+                "costmesh.route.reason": response.reason,
             }
         )
-        return router_pb2.RouteResponse(
-            tier=TIER_TO_PROTO[decision.tier],
-            model=decision.model,
-            escalation_model=decision.escalation_model,
-            confidence=decision.confidence,
-            reason=decision.reason,
-            probabilities=[
-                router_pb2.TierProbability(
-                    tier=TIER_TO_PROTO[decision.tier], probability=decision.confidence
-                )
-            ],
+        return response
+
+    async def GetRouteStats(
+        self,
+        request: router_pb2.GetRouteStatsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> router_pb2.GetRouteStatsResponse:
+        current_principal()
+        unknown = [f for f in request.features if f not in self._features]
+        if unknown:
+            raise InvalidArgument("features", f"unknown feature {unknown[0]!r}")
+        names = list(request.features) or sorted(self._features)
+        return router_pb2.GetRouteStatsResponse(features=[self._features[n].stats() for n in names])
+
+
+def build(
+    config: Config,
+    env: Mapping[str, str],
+    tracer_provider: trace.TracerProvider,
+    *,
+    simulator_allowed: bool = False,
+) -> ServiceDef:
+    """The router with a classifier per configured feature; refuses a bad artefact."""
+    settings = RouterSettings.from_config(config)
+    tracer = tracer_provider.get_tracer("costmesh.router")
+    artefacts = _artefacts(settings)  # first: it may refuse, and nothing is open yet
+    kinds = {p.classifier for p in settings.plans.values()}
+    embedder = None
+    if "embedding" in kinds:
+        minilm = shared_minilm(settings.model_dir, settings.embedding_threads)
+        embedder = BatchingEmbedder(
+            MINILM, MINILM_DIMENSIONS, minilm.embed_sync, tracer=tracer, span_name="router.embed"
         )
+    providers = None
+    if "llm" in kinds:
+        providers = Providers(InferenceSettings.from_config(config), env, tracer, simulator_allowed)
+    features = {}
+    for name, plan in settings.plans.items():
+        classifier: Classifier
+        prior: list[float] = []
+        if plan.classifier == "embedding":
+            assert embedder is not None
+            artefact = artefacts[str(plan.artefact)]
+            classifier = EmbeddingClassifier(artefact, embedder)
+            prior = list(artefact.current().meta.get("holdout_cheap_scores", []))
+        elif plan.classifier == "llm":
+            assert providers is not None
+            classifier = LLMClassifier(providers, plan.classifier_model)
+        else:
+            classifier = RulesClassifier(plan.tier)
+        cheap_share = CheapShare(
+            plan.cheap_share_target,
+            plan.cheap_tier_min_probability,
+            prior,
+            settings.calibration_window,
+        )
+        features[name] = FeatureRouter(name, plan, classifier, cheap_share)
+    servicer = RouterServicer(features)
 
+    async def stop() -> None:
+        if embedder is not None:
+            await embedder.close()
+        if providers is not None:
+            await providers.close()
 
-def build(config: Config) -> ServiceDef:
-    """The router service with the plans of every configured feature."""
-    plans = load_plans(config.section("features"), set(config.section("models").names()))
-    servicer = RouterServicer(plans)
     return ServiceDef(
         SERVICE_NAME,
         lambda server: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server),
+        stop=stop,
     )
+
+
+def _artefacts(settings: RouterSettings) -> dict[str, ArtefactFile]:
+    """Every embedding feature's artefact, loaded once per file and checked against
+    the model the router embeds with."""
+    artefacts: dict[str, ArtefactFile] = {}
+    for name, plan in settings.plans.items():
+        if plan.classifier != "embedding":
+            continue
+        try:
+            if str(plan.artefact) not in artefacts:
+                artefacts[str(plan.artefact)] = ArtefactFile(plan.artefact, settings.reload_seconds)
+            model = artefacts[str(plan.artefact)].current()
+            if (model.embedding_model, model.dimensions) != (MINILM, MINILM_DIMENSIONS):
+                raise ArtefactError(
+                    f"{plan.artefact}: trained on {model.embedding_model} ({model.dimensions} "
+                    f"dimensions); the router embeds with {MINILM}"
+                )
+        except ArtefactError as exc:
+            raise ConfigError(f"features.{name}.router_artefact: {exc}") from None
+    return artefacts

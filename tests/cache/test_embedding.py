@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from services.cache.embedding import (
+from services.common.embedding import (
     MINILM,
     MINILM_DIMENSIONS,
     BatchingEmbedder,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.cache.embedding import normalise
 from services.cache.index import VectorIndex
+from services.common.embedding import normalise
 
 DIMENSIONS = 32
 

@@ -19,10 +19,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from costmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from costmesh.types.v1 import types_pb2
-from services.cache.embedding import MINILM_DIMENSIONS, normalise
 from services.cache.redis_store import RedisStore
 from services.cache.store import Answer, Capacity, Entry
 from services.common.config import load_config
+from services.common.embedding import MINILM_DIMENSIONS, normalise
 from services.common.server import RunningServer
 from services.inference.simulator import OpenAISimulator
 from services.mesh import SERVICES, start_mesh

@@ -11,11 +11,11 @@ from dataclasses import replace
 
 import pytest
 
-from services.cache.embedding import MINILM, MINILM_DIMENSIONS, BatchingEmbedder, shared_minilm
 from services.cache.keys import RequestKey
 from services.cache.redis_store import RedisStore
 from services.cache.semantic import FeaturePolicy, SemanticCache
 from services.cache.store import Answer, Capacity, MemoryStore, Store
+from services.common.embedding import MINILM, MINILM_DIMENSIONS, BatchingEmbedder, shared_minilm
 from tests.clock import Clock
 from tests.redis_server import fresh_prefix
 

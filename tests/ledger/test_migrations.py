@@ -7,12 +7,13 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from services.ledger.rows import MIGRATIONS, UsageRow
+from services.ledger.rows import MIGRATIONS, ROLLUP_REBUILD, UsageRow
 from services.ledger.stores import open_store
 from tests.postgres import fresh_schema
 
@@ -76,3 +77,57 @@ def test_version_one_is_upgraded_in_place_keeping_every_row(kind: str, tmp_path:
     assert {k: t.calls for k, t in partial.items()} == {"support": 2}
     assert len(exported) == 3
     assert again == [(450_000, True)], "old request ids still deduplicate"
+
+
+V2_COLUMNS = f"{V1_COLUMNS}, baseline_model, counterfactual_cost_nano_usd"
+V2_ROW = (*V1_ROWS[0][:19], "client-1", "gpt-4o", 900_000)
+
+
+@contextmanager
+def version_two_database(kind: str, tmp_path: Path) -> Iterator[str]:
+    """A database as costmesh left it at schema version 2: one row, its rollup."""
+    marks = ", ".join(["?"] * 22)
+    if kind == "sqlite":
+        path = tmp_path / "old.sqlite3"
+        with sqlite3.connect(path) as db:
+            db.executescript(f"{MIGRATIONS[0]}; {MIGRATIONS[1]}; PRAGMA user_version = 2;")
+            db.execute(f"INSERT INTO usage ({V2_COLUMNS}) VALUES ({marks})", V2_ROW)
+            db.execute(ROLLUP_REBUILD)  # as migration 2 would have, had the row been there
+        yield str(path)
+        return
+    with fresh_schema() as url, psycopg.connect(url) as db:
+        for statement in filter(str.strip, f"{MIGRATIONS[0]}; {MIGRATIONS[1]}".split(";")):
+            db.execute(statement)
+        db.execute("CREATE TABLE costmesh_schema (version INTEGER NOT NULL)")
+        db.execute("INSERT INTO costmesh_schema VALUES (2)")
+        db.execute(f"INSERT INTO usage ({V2_COLUMNS}) VALUES ({marks.replace('?', '%s')})", V2_ROW)
+        db.execute(ROLLUP_REBUILD)
+        db.commit()
+        yield url
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_version_two_gains_purposes_keeping_its_row_and_its_call(kind: str, tmp_path: Path) -> None:
+    whole_day = (DAY, DAY + 86_400_000_000)
+    with version_two_database(kind, tmp_path) as database:
+        store = open_store(database, tmp_path)
+        try:
+            before = store.spend(("team",), *whole_day)
+            (exported,) = [row for page in store.export(0, 2**62) for row in page]
+            store.record(
+                [replace(UsageRow(*V2_ROW), request_id="routing", purpose=3, p_complex=1.0)]  # type: ignore[arg-type]
+            )
+            after_rollup = store.spend(("team",), *whole_day)
+            after_rows = store.spend(("team",), DAY, DAY + 86_400_000_000 - 1)
+        finally:
+            store.close()
+
+    assert [(t.key, t.calls, t.cost_nano_usd) for t in before] == [("support", 1, 450_000)]
+    assert before[0].counterfactual_cost_nano_usd == 900_000
+    assert exported == UsageRow(*V2_ROW), "every old value kept; the new ones are defaults"  # type: ignore[arg-type]
+    assert (exported.purpose, exported.route_reason, exported.p_simple) == (0, "", 0.0)
+    assert isinstance(exported.p_complex, float)
+    assert after_rollup == after_rows
+    assert [(t.calls, t.cost_nano_usd) for t in after_rollup] == [(1, 900_000)], (
+        "a routing row added its cost, not a call"
+    )

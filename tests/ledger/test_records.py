@@ -63,6 +63,10 @@ def test_no_baseline_claims_no_savings() -> None:
     assert row.counterfactual_cost_nano_usd == row.cost_nano_usd
 
 
+def _simple(probability: float) -> types_pb2.TierProbability:
+    return types_pb2.TierProbability(tier=types_pb2.TIER_SIMPLE, probability=probability)
+
+
 def _at(year: int) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(datetime(year, 1, 1, tzinfo=UTC))
@@ -79,8 +83,16 @@ def _at(year: int) -> timestamp_pb2.Timestamp:
         ({"client_request_id": "x" * 129}, "records[3].client_request_id"),
         ({"usage": types_pb2.TokenUsage(input_tokens=1, cached_input_tokens=2)},
          "records[3].usage.cached_input_tokens"),
+        ({"purpose": 5}, "records[3].purpose"),
+        ({"route_reason": "x" * 1001}, "records[3].route_reason"),
+        ({"route_probabilities": [_simple(1.01)]}, "records[3].route_probabilities[0].probability"),
+        ({"route_probabilities": [_simple(0.5), _simple(0.5)]},
+         "records[3].route_probabilities[1].tier"),
+        ({"route_probabilities": [types_pb2.TierProbability(probability=0.5)]},
+         "records[3].route_probabilities[0].tier"),
     ],
-    ids=["absurd tokens", "too old", "future", "no id", "long client id", "cached > input"],
+    ids=["absurd tokens", "too old", "future", "no id", "long client id", "cached > input",
+         "unknown purpose", "long reason", "probability > 1", "tier twice", "no tier"],
 )  # fmt: skip
 def test_malformed_records_are_refused_naming_the_field(
     fields: dict[str, object], field: str
@@ -94,3 +106,24 @@ def test_malformed_records_are_refused_naming_the_field(
 def test_an_unpriced_model_is_a_precondition_not_a_malformed_record() -> None:
     with pytest.raises(FailedPrecondition, match=r"records\[0\]\.model: no price"):
         to_row(0, record(model="local-llama"), CATALOG)
+
+
+def test_purpose_and_the_routers_view_are_kept_per_tier() -> None:
+    probabilities = [
+        types_pb2.TierProbability(tier=types_pb2.TIER_COMPLEX, probability=0.25),
+        _simple(0.75),
+    ]
+    row = to_row(
+        0,
+        record(
+            purpose=ledger_pb2.CALL_PURPOSE_CACHE_EMBEDDING,
+            route_probabilities=probabilities,
+            route_reason="short factual question",
+        ),
+        CATALOG,
+    )
+
+    assert (row.purpose, row.route_reason) == (4, "short factual question")
+    assert (row.p_simple, row.p_moderate, row.p_complex) == (0.75, 0.0, 0.25)
+    assert not row.is_answer
+    assert to_row(0, record(), CATALOG).is_answer, "unspecified counts as the answer"

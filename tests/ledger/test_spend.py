@@ -40,6 +40,7 @@ def _random_rows(rng: random.Random, count: int) -> list[UsageRow]:
                 output_tokens=rng.randrange(2000),
                 cache_outcome=rng.choice([1, 2, 3]),
                 escalated=rng.random() < 0.1,
+                purpose=rng.choice([0, 1, 1, 2, 3, 4]),  # 2-4 are overhead, not calls
                 cost_nano_usd=cost,
                 counterfactual_cost_nano_usd=cost + rng.randrange(10**12),
             )
@@ -64,11 +65,12 @@ def _brute_force(
         wanted = (not team or row.team == team) and (not feature or row.feature == feature)
         if start <= row.time_us < end and wanted:
             total = sums[tuple(_key(g, row) for g in groups)]
+            answer = int(row.purpose in (0, 1))
             for i, value in enumerate(
                 (
-                    1, row.input_tokens, row.output_tokens, row.cost_nano_usd,
-                    row.counterfactual_cost_nano_usd, int(row.cache_outcome in (2, 3)),
-                    int(row.escalated),
+                    answer, row.input_tokens, row.output_tokens, row.cost_nano_usd,
+                    row.counterfactual_cost_nano_usd, answer * int(row.cache_outcome in (2, 3)),
+                    answer * int(row.escalated),
                 )
             ):  # fmt: skip
                 total[i] += value

@@ -139,6 +139,10 @@ class CompleteResponse(_message.Message):
     TIER_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     COST_PENDING_FIELD_NUMBER: _builtins.int
+    ESCALATED_FIELD_NUMBER: _builtins.int
+    ESCALATED_FROM_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_FIELD_NUMBER: _builtins.int
+    ROUTE_REASON_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request id the call was recorded under."""
     content: _builtins.str
@@ -163,6 +167,16 @@ class CompleteResponse(_message.Message):
     """True when the ledger could not confirm the cost in time. The usage waits in
     inference's durable outbox and is recorded when the ledger is back.
     """
+    escalated: _builtins.bool
+    """True when the first model's answer was not confident enough and a stronger
+    model answered instead; `model` is the one that answered.
+    """
+    escalated_from: _builtins.str
+    """The model whose answer was replaced, when escalated."""
+    confidence: _builtins.float
+    """Confidence (0 to 1) of the first answer, when the feature checks it."""
+    route_reason: _builtins.str
+    """Why the router chose the tier."""
     @_builtins.property
     def usage(self) -> _types_pb2.TokenUsage:
         """Tokens billed for this call; zero for a cache hit."""
@@ -182,12 +196,18 @@ class CompleteResponse(_message.Message):
         tier: _types_pb2.Tier.ValueType = ...,
         finish_reason: _builtins.str = ...,
         cost_pending: _builtins.bool = ...,
+        escalated: _builtins.bool = ...,
+        escalated_from: _builtins.str = ...,
+        confidence: _builtins.float | None = ...,
+        route_reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "confidence", b"confidence", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_outcome", b"cache_outcome", "cached", b"cached", "content", b"content", "cost_nano_usd", b"cost_nano_usd", "cost_pending", b"cost_pending", "finish_reason", b"finish_reason", "model", b"model", "provider", b"provider", "request_id", b"request_id", "tier", b"tier", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "cache_outcome", b"cache_outcome", "cached", b"cached", "confidence", b"confidence", "content", b"content", "cost_nano_usd", b"cost_nano_usd", "cost_pending", b"cost_pending", "escalated", b"escalated", "escalated_from", b"escalated_from", "finish_reason", b"finish_reason", "model", b"model", "provider", b"provider", "request_id", b"request_id", "route_reason", b"route_reason", "tier", b"tier", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__confidence: _TypeAlias = _typing.Literal["confidence"]  # noqa: Y015
+    _WhichOneofArgType__confidence: _TypeAlias = _typing.Literal["_confidence", b"_confidence"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__confidence) -> _WhichOneofReturnType__confidence | None: ...
 
 Global___CompleteResponse: _TypeAlias = CompleteResponse  # noqa: Y015
 

@@ -45,6 +45,42 @@ CALL_STATUS_ERROR: CallStatus.ValueType  # 2
 """The call failed after the provider billed tokens."""
 Global___CallStatus: _TypeAlias = CallStatus  # noqa: Y015
 
+class _CallPurpose:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CallPurposeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CallPurpose.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CALL_PURPOSE_UNSPECIFIED: _CallPurpose.ValueType  # 0
+    """Not set; treated as ANSWER by older writers."""
+    CALL_PURPOSE_ANSWER: _CallPurpose.ValueType  # 1
+    """The call whose answer the caller received (or a cache hit standing for it)."""
+    CALL_PURPOSE_ESCALATED_ATTEMPT: _CallPurpose.ValueType  # 2
+    """A cheaper model's answer that was not confident enough and was replaced by an
+    escalation: paid for, never shown.
+    """
+    CALL_PURPOSE_ROUTING: _CallPurpose.ValueType  # 3
+    """A billed classification by the llm router."""
+    CALL_PURPOSE_CACHE_EMBEDDING: _CallPurpose.ValueType  # 4
+    """A billed embedding of the question by the cache."""
+
+class CallPurpose(_CallPurpose, metaclass=_CallPurposeEnumTypeWrapper):
+    """CallPurpose separates the answer a caller received from the calls made around it."""
+
+CALL_PURPOSE_UNSPECIFIED: CallPurpose.ValueType  # 0
+"""Not set; treated as ANSWER by older writers."""
+CALL_PURPOSE_ANSWER: CallPurpose.ValueType  # 1
+"""The call whose answer the caller received (or a cache hit standing for it)."""
+CALL_PURPOSE_ESCALATED_ATTEMPT: CallPurpose.ValueType  # 2
+"""A cheaper model's answer that was not confident enough and was replaced by an
+escalation: paid for, never shown.
+"""
+CALL_PURPOSE_ROUTING: CallPurpose.ValueType  # 3
+"""A billed classification by the llm router."""
+CALL_PURPOSE_CACHE_EMBEDDING: CallPurpose.ValueType  # 4
+"""A billed embedding of the question by the cache."""
+Global___CallPurpose: _TypeAlias = CallPurpose  # noqa: Y015
+
 class _GroupBy:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -115,6 +151,9 @@ class UsageRecord(_message.Message):
     BASELINE_MODEL_FIELD_NUMBER: _builtins.int
     BASELINE_USAGE_FIELD_NUMBER: _builtins.int
     COUNTERFACTUAL_COST_NANO_USD_FIELD_NUMBER: _builtins.int
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    ROUTE_PROBABILITIES_FIELD_NUMBER: _builtins.int
+    ROUTE_REASON_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key of this record within the team: one per answered call, minted
     by costmesh (never the provider's response id, which is known to repeat).
@@ -157,6 +196,10 @@ class UsageRecord(_message.Message):
     """What the call would have cost on the baseline model without cache or routing,
     in billionths of a US dollar, set by the ledger.
     """
+    purpose: Global___CallPurpose.ValueType
+    """What the call was for: the answer, or overhead around it."""
+    route_reason: _builtins.str
+    """The router's human-readable reason for the tier."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the call finished."""
@@ -170,6 +213,10 @@ class UsageRecord(_message.Message):
         """The tokens the call would have used without the cache: for a hit, what the
         cached answer cost when it was generated; otherwise the call's own usage.
         """
+
+    @_builtins.property
+    def route_probabilities(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.TierProbability]:
+        """The router's per-tier probabilities for the request."""
 
     def __init__(
         self,
@@ -194,10 +241,13 @@ class UsageRecord(_message.Message):
         baseline_model: _builtins.str = ...,
         baseline_usage: _types_pb2.TokenUsage | None = ...,
         counterfactual_cost_nano_usd: _builtins.int = ...,
+        purpose: Global___CallPurpose.ValueType = ...,
+        route_probabilities: _abc.Iterable[_types_pb2.TierProbability] | None = ...,
+        route_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["baseline_usage", b"baseline_usage", "time", b"time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_model", b"baseline_model", "baseline_usage", b"baseline_usage", "batch", b"batch", "cache_outcome", b"cache_outcome", "client_request_id", b"client_request_id", "cost_nano_usd", b"cost_nano_usd", "counterfactual_cost_nano_usd", b"counterfactual_cost_nano_usd", "escalated", b"escalated", "feature", b"feature", "latency_ms", b"latency_ms", "model", b"model", "price_version", b"price_version", "provider", b"provider", "request_id", b"request_id", "status", b"status", "team", b"team", "tier", b"tier", "time", b"time", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_model", b"baseline_model", "baseline_usage", b"baseline_usage", "batch", b"batch", "cache_outcome", b"cache_outcome", "client_request_id", b"client_request_id", "cost_nano_usd", b"cost_nano_usd", "counterfactual_cost_nano_usd", b"counterfactual_cost_nano_usd", "escalated", b"escalated", "feature", b"feature", "latency_ms", b"latency_ms", "model", b"model", "price_version", b"price_version", "provider", b"provider", "purpose", b"purpose", "request_id", b"request_id", "route_probabilities", b"route_probabilities", "route_reason", b"route_reason", "status", b"status", "team", b"team", "tier", b"tier", "time", b"time", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,6 +8,7 @@ from costmesh.types.v1 import types_pb2 as _types_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +20,30 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _EscalationMethod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EscalationMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EscalationMethod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ESCALATION_METHOD_UNSPECIFIED: _EscalationMethod.ValueType  # 0
+    """No confidence check: the first answer is final."""
+    ESCALATION_METHOD_SELF_RATING: _EscalationMethod.ValueType  # 1
+    """The model appends "[CONFIDENCE: N]" (0 to 10); the tag never reaches the caller."""
+    ESCALATION_METHOD_LOGPROBS: _EscalationMethod.ValueType  # 2
+    """The geometric mean of the answer's token probabilities (length-normalised)."""
+
+class EscalationMethod(_EscalationMethod, metaclass=_EscalationMethodEnumTypeWrapper):
+    """EscalationMethod is how the confidence of a cheap answer is judged."""
+
+ESCALATION_METHOD_UNSPECIFIED: EscalationMethod.ValueType  # 0
+"""No confidence check: the first answer is final."""
+ESCALATION_METHOD_SELF_RATING: EscalationMethod.ValueType  # 1
+"""The model appends "[CONFIDENCE: N]" (0 to 10); the tag never reaches the caller."""
+ESCALATION_METHOD_LOGPROBS: EscalationMethod.ValueType  # 2
+"""The geometric mean of the answer's token probabilities (length-normalised)."""
+Global___EscalationMethod: _TypeAlias = EscalationMethod  # noqa: Y015
+
 @_typing.final
 class RouteRequest(_message.Message):
     """RouteRequest describes the request to be routed."""
@@ -29,17 +54,22 @@ class RouteRequest(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     REQUESTED_MODEL_FIELD_NUMBER: _builtins.int
     EMBEDDING_FIELD_NUMBER: _builtins.int
+    EMBEDDING_MODEL_FIELD_NUMBER: _builtins.int
     feature: _builtins.str
     """The application feature, whose configuration holds the tier-to-model map."""
     requested_model: _builtins.str
     """A model the caller insists on; when set the router only reports its tier."""
+    embedding_model: _builtins.str
+    """The model that computed `embedding` (for instance "all-MiniLM-L6-v2")."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ChatMessage]:
         """The conversation to be answered."""
 
     @_builtins.property
     def embedding(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """An embedding of the question already computed upstream, so it is not redone."""
+        """An embedding of the question already computed upstream, so it is not redone.
+        Used only when embedding_model names the router's own embedding model.
+        """
 
     def __init__(
         self,
@@ -48,40 +78,15 @@ class RouteRequest(_message.Message):
         messages: _abc.Iterable[_types_pb2.ChatMessage] | None = ...,
         requested_model: _builtins.str = ...,
         embedding: _abc.Iterable[_builtins.float] | None = ...,
+        embedding_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding", "feature", b"feature", "messages", b"messages", "requested_model", b"requested_model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding", "embedding_model", b"embedding_model", "feature", b"feature", "messages", b"messages", "requested_model", b"requested_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RouteRequest: _TypeAlias = RouteRequest  # noqa: Y015
-
-@_typing.final
-class TierProbability(_message.Message):
-    """TierProbability is the classifier's belief that a request belongs to a tier."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    TIER_FIELD_NUMBER: _builtins.int
-    PROBABILITY_FIELD_NUMBER: _builtins.int
-    tier: _types_pb2.Tier.ValueType
-    """The tier."""
-    probability: _builtins.float
-    """Probability between 0 and 1."""
-    def __init__(
-        self,
-        *,
-        tier: _types_pb2.Tier.ValueType = ...,
-        probability: _builtins.float = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["probability", b"probability", "tier", b"tier"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___TierProbability: _TypeAlias = TierProbability  # noqa: Y015
 
 @_typing.final
 class RouteResponse(_message.Message):
@@ -96,6 +101,15 @@ class RouteResponse(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     PROBABILITIES_FIELD_NUMBER: _builtins.int
     ESCALATION_THRESHOLD_FIELD_NUMBER: _builtins.int
+    CLASSIFIER_FIELD_NUMBER: _builtins.int
+    CLASSIFIER_VERSION_FIELD_NUMBER: _builtins.int
+    CHEAP_TIER_THRESHOLD_FIELD_NUMBER: _builtins.int
+    CHEAP_SHARE_TARGET_FIELD_NUMBER: _builtins.int
+    CHEAP_SHARE_OBSERVED_FIELD_NUMBER: _builtins.int
+    CLASSIFIER_USAGE_FIELD_NUMBER: _builtins.int
+    CLASSIFIER_MODEL_FIELD_NUMBER: _builtins.int
+    ESCALATION_METHOD_FIELD_NUMBER: _builtins.int
+    ESCALATION_TARGET_RATE_FIELD_NUMBER: _builtins.int
     tier: _types_pb2.Tier.ValueType
     """The tier the request was assigned."""
     model: _builtins.str
@@ -107,10 +121,43 @@ class RouteResponse(_message.Message):
     reason: _builtins.str
     """A human-readable explanation of the decision."""
     escalation_threshold: _builtins.float
-    """Answer confidence below which inference escalates; zero disables escalation."""
+    """Answer confidence (0 to 1) below which inference escalates; zero disables
+    escalation unless escalation_target_rate is set.
+    """
+    classifier: _builtins.str
+    """Which classifier decided: "embedding", "llm", "rules", or "caller" when the
+    caller named the model.
+    """
+    classifier_version: _builtins.str
+    """Version of the trained artefact that decided (embedding classifier), or of
+    the prompt (llm classifier).
+    """
+    cheap_tier_threshold: _builtins.float
+    """The probability of needing at most a tier that a request must reach before it
+    may go to that cheaper tier (the feature's cost/quality knob, or the value
+    derived from its cheap-share target).
+    """
+    cheap_share_target: _builtins.float
+    """The share of traffic the feature wants below the complex tier; zero for none."""
+    cheap_share_observed: _builtins.float
+    """The share of the feature's recent requests this router sent below complex."""
+    classifier_model: _builtins.str
+    """The model that classified (llm classifier)."""
+    escalation_method: Global___EscalationMethod.ValueType
+    """How inference judges the first answer's confidence."""
+    escalation_target_rate: _builtins.float
+    """The share of answers the feature wants escalated: inference then sets the
+    threshold from the confidences of recent answers. Zero: escalation_threshold.
+    """
     @_builtins.property
-    def probabilities(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierProbability]:
+    def probabilities(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.TierProbability]:
         """Per-tier probabilities, when the classifier produces them."""
+
+    @_builtins.property
+    def classifier_usage(self) -> _types_pb2.TokenUsage:
+        """Tokens a billed classification used (llm classifier); inference records them
+        in the ledger as routing overhead.
+        """
 
     def __init__(
         self,
@@ -120,13 +167,152 @@ class RouteResponse(_message.Message):
         escalation_model: _builtins.str = ...,
         confidence: _builtins.float = ...,
         reason: _builtins.str = ...,
-        probabilities: _abc.Iterable[Global___TierProbability] | None = ...,
+        probabilities: _abc.Iterable[_types_pb2.TierProbability] | None = ...,
         escalation_threshold: _builtins.float = ...,
+        classifier: _builtins.str = ...,
+        classifier_version: _builtins.str = ...,
+        cheap_tier_threshold: _builtins.float = ...,
+        cheap_share_target: _builtins.float = ...,
+        cheap_share_observed: _builtins.float = ...,
+        classifier_usage: _types_pb2.TokenUsage | None = ...,
+        classifier_model: _builtins.str = ...,
+        escalation_method: Global___EscalationMethod.ValueType = ...,
+        escalation_target_rate: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["classifier_usage", b"classifier_usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "escalation_model", b"escalation_model", "escalation_threshold", b"escalation_threshold", "model", b"model", "probabilities", b"probabilities", "reason", b"reason", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cheap_share_observed", b"cheap_share_observed", "cheap_share_target", b"cheap_share_target", "cheap_tier_threshold", b"cheap_tier_threshold", "classifier", b"classifier", "classifier_model", b"classifier_model", "classifier_usage", b"classifier_usage", "classifier_version", b"classifier_version", "confidence", b"confidence", "escalation_method", b"escalation_method", "escalation_model", b"escalation_model", "escalation_target_rate", b"escalation_target_rate", "escalation_threshold", b"escalation_threshold", "model", b"model", "probabilities", b"probabilities", "reason", b"reason", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RouteResponse: _TypeAlias = RouteResponse  # noqa: Y015
+
+@_typing.final
+class GetRouteStatsRequest(_message.Message):
+    """GetRouteStatsRequest selects the features to report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Features to report; empty for all."""
+
+    def __init__(
+        self,
+        *,
+        features: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["features", b"features"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRouteStatsRequest: _TypeAlias = GetRouteStatsRequest  # noqa: Y015
+
+@_typing.final
+class TierCount(_message.Message):
+    """TierCount is how many recent requests went to a tier."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIER_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    tier: _types_pb2.Tier.ValueType
+    """The tier."""
+    requests: _builtins.int
+    """Requests routed to it."""
+    def __init__(
+        self,
+        *,
+        tier: _types_pb2.Tier.ValueType = ...,
+        requests: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TierCount: _TypeAlias = TierCount  # noqa: Y015
+
+@_typing.final
+class FeatureRouteStats(_message.Message):
+    """FeatureRouteStats describes how one feature's recent requests were routed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_FIELD_NUMBER: _builtins.int
+    CLASSIFIER_FIELD_NUMBER: _builtins.int
+    CLASSIFIER_VERSION_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    TIERS_FIELD_NUMBER: _builtins.int
+    CHEAP_TIER_THRESHOLD_FIELD_NUMBER: _builtins.int
+    CHEAP_SHARE_TARGET_FIELD_NUMBER: _builtins.int
+    CHEAP_SHARE_OBSERVED_FIELD_NUMBER: _builtins.int
+    CLASSIFIER_FAILURES_FIELD_NUMBER: _builtins.int
+    feature: _builtins.str
+    """The feature."""
+    classifier: _builtins.str
+    """Its classifier ("embedding", "llm", "rules")."""
+    classifier_version: _builtins.str
+    """The artefact or prompt version in use."""
+    requests: _builtins.int
+    """Requests routed since the router started."""
+    cheap_tier_threshold: _builtins.float
+    """The threshold in use now (see RouteResponse.cheap_tier_threshold)."""
+    cheap_share_target: _builtins.float
+    """The feature's cheap-share target; zero for none."""
+    cheap_share_observed: _builtins.float
+    """The share of recent requests sent below complex."""
+    classifier_failures: _builtins.int
+    """Classifications that failed and were routed to complex instead."""
+    @_builtins.property
+    def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierCount]:
+        """Requests per tier since the router started."""
+
+    def __init__(
+        self,
+        *,
+        feature: _builtins.str = ...,
+        classifier: _builtins.str = ...,
+        classifier_version: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        tiers: _abc.Iterable[Global___TierCount] | None = ...,
+        cheap_tier_threshold: _builtins.float = ...,
+        cheap_share_target: _builtins.float = ...,
+        cheap_share_observed: _builtins.float = ...,
+        classifier_failures: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cheap_share_observed", b"cheap_share_observed", "cheap_share_target", b"cheap_share_target", "cheap_tier_threshold", b"cheap_tier_threshold", "classifier", b"classifier", "classifier_failures", b"classifier_failures", "classifier_version", b"classifier_version", "feature", b"feature", "requests", b"requests", "tiers", b"tiers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureRouteStats: _TypeAlias = FeatureRouteStats  # noqa: Y015
+
+@_typing.final
+class GetRouteStatsResponse(_message.Message):
+    """GetRouteStatsResponse holds one entry per selected feature."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureRouteStats]:
+        """Per-feature statistics."""
+
+    def __init__(
+        self,
+        *,
+        features: _abc.Iterable[Global___FeatureRouteStats] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["features", b"features"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRouteStatsResponse: _TypeAlias = GetRouteStatsResponse  # noqa: Y015

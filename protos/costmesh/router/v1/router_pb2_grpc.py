@@ -41,6 +41,11 @@ class RouterServiceStub:
                 request_serializer=costmesh_dot_router_dot_v1_dot_router__pb2.RouteRequest.SerializeToString,
                 response_deserializer=costmesh_dot_router_dot_v1_dot_router__pb2.RouteResponse.FromString,
                 _registered_method=True)
+        self.GetRouteStats = channel.unary_unary(
+                '/costmesh.router.v1.RouterService/GetRouteStats',
+                request_serializer=costmesh_dot_router_dot_v1_dot_router__pb2.GetRouteStatsRequest.SerializeToString,
+                response_deserializer=costmesh_dot_router_dot_v1_dot_router__pb2.GetRouteStatsResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -55,6 +60,14 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRouteStats(self, request, context):
+        """GetRouteStats reports, per feature, how recent requests were routed: the share
+        each tier received and, for features with a target, the share achieved.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -62,6 +75,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.Route,
                     request_deserializer=costmesh_dot_router_dot_v1_dot_router__pb2.RouteRequest.FromString,
                     response_serializer=costmesh_dot_router_dot_v1_dot_router__pb2.RouteResponse.SerializeToString,
+            ),
+            'GetRouteStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRouteStats,
+                    request_deserializer=costmesh_dot_router_dot_v1_dot_router__pb2.GetRouteStatsRequest.FromString,
+                    response_serializer=costmesh_dot_router_dot_v1_dot_router__pb2.GetRouteStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -93,6 +111,33 @@ class RouterService:
             '/costmesh.router.v1.RouterService/Route',
             costmesh_dot_router_dot_v1_dot_router__pb2.RouteRequest.SerializeToString,
             costmesh_dot_router_dot_v1_dot_router__pb2.RouteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRouteStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/costmesh.router.v1.RouterService/GetRouteStats',
+            costmesh_dot_router_dot_v1_dot_router__pb2.GetRouteStatsRequest.SerializeToString,
+            costmesh_dot_router_dot_v1_dot_router__pb2.GetRouteStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,10 @@ class RouterServiceStub:
     def __new__(cls, channel: _aio.Channel) -> RouterServiceAsyncStub: ...
     Route: _grpc.UnaryUnaryMultiCallable[_router_pb2.RouteRequest, _router_pb2.RouteResponse]
     """Route returns the model plan for one request."""
+    GetRouteStats: _grpc.UnaryUnaryMultiCallable[_router_pb2.GetRouteStatsRequest, _router_pb2.GetRouteStatsResponse]
+    """GetRouteStats reports, per feature, how recent requests were routed: the share
+    each tier received and, for features with a target, the share achieved.
+    """
 
 @_typing.type_check_only
 class RouterServiceAsyncStub(RouterServiceStub):
@@ -47,6 +51,10 @@ class RouterServiceAsyncStub(RouterServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Route: _aio.UnaryUnaryMultiCallable[_router_pb2.RouteRequest, _router_pb2.RouteResponse]  # type: ignore[assignment]
     """Route returns the model plan for one request."""
+    GetRouteStats: _aio.UnaryUnaryMultiCallable[_router_pb2.GetRouteStatsRequest, _router_pb2.GetRouteStatsResponse]  # type: ignore[assignment]
+    """GetRouteStats reports, per feature, how recent requests were routed: the share
+    each tier received and, for features with a target, the share achieved.
+    """
 
 class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
     """RouterService decides which tier, and so which model, a request needs. Inference
@@ -60,5 +68,15 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_router_pb2.RouteResponse, _abc.Awaitable[_router_pb2.RouteResponse]]:
         """Route returns the model plan for one request."""
+
+    @_abc_1.abstractmethod
+    def GetRouteStats(
+        self,
+        request: _router_pb2.GetRouteStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_pb2.GetRouteStatsResponse, _abc.Awaitable[_router_pb2.GetRouteStatsResponse]]:
+        """GetRouteStats reports, per feature, how recent requests were routed: the share
+        each tier received and, for features with a target, the share achieved.
+        """
 
 def add_RouterServiceServicer_to_server(servicer: RouterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

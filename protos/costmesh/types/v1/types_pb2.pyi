@@ -215,3 +215,29 @@ class TokenUsage(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TokenUsage: _TypeAlias = TokenUsage  # noqa: Y015
+
+@_typing.final
+class TierProbability(_message.Message):
+    """TierProbability is a router's belief that a request belongs to a tier."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIER_FIELD_NUMBER: _builtins.int
+    PROBABILITY_FIELD_NUMBER: _builtins.int
+    tier: Global___Tier.ValueType
+    """The tier."""
+    probability: _builtins.float
+    """Probability between 0 and 1."""
+    def __init__(
+        self,
+        *,
+        tier: Global___Tier.ValueType = ...,
+        probability: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["probability", b"probability", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TierProbability: _TypeAlias = TierProbability  # noqa: Y015

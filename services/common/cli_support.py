@@ -1,0 +1,60 @@
+"""What the client commands share: argument types and aligned tables."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TextIO
+
+
+def write_grid(
+    out: TextIO, header: list[str], lines: list[list[str]], fmt: str, numeric: int = 99
+) -> None:
+    """Aligned columns; in markdown the first `numeric` columns align right."""
+    if fmt == "markdown":
+        out.write("| " + " | ".join(header) + " |\n")
+        out.write("|" + "|".join("---:" if i < numeric else "---" for i in range(len(header))))
+        out.write("|\n")
+        for line in lines:
+            out.write("| " + " | ".join(markdown_cell(x) for x in line) + " |\n")
+        return
+    widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=True)]
+    for line in [header, *lines]:
+        out.write("  ".join(x.rjust(w) for x, w in zip(line, widths, strict=True)) + "\n")
+
+
+def markdown_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def unit(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1: {text!r}")
+    return value
+
+
+def unit_list(text: str) -> tuple[float, ...]:
+    values = sorted({unit(t.strip()) for t in text.split(",") if t.strip()})
+    if not values:
+        raise argparse.ArgumentTypeError("name at least one value")
+    return tuple(values)
+
+
+def positive(text: str) -> int:
+    value = count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value

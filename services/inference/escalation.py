@@ -1,0 +1,80 @@
+"""Confidence-based escalation: judge the cheap model's answer, replace it when unsure.
+
+Two judges. A self-rating the model is asked to append ("[CONFIDENCE: N]", 0 to 10;
+the tag never reaches the caller), or the answer's token log-probabilities. Their
+sum grows with length, so long answers would look unsure: the judge is the geometric
+mean token probability, exp(mean logprob), which does not.
+
+Raw ratings are poorly calibrated, so a feature may give the share of answers it is
+willing to escalate instead of a fixed threshold: the threshold is then that
+quantile of the confidences of its recent answers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import deque
+from collections.abc import Sequence
+
+import numpy as np
+
+from costmesh.types.v1 import types_pb2
+
+CONFIDENCE_INSTRUCTION = (
+    "After your answer, add one final line of the form [CONFIDENCE: N], where N is a "
+    "whole number from 0 to 10 rating how likely it is that your answer is correct and "
+    "complete."
+)
+# Room for the tag beyond the caller's max_tokens, so a full-length answer keeps it.
+RATING_TOKENS = 8
+_TAG = re.compile(r"[ \t]*\[\s*confidence\s*:\s*(\d+(?:\.\d+)?)\s*(?:/\s*10\s*)?\]", re.IGNORECASE)
+# Recent confidences per feature and method, and how many a target rate needs
+# before it replaces the fixed threshold.
+WINDOW = 1000
+MIN_OBSERVED = 50
+
+
+def ask_for_rating(messages: Sequence[types_pb2.ChatMessage]) -> list[types_pb2.ChatMessage]:
+    """The conversation with the rating instruction last: the caller's prompt stays a
+    prefix, so provider prompt caching still applies to it."""
+    instruction = types_pb2.ChatMessage(role=types_pb2.ROLE_SYSTEM, content=CONFIDENCE_INSTRUCTION)
+    return [*messages, instruction]
+
+
+def strip_rating(content: str) -> tuple[str, float | None]:
+    """The answer without any rating tag, and the last rating as 0..1 (None if absent)."""
+    ratings = _TAG.findall(content)
+    if not ratings:
+        return content, None
+    rating = min(max(float(ratings[-1]) / 10, 0.0), 1.0)
+    return _TAG.sub("", content).rstrip(), rating
+
+
+def logprob_confidence(token_logprobs: Sequence[float]) -> float | None:
+    """Geometric mean probability of the answer's tokens; None without any."""
+    if not token_logprobs:
+        return None
+    return math.exp(sum(token_logprobs) / len(token_logprobs))
+
+
+class EscalationThresholds:
+    """The confidence an answer needs, per feature and method."""
+
+    def __init__(self, window: int = WINDOW) -> None:
+        self._window = window
+        self._recent: dict[tuple[str, int], deque[float]] = {}
+
+    def threshold(self, feature: str, method: int, fixed: float, target_rate: float) -> float:
+        """With a target rate and enough history: the confidence below which that
+        share of recent answers fell; otherwise the fixed threshold."""
+        recent = self._recent.get((feature, method))
+        if not target_rate or recent is None or len(recent) < MIN_OBSERVED:
+            return fixed
+        return float(np.quantile(np.fromiter(recent, dtype=np.float64), target_rate))
+
+    def observe(self, feature: str, method: int, confidence: float) -> None:
+        key = (feature, method)
+        if key not in self._recent:
+            self._recent[key] = deque(maxlen=self._window)
+        self._recent[key].append(confidence)

@@ -1,0 +1,80 @@
+"""The trained artefact: what is saved is what is loaded, and nothing else loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.common.embedding import shared_minilm
+from services.router.artefact import TIERS, ArtefactError, TierModel
+from tests.router.conftest import TICKETS
+
+
+def test_a_saved_artefact_loads_with_the_same_probabilities_and_version(
+    trained_model: TierModel, tmp_path: Path
+) -> None:
+    path = tmp_path / "a.npz"
+    version = trained_model.save(path)
+    loaded = TierModel.load(path)
+    vectors = shared_minilm(None, 2).embed_sync(["Where is my parcel?"]).vectors
+
+    assert loaded.version == version
+    assert loaded.classes == trained_model.classes
+    np.testing.assert_allclose(
+        loaded.tier_probabilities(vectors), trained_model.tier_probabilities(vectors), atol=1e-6
+    )
+    assert loaded.meta["rows"] == len(TICKETS)
+
+
+def test_the_trained_classifier_separates_the_tiers_it_learned(trained_model: TierModel) -> None:
+    probabilities = trained_model.tier_probabilities(
+        shared_minilm(None, 2)
+        .embed_sync(
+            [
+                "What time does the store open on Saturday?",
+                "How do I change the password of my account?",
+                "I was charged twice for one order and want the money investigated",
+            ]
+        )
+        .vectors
+    )
+
+    assert [TIERS[int(i)] for i in probabilities.argmax(axis=1)] == list(TIERS)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_a_tampered_artefact_is_refused(trained_model: TierModel, tmp_path: Path) -> None:
+    path = tmp_path / "a.npz"
+    trained_model.save(path)
+    with np.load(path) as data:
+        arrays = {name: data[name] for name in data.files}
+    arrays["bias"] = arrays["bias"] + 1.0
+    np.savez(path, **arrays)
+
+    with pytest.raises(ArtefactError, match="does not match its version"):
+        TierModel.load(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [(b"not a zip at all", "not a router artefact"), (None, "no such artefact")],
+)
+def test_a_file_that_is_not_an_artefact_says_so(
+    tmp_path: Path, content: bytes | None, error: str
+) -> None:
+    path = tmp_path / "bad.npz"
+    if content is not None:
+        path.write_bytes(content)
+
+    with pytest.raises(ArtefactError, match=error):
+        TierModel.load(path)
+
+
+def test_an_array_file_of_another_kind_is_not_an_artefact(tmp_path: Path) -> None:
+    path = tmp_path / "other.npz"
+    np.savez(path, weights=np.zeros((2, 3)))
+
+    with pytest.raises(ArtefactError, match="no bias, meta, version"):
+        TierModel.load(path)

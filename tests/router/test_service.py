@@ -1,0 +1,253 @@
+"""RouterService over gRPC on a real mesh: each classifier, reloads, the knob, stats."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+
+from costmesh.router.v1 import router_pb2
+from costmesh.types.v1 import types_pb2
+from services.common.config import ConfigError, load_config
+from services.common.embedding import MINILM, shared_minilm
+from services.inference.simulator import OpenAISimulator
+from services.mesh import SERVICES, start_mesh
+from services.router.artefact import TIERS, TierModel
+from services.router.tickets import Ticket
+from services.router.training import train
+from tests.conftest import AUTH, Mesh, mesh_env
+from tests.router.conftest import TICKETS, routing_mesh
+
+COMPLEX = "I was charged twice for one order and the bank says it is your fault"
+SIMPLE = "What time does the shop open?"
+
+
+def route_request(text: str, feature: str = "default", **fields: object) -> router_pb2.RouteRequest:
+    return router_pb2.RouteRequest(
+        feature=feature,
+        messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=text)],
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def config_for(artefact: Path) -> str:
+    return f"""
+[router]
+artefact = "{artefact}"
+reload_seconds = 0
+
+[features.fixed]
+router = "rules"
+tier = "moderate"
+
+[features.cheap_llm]
+router = "llm"
+
+[features.half]
+cheap_share_target = 0.5
+"""
+
+
+@pytest.fixture
+async def mesh(simulator: OpenAISimulator, tmp_path: Path, artefact: Path) -> AsyncIterator[Mesh]:
+    async with routing_mesh(simulator, tmp_path, config_for(artefact)) as running:
+        yield running
+
+
+def span_names(mesh: Mesh) -> list[str]:
+    return [s.name for s in mesh.spans.get_finished_spans()]
+
+
+def probabilities(response: router_pb2.RouteResponse) -> dict[str, float]:
+    return {TIERS[p.tier - 1]: p.probability for p in response.probabilities}
+
+
+async def test_the_embedding_classifier_routes_a_complex_ticket_to_the_large_model(
+    mesh: Mesh, artefact: Path
+) -> None:
+    plan = await mesh.router.Route(route_request(COMPLEX), metadata=AUTH, timeout=10)
+
+    assert plan.tier == types_pb2.TIER_COMPLEX
+    assert plan.model == "gpt-4o"
+    assert plan.escalation_model == ""  # already on the escalation model
+    assert sum(probabilities(plan).values()) == pytest.approx(1.0, abs=1e-5)
+    assert probabilities(plan)["complex"] > 0.5
+    assert plan.classifier == "embedding"
+    assert plan.classifier_version == TierModel.load(artefact).version
+    assert plan.cheap_tier_threshold == 0.5
+    assert "complex" in plan.reason
+    assert "gpt-4o" in plan.reason
+    route = next(s for s in mesh.spans.get_finished_spans() if s.name.endswith("/Route"))
+    assert route.attributes is not None
+    assert route.attributes["costmesh.route.tier"] == "complex"
+    assert route.attributes["costmesh.route.reason"] == plan.reason
+    assert route.attributes["costmesh.route.p_complex"] == probabilities(plan)["complex"]
+
+
+async def test_a_simple_ticket_goes_to_the_small_model_with_the_escalation_model_named(
+    mesh: Mesh,
+) -> None:
+    plan = await mesh.router.Route(route_request(SIMPLE), metadata=AUTH, timeout=10)
+
+    assert plan.tier == types_pb2.TIER_SIMPLE
+    assert (plan.model, plan.escalation_model) == ("gpt-4o-mini", "gpt-4o")
+    assert plan.escalation_method == router_pb2.ESCALATION_METHOD_UNSPECIFIED  # feature: off
+
+
+async def test_a_supplied_vector_is_used_instead_of_embedding_again(mesh: Mesh) -> None:
+    vector = shared_minilm(None, 2).embed_sync([COMPLEX]).vectors[0].tolist()
+
+    embedded = await mesh.router.Route(route_request(COMPLEX), metadata=AUTH, timeout=10)
+    embeds_without = span_names(mesh).count("router.embed")
+    mesh.spans.clear()
+    reused = await mesh.router.Route(
+        route_request(COMPLEX, embedding=vector, embedding_model=MINILM), metadata=AUTH, timeout=10
+    )
+    foreign = await mesh.router.Route(
+        route_request(COMPLEX, embedding=vector, embedding_model="text-embedding-3-small"),
+        metadata=AUTH,
+        timeout=10,
+    )
+
+    assert embeds_without == 1
+    assert span_names(mesh).count("router.embed") == 1  # only the foreign vector's request
+    assert probabilities(reused) == pytest.approx(probabilities(embedded), abs=1e-5)
+    assert probabilities(foreign) == pytest.approx(probabilities(embedded), abs=1e-5)
+
+
+async def test_a_new_artefact_is_picked_up_and_a_broken_one_is_refused(
+    mesh: Mesh, artefact: Path
+) -> None:
+    before = await mesh.router.Route(route_request(SIMPLE), metadata=AUTH, timeout=10)
+    # Retrained with every ticket on complex but the password ones: another version.
+    relabelled = [
+        Ticket(t.text, "moderate" if t.label == "recover_password" else "complex") for t in TICKETS
+    ]
+    vectors = shared_minilm(None, 2).embed_sync([t.text for t in relabelled]).vectors
+    new_version = train(relabelled, vectors, MINILM, "relabelled").model.save(artefact)
+
+    after = await mesh.router.Route(route_request(SIMPLE), metadata=AUTH, timeout=10)
+    artefact.write_bytes(b"half a file")  # noqa: ASYNC240 - a test's quick write
+    still = await mesh.router.Route(route_request(SIMPLE), metadata=AUTH, timeout=10)
+
+    assert before.classifier_version != new_version
+    assert after.classifier_version == new_version
+    assert after.tier == types_pb2.TIER_COMPLEX  # the new model's opinion
+    assert still.classifier_version == new_version  # the last good model keeps serving
+
+
+async def test_the_rules_classifier_gives_the_fixed_tier(mesh: Mesh) -> None:
+    plan = await mesh.router.Route(route_request(COMPLEX, "fixed"), metadata=AUTH, timeout=10)
+
+    assert plan.tier == types_pb2.TIER_MODERATE
+    assert plan.model == "gpt-4o-mini"
+    assert plan.classifier == "rules"
+    assert probabilities(plan) == {"simple": 0.0, "moderate": 1.0, "complex": 0.0}
+
+
+async def test_the_llm_classifier_reports_the_tier_and_its_billed_tokens(
+    mesh: Mesh, simulator: OpenAISimulator
+) -> None:
+    plan = await mesh.router.Route(route_request(SIMPLE, "cheap_llm"), metadata=AUTH, timeout=10)
+
+    assert plan.tier == types_pb2.TIER_SIMPLE  # the simulator's answer for a short question
+    assert plan.classifier == "llm"
+    assert plan.classifier_model == "gpt-4o-mini"
+    assert plan.classifier_usage.input_tokens > 0
+    assert plan.classifier_usage.output_tokens == 1
+    sent = simulator.requests[-1]
+    assert sent["max_tokens"] == 10
+    assert sent["messages"][-1]["content"] == SIMPLE
+
+
+@pytest.mark.parametrize("answer", ["I think this one is hard", "simple or complex", ""])
+async def test_an_unparseable_llm_classification_routes_to_complex(
+    mesh: Mesh, simulator: OpenAISimulator, answer: str
+) -> None:
+    simulator.script("gpt-4o-mini", answer)
+
+    plan = await mesh.router.Route(route_request(SIMPLE, "cheap_llm"), metadata=AUTH, timeout=10)
+    stats = await mesh.router.GetRouteStats(
+        router_pb2.GetRouteStatsRequest(features=["cheap_llm"]), metadata=AUTH, timeout=5
+    )
+
+    assert plan.tier == types_pb2.TIER_COMPLEX
+    assert plan.model == "gpt-4o"
+    assert "not a tier" in plan.reason
+    assert plan.classifier_usage.input_tokens > 0  # paid for all the same
+    assert stats.features[0].classifier_failures == 1
+
+
+async def test_a_failed_llm_classification_routes_to_complex(
+    mesh: Mesh, simulator: OpenAISimulator
+) -> None:
+    simulator.fail_next(3, status=503)  # the call and the SDK's two retries
+
+    plan = await mesh.router.Route(route_request(SIMPLE, "cheap_llm"), metadata=AUTH, timeout=10)
+
+    assert plan.tier == types_pb2.TIER_COMPLEX
+    assert "failed" in plan.reason
+
+
+async def test_a_caller_that_names_the_model_skips_routing(mesh: Mesh) -> None:
+    plan = await mesh.router.Route(
+        route_request(COMPLEX, requested_model="gpt-4o-mini"), metadata=AUTH, timeout=10
+    )
+
+    assert (plan.model, plan.classifier, plan.tier) == ("gpt-4o-mini", "caller", 1)
+    assert plan.escalation_model == ""
+
+
+async def test_stats_count_the_tiers_and_the_share_below_complex(mesh: Mesh) -> None:
+    for text in (SIMPLE, COMPLEX, "How do I reset my password?", COMPLEX):
+        await mesh.router.Route(route_request(text, "half"), metadata=AUTH, timeout=10)
+
+    stats = await mesh.router.GetRouteStats(
+        router_pb2.GetRouteStatsRequest(features=["half"]), metadata=AUTH, timeout=5
+    )
+
+    half = stats.features[0]
+    routed = {TIERS[t.tier - 1]: t.requests for t in half.tiers}
+    assert half.requests == 4 == sum(routed.values())
+    assert half.cheap_share_observed == (routed["simple"] + routed["moderate"]) / 4
+    assert half.cheap_share_target == 0.5
+    assert 0 < half.cheap_tier_threshold <= 1
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (route_request(SIMPLE, "nope"), "feature"),
+        (
+            router_pb2.RouteRequest(
+                feature="default",
+                messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_SYSTEM, content="hi")],
+            ),
+            "messages",
+        ),
+    ],
+)
+async def test_a_bad_route_request_is_refused_naming_the_field(
+    mesh: Mesh, request_: router_pb2.RouteRequest, field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await mesh.router.Route(request_, metadata=AUTH, timeout=10)
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (caught.value.details() or "")
+
+
+async def test_a_mesh_with_a_missing_artefact_refuses_to_start(
+    simulator: OpenAISimulator, tmp_path: Path
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[features.default]\nrouter_artefact = "{tmp_path / "none.npz"}"\n')
+    env = mesh_env(simulator, tmp_path)
+
+    with pytest.raises(
+        ConfigError, match=r"features\.default\.router_artefact: .*no such artefact"
+    ):
+        await start_mesh(load_config(config, env=env), env, SERVICES, TracerProvider(), port=0)
