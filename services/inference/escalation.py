@@ -16,6 +16,7 @@ import math
 import re
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -48,7 +49,7 @@ def strip_rating(content: str) -> tuple[str, float | None]:
     if not ratings:
         return content, None
     rating = min(max(float(ratings[-1]) / 10, 0.0), 1.0)
-    return _TAG.sub("", content).rstrip(), rating
+    return _TAG.sub("", content).strip(), rating
 
 
 def logprob_confidence(token_logprobs: Sequence[float]) -> float | None:
@@ -58,20 +59,42 @@ def logprob_confidence(token_logprobs: Sequence[float]) -> float | None:
     return math.exp(sum(token_logprobs) / len(token_logprobs))
 
 
+@dataclass(frozen=True)
+class Bar:
+    """The confidence an answer needs: below `threshold` it escalates; exactly at it,
+    with probability `at_threshold` (ratings are whole numbers: without this a 15%
+    target over ratings 4..10 could only escalate 0% or 14%, or 29%)."""
+
+    threshold: float
+    at_threshold: float = 0.0
+
+    def escalates(self, confidence: float | None, draw: float) -> bool:
+        """`draw` is uniform in [0, 1): the tie-break for an answer at the bar."""
+        if confidence is None:
+            return True  # no rating is no confidence
+        return confidence < self.threshold or (
+            confidence == self.threshold and draw < self.at_threshold
+        )
+
+
 class EscalationThresholds:
-    """The confidence an answer needs, per feature and method."""
+    """The bar per feature and method, from a fixed threshold or a target rate."""
 
     def __init__(self, window: int = WINDOW) -> None:
         self._window = window
         self._recent: dict[tuple[str, int], deque[float]] = {}
 
-    def threshold(self, feature: str, method: int, fixed: float, target_rate: float) -> float:
-        """With a target rate and enough history: the confidence below which that
-        share of recent answers fell; otherwise the fixed threshold."""
+    def bar(self, feature: str, method: int, fixed: float, target_rate: float) -> Bar:
+        """With a target rate and enough history: the bar that escalated that share of
+        the recent answers; otherwise the fixed threshold."""
         recent = self._recent.get((feature, method))
         if not target_rate or recent is None or len(recent) < MIN_OBSERVED:
-            return fixed
-        return float(np.quantile(np.fromiter(recent, dtype=np.float64), target_rate))
+            return Bar(fixed)
+        scores = np.fromiter(recent, dtype=np.float64)
+        threshold = float(np.quantile(scores, target_rate, method="inverted_cdf"))
+        below = float(np.mean(scores < threshold))
+        at = float(np.mean(scores == threshold))
+        return Bar(threshold, min(max((target_rate - below) / at, 0.0), 1.0) if at else 0.0)
 
     def observe(self, feature: str, method: int, confidence: float) -> None:
         key = (feature, method)

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
+import random
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -93,6 +94,7 @@ class CompletionPath:
         # Misses being generated, by cache key: identical ones wait for the first.
         self._in_flight: dict[str, asyncio.Future[inference_pb2.CompleteResponse]] = {}
         self._escalation = EscalationThresholds()
+        self._random = random.Random()  # tie-breaks at the escalation bar
 
     async def complete(
         self,
@@ -287,10 +289,10 @@ class CompletionPath:
         """The planned model's answer, or the escalation model's when the first one is
         not confident enough. `model` of the result is the catalog name that answered."""
         feature, method = call.request.feature, plan.escalation_method
-        threshold = self._escalation.threshold(
+        bar = self._escalation.bar(
             feature, method, plan.escalation_threshold, plan.escalation_target_rate
         )
-        wanted = threshold > 0 or plan.escalation_target_rate > 0
+        wanted = bar.threshold > 0 or plan.escalation_target_rate > 0
         judged = bool(plan.escalation_model and method and wanted)
         first = await self._chat(call, plan.model, method if judged else None)
         rated = method == router_pb2.ESCALATION_METHOD_SELF_RATING
@@ -305,11 +307,11 @@ class CompletionPath:
             response.confidence = confidence
             self._escalation.observe(feature, method, confidence)
             span.set_attribute("costmesh.escalation.confidence", confidence)
-        escalate = confidence is None or confidence < threshold
+        escalate = bar.escalates(confidence, self._random.random())
         span.set_attributes(
             {
                 "costmesh.escalation.method": router_pb2.EscalationMethod.Name(method),
-                "costmesh.escalation.threshold": threshold,
+                "costmesh.escalation.threshold": bar.threshold,
                 "costmesh.escalated": escalate,
             }
         )
