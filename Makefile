@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/cache_hit_latency.py
 	$(BIN)/python bench/semantic_lookup.py
 	$(BIN)/python bench/ledger.py
+	$(BIN)/python bench/route_latency.py
 
 ## Retrain the router artefact that ships with costmesh (Bitext support tickets).
 router-artefact: $(STAMP)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -26,9 +27,10 @@ from services.router.classifiers import (
     LLMClassifier,
     RulesClassifier,
 )
-from services.router.plans import FeaturePlan, RouterSettings
+from services.router.plans import SHIPPED_ARTEFACT, FeaturePlan, RouterSettings
 from services.router.policy import CheapShare, cheap_score, choose_tier
 
+log = logging.getLogger(__name__)
 SERVICE_NAME = "costmesh.router.v1.RouterService"
 TIER_TO_PROTO = {
     "simple": types_pb2.TIER_SIMPLE,
@@ -108,6 +110,7 @@ class FeatureRouter:
                 "costmesh.route.embedded": found.embedded,
                 "costmesh.route.cheap_tier_threshold": threshold,
                 "costmesh.route.cheap_score": score,
+                "costmesh.route.cheap_share_observed": self.cheap_share.observed,
                 **{
                     f"costmesh.route.p_{t}": p
                     for t, p in zip(TIERS, found.probabilities, strict=True)
@@ -203,6 +206,14 @@ def build(
     settings = RouterSettings.from_config(config)
     tracer = tracer_provider.get_tracer("costmesh.router")
     artefacts = _artefacts(settings)  # first: it may refuse, and nothing is open yet
+    shipped = [n for n, p in settings.plans.items() if p.classifier == "embedding"
+               and p.artefact == SHIPPED_ARTEFACT]  # fmt: skip
+    if shipped:
+        log.info(
+            "features %s route with the shipped artefact, trained on e-commerce support "
+            "tickets (Bitext); for other traffic train one on your own: costmesh router train",
+            ", ".join(shipped),
+        )
     kinds = {p.classifier for p in settings.plans.values()}
     embedder = None
     if "embedding" in kinds:
