@@ -55,7 +55,7 @@ def _request(text: str, vector: Sequence[float] = ()) -> router_pb2.RouteRequest
 
 
 async def _time(
-    stub: router_pb2_grpc.RouterServiceStub, requests: list[router_pb2.RouteRequest]
+    stub: router_pb2_grpc.RouterServiceAsyncStub, requests: list[router_pb2.RouteRequest]
 ) -> list[float]:
     for request in requests[:50]:  # warm-up: connection, model, caches
         await stub.Route(request, metadata=KEY, timeout=10)

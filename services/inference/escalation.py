@@ -37,10 +37,18 @@ MIN_OBSERVED = 50
 
 
 def ask_for_rating(messages: Sequence[types_pb2.ChatMessage]) -> list[types_pb2.ChatMessage]:
-    """The conversation with the rating instruction last: the caller's prompt stays a
-    prefix, so provider prompt caching still applies to it."""
-    instruction = types_pb2.ChatMessage(role=types_pb2.ROLE_SYSTEM, content=CONFIDENCE_INSTRUCTION)
-    return [*messages, instruction]
+    """The conversation with the rating instruction added to its last user message.
+
+    Not a system message of its own: many chat templates of OpenAI-compatible servers
+    refuse a system message after the first turn. Everything before the last user
+    message stays a prefix, so provider prompt caching still applies to it.
+    """
+    asked = list(messages)
+    last = max(i for i, m in enumerate(asked) if m.role == types_pb2.ROLE_USER)
+    asked[last] = types_pb2.ChatMessage(
+        role=types_pb2.ROLE_USER, content=asked[last].content + "\n\n" + CONFIDENCE_INSTRUCTION
+    )
+    return asked
 
 
 def strip_rating(content: str) -> tuple[str, float | None]:

@@ -85,9 +85,11 @@ class IdempotencyStore:
         return await asyncio.shield(running[1])
 
     def settle(self, team: str, request_id: str, trace_id: str, cost_nano_usd: int) -> None:
-        """The ledger has priced a response that was stored as cost_pending: replays
-        from now on carry the confirmed cost. The trace id makes sure it is the same
-        answer, not a later one that reused the id after the replay window."""
+        """The ledger has priced a record of a response stored as cost_pending: replays
+        from now on carry its cost too. A call may have several rows (an escalated
+        attempt, a billed classification), each settled on its own, so costs add up.
+        The trace id makes sure it is the same answer, not a later one that reused the
+        id after the replay window."""
         with self._lock:
             row = self._db.execute(
                 "SELECT response FROM answered WHERE team = ? AND request_id = ?",
@@ -96,10 +98,10 @@ class IdempotencyStore:
             if row is None:
                 return
             response = Response.FromString(row[0])
-            if not response.cost_pending or response.trace_id != trace_id:
+            if response.trace_id != trace_id:
                 return
             response.cost_pending = False
-            response.cost_nano_usd = cost_nano_usd
+            response.cost_nano_usd += cost_nano_usd
             self._db.execute(
                 "UPDATE answered SET response = ? WHERE team = ? AND request_id = ?",
                 (response.SerializeToString(), team, request_id),

@@ -21,7 +21,12 @@ from costmesh.ledger.v1 import ledger_pb2
 from costmesh.router.v1 import router_pb2
 from costmesh.types.v1 import types_pb2
 from services.common.auth import Principal
-from services.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from services.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ServiceError,
+    Unavailable,
+)
 from services.common.outages import OutageLog
 from services.common.telemetry import current_trace_id
 from services.inference.escalation import (
@@ -41,6 +46,9 @@ from services.inference.validation import check_context_window, estimate_tokens,
 log = logging.getLogger(__name__)
 # Only answers the provider finished are stored (the cache refuses others too).
 CACHEABLE_FINISH_REASONS = ("stop", "length")
+# The ledger keeps a route reason of at most this many characters; a longer one (an
+# intent name from someone's training data) is cut rather than lose the row.
+MAX_ROUTE_REASON = 1000
 
 
 @dataclass(frozen=True)
@@ -160,9 +168,15 @@ class CompletionPath:
             response.cached, response.cache_outcome = True, looked_up.outcome
         else:
             embedding = looked_up if looked_up is not None else cache_pb2.LookupResponse()
-            baseline_usage.CopyFrom(
-                await self._generate_once(call, key, response, embedding, caching)
-            )
+            try:
+                baseline_usage.CopyFrom(
+                    await self._generate_once(call, key, response, embedding, caching)
+                )
+            except BaseException:
+                # Whatever was paid for on the way (a classification, an attempt, an
+                # embedding) is recorded even though the call failed.
+                await asyncio.shield(self._record_overhead_all(call, response, looked_up))
+                raise
         trace.get_current_span().set_attributes(
             {"costmesh.cache.outcome": types_pb2.CacheOutcome.Name(response.cache_outcome)}
         )
@@ -180,6 +194,14 @@ class CompletionPath:
     ) -> None:
         """The answer's row, then its overhead's, as one shielded unit."""
         await self._record(call, response, baseline_usage)
+        await self._record_overhead_all(call, response, looked_up)
+
+    async def _record_overhead_all(
+        self,
+        call: Call,
+        response: inference_pb2.CompleteResponse,
+        looked_up: cache_pb2.LookupResponse | None,
+    ) -> None:
         if looked_up is not None and looked_up.embedding_usage.input_tokens:
             model = self._settings.models.get(looked_up.embedding_model)
             call.overhead.append(
@@ -192,6 +214,7 @@ class CompletionPath:
             )
         for overhead in call.overhead:
             await self._record_overhead(call, overhead, response)
+        call.overhead.clear()
 
     async def _generate_once(
         self,
@@ -244,7 +267,8 @@ class CompletionPath:
         """The answer of an identical call in flight, once it is finished; None when
         there is none, it failed (and no other took its place), it is unfinished
         text, or it takes longer than this call may wait."""
-        wait = self._settings.provider_timeout_seconds + self._peers.timeout  # route + call
+        # Route, then a provider call and possibly an escalation's second one.
+        wait = 2 * self._settings.provider_timeout_seconds + self._peers.timeout
         while (leader := self._in_flight.get(digest)) is not None:
             done, _ = await asyncio.wait({leader}, timeout=deadline.cap(wait))
             if leader not in done:
@@ -303,31 +327,56 @@ class CompletionPath:
         if not judged:
             return first
         span = trace.get_current_span()
-        if confidence is not None:
-            response.confidence = confidence
-            self._escalation.observe(feature, method, confidence)
-            span.set_attribute("costmesh.escalation.confidence", confidence)
-        escalate = bar.escalates(confidence, self._random.random())
         span.set_attributes(
             {
                 "costmesh.escalation.method": router_pb2.EscalationMethod.Name(method),
                 "costmesh.escalation.threshold": bar.threshold,
-                "costmesh.escalated": escalate,
             }
         )
+        if confidence is None and not self._unrated_means_unsure(call, method, first):
+            span.set_attribute("costmesh.escalation.unjudged", True)
+            return first
+        # An answer without a rating counts as the least confident one, also for the
+        # target rate: otherwise the rate would overshoot by the unrated share.
+        observed = 0.0 if confidence is None else confidence
+        self._escalation.observe(feature, method, observed)
+        if confidence is not None:
+            response.confidence = confidence
+            span.set_attribute("costmesh.escalation.confidence", confidence)
+        escalate = bar.escalates(confidence, self._random.random())
+        span.set_attribute("costmesh.escalated", escalate)
         if not escalate:
             return first
-        call.overhead.append(
-            Overhead(
-                plan.model, first.provider, _usage(first), ledger_pb2.CALL_PURPOSE_ESCALATED_ATTEMPT
-            )
+        attempt = Overhead(
+            plan.model, first.provider, _usage(first), ledger_pb2.CALL_PURPOSE_ESCALATED_ATTEMPT
         )
-        final = await self._chat(call, plan.escalation_model, None)
+        call.overhead.append(attempt)  # paid for: recorded even if what follows fails
+        try:
+            final = await self._chat(call, plan.escalation_model, None)
+        except ServiceError as exc:
+            # The first answer is unsure but usable: better than failing the call.
+            call.overhead.remove(attempt)  # it is the answer after all
+            log.warning("escalation to %s failed (%s); serving %s", plan.escalation_model,
+                        exc.reason, plan.model)  # fmt: skip
+            span.add_event("escalation_failed", {"error.type": exc.reason})
+            span.set_attribute("costmesh.escalated", False)
+            return first
         if rated:  # asked or not, a rating tag never reaches the caller
             final = dataclasses.replace(final, content=strip_rating(final.content)[0])
         response.escalated, response.escalated_from = True, plan.model
         span.set_attribute("costmesh.escalated_from", plan.model)
         return dataclasses.replace(final, model=plan.escalation_model)
+
+    @staticmethod
+    def _unrated_means_unsure(
+        call: Call, method: router_pb2.EscalationMethod.ValueType, first: Completion
+    ) -> bool:
+        """A self-rating the model could have written and did not is a sign of trouble.
+        Not so when the answer was cut (length, or the caller's stop sequences), or when
+        the provider returns no log-probabilities at all: then the answer is unjudged."""
+        if method != router_pb2.ESCALATION_METHOD_SELF_RATING:
+            return False
+        return first.finish_reason == "stop" and not call.request.params.stop
 
     async def _chat(
         self, call: Call, model: str, judged_by: router_pb2.EscalationMethod.ValueType | None
@@ -482,8 +531,11 @@ class CompletionPath:
             latency_ms=int((time.monotonic() - call.started) * 1000),
             status=ledger_pb2.CALL_STATUS_OK,
             purpose=ledger_pb2.CALL_PURPOSE_ANSWER,
-            route_probabilities=call.route.probabilities,
-            route_reason=call.route.reason,
+            route_probabilities=[
+                types_pb2.TierProbability(tier=p.tier, probability=min(max(p.probability, 0), 1))
+                for p in call.route.probabilities
+            ],
+            route_reason=call.route.reason[:MAX_ROUTE_REASON],
         )
         # Not capped by the caller's deadline: this write is shielded from the caller
         # and must not be cut short (or logged as a ledger outage) because of it.

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
+from services.inference.escalation import CONFIDENCE_INSTRUCTION
+
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 DEFAULT_DIMENSIONS = 64
 MAX_DIMENSIONS = 4096
@@ -22,6 +24,8 @@ CHAT_PATH = "/v1/chat/completions"
 EMBEDDINGS_PATH = "/v1/embeddings"
 # Prompt markers inference uses to ask for a self-rating and for a complexity label.
 CONFIDENCE_MARKER = "[CONFIDENCE: N]"
+# How inference asks for the rating: appended to the last user message.
+RATING_SUFFIX = "\n\n" + CONFIDENCE_INSTRUCTION
 CLASSIFY_MARKER = "Reply with one word: simple, moderate or complex"
 MAX_TOP_LOGPROBS = 20
 _LOGPROB_RANGE = (-1.5, -0.01)
@@ -101,7 +105,9 @@ def read_messages(messages: object) -> Prompt:
             raise ApiError(400, f"Invalid message at messages[{i}].", param=f"messages[{i}]")
         tokens += count_tokens(text) + 4
         if role == "user":
-            last_user = text
+            last_user = text.removesuffix(RATING_SUFFIX)
+            if last_user != text:
+                system.append(CONFIDENCE_INSTRUCTION)
         elif role in _SYSTEM_ROLES:
             system.append(text)
     return Prompt(tokens, last_user, tuple(system))

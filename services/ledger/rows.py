@@ -79,24 +79,14 @@ COUNTERFACTUAL_AND_ROLLUP = f"""
 # Version 3: what each call was for, and the router's view of the request. Only
 # answers (purpose 0, written before purposes existed, or 1) are calls: overhead rows
 # (escalated attempts, routing, cache embeddings) add cost and tokens, not calls, and
-# are never cached or escalated calls. The rollup is rebuilt on that rule; every old
-# row is an answer, so its counts do not change. Written out in full, not from
-# ROW_SUMS below, so that later edits to the live query never change a migration.
+# are never cached or escalated calls. Every row written before is an answer, so the
+# rollup needs no rebuild (which would rewrite it whole on a large ledger).
 PURPOSE_AND_ROUTE = """
     ALTER TABLE usage ADD COLUMN purpose INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE usage ADD COLUMN route_reason TEXT NOT NULL DEFAULT '';
     ALTER TABLE usage ADD COLUMN p_simple DOUBLE PRECISION NOT NULL DEFAULT 0;
     ALTER TABLE usage ADD COLUMN p_moderate DOUBLE PRECISION NOT NULL DEFAULT 0;
     ALTER TABLE usage ADD COLUMN p_complex DOUBLE PRECISION NOT NULL DEFAULT 0;
-    DELETE FROM usage_daily;
-    INSERT INTO usage_daily
-        SELECT day, team, feature, model, tier,
-            SUM(CASE WHEN purpose IN (0, 1) THEN 1 ELSE 0 END),
-            SUM(input_tokens), SUM(output_tokens), SUM(cost_nano_usd),
-            SUM(counterfactual_cost_nano_usd),
-            SUM(CASE WHEN purpose IN (0, 1) AND cache_outcome IN (2, 3) THEN 1 ELSE 0 END),
-            SUM(CASE WHEN purpose IN (0, 1) AND escalated <> 0 THEN 1 ELSE 0 END)
-        FROM usage GROUP BY day, team, feature, model, tier
 """
 # Each entry upgrades the schema by one version, in place; append, never edit.
 MIGRATIONS: tuple[str, ...] = (USAGE_TABLE, COUNTERFACTUAL_AND_ROLLUP, PURPOSE_AND_ROUTE)

@@ -28,6 +28,7 @@ import numpy.typing as npt
 TIERS = ("simple", "moderate", "complex")
 FORMAT = "costmesh-router-artefact/1"
 Matrix = npt.NDArray[np.float32]
+Probabilities = npt.NDArray[np.float64]
 
 
 class ArtefactError(ValueError):
@@ -62,15 +63,16 @@ class TierModel:
     def dimensions(self) -> int:
         return int(self.weights.shape[1])
 
-    def class_probabilities(self, vectors: Matrix) -> Matrix:
-        """Calibrated probability of each class, one row per vector."""
-        logits = (vectors @ self.weights.T + self.bias) / self.temperature
+    def class_probabilities(self, vectors: Matrix) -> Probabilities:
+        """Calibrated probability of each class, one row per vector (float64: summed
+        float32 probabilities can exceed 1, which the ledger rightly refuses)."""
+        logits = (vectors.astype(np.float64) @ self.weights.T + self.bias) / self.temperature
         logits -= logits.max(axis=1, keepdims=True)
         exp = np.exp(logits)
-        probabilities: Matrix = (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+        probabilities: Probabilities = exp / exp.sum(axis=1, keepdims=True)
         return probabilities
 
-    def tier_probabilities(self, vectors: Matrix) -> Matrix:
+    def tier_probabilities(self, vectors: Matrix) -> Probabilities:
         """Probability of each tier in TIERS order: the sum over its classes."""
         return tier_sums(self.class_probabilities(vectors), self.class_tiers)
 
@@ -102,23 +104,31 @@ class TierModel:
     @classmethod
     def load(cls, path: Path) -> TierModel:
         try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
+            content = path.read_bytes()  # one read: a file replaced meanwhile is not mixed
         except FileNotFoundError:
             raise ArtefactError(
                 f"{path}: no such artefact (train one: costmesh router train)"
             ) from None
-        except (OSError, ValueError) as exc:
-            raise ArtefactError(f"{path}: not a router artefact ({exc})") from None
+        except OSError as exc:
+            raise ArtefactError(f"{path}: cannot be read ({exc.strerror})") from None
+        try:
+            with np.load(io.BytesIO(content), allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+        except Exception as exc:  # truncated zip, empty file, foreign format: all refused
+            raise ArtefactError(f"{path}: not a router artefact ({exc!r})") from None
         missing = {"weights", "bias", "meta", "version"} - set(arrays)
         if missing:
             raise ArtefactError(f"{path}: not a router artefact (no {', '.join(sorted(missing))})")
         version = str(arrays.pop("version"))
         if _digest(arrays) != version:
             raise ArtefactError(f"{path}: content does not match its version {version}")
-        meta = json.loads(str(arrays["meta"]))
-        if meta.get("format") != FORMAT:
-            raise ArtefactError(f"{path}: format {meta.get('format')!r}, expected {FORMAT}")
+        try:
+            meta = json.loads(str(arrays["meta"]))
+        except json.JSONDecodeError:
+            raise ArtefactError(f"{path}: its metadata is not JSON") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise ArtefactError(f"{path}: format {found!r}, expected {FORMAT}")
         try:
             return cls(
                 weights=arrays["weights"].astype(np.float32),
@@ -132,12 +142,17 @@ class TierModel:
             )
         except ArtefactError as exc:
             raise ArtefactError(f"{path}: {exc}") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtefactError(f"{path}: incomplete metadata ({exc!r})") from None
 
 
-def tier_sums(class_probabilities: Matrix, class_tiers: tuple[str, ...]) -> Matrix:
-    """Fold per-class probabilities into the three tiers."""
-    fold = np.array([[t == tier for tier in TIERS] for t in class_tiers], dtype=np.float32)
-    return (class_probabilities @ fold).astype(np.float32)
+def tier_sums(
+    class_probabilities: npt.NDArray[np.floating], class_tiers: tuple[str, ...]
+) -> Probabilities:
+    """Fold per-class probabilities into the three tiers, each within [0, 1]."""
+    fold = np.array([[t == tier for tier in TIERS] for t in class_tiers], dtype=np.float64)
+    sums: Probabilities = np.clip(class_probabilities.astype(np.float64) @ fold, 0.0, 1.0)
+    return sums
 
 
 def _digest(arrays: dict[str, Any]) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import os
 import sys
 import time
@@ -23,9 +22,11 @@ from typing import Any, TextIO
 import numpy as np
 import numpy.typing as npt
 
+from costmesh.types.v1 import types_pb2
 from services.common.cli_support import unit, unit_list, write_grid
 from services.common.config import load_config
 from services.common.embedding import MINILM, shared_minilm
+from services.inference.validation import estimate_tokens
 from services.ledger.pricing import PriceCatalog, Usage
 from services.router.artefact import TIERS, TierModel
 from services.router.plans import SHIPPED_ARTEFACT, RouterSettings
@@ -65,6 +66,8 @@ def register(commands: Any) -> None:
                     help="system-prompt tokens each request carries")  # fmt: skip
     ev.add_argument("--output-tokens", type=int, default=150, help="tokens of each answer")
     ev.add_argument("--format", choices=FORMATS, default="table")
+    ev.add_argument("--seed", type=int, default=None,
+                    help="bitext's split (default: the artefact's own)")  # fmt: skip
     ev.set_defaults(handler=_eval)
 
 
@@ -136,7 +139,7 @@ def _costs(args: argparse.Namespace, tickets: Sequence[Ticket]) -> _Costs:
         costs = [
             catalog.cost(
                 plan.models[tier],
-                Usage(args.prompt_tokens + math.ceil(len(t.text) / 4), 0, args.output_tokens),
+                Usage(args.prompt_tokens + estimate_tokens([_ticket(t)]), 0, args.output_tokens),
                 now,
             ).cost_nano_usd
             / 1e9
@@ -151,9 +154,14 @@ def _costs(args: argparse.Namespace, tickets: Sequence[Ticket]) -> _Costs:
     return _Costs(plan.models, per_request, note)
 
 
+def _ticket(ticket: Ticket) -> types_pb2.ChatMessage:
+    return types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=ticket.text)
+
+
 def _eval(args: argparse.Namespace, out: TextIO) -> int:
     model = TierModel.load(args.artefact)
-    tickets = load_tickets(args.data, args.data_dir)
+    seed = args.seed if args.seed is not None else int(model.meta.get("seed", 0))
+    tickets = load_tickets(args.data, args.data_dir, seed)
     if model.embedding_model != MINILM:
         raise DataError(
             f"{args.artefact}: trained on {model.embedding_model}; eval embeds with {MINILM}"

@@ -80,6 +80,9 @@ def _plan(feature: Config, name: str, known_models: set[str], artefact: Path) ->
         if model and model not in known_models:
             raise ConfigError(f"features.{name}.{key}: unknown model {model!r}")
     own_artefact = feature.get_str("router_artefact", "")
+    method = feature.get_choice("escalation", ESCALATION_METHODS, "off")
+    if method != "off" and not escalation:
+        raise ConfigError(f"features.{name}.escalation_model: {method} escalation needs a model")
     return FeaturePlan(
         classifier=feature.get_choice("router", CLASSIFIERS, "embedding"),
         tier=feature.get_choice("tier", TIERS, "simple"),
@@ -89,7 +92,7 @@ def _plan(feature: Config, name: str, known_models: set[str], artefact: Path) ->
         cheap_share_target=_share(feature, name, "cheap_share_target", 0.0),
         artefact=Path(own_artefact) if own_artefact else artefact,
         classifier_model=classifier_model,
-        escalation_method=feature.get_choice("escalation", ESCALATION_METHODS, "off"),
+        escalation_method=method,
         escalation_threshold=_share(feature, name, "escalation_threshold", 0.0),
         escalation_target_rate=_share(feature, name, "escalation_target_rate", 0.0),
     )

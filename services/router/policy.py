@@ -62,7 +62,7 @@ class CheapShare:
         """The knob now in force: derived from recent scores when there is a target."""
         if not self.target:
             return self._fallback
-        if len(self._scores) >= MIN_OBSERVED:
+        if len(self._scores) >= min(MIN_OBSERVED, self._scores.maxlen or MIN_OBSERVED):
             scores = np.fromiter(self._scores, dtype=np.float64)
         elif self._prior.size:
             scores = self._prior

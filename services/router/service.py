@@ -167,10 +167,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         has_question = any(m.role == types_pb2.ROLE_USER for m in request.messages)
         if not has_question and not request.requested_model:
             raise InvalidArgument("messages", "at least one user message is required")
+        # An llm classification gets part of the caller's time: when it fails, the
+        # fallback to complex must still reach the caller before its deadline.
         remaining = context.time_remaining()
-        response = await feature.route(
-            request, _DEFAULT_TIME_LIMIT if remaining is None else remaining
-        )
+        budget = _DEFAULT_TIME_LIMIT if remaining is None else min(0.75 * remaining, 5.0)
+        response = await feature.route(request, budget)
         trace.get_current_span().set_attributes(
             {
                 "costmesh.feature": request.feature,

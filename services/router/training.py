@@ -93,6 +93,7 @@ def train(
             "source": source,
             "rows": len(tickets),
             "c": c,
+            "seed": seed,
             "holdout_rows": len(held_idx),
             "holdout_tier_accuracy": round(float(np.mean(chosen == truth)), 4),
             "holdout_cheap_scores": [
@@ -107,26 +108,32 @@ def _classes(
     tickets: Sequence[Ticket],
 ) -> tuple[tuple[str, ...], tuple[str, ...], npt.NDArray[np.intp]]:
     """Intents when every ticket has one (each must keep one tier), else the tiers."""
-    by_intent = all(t.label for t in tickets)
+    labelled = sum(1 for t in tickets if t.label)
+    if 0 < labelled < len(tickets):
+        raise DataError(
+            f"{len(tickets) - labelled} of {len(tickets)} tickets have no label: give every "
+            "ticket its intent, or none (then the tiers themselves are learned)"
+        )
+    if len({t.tier for t in tickets}) < 2:
+        raise DataError("training needs tickets of at least two tiers")
+    by_intent = labelled > 0
     tier_of: dict[str, str] = {}
     for t in tickets:
         name = t.label if by_intent else t.tier
         if tier_of.setdefault(name, t.tier) != t.tier:
             raise DataError(f"intent {name!r} appears with tiers {tier_of[name]} and {t.tier}")
     classes = tuple(sorted(tier_of))
-    if len(classes) < 2:
-        raise DataError("training needs at least two classes (tiers or intents)")
     index = {name: i for i, name in enumerate(classes)}
     targets = np.array([index[t.label if by_intent else t.tier] for t in tickets], dtype=np.intp)
     return classes, tuple(tier_of[c] for c in classes), targets
 
 
-def _softmax(logits: npt.NDArray[np.floating]) -> Matrix:
+def _softmax(logits: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
     if logits.ndim == 1:  # two classes: sklearn gives one logit per row
         logits = np.stack([np.zeros_like(logits), logits], axis=1)
-    shifted = logits - logits.max(axis=1, keepdims=True)
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
-    probabilities: Matrix = (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+    probabilities: npt.NDArray[np.float64] = exp / exp.sum(axis=1, keepdims=True)
     return probabilities
 
 
@@ -191,7 +198,7 @@ def _ratio(part: object, whole: object) -> float:
 
 
 def sweep(
-    probabilities: Matrix,
+    probabilities: npt.NDArray[np.floating],
     truth: Sequence[str],
     knobs: Sequence[float],
     request_costs: dict[str, npt.NDArray[np.float64]],

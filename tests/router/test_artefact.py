@@ -78,3 +78,34 @@ def test_an_array_file_of_another_kind_is_not_an_artefact(tmp_path: Path) -> Non
 
     with pytest.raises(ArtefactError, match="no bias, meta, version"):
         TierModel.load(path)
+
+
+def test_a_truncated_artefact_is_refused_not_crashed_on(
+    trained_model: TierModel, tmp_path: Path
+) -> None:
+    path = tmp_path / "a.npz"
+    trained_model.save(path)
+    whole = path.read_bytes()
+    for cut in (0, 30, len(whole) // 2, len(whole) - 10):
+        path.write_bytes(whole[:cut])
+        with pytest.raises(ArtefactError, match="not a router artefact"):
+            TierModel.load(path)
+
+
+def test_probabilities_stay_within_bounds_however_sure_the_model_is() -> None:
+    rng = np.random.default_rng(0)
+    model = TierModel(
+        weights=(rng.standard_normal((40, 16)) * 50).astype(np.float32),
+        bias=np.zeros(40, dtype=np.float32),
+        classes=tuple(f"c{i}" for i in range(40)),
+        class_tiers=tuple(TIERS[i % 3] for i in range(40)),
+        temperature=0.3,
+        embedding_model="test",
+    )
+    vectors = rng.standard_normal((2000, 16)).astype(np.float32)
+
+    probabilities = model.tier_probabilities(vectors)
+
+    assert probabilities.max() <= 1.0
+    assert probabilities.min() >= 0.0
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-9)

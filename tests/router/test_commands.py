@@ -65,7 +65,11 @@ def test_eval_recommends_a_knob_and_shows_the_confusion_matrix(
     [
         ([{"text": "hi", "tier": "easy"}], "tickets.jsonl:1: tier 'easy' is not one of"),
         ([{"text": " ", "tier": "simple"}], "tickets.jsonl:1: text must be a non-empty string"),
-        ([{"text": "hi", "tier": "simple"}], "at least two classes"),
+        ([{"text": "hi", "tier": "simple"}], "at least two tiers"),
+        (
+            [{"text": "a", "tier": "simple", "label": "x"}, {"text": "b", "tier": "complex"}],
+            "1 of 2 tickets have no label",
+        ),
         (
             [{"text": "a", "tier": "simple", "label": "x"},
              {"text": "b", "tier": "complex", "label": "x"}],

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from costmesh.ledger.v1 import ledger_pb2
@@ -39,6 +40,28 @@ cache_mode = "off"
 
 [features.cheap_llm]
 router = "llm"
+
+# A provider that refuses every connection (the discard port), for failure paths.
+[providers.down]
+base_url = "http://127.0.0.1:9/v1"
+api_key_env = "OPENAI_API_KEY"
+
+[models."gpt-4o-down"]
+provider = "down"
+context_window = 128000
+input_usd_per_mtok = "2.50"
+cached_input_usd_per_mtok = "1.25"
+output_usd_per_mtok = "10.00"
+
+[features.escalation_down]
+escalation = "self_rating"
+escalation_model = "gpt-4o-down"
+
+[features.llm_then_down]
+router = "llm"
+models.simple = "gpt-4o-down"
+models.moderate = "gpt-4o-down"
+models.complex = "gpt-4o-down"
 """
     async with routing_mesh(simulator, tmp_path, config) as running:
         yield running
@@ -66,8 +89,10 @@ async def test_an_unsure_cheap_answer_is_replaced_and_both_calls_are_billed(
     assert reply.content == f"[simulated] Answer to: {SIMPLE}"
     assert reply.confidence == pytest.approx(0.3)
     first, second = simulator.requests
-    assert first["messages"][-1] == {"role": "system", "content": CONFIDENCE_INSTRUCTION}
-    assert all(m["content"] != CONFIDENCE_INSTRUCTION for m in second["messages"])
+    # Asked in the last user turn (chat templates refuse late system messages).
+    asked = {"role": "user", "content": f"{SIMPLE}\n\n{CONFIDENCE_INSTRUCTION}"}
+    assert first["messages"] == [asked]
+    assert second["messages"] == [{"role": "user", "content": SIMPLE}]
     by_purpose = {r.purpose: r for r in rows}
     attempt = by_purpose[ledger_pb2.CALL_PURPOSE_ESCALATED_ATTEMPT]
     answer = by_purpose[ledger_pb2.CALL_PURPOSE_ANSWER]
@@ -210,3 +235,50 @@ async def test_an_llm_classification_is_billed_as_routing_overhead(
     assert reply.cost_nano_usd == spend.total_cost_nano_usd == sum(r.cost_nano_usd for r in rows)
     assert spend.rows[0].calls == 1  # the classification is overhead, not another call
     assert simulator.call_count == 2
+
+
+async def test_a_failed_escalation_serves_the_first_answer_billed_as_the_answer(
+    mesh: Mesh, simulator: OpenAISimulator
+) -> None:
+    simulator.script("gpt-4o-mini", "Maybe at nine?\n[CONFIDENCE: 3]")
+
+    reply = await mesh.inference.Complete(
+        user_request(SIMPLE, "escalation_down"), metadata=AUTH, timeout=30
+    )
+    rows = await exported(mesh)
+
+    assert not reply.escalated
+    assert (reply.model, reply.content) == ("gpt-4o-mini", "Maybe at nine?")
+    assert [(r.purpose, r.model) for r in rows] == [(ledger_pb2.CALL_PURPOSE_ANSWER, "gpt-4o-mini")]
+    assert reply.cost_nano_usd == rows[0].cost_nano_usd
+
+
+async def test_a_paid_classification_is_recorded_even_when_the_call_then_fails(
+    mesh: Mesh, simulator: OpenAISimulator
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await mesh.inference.Complete(
+            user_request(SIMPLE, "llm_then_down"), metadata=AUTH, timeout=30
+        )
+    rows = await exported(mesh)
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    routing = (ledger_pb2.CALL_PURPOSE_ROUTING, "gpt-4o-mini")
+    assert [(r.purpose, r.model) for r in rows] == [routing]
+    assert rows[0].cost_nano_usd > 0
+
+
+async def test_an_answer_cut_by_the_callers_stop_sequence_is_not_judged(
+    mesh: Mesh, simulator: OpenAISimulator
+) -> None:
+    simulator.script("gpt-4o-mini", "We open at nine.")  # no tag: the stop may have cut it
+
+    reply = await mesh.inference.Complete(
+        user_request(SIMPLE, "rated", params=types_pb2.GenerationParams(stop=["###"])),
+        metadata=AUTH,
+        timeout=10,
+    )
+
+    assert not reply.escalated
+    assert simulator.call_count == 1
+    assert reply.content == "We open at nine."

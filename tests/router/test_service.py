@@ -130,7 +130,8 @@ async def test_a_new_artefact_is_picked_up_and_a_broken_one_is_refused(
     new_version = train(relabelled, vectors, MINILM, "relabelled").model.save(artefact)
 
     after = await mesh.router.Route(route_request(SIMPLE), metadata=AUTH, timeout=10)
-    artefact.write_bytes(b"half a file")  # noqa: ASYNC240 - a test's quick write
+    whole = artefact.read_bytes()  # noqa: ASYNC240 - a test's quick file work
+    artefact.write_bytes(whole[: len(whole) // 2])  # noqa: ASYNC240 - caught mid-copy
     still = await mesh.router.Route(route_request(SIMPLE), metadata=AUTH, timeout=10)
 
     assert before.classifier_version != new_version
@@ -250,4 +251,15 @@ async def test_a_mesh_with_a_missing_artefact_refuses_to_start(
     with pytest.raises(
         ConfigError, match=r"features\.default\.router_artefact: .*no such artefact"
     ):
+        await start_mesh(load_config(config, env=env), env, SERVICES, TracerProvider(), port=0)
+
+
+async def test_escalation_without_a_model_to_escalate_to_is_a_configuration_error(
+    simulator: OpenAISimulator, tmp_path: Path
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[features.x]\nescalation = "self_rating"\nescalation_model = ""\n')
+    env = mesh_env(simulator, tmp_path)
+
+    with pytest.raises(ConfigError, match=r"features\.x\.escalation_model: self_rating"):
         await start_mesh(load_config(config, env=env), env, SERVICES, TracerProvider(), port=0)

@@ -156,7 +156,7 @@ class CompleteResponse(_message.Message):
     cache_outcome: _types_pb2.CacheOutcome.ValueType
     """How the cache answered."""
     cost_nano_usd: _builtins.int
-    """What this call cost, in billionths of a US dollar."""
+    """What this call cost, overhead included, in billionths of a US dollar."""
     trace_id: _builtins.str
     """The OpenTelemetry trace id of this call, 32 hex digits."""
     tier: _types_pb2.Tier.ValueType
@@ -179,7 +179,10 @@ class CompleteResponse(_message.Message):
     """Why the router chose the tier."""
     @_builtins.property
     def usage(self) -> _types_pb2.TokenUsage:
-        """Tokens billed for this call; zero for a cache hit."""
+        """Tokens the model that answered billed; zero for a cache hit. Overhead calls
+        (an escalated first answer, a billed classification or embedding) are not
+        included here, but their cost is in cost_nano_usd and each has a ledger row.
+        """
 
     def __init__(
         self,

@@ -117,7 +117,9 @@ class RouteResponse(_message.Message):
     escalation_model: _builtins.str
     """The model to call when the first answer is not confident; empty for none."""
     confidence: _builtins.float
-    """How sure the router is of the tier, between 0 and 1."""
+    """The probability of the assigned tier itself, between 0 and 1. The decision
+    rests on the probability of needing at most that tier (see cheap_tier_threshold).
+    """
     reason: _builtins.str
     """A human-readable explanation of the decision."""
     escalation_threshold: _builtins.float
