@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,13 +69,21 @@ def mesh_env(simulator: OpenAISimulator, data_dir: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-async def mesh(simulator: OpenAISimulator, tmp_path: Path) -> AsyncIterator[Mesh]:
+@asynccontextmanager
+async def running_mesh(
+    simulator: OpenAISimulator, tmp_path: Path, config_text: str = ""
+) -> AsyncIterator[Mesh]:
+    """The whole mesh in this process, with `config_text` (TOML) merged over the
+    embedded defaults and every span recorded."""
     spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
     env = mesh_env(simulator, tmp_path)
-    running = await start_mesh(load_config(env=env), env, SERVICES, provider, port=0)
+    config = None
+    if config_text:
+        config = tmp_path / "mesh.toml"
+        config.write_text(config_text)
+    running = await start_mesh(load_config(config, env=env), env, SERVICES, provider, port=0)
     address = f"127.0.0.1:{running.port}"
     channel = grpc.aio.insecure_channel(address)
     try:
@@ -83,6 +92,12 @@ async def mesh(simulator: OpenAISimulator, tmp_path: Path) -> AsyncIterator[Mesh
         await channel.close()
         await running.stop(grace=1)
         provider.shutdown()
+
+
+@pytest.fixture
+async def mesh(simulator: OpenAISimulator, tmp_path: Path) -> AsyncIterator[Mesh]:
+    async with running_mesh(simulator, tmp_path) as running:
+        yield running
 
 
 def user_request(

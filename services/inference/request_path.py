@@ -10,6 +10,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -203,11 +204,9 @@ class CompletionPath:
         looked_up: cache_pb2.LookupResponse | None,
     ) -> None:
         if looked_up is not None and looked_up.embedding_usage.input_tokens:
-            model = self._settings.models.get(looked_up.embedding_model)
             call.overhead.append(
-                Overhead(
+                self._overhead(
                     looked_up.embedding_model,
-                    model.provider if model else "",
                     looked_up.embedding_usage,
                     ledger_pb2.CALL_PURPOSE_CACHE_EMBEDDING,
                 )
@@ -455,13 +454,9 @@ class CompletionPath:
             ) from exc
         call.route.CopyFrom(plan)
         if plan.classifier_usage.input_tokens or plan.classifier_usage.output_tokens:
-            provider = self._settings.models.get(plan.classifier_model)
             call.overhead.append(
-                Overhead(
-                    plan.classifier_model,
-                    provider.provider if provider else "",
-                    plan.classifier_usage,
-                    ledger_pb2.CALL_PURPOSE_ROUTING,
+                self._overhead(
+                    plan.classifier_model, plan.classifier_usage, ledger_pb2.CALL_PURPOSE_ROUTING
                 )
             )
         return plan
@@ -511,25 +506,19 @@ class CompletionPath:
         response: inference_pb2.CompleteResponse,
         baseline_usage: types_pb2.TokenUsage,
     ) -> None:
-        now = timestamp_pb2.Timestamp()
-        now.GetCurrentTime()
-        record = ledger_pb2.UsageRecord(
+        """The answer's row, with the route decision behind it."""
+        await self._deliver(
+            call,
+            response,
             request_id=call.usage_id,
-            client_request_id=call.request.request_id,
-            trace_id=response.trace_id,
-            time=now,
-            team=call.principal.team,
-            feature=call.request.feature,
             model=response.model,
             provider=response.provider,
             tier=response.tier,
             usage=response.usage,
-            baseline_model=self._settings.features[call.request.feature].baseline_model,
             baseline_usage=baseline_usage,
             cache_outcome=response.cache_outcome,
             escalated=response.escalated,
             latency_ms=int((time.monotonic() - call.started) * 1000),
-            status=ledger_pb2.CALL_STATUS_OK,
             purpose=ledger_pb2.CALL_PURPOSE_ANSWER,
             route_probabilities=[
                 types_pb2.TierProbability(tier=p.tier, probability=min(max(p.probability, 0), 1))
@@ -537,40 +526,52 @@ class CompletionPath:
             ],
             route_reason=call.route.reason[:MAX_ROUTE_REASON],
         )
+
+    async def _record_overhead(
+        self, call: Call, overhead: Overhead, response: inference_pb2.CompleteResponse
+    ) -> None:
+        await self._deliver(
+            call,
+            response,
+            request_id=uuid.uuid4().hex,
+            model=overhead.model,
+            provider=overhead.provider,
+            tier=call.route.tier,
+            usage=overhead.usage,
+            baseline_usage=types_pb2.TokenUsage(),
+            purpose=overhead.purpose,
+        )
+
+    async def _deliver(
+        self, call: Call, response: inference_pb2.CompleteResponse, **fields: Any
+    ) -> None:
+        """One ledger row of this call, through the outbox; its cost adds to the reply's."""
+        now = timestamp_pb2.Timestamp()
+        now.GetCurrentTime()
+        record = ledger_pb2.UsageRecord(
+            client_request_id=call.request.request_id,
+            trace_id=response.trace_id,
+            time=now,
+            team=call.principal.team,
+            feature=call.request.feature,
+            baseline_model=self._settings.features[call.request.feature].baseline_model,
+            status=ledger_pb2.CALL_STATUS_OK,
+            **fields,
+        )
         # Not capped by the caller's deadline: this write is shielded from the caller
         # and must not be cut short (or logged as a ledger outage) because of it.
         result = await self._outbox.deliver(record, self._peers.timeout)
         if result is None:
             response.cost_pending = True
         else:
-            response.cost_nano_usd = result.cost_nano_usd
-
-    async def _record_overhead(
-        self, call: Call, overhead: Overhead, response: inference_pb2.CompleteResponse
-    ) -> None:
-        now = timestamp_pb2.Timestamp()
-        now.GetCurrentTime()
-        record = ledger_pb2.UsageRecord(
-            request_id=uuid.uuid4().hex,
-            client_request_id=call.request.request_id,
-            trace_id=response.trace_id,
-            time=now,
-            team=call.principal.team,
-            feature=call.request.feature,
-            model=overhead.model,
-            provider=overhead.provider,
-            tier=call.route.tier,
-            usage=overhead.usage,
-            baseline_model=self._settings.features[call.request.feature].baseline_model,
-            baseline_usage=types_pb2.TokenUsage(),
-            status=ledger_pb2.CALL_STATUS_OK,
-            purpose=overhead.purpose,
-        )
-        result = await self._outbox.deliver(record, self._peers.timeout)
-        if result is None:
-            response.cost_pending = True
-        else:
             response.cost_nano_usd += result.cost_nano_usd
+
+    def _overhead(
+        self, model: str, usage: types_pb2.TokenUsage, purpose: ledger_pb2.CallPurpose.ValueType
+    ) -> Overhead:
+        """A billed call around the answer, under its model's configured provider."""
+        info = self._settings.models.get(model)
+        return Overhead(model, info.provider if info else "", usage, purpose)
 
     async def drain(self) -> None:
         """Let in-flight cache stores finish before shutdown."""

@@ -1,25 +1,15 @@
-"""A small labelled ticket set, the artefact trained on it, and a mesh that routes with it."""
+"""A small labelled ticket set and the artefact trained on it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-import grpc
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from services.common.config import load_config
 from services.common.embedding import MINILM, shared_minilm
-from services.inference.simulator import OpenAISimulator
-from services.mesh import SERVICES, start_mesh
 from services.router.artefact import TierModel
 from services.router.tickets import Ticket
 from services.router.training import train
-from tests.conftest import Mesh, mesh_env
 
 TICKETS = tuple(
     Ticket(text, tier, intent)
@@ -77,26 +67,3 @@ def artefact(trained_model: TierModel, tmp_path: Path) -> Path:
     path = tmp_path / "tiers.npz"
     trained_model.save(path)
     return path
-
-
-@asynccontextmanager
-async def routing_mesh(
-    simulator: OpenAISimulator, tmp_path: Path, config_text: str
-) -> AsyncIterator[Mesh]:
-    """The whole mesh on the embedded defaults with `config_text` merged over them,
-    its spans recorded."""
-    config = tmp_path / "router.toml"
-    config.write_text(config_text)
-    spans = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(spans))
-    env = mesh_env(simulator, tmp_path)
-    running = await start_mesh(load_config(config, env=env), env, SERVICES, provider, port=0)
-    address = f"127.0.0.1:{running.port}"
-    channel = grpc.aio.insecure_channel(address)
-    try:
-        yield Mesh(running, address, channel, spans, tmp_path)
-    finally:
-        await channel.close()
-        await running.stop(grace=1)
-        provider.shutdown()

@@ -12,8 +12,7 @@ from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
 from services.inference.escalation import CONFIDENCE_INSTRUCTION, MIN_OBSERVED
 from services.inference.simulator import OpenAISimulator
-from tests.conftest import AUTH, Mesh, user_request
-from tests.router.conftest import routing_mesh
+from tests.conftest import AUTH, Mesh, running_mesh, user_request
 
 SIMPLE = "What time does the shop open?"  # the test artefact's simple tier: gpt-4o-mini
 
@@ -63,7 +62,7 @@ models.simple = "gpt-4o-down"
 models.moderate = "gpt-4o-down"
 models.complex = "gpt-4o-down"
 """
-    async with routing_mesh(simulator, tmp_path, config) as running:
+    async with running_mesh(simulator, tmp_path, config) as running:
         yield running
 
 

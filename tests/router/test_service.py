@@ -18,8 +18,8 @@ from services.mesh import SERVICES, start_mesh
 from services.router.artefact import TIERS, TierModel
 from services.router.tickets import Ticket
 from services.router.training import train
-from tests.conftest import AUTH, Mesh, mesh_env
-from tests.router.conftest import TICKETS, routing_mesh
+from tests.conftest import AUTH, Mesh, mesh_env, running_mesh
+from tests.router.conftest import TICKETS
 
 COMPLEX = "I was charged twice for one order and the bank says it is your fault"
 SIMPLE = "What time does the shop open?"
@@ -53,7 +53,7 @@ cheap_share_target = 0.5
 
 @pytest.fixture
 async def mesh(simulator: OpenAISimulator, tmp_path: Path, artefact: Path) -> AsyncIterator[Mesh]:
-    async with routing_mesh(simulator, tmp_path, config_for(artefact)) as running:
+    async with running_mesh(simulator, tmp_path, config_for(artefact)) as running:
         yield running
 
 
