@@ -50,9 +50,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/ledger.py
 	$(BIN)/python bench/route_latency.py
 
-## Retrain the router artefact that ships with costmesh (Bitext support tickets).
+## Retrain the router artefact that ships with costmesh (Bitext and Banking77 support tickets).
 router-artefact: $(STAMP)
-	$(BIN)/costmesh router train --data bitext --out services/router/support-tiers.npz
+	$(BIN)/costmesh router train --data bitext,banking77 --out services/router/support-tiers.npz
 
 clean:
 	rm -rf $(VENV) node_modules .costmesh

@@ -26,15 +26,15 @@ async def test_complete_answers_with_model_usage_cost_and_trace(
     mesh: Mesh, simulator: OpenAISimulator
 ) -> None:
     reply = await mesh.inference.Complete(
-        user_request("Where is my parcel?"), metadata=AUTH, timeout=10
+        user_request("What payment methods do you accept?"), metadata=AUTH, timeout=10
     )
 
-    assert reply.content == "[simulated] Answer to: Where is my parcel?"
+    assert reply.content == "[simulated] Answer to: What payment methods do you accept?"
     assert reply.model == "gpt-4o-mini"
     assert reply.provider == "openai"
     assert not reply.cached
     assert reply.cache_outcome == types_pb2.CACHE_OUTCOME_MISS
-    assert reply.usage.input_tokens == count_tokens("Where is my parcel?") + 4
+    assert reply.usage.input_tokens == count_tokens("What payment methods do you accept?") + 4
     assert reply.usage.output_tokens == count_tokens(reply.content)
     expected = reply.usage.input_tokens * MINI_INPUT + reply.usage.output_tokens * MINI_OUTPUT
     assert reply.cost_nano_usd == expected

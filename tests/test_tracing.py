@@ -52,7 +52,7 @@ async def test_one_process_trace_covers_every_hop(mesh: Mesh) -> None:
     channel, client_spans, provider = _client(mesh.address)
     async with channel:
         reply = await inference_pb2_grpc.InferenceServiceStub(channel).Complete(
-            user_request("Where is my refund?"), metadata=AUTH, timeout=10
+            user_request("What payment methods do you accept?"), metadata=AUTH, timeout=10
         )
     await mesh.running.stop(grace=1)  # lets the off-path cache store finish
     spans = [*client_spans.get_finished_spans(), *mesh.spans.get_finished_spans()]

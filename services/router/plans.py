@@ -10,8 +10,8 @@ from services.router.artefact import TIERS
 
 CLASSIFIERS = ("embedding", "llm", "rules")
 ESCALATION_METHODS = ("off", "self_rating", "logprobs")
-# The artefact that ships with costmesh: trained on the Bitext customer-support set
-# with its tiers.json (`make router-artefact` rebuilds it).
+# The artefact that ships with costmesh: trained on the Bitext (e-commerce) and
+# Banking77 support sets with their tiers.json (`make router-artefact` rebuilds it).
 SHIPPED_ARTEFACT = Path(__file__).resolve().parent / "support-tiers.npz"
 
 

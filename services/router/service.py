@@ -211,8 +211,8 @@ def build(
                and p.artefact == SHIPPED_ARTEFACT]  # fmt: skip
     if shipped:
         log.info(
-            "features %s route with the shipped artefact, trained on e-commerce support "
-            "tickets (Bitext); for other traffic train one on your own: costmesh router train",
+            "features %s route with the shipped artefact, trained on e-commerce and banking "
+            "support tickets; for other traffic train one on your own: costmesh router train",
             ", ".join(shipped),
         )
     kinds = {p.classifier for p in settings.plans.values()}

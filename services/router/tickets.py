@@ -46,8 +46,19 @@ def default_data_dir() -> Path:
 
 
 def load_tickets(data: str, data_dir: Path, seed: int = 0) -> TicketSet:
-    """banking77 (its train and test), bitext (a seeded 80/20 split per intent), or
-    a file whose every row serves both for training and for evaluation."""
+    """banking77 (its train and test), bitext (a seeded 80/20 split per intent), a
+    comma-separated union of those (intents prefixed by their set), or a file whose
+    every row serves both for training and for evaluation."""
+    names = [n.strip() for n in data.split(",")]
+    if len(names) > 1:
+        if not set(names) <= set(DATA_SETS) or len(set(names)) < len(names):
+            raise DataError(f"--data: a union names each of {', '.join(DATA_SETS)} at most once")
+        parts = [load_tickets(n, data_dir, seed) for n in names]
+        return TicketSet(
+            "+".join(names),
+            tuple(_prefixed(t, p.name) for p in parts for t in p.train),
+            tuple(_prefixed(t, p.name) for p in parts for t in p.test),
+        )
     if data == "banking77":
         folder = data_dir / "banking77"
         tiers = _tiers(folder / "tiers.json")
@@ -64,6 +75,11 @@ def load_tickets(data: str, data_dir: Path, seed: int = 0) -> TicketSet:
     path = Path(data)
     rows = _own_file(path)
     return TicketSet(path.name, rows, rows)
+
+
+def _prefixed(ticket: Ticket, source: str) -> Ticket:
+    """Intents of different sets are different classes, whatever their names."""
+    return Ticket(ticket.text, ticket.tier, f"{source}:{ticket.label}")
 
 
 def _require(path: Path) -> Path:
