@@ -29,7 +29,7 @@ PEERS = ("cache", "router", "ledger")
 _KNOWN_KEYS = {
     "": {
         "server", "peers", "auth", "providers", "models",
-        "ledger", "cache", "features", "inference", "router",
+        "ledger", "cache", "features", "inference", "router", "queue", "teams",
     },
     "server": {"host", "port", "grace_seconds", "data_dir"},
     "peers": {"cache", "router", "ledger", "timeout_seconds"},
@@ -45,10 +45,17 @@ _KNOWN_KEYS = {
     },
     "inference": {
         "outbox", "outbox_retry_seconds", "provider_timeout_seconds",
-        "idempotency", "idempotency_ttl_seconds",
+        "idempotency", "idempotency_ttl_seconds", "batch_store", "batch_poll_seconds",
+        "max_attempts", "retry_base_seconds", "retry_max_seconds",
+        "cooldown_failures", "cooldown_seconds",
     },
+    "queue": {
+        "backend", "redis_url", "redis_prefix", "max_batch", "max_wait_ms", "concurrency",
+        "result_ttl_seconds",
+    },
+    "teams.*": {"daily_usd", "monthly_usd"},
     "providers.*": {"base_url", "api_key_env", "simulate_without_key"},
-    "models.*": {"provider", "context_window", "price_changes", *PRICE_KEYS},
+    "models.*": {"provider", "context_window", "tier", "fallbacks", "price_changes", *PRICE_KEYS},
     "features.*": {
         "tier", "models", "escalation_model", "cache_ttl_seconds", "baseline_model",
         "max_tokens_default", "max_tokens_limit", "max_input_tokens",
@@ -56,6 +63,7 @@ _KNOWN_KEYS = {
         "cache_max_entries", "cache_max_bytes",
         "router", "router_artefact", "router_model", "cheap_tier_min_probability",
         "cheap_share_target", "escalation", "escalation_threshold", "escalation_target_rate",
+        "over_budget", "fallback_models",
     },
 }  # fmt: skip
 

@@ -15,8 +15,9 @@ from costmesh.router.v1 import router_pb2_grpc
 from services.common.auth import current_principal
 from services.common.channels import Channels
 from services.common.config import Config
-from services.common.errors import Unimplemented
+from services.common.errors import InvalidArgument, Unimplemented
 from services.common.server import ServiceDef
+from services.inference import batches, queue
 from services.inference.idempotency import IdempotencyStore
 from services.inference.outbox import RefusedError, UsageOutbox
 from services.inference.peers import Peers
@@ -28,8 +29,15 @@ SERVICE_NAME = "costmesh.inference.v1.InferenceService"
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, path: CompletionPath) -> None:
+    def __init__(
+        self,
+        path: CompletionPath,
+        provider_batches: batches.ProviderBatches,
+        micro_batches: queue.MicroBatchQueue,
+    ) -> None:
         self._path = path
+        self._batches = provider_batches
+        self._queue = micro_batches
 
     async def Complete(
         self, request: inference_pb2.CompleteRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -47,12 +55,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def SubmitBatch(
         self, request: inference_pb2.SubmitBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> inference_pb2.SubmitBatchResponse:
-        raise Unimplemented("SubmitBatch arrives with the inference-dispatch work")
+        if request.mode == inference_pb2.BATCH_MODE_QUEUE:
+            return await self._queue.submit(request, current_principal())
+        return await self._batches.submit(request, current_principal())
 
     async def GetBatch(
         self, request: inference_pb2.GetBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> inference_pb2.GetBatchResponse:
-        raise Unimplemented("GetBatch arrives with the inference-dispatch work")
+        if request.batch_id.startswith(queue.PREFIX):
+            return await self._queue.get(request.batch_id, current_principal())
+        if request.batch_id.startswith(batches.PREFIX):
+            return await self._batches.get(request.batch_id, current_principal())
+        raise InvalidArgument("batch_id", f"not a batch id: {request.batch_id!r}")
 
 
 def build(
@@ -104,9 +118,18 @@ def build(
 
     outbox = UsageOutbox(settings.outbox_path, send, settings.outbox_retry_seconds, settle)
     path = CompletionPath(settings, peers, providers, outbox, idempotency)
-    servicer = InferenceServicer(path)
+    provider_batches = batches.ProviderBatches(settings, providers, peers, outbox)
+    micro_batches = queue.MicroBatchQueue(config, lambda r, p: path.complete(r, p, None))
+    servicer = InferenceServicer(path, provider_batches, micro_batches)
+
+    async def start() -> None:
+        await outbox.start()
+        await provider_batches.start()
+        await micro_batches.start()
 
     async def stop() -> None:
+        await micro_batches.stop()
+        await provider_batches.stop()
         await path.drain()
         await outbox.stop()
         await providers.close()
@@ -115,7 +138,7 @@ def build(
     return ServiceDef(
         SERVICE_NAME,
         lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server),
-        start=outbox.start,
+        start=start,
         stop=stop,
         calls_peers=True,
     )

@@ -46,6 +46,8 @@ class InferenceSettings:
     provider_timeout_seconds: float
     idempotency_path: Path
     idempotency_ttl_seconds: int
+    batch_store_path: Path = Path("batches.sqlite3")
+    batch_poll_seconds: float = 30.0
 
     @classmethod
     def from_config(cls, config: Config) -> InferenceSettings:
@@ -99,4 +101,6 @@ class InferenceSettings:
             provider_timeout_seconds=inference.get_float("provider_timeout_seconds", 60.0),
             idempotency_path=data_dir / inference.get_str("idempotency", "idempotency.sqlite3"),
             idempotency_ttl_seconds=inference.get_int("idempotency_ttl_seconds", 86_400, minimum=1),
+            batch_store_path=data_dir / inference.get_str("batch_store", "batches.sqlite3"),
+            batch_poll_seconds=inference.get_float("batch_poll_seconds", 30.0),
         )

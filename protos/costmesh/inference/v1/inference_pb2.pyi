@@ -8,6 +8,7 @@ from costmesh.types.v1 import types_pb2 as _types_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +19,30 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _BatchMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BatchModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BatchMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BATCH_MODE_UNSPECIFIED: _BatchMode.ValueType  # 0
+    """The provider's batch API."""
+    BATCH_MODE_PROVIDER: _BatchMode.ValueType  # 1
+    """The provider's batch API: a 24-hour window at the batch discount (OpenAI: 50%)."""
+    BATCH_MODE_QUEUE: _BatchMode.ValueType  # 2
+    """costmesh's micro-batching queue: near-real-time, at the normal price."""
+
+class BatchMode(_BatchMode, metaclass=_BatchModeEnumTypeWrapper):
+    """BatchMode says how a batch is run."""
+
+BATCH_MODE_UNSPECIFIED: BatchMode.ValueType  # 0
+"""The provider's batch API."""
+BATCH_MODE_PROVIDER: BatchMode.ValueType  # 1
+"""The provider's batch API: a 24-hour window at the batch discount (OpenAI: 50%)."""
+BATCH_MODE_QUEUE: BatchMode.ValueType  # 2
+"""costmesh's micro-batching queue: near-real-time, at the normal price."""
+Global___BatchMode: _TypeAlias = BatchMode  # noqa: Y015
 
 @_typing.final
 class CacheControl(_message.Message):
@@ -143,6 +168,9 @@ class CompleteResponse(_message.Message):
     ESCALATED_FROM_FIELD_NUMBER: _builtins.int
     CONFIDENCE_FIELD_NUMBER: _builtins.int
     ROUTE_REASON_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    FALLBACK_FIELD_NUMBER: _builtins.int
+    DOWNGRADED_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request id the call was recorded under."""
     content: _builtins.str
@@ -177,6 +205,14 @@ class CompleteResponse(_message.Message):
     """Confidence (0 to 1) of the first answer, when the feature checks it."""
     route_reason: _builtins.str
     """Why the router chose the tier."""
+    attempts: _builtins.int
+    """Provider attempts made for the answer (retries and fallbacks included)."""
+    fallback: _builtins.bool
+    """True when a fallback model answered because the planned one kept failing."""
+    downgraded: _builtins.bool
+    """True when the team was over budget and the feature's policy sent the call
+    to the cheapest tier.
+    """
     @_builtins.property
     def usage(self) -> _types_pb2.TokenUsage:
         """Tokens the model that answered billed; zero for a cache hit. Overhead calls
@@ -203,10 +239,13 @@ class CompleteResponse(_message.Message):
         escalated_from: _builtins.str = ...,
         confidence: _builtins.float | None = ...,
         route_reason: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        fallback: _builtins.bool = ...,
+        downgraded: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "confidence", b"confidence", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "cache_outcome", b"cache_outcome", "cached", b"cached", "confidence", b"confidence", "content", b"content", "cost_nano_usd", b"cost_nano_usd", "cost_pending", b"cost_pending", "escalated", b"escalated", "escalated_from", b"escalated_from", "finish_reason", b"finish_reason", "model", b"model", "provider", b"provider", "request_id", b"request_id", "route_reason", b"route_reason", "tier", b"tier", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "attempts", b"attempts", "cache_outcome", b"cache_outcome", "cached", b"cached", "confidence", b"confidence", "content", b"content", "cost_nano_usd", b"cost_nano_usd", "cost_pending", b"cost_pending", "downgraded", b"downgraded", "escalated", b"escalated", "escalated_from", b"escalated_from", "fallback", b"fallback", "finish_reason", b"finish_reason", "model", b"model", "provider", b"provider", "request_id", b"request_id", "route_reason", b"route_reason", "tier", b"tier", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__confidence: _TypeAlias = _typing.Literal["confidence"]  # noqa: Y015
     _WhichOneofArgType__confidence: _TypeAlias = _typing.Literal["_confidence", b"_confidence"]  # noqa: Y015
@@ -274,8 +313,11 @@ class SubmitBatchRequest(_message.Message):
 
     FEATURE_FIELD_NUMBER: _builtins.int
     REQUESTS_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
     feature: _builtins.str
     """The application feature making the calls."""
+    mode: Global___BatchMode.ValueType
+    """How the batch is run."""
     @_builtins.property
     def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompleteRequest]:
         """The requests; each needs a request_id unique within the batch."""
@@ -285,10 +327,11 @@ class SubmitBatchRequest(_message.Message):
         *,
         feature: _builtins.str = ...,
         requests: _abc.Iterable[Global___CompleteRequest] | None = ...,
+        mode: Global___BatchMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature", b"feature", "requests", b"requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature", b"feature", "mode", b"mode", "requests", b"requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -350,6 +393,8 @@ class GetBatchResponse(_message.Message):
     COMPLETED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     """The batch id."""
     status: _builtins.str
@@ -360,9 +405,15 @@ class GetBatchResponse(_message.Message):
     """Requests that finished successfully."""
     failed: _builtins.int
     """Requests that failed."""
+    mode: Global___BatchMode.ValueType
+    """How the batch is run."""
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompleteResponse]:
         """Results of finished requests."""
+
+    @_builtins.property
+    def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchFailure]:
+        """Requests that failed, with the reason."""
 
     def __init__(
         self,
@@ -373,11 +424,43 @@ class GetBatchResponse(_message.Message):
         completed: _builtins.int = ...,
         failed: _builtins.int = ...,
         results: _abc.Iterable[Global___CompleteResponse] | None = ...,
+        mode: Global___BatchMode.ValueType = ...,
+        failures: _abc.Iterable[Global___BatchFailure] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "completed", b"completed", "failed", b"failed", "results", b"results", "status", b"status", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "completed", b"completed", "failed", b"failed", "failures", b"failures", "mode", b"mode", "results", b"results", "status", b"status", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetBatchResponse: _TypeAlias = GetBatchResponse  # noqa: Y015
+
+@_typing.final
+class BatchFailure(_message.Message):
+    """BatchFailure is one request of a batch that got no answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The caller's request_id."""
+    code: _builtins.str
+    """The gRPC status name of the failure, e.g. "INVALID_ARGUMENT"."""
+    message: _builtins.str
+    """A human-readable reason."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        code: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchFailure: _TypeAlias = BatchFailure  # noqa: Y015

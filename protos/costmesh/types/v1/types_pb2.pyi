@@ -149,6 +149,7 @@ class GenerationParams(_message.Message):
     TEMPERATURE_FIELD_NUMBER: _builtins.int
     TOP_P_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
+    RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
     max_tokens: _builtins.int
     """Upper bound on output tokens; unset means the feature's default."""
     temperature: _builtins.float
@@ -159,6 +160,10 @@ class GenerationParams(_message.Message):
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Sequences at which the provider stops generating."""
 
+    @_builtins.property
+    def response_format(self) -> Global___ResponseFormat:
+        """The shape of the answer (JSON object, JSON schema); unset means free text."""
+
     def __init__(
         self,
         *,
@@ -166,10 +171,11 @@ class GenerationParams(_message.Message):
         temperature: _builtins.float | None = ...,
         top_p: _builtins.float | None = ...,
         stop: _abc.Iterable[_builtins.str] | None = ...,
+        response_format: Global___ResponseFormat | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "response_format", b"response_format", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "response_format", b"response_format", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
@@ -185,6 +191,63 @@ class GenerationParams(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__top_p) -> _WhichOneofReturnType__top_p | None: ...
 
 Global___GenerationParams: _TypeAlias = GenerationParams  # noqa: Y015
+
+@_typing.final
+class ResponseFormat(_message.Message):
+    """ResponseFormat asks the provider for structured output (OpenAI response_format)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Type:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _TypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ResponseFormat._Type.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        TYPE_UNSPECIFIED: ResponseFormat._Type.ValueType  # 0
+        """Free text, the provider's default."""
+        TYPE_JSON_OBJECT: ResponseFormat._Type.ValueType  # 1
+        """Any JSON object."""
+        TYPE_JSON_SCHEMA: ResponseFormat._Type.ValueType  # 2
+        """JSON that validates against json_schema."""
+
+    class Type(_Type, metaclass=_TypeEnumTypeWrapper):
+        """Type is the kind of structure asked for."""
+
+    TYPE_UNSPECIFIED: ResponseFormat.Type.ValueType  # 0
+    """Free text, the provider's default."""
+    TYPE_JSON_OBJECT: ResponseFormat.Type.ValueType  # 1
+    """Any JSON object."""
+    TYPE_JSON_SCHEMA: ResponseFormat.Type.ValueType  # 2
+    """JSON that validates against json_schema."""
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    SCHEMA_NAME_FIELD_NUMBER: _builtins.int
+    JSON_SCHEMA_FIELD_NUMBER: _builtins.int
+    STRICT_FIELD_NUMBER: _builtins.int
+    type: Global___ResponseFormat.Type.ValueType
+    """The kind of structure."""
+    schema_name: _builtins.str
+    """Name of the schema (TYPE_JSON_SCHEMA), letters, digits, _ and -, at most 64."""
+    json_schema: _builtins.str
+    """The JSON Schema document as JSON text (TYPE_JSON_SCHEMA)."""
+    strict: _builtins.bool
+    """Ask the provider to follow the schema exactly (OpenAI structured outputs)."""
+    def __init__(
+        self,
+        *,
+        type: Global___ResponseFormat.Type.ValueType = ...,
+        schema_name: _builtins.str = ...,
+        json_schema: _builtins.str = ...,
+        strict: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["json_schema", b"json_schema", "schema_name", b"schema_name", "strict", b"strict", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResponseFormat: _TypeAlias = ResponseFormat  # noqa: Y015
 
 @_typing.final
 class TokenUsage(_message.Message):
