@@ -386,7 +386,7 @@ class CompletionPath:
         if judged_by == router_pb2.ESCALATION_METHOD_SELF_RATING:
             messages, max_tokens = ask_for_rating(messages), max_tokens + RATING_TOKENS
         window = self._settings.models[model].context_window
-        check_context_window(estimate_tokens(messages), max_tokens, model, window)
+        check_context_window(estimate_tokens(messages, model), max_tokens, model, window)
         params = request.params
         return await self._providers.chat(
             ChatCall(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 
@@ -10,21 +9,17 @@ from costmesh.inference.v1 import inference_pb2
 from costmesh.types.v1 import types_pb2
 from services.common.errors import InvalidArgument
 from services.inference.settings import FeatureLimits, InferenceSettings
+from services.inference.tokens import count_prompt_tokens
 
 MAX_REQUEST_ID = 128
 MAX_SCOPE_KEY = 256
 MAX_STOP_SEQUENCES = 4
-# Per-message framing tokens of the chat format.
-_MESSAGE_OVERHEAD = 4
 
 
-def estimate_tokens(messages: Sequence[types_pb2.ChatMessage]) -> int:
-    """An upper-leaning estimate (4 characters a token) used only to refuse early.
-
-    The provider's reported usage is what gets billed; an exact offline tokenizer
-    replaces this with the inference-dispatch work.
-    """
-    return sum(math.ceil(len(m.content) / 4) + _MESSAGE_OVERHEAD for m in messages)
+def estimate_tokens(messages: Sequence[types_pb2.ChatMessage], model: str = "") -> int:
+    """Prompt tokens, counted offline with the model's OpenAI tokenizer, to refuse a
+    prompt before anything is spent on it; the provider's usage is what is billed."""
+    return count_prompt_tokens(messages, model)
 
 
 MAX_NAME = 128  # characters of a cache namespace or tag

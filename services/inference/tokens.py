@@ -1,0 +1,46 @@
+"""Prompt tokens counted before the call, offline, with the OpenAI tokenizers.
+
+`bpe-openai` embeds the BPE vocabularies (o200k_base for the gpt-4o family,
+cl100k_base for gpt-4 and gpt-3.5), so nothing is downloaded at run time, unlike
+tiktoken, which fetches its encodings on first use. The count is what refusals and
+budget reservations use; the provider's reported usage is what gets billed.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Sequence
+
+from costmesh.types.v1 import types_pb2
+
+with warnings.catch_warnings():
+    # bpe-openai 0.1.4 reads its vocabularies with a deprecated importlib call.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import bpe_openai
+
+DEFAULT_ENCODING = "o200k_base"
+# OpenAI's chat framing: each message costs 3 tokens beyond its content, and every
+# reply is primed with 3 more.
+PER_MESSAGE = 3
+REPLY_PRIMING = 3
+
+
+@functools.cache
+def encoding_for(model: str) -> bpe_openai.Encoding:
+    """The model's encoding; models the package does not know (self-hosted ones) are
+    counted with o200k_base, which is close for modern BPE vocabularies."""
+    try:
+        name = bpe_openai.encoding_name_for_model(model)
+    except KeyError:
+        name = DEFAULT_ENCODING
+    with warnings.catch_warnings():
+        # bpe-openai 0.1.4 reads its vocabularies with a deprecated importlib call.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return bpe_openai.get_encoding(name)
+
+
+def count_prompt_tokens(messages: Sequence[types_pb2.ChatMessage], model: str = "") -> int:
+    """Prompt tokens of a chat request as the provider will count them."""
+    encoding = encoding_for(model or DEFAULT_ENCODING)
+    return REPLY_PRIMING + sum(PER_MESSAGE + len(encoding.encode(m.content)) for m in messages)
