@@ -46,7 +46,7 @@ _KNOWN_KEYS = {
     "inference": {
         "outbox", "outbox_retry_seconds", "provider_timeout_seconds",
         "idempotency", "idempotency_ttl_seconds", "batch_store", "batch_poll_seconds",
-        "max_attempts", "retry_base_seconds", "retry_max_seconds",
+        "max_attempts", "retry_base_seconds", "retry_max_seconds", "attempt_timeout_seconds",
         "cooldown_failures", "cooldown_seconds",
     },
     "queue": {
@@ -63,7 +63,7 @@ _KNOWN_KEYS = {
         "cache_max_entries", "cache_max_bytes",
         "router", "router_artefact", "router_model", "cheap_tier_min_probability",
         "cheap_share_target", "escalation", "escalation_threshold", "escalation_target_rate",
-        "over_budget", "fallback_models",
+        "over_budget",
     },
 }  # fmt: skip
 

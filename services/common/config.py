@@ -138,6 +138,13 @@ class Config:
             )
         return value
 
+    def get_list(self, key: str, default: list[str] | None = None) -> list[str]:
+        """An array of strings, such as a model's fallbacks."""
+        value = self._data.get(key, default)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{self.key_name(key)}: expected an array of strings, got {value!r}")
+        return list(value)
+
     def tables(self, key: str) -> list[Config]:
         """An array of tables, such as [[auth.keys]]."""
         value = self._data.get(key, [])

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
+import random
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
+from openai.types.chat.completion_create_params import ResponseFormat
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -23,6 +27,7 @@ from services.common.errors import (
     ServiceError,
     Unavailable,
 )
+from services.inference.resilience import Cooldowns, retry_after, retryable, wrong_deployment
 from services.inference.settings import InferenceSettings, ProviderInfo
 from services.inference.simulator import OpenAISimulator
 from services.inference.validation import estimate_tokens
@@ -48,6 +53,23 @@ class Completion:
     usage_estimated: bool = False
     # Log-probability of each answer token, when the call asked for them.
     token_logprobs: tuple[float, ...] = ()
+    # The catalog model that answered (a fallback's, when it did), and the tries.
+    served_model: str = ""
+    attempts: int = 1
+    fallback: bool = False
+
+
+class _AttemptFailedError(Exception):
+    """One failed try, and what the failure allows: a retry, the next deployment."""
+
+    def __init__(
+        self, error: ServiceError, *, retry: bool, next_deployment: bool, retry_after: float | None
+    ) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.retry = retry
+        self.next_deployment = next_deployment
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -61,6 +83,8 @@ class ChatCall:
     top_p: float | None
     stop: list[str]
     logprobs: bool = False
+    # OpenAI's response_format object, passed through; None for free text.
+    response_format: ResponseFormat | None = None
 
 
 class Providers:
@@ -77,6 +101,8 @@ class Providers:
         self._settings = settings
         self._tracer = tracer
         self._simulator_allowed = simulator_allowed
+        self._cooldowns = Cooldowns(settings.cooldown_failures, settings.cooldown_seconds)
+        self._rng = random.Random()
         self._clients: dict[str, tuple[openai.AsyncOpenAI, str]] = {}
         self._simulators: list[OpenAISimulator] = []
         try:
@@ -114,7 +140,7 @@ class Providers:
         client = openai.AsyncOpenAI(
             api_key=key,
             base_url=base_url,
-            max_retries=2,
+            max_retries=0,  # chat() retries itself: every try is a span, and it falls back
             timeout=self._settings.provider_timeout_seconds,
         )
         return client, label
@@ -123,7 +149,64 @@ class Providers:
         return self._clients[self._settings.models[model].provider][1]
 
     async def chat(self, call: ChatCall, time_limit: float) -> Completion:
-        """Call the model; provider failures become ServiceErrors the caller can act on."""
+        """The planned model's answer, else its fallbacks' in order, within `time_limit`.
+
+        Each deployment gets up to max_attempts tries with backoff on retryable
+        failures; a cooled-down one is skipped. Every try is its own span. The result
+        names the catalog model that served it and the tries it took.
+        """
+        deadline = time.monotonic() + time_limit
+        chain = [call.model, *self._settings.models[call.model].fallbacks]
+        attempts = 0
+        failure: ServiceError | None = None
+        for model in chain:
+            if not self._cooldowns.available(model):
+                trace.get_current_span().add_event("deployment cooling down", {"model": model})
+                failure = failure or Unavailable(
+                    f"{model} is cooling down after repeated failures", reason="PROVIDER_COOLDOWN"
+                )
+                continue
+            for attempt in range(1, self._settings.retry.max_attempts + 1):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DeadlineExceeded(
+                        f"provider did not answer for {call.model} in time",
+                        reason="PROVIDER_TIMEOUT",
+                    )
+                attempts += 1
+                try:
+                    completion = await self._attempt(
+                        dataclasses.replace(call, model=model),
+                        min(remaining, self._settings.attempt_timeout_seconds),
+                        attempts,
+                        fallback=model != call.model,
+                    )
+                except _AttemptFailedError as failed:
+                    failure = failed.error
+                    if not failed.retry and not failed.next_deployment:
+                        raise failed.error from failed.__cause__
+                    if self._cooldowns.failed(model):
+                        log.warning("%s keeps failing: cooled down for %gs", model,
+                                    self._settings.cooldown_seconds)  # fmt: skip
+                        break
+                    if not failed.retry or attempt == self._settings.retry.max_attempts:
+                        break
+                    delay = self._settings.retry.delay(attempt, failed.retry_after, self._rng)
+                    if time.monotonic() + delay >= deadline:
+                        break  # no time to wait: a fallback may still answer at once
+                    await asyncio.sleep(delay)
+                    continue
+                self._cooldowns.succeeded(model)
+                return dataclasses.replace(
+                    completion, served_model=model, attempts=attempts, fallback=model != call.model
+                )
+        assert failure is not None
+        raise failure
+
+    async def _attempt(
+        self, call: ChatCall, time_limit: float, attempt: int, *, fallback: bool
+    ) -> Completion:
+        """One try at one deployment, as a gen_ai client span."""
         client, label = self._clients[self._settings.models[call.model].provider]
         with self._tracer.start_as_current_span(f"chat {call.model}", kind=SpanKind.CLIENT) as span:
             span.set_attributes(
@@ -132,10 +215,11 @@ class Providers:
                     "gen_ai.provider.name": label,
                     "gen_ai.request.model": call.model,
                     "gen_ai.request.max_tokens": call.max_tokens,
+                    "costmesh.attempt": attempt,
+                    "costmesh.fallback": fallback,
                 }
             )
             try:
-                # One bound on the whole call, the SDK's own retries included.
                 async with asyncio.timeout(time_limit):
                     response = await client.chat.completions.create(
                         model=call.model,
@@ -145,13 +229,23 @@ class Providers:
                         top_p=call.top_p,
                         stop=call.stop or None,
                         logprobs=call.logprobs or None,
+                        response_format=(
+                            openai.omit if call.response_format is None else call.response_format
+                        ),
                         timeout=time_limit,
                     )
             except (openai.OpenAIError, TimeoutError) as exc:
                 error = _translate(exc, call.model)
                 span.set_status(Status(StatusCode.ERROR, error.reason))
                 span.set_attribute("error.type", type(exc).__name__)
-                raise error from exc
+                if isinstance(exc, openai.APIStatusError):
+                    span.set_attribute("http.response.status_code", exc.status_code)
+                raise _AttemptFailedError(
+                    error,
+                    retry=retryable(exc),
+                    next_deployment=wrong_deployment(exc),
+                    retry_after=retry_after(exc),
+                ) from exc
             completion = _completion(response, call, label)
             if completion.usage_estimated:
                 log.warning(

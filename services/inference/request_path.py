@@ -42,7 +42,12 @@ from services.inference.outbox import UsageOutbox
 from services.inference.peers import Deadline, Peers
 from services.inference.providers import ChatCall, Completion, Providers
 from services.inference.settings import InferenceSettings
-from services.inference.validation import check_context_window, estimate_tokens, validate
+from services.inference.validation import (
+    check_context_window,
+    estimate_tokens,
+    openai_response_format,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 # Only answers the provider finished are stored (the cache refuses others too).
@@ -299,6 +304,10 @@ class CompletionPath:
             else types_pb2.CACHE_OUTCOME_MISS
         )
         response.usage.CopyFrom(_usage(completion))
+        response.attempts, response.fallback = completion.attempts, completion.fallback
+        trace.get_current_span().set_attributes(
+            {"costmesh.attempts": completion.attempts, "costmesh.fallback": completion.fallback}
+        )
         finished = completion.finish_reason in CACHEABLE_FINISH_REASONS
         if caching and not request.cache_control.no_store and completion.content and finished:
             self._store_later(key, completion, request.cache_control, looked_up)
@@ -322,7 +331,7 @@ class CompletionPath:
         content, confidence = strip_rating(first.content) if rated else (first.content, None)
         if method == router_pb2.ESCALATION_METHOD_LOGPROBS:
             confidence = logprob_confidence(first.token_logprobs)
-        first = dataclasses.replace(first, content=content, model=plan.model)
+        first = dataclasses.replace(first, content=content, model=first.served_model)
         if not judged:
             return first
         span = trace.get_current_span()
@@ -347,7 +356,7 @@ class CompletionPath:
         if not escalate:
             return first
         attempt = Overhead(
-            plan.model, first.provider, _usage(first), ledger_pb2.CALL_PURPOSE_ESCALATED_ATTEMPT
+            first.model, first.provider, _usage(first), ledger_pb2.CALL_PURPOSE_ESCALATED_ATTEMPT
         )
         call.overhead.append(attempt)  # paid for: recorded even if what follows fails
         try:
@@ -356,15 +365,17 @@ class CompletionPath:
             # The first answer is unsure but usable: better than failing the call.
             call.overhead.remove(attempt)  # it is the answer after all
             log.warning("escalation to %s failed (%s); serving %s", plan.escalation_model,
-                        exc.reason, plan.model)  # fmt: skip
+                        exc.reason, first.model)  # fmt: skip
             span.add_event("escalation_failed", {"error.type": exc.reason})
             span.set_attribute("costmesh.escalated", False)
             return first
         if rated:  # asked or not, a rating tag never reaches the caller
             final = dataclasses.replace(final, content=strip_rating(final.content)[0])
-        response.escalated, response.escalated_from = True, plan.model
-        span.set_attribute("costmesh.escalated_from", plan.model)
-        return dataclasses.replace(final, model=plan.escalation_model)
+        response.escalated, response.escalated_from = True, first.model
+        span.set_attribute("costmesh.escalated_from", first.model)
+        return dataclasses.replace(
+            final, model=final.served_model, attempts=first.attempts + final.attempts
+        )
 
     @staticmethod
     def _unrated_means_unsure(
@@ -397,6 +408,7 @@ class CompletionPath:
                 top_p=params.top_p if params.HasField("top_p") else None,
                 stop=list(params.stop),
                 logprobs=judged_by == router_pb2.ESCALATION_METHOD_LOGPROBS,
+                response_format=openai_response_format(params.response_format),
             ),
             call.deadline.cap(self._settings.provider_timeout_seconds),
         )

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.config import Config, ConfigError
+from services.inference.resilience import RetryPolicy
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,10 @@ class FeatureLimits:
 class ModelInfo:
     provider: str
     context_window: int
+    # Who answers when this deployment keeps failing: another deployment of the
+    # same model, or a cheaper model, in order.
+    fallbacks: tuple[str, ...] = ()
+    tier: str = ""
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,10 @@ class InferenceSettings:
     idempotency_ttl_seconds: int
     batch_store_path: Path = Path("batches.sqlite3")
     batch_poll_seconds: float = 30.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    attempt_timeout_seconds: float = 30.0
+    cooldown_failures: int = 5
+    cooldown_seconds: float = 30.0
 
     @classmethod
     def from_config(cls, config: Config) -> InferenceSettings:
@@ -84,7 +93,17 @@ class InferenceSettings:
             provider = m.get_str("provider")
             if provider not in providers:
                 raise ConfigError(f"models.{name}.provider: unknown provider {provider!r}")
-            models[name] = ModelInfo(provider, m.get_int("context_window", minimum=1))
+            fallbacks = m.get_list("fallbacks", [])
+            if name in fallbacks:
+                raise ConfigError(f"models.{name}.fallbacks: a model cannot fall back to itself")
+            tier = m.get_choice("tier", ("", "simple", "moderate", "complex"), "")
+            models[name] = ModelInfo(
+                provider, m.get_int("context_window", minimum=1), tuple(fallbacks), tier
+            )
+        for name, info in models.items():
+            for fallback in info.fallbacks:
+                if fallback not in models:
+                    raise ConfigError(f"models.{name}.fallbacks: unknown model {fallback!r}")
         for name, feature in limits.items():
             if feature.baseline_model and feature.baseline_model not in models:
                 raise ConfigError(
@@ -103,4 +122,12 @@ class InferenceSettings:
             idempotency_ttl_seconds=inference.get_int("idempotency_ttl_seconds", 86_400, minimum=1),
             batch_store_path=data_dir / inference.get_str("batch_store", "batches.sqlite3"),
             batch_poll_seconds=inference.get_float("batch_poll_seconds", 30.0),
+            retry=RetryPolicy(
+                inference.get_int("max_attempts", 3, minimum=1),
+                inference.get_float("retry_base_seconds", 0.25),
+                inference.get_float("retry_max_seconds", 8.0),
+            ),
+            attempt_timeout_seconds=inference.get_float("attempt_timeout_seconds", 30.0),
+            cooldown_failures=inference.get_int("cooldown_failures", 5, minimum=1),
+            cooldown_seconds=inference.get_float("cooldown_seconds", 30.0),
         )

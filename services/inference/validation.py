@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
+
+from openai.types.chat.completion_create_params import ResponseFormat
 
 from costmesh.inference.v1 import inference_pb2
 from costmesh.types.v1 import types_pb2
@@ -114,4 +117,49 @@ def _validate_params(params: types_pb2.GenerationParams, limits: FeatureLimits) 
         raise InvalidArgument("params.top_p", "must be between 0 and 1")
     if len(params.stop) > MAX_STOP_SEQUENCES:
         raise InvalidArgument("params.stop", f"at most {MAX_STOP_SEQUENCES} sequences")
+    _validate_response_format(params.response_format)
     return max_tokens
+
+
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _validate_response_format(fmt: types_pb2.ResponseFormat) -> None:
+    """A structured-output request the provider would refuse is refused here first."""
+    if fmt.type not in types_pb2.ResponseFormat.Type.values():
+        raise InvalidArgument("params.response_format.type", "unknown type")
+    if fmt.type != types_pb2.ResponseFormat.TYPE_JSON_SCHEMA:
+        if fmt.schema_name or fmt.json_schema or fmt.strict:
+            raise InvalidArgument(
+                "params.response_format",
+                "schema_name, json_schema and strict need TYPE_JSON_SCHEMA",
+            )
+        return
+    if not _SCHEMA_NAME.fullmatch(fmt.schema_name):
+        raise InvalidArgument(
+            "params.response_format.schema_name", "letters, digits, _ and -, 1 to 64 characters"
+        )
+    try:
+        schema = json.loads(fmt.json_schema)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(
+            "params.response_format.json_schema", f"not JSON: {exc.msg}"
+        ) from None
+    if not isinstance(schema, dict):
+        raise InvalidArgument("params.response_format.json_schema", "must be a JSON object")
+
+
+def openai_response_format(fmt: types_pb2.ResponseFormat) -> ResponseFormat | None:
+    """The OpenAI `response_format` of a validated request; None for free text."""
+    if fmt.type == types_pb2.ResponseFormat.TYPE_JSON_OBJECT:
+        return {"type": "json_object"}
+    if fmt.type == types_pb2.ResponseFormat.TYPE_JSON_SCHEMA:
+        return {
+            "type": "json_schema",
+            "json_schema": {
+                "name": fmt.schema_name,
+                "schema": json.loads(fmt.json_schema),
+                "strict": fmt.strict,
+            },
+        }
+    return None

@@ -108,7 +108,11 @@ def _price(table: Config, previous: ModelPrice | None) -> ModelPrice:
     """One dated price; keys it leaves out keep their previous value."""
     table.reject_unknown(
         PRICE_KEYS
-        | ({"provider", "context_window", "price_changes"} if previous is None else set())
+        | (
+            {"provider", "context_window", "price_changes", "fallbacks", "tier"}
+            if previous is None
+            else set()
+        )
     )
     effective = _date(table, "effective_from", _BEGINNING if previous is None else None)
     if "gpu_usd_per_hour" in table.names():

@@ -1,0 +1,121 @@
+"""What to do when a provider call fails: retry it, wait how long, or skip the deployment.
+
+Retries use exponential backoff with full jitter (AWS's "Exponential Backoff and
+Jitter"): replicas that failed together do not retry together. A provider's
+Retry-After is a floor, never shortened. A deployment that fails `failures` times in
+a row is cooled down for `seconds`: calls skip it (to its fallbacks) instead of
+hammering it; afterwards one trial call decides whether it is back.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import openai
+
+# The statuses the OpenAI SDK itself retries: timeout, conflict, rate limit, server.
+RETRYABLE_STATUSES = frozenset({408, 409, 429})
+# Statuses that say this deployment cannot serve us (a bad key, an unknown model
+# there) but another might: no retry, go to the next in the chain.
+DEPLOYMENT_STATUSES = frozenset({401, 403, 404})
+
+
+def retryable(exc: BaseException) -> bool:
+    """A failure that may pass if tried again: rate limits, 5xx, timeouts, dropped
+    connections."""
+    if isinstance(exc, openai.APIConnectionError | TimeoutError):  # timeouts included
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in RETRYABLE_STATUSES or exc.status_code >= 500
+    return False
+
+
+def wrong_deployment(exc: BaseException) -> bool:
+    return isinstance(exc, openai.APIStatusError) and exc.status_code in DEPLOYMENT_STATUSES
+
+
+def retry_after(exc: BaseException, now: float | None = None) -> float | None:
+    """Seconds the provider asked us to wait (retry-after-ms, Retry-After as seconds or
+    an HTTP date), or None."""
+    if not isinstance(exc, openai.APIStatusError):
+        return None
+    headers = exc.response.headers
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(float(millis) / 1000, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - (time.time() if now is None else now), 0.0)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 3  # per deployment, the first included
+    base_seconds: float = 0.25
+    max_seconds: float = 8.0
+
+    def delay(self, attempt: int, asked: float | None, rng: random.Random) -> float:
+        """The wait before retry number `attempt` (1 for the first retry)."""
+        ceiling = min(self.max_seconds, self.base_seconds * 2 ** (attempt - 1))
+        jittered = rng.uniform(0, ceiling)
+        return jittered if asked is None else max(asked, jittered)
+
+
+@dataclass
+class _Health:
+    failures: int = 0
+    cold_until: float = 0.0
+    trial: bool = False  # a cooled-down deployment's one trial call is under way
+
+
+@dataclass
+class Cooldowns:
+    """Per deployment: consecutive failures, and until when it is skipped."""
+
+    failures: int = 5
+    seconds: float = 30.0
+    clock: Callable[[], float] = time.monotonic
+    _health: dict[str, _Health] = field(default_factory=dict)
+
+    def available(self, model: str) -> bool:
+        """False while cooling down; after that, True for one trial call at a time."""
+        health = self._health.get(model)
+        if health is None or health.failures < self.failures:
+            return True
+        if self.clock() < health.cold_until or health.trial:
+            return False
+        health.trial = True
+        return True
+
+    def failed(self, model: str) -> bool:
+        """Count a failure; True when it (re)starts a cool-down."""
+        health = self._health.setdefault(model, _Health())
+        health.failures += 1
+        health.trial = False
+        if health.failures >= self.failures:
+            health.cold_until = self.clock() + self.seconds
+            return True
+        return False
+
+    def succeeded(self, model: str) -> None:
+        self._health.pop(model, None)
+
+    def cooling(self) -> list[str]:
+        now = self.clock()
+        return sorted(m for m, h in self._health.items() if h.cold_until > now)
