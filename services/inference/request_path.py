@@ -25,11 +25,13 @@ from services.common.auth import Principal
 from services.common.errors import (
     DeadlineExceeded,
     InvalidArgument,
+    ResourceExhausted,
     ServiceError,
     Unavailable,
 )
 from services.common.outages import OutageLog
 from services.common.telemetry import current_trace_id
+from services.inference.budgets import OverBudgetError, Reservation, TeamBudgets
 from services.inference.escalation import (
     RATING_TOKENS,
     EscalationThresholds,
@@ -82,6 +84,7 @@ class Call:
     # Filled in as the call goes: the router's plan and the overhead to record.
     route: router_pb2.RouteResponse = field(default_factory=router_pb2.RouteResponse)
     overhead: list[Overhead] = field(default_factory=list)
+    reservations: list[Reservation] = field(default_factory=list)
 
 
 class CompletionPath:
@@ -94,8 +97,11 @@ class CompletionPath:
         providers: Providers,
         outbox: UsageOutbox,
         idempotency: IdempotencyStore,
+        *,
+        budgets: TeamBudgets,
     ) -> None:
         self._settings = settings
+        self._budgets = budgets
         self._peers = peers
         self._providers = providers
         self._outbox = outbox
@@ -140,12 +146,27 @@ class CompletionPath:
             }
         )
         if not request.request_id:
-            return await self._answer(call)
+            return await self._answer_within_budget(call)
         response = await self._idempotency.answer_once(
-            principal.team, request, lambda: self._answer(call)
+            principal.team, request, lambda: self._answer_within_budget(call)
         )
         span.set_attribute("costmesh.replayed", response.trace_id != current_trace_id())
         return response
+
+    async def _answer_within_budget(self, call: Call) -> inference_pb2.CompleteResponse:
+        """The answer; the team's reservations settle to what the ledger priced (to the
+        worst case while the ledger has not confirmed it)."""
+        response = None
+        try:
+            response = await self._answer(call)
+            return response
+        finally:
+            for i, reservation in enumerate(call.reservations):
+                if response is None or response.cost_pending:
+                    actual = reservation.nano  # not known yet: the worst case, until re-read
+                else:
+                    actual = response.cost_nano_usd if i == 0 else 0  # the total, once
+                self._budgets.settle(reservation, actual)
 
     async def _answer(self, call: Call) -> inference_pb2.CompleteResponse:
         request, control = call.request, call.request.cache_control
@@ -293,7 +314,7 @@ class CompletionPath:
         caching: bool,
     ) -> None:
         request = call.request
-        plan = await self._route(call, looked_up)
+        plan = await self._admit(call, await self._route(call, looked_up), response)
         completion = await self._answer_with_escalation(call, plan, response)
         response.content, response.model = completion.content, completion.model
         response.provider, response.finish_reason = completion.provider, completion.finish_reason
@@ -355,6 +376,10 @@ class CompletionPath:
         span.set_attribute("costmesh.escalated", escalate)
         if not escalate:
             return first
+        if not await self._reserve(call, plan.escalation_model):
+            span.add_event("escalation skipped: the team is over budget")
+            span.set_attribute("costmesh.escalated", False)
+            return first
         attempt = Overhead(
             first.model, first.provider, _usage(first), ledger_pb2.CALL_PURPOSE_ESCALATED_ATTEMPT
         )
@@ -376,6 +401,58 @@ class CompletionPath:
         return dataclasses.replace(
             final, model=final.served_model, attempts=first.attempts + final.attempts
         )
+
+    async def _admit(
+        self,
+        call: Call,
+        plan: router_pb2.RouteResponse,
+        response: inference_pb2.CompleteResponse,
+    ) -> router_pb2.RouteResponse:
+        """The plan if the team's budget holds its worst case; else, by the feature's
+        policy, the cheapest tier's model (no escalation) or RESOURCE_EXHAUSTED."""
+        team, span = call.principal.team, trace.get_current_span()
+        if not self._budgets.limited(team):
+            return plan
+        try:
+            await self._reserve(call, plan.model, strict=True)
+        except OverBudgetError as exc:
+            limits = self._settings.features[call.request.feature]
+            cheap = limits.cheapest_model
+            span.set_attribute("costmesh.budget.over", exc.period)
+            if limits.over_budget != "downgrade" or call.request.model or cheap == plan.model:
+                span.set_attribute("costmesh.budget.decision", "refused")
+                raise ResourceExhausted(str(exc), reason="TEAM_BUDGET_EXCEEDED") from None
+            try:
+                await self._reserve(call, cheap, strict=True)
+            except OverBudgetError as again:
+                span.set_attribute("costmesh.budget.decision", "refused")
+                raise ResourceExhausted(str(again), reason="TEAM_BUDGET_EXCEEDED") from None
+            span.set_attribute("costmesh.budget.decision", "downgraded")
+            response.downgraded = True
+            downgraded = router_pb2.RouteResponse()
+            downgraded.CopyFrom(plan)
+            downgraded.model, downgraded.escalation_model = cheap, ""
+            downgraded.escalation_method = router_pb2.ESCALATION_METHOD_UNSPECIFIED
+            downgraded.reason = f"{plan.reason}; team over its {exc.period} budget -> {cheap}"
+            call.route.CopyFrom(downgraded)
+            return downgraded
+        span.set_attribute("costmesh.budget.decision", "within")
+        return plan
+
+    async def _reserve(self, call: Call, model: str, *, strict: bool = False) -> bool:
+        """Reserve the worst case of one call to `model`; False (or OverBudgetError when
+        strict) when it does not fit."""
+        prompt = estimate_tokens(call.request.messages, model)
+        worst = self._budgets.worst_case(model, prompt, call.max_tokens)
+        try:
+            reservation = await self._budgets.admit(call.principal.team, worst)
+        except OverBudgetError:
+            if strict:
+                raise
+            return False
+        if reservation is not None:
+            call.reservations.append(reservation)
+        return True
 
     @staticmethod
     def _unrated_means_unsure(

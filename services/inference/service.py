@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 import grpc
+from google.protobuf import timestamp_pb2
 from opentelemetry import trace
 
 from costmesh.cache.v1 import cache_pb2_grpc
@@ -18,12 +20,14 @@ from services.common.config import Config
 from services.common.errors import InvalidArgument, Unimplemented
 from services.common.server import ServiceDef
 from services.inference import batches, queue
+from services.inference.budgets import TeamBudgets
 from services.inference.idempotency import IdempotencyStore
 from services.inference.outbox import RefusedError, UsageOutbox
 from services.inference.peers import Peers
 from services.inference.providers import Providers
 from services.inference.request_path import CompletionPath
 from services.inference.settings import InferenceSettings
+from services.ledger.pricing import PriceCatalog
 
 SERVICE_NAME = "costmesh.inference.v1.InferenceService"
 
@@ -117,7 +121,22 @@ def build(
             )
 
     outbox = UsageOutbox(settings.outbox_path, send, settings.outbox_retry_seconds, settle)
-    path = CompletionPath(settings, peers, providers, outbox, idempotency)
+
+    async def spend_since(team: str, since: datetime) -> int:
+        start = timestamp_pb2.Timestamp()
+        start.FromDatetime(since)
+        spend = await ledger.QuerySpend(
+            ledger_pb2.QuerySpendRequest(team=team, start_time=start),
+            metadata=channels.metadata,
+            timeout=channels.timeout,
+        )
+        return spend.total_cost_nano_usd
+
+    prices = PriceCatalog.from_config(
+        config.section("models"), config.section("ledger").get_str("price_version")
+    )
+    budgets = TeamBudgets(settings.teams, prices, spend_since)
+    path = CompletionPath(settings, peers, providers, outbox, idempotency, budgets=budgets)
     provider_batches = batches.ProviderBatches(settings, providers, peers, outbox)
     micro_batches = queue.MicroBatchQueue(config, lambda r, p: path.complete(r, p, None))
     servicer = InferenceServicer(path, provider_batches, micro_batches)

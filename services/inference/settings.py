@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.config import Config, ConfigError
+from services.inference.budgets import TeamLimits
 from services.inference.resilience import RetryPolicy
 
 
@@ -22,6 +23,10 @@ class FeatureLimits:
     cache_mode: str = "semantic"
     # What the cache embeds ("last_user" is also what the router classifies).
     cache_question: str = "last_user"
+    # When the team is over budget: "refuse" (RESOURCE_EXHAUSTED) or "downgrade" to
+    # the cheapest tier's model.
+    over_budget: str = "refuse"
+    cheapest_model: str = ""
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class InferenceSettings:
     attempt_timeout_seconds: float = 30.0
     cooldown_failures: int = 5
     cooldown_seconds: float = 30.0
+    teams: dict[str, TeamLimits] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Config) -> InferenceSettings:
@@ -75,6 +81,8 @@ class InferenceSettings:
                 f.get_str("baseline_model", f.section("models").get_str("complex", "")),
                 f.get_choice("cache_mode", ("semantic", "exact", "off"), "semantic"),
                 f.get_choice("cache_question", ("last_user", "all_user"), "last_user"),
+                f.get_choice("over_budget", ("refuse", "downgrade"), "refuse"),
+                f.section("models").get_str("simple", ""),
             )
         providers_cfg = config.section("providers")
         providers = {
@@ -130,4 +138,5 @@ class InferenceSettings:
             attempt_timeout_seconds=inference.get_float("attempt_timeout_seconds", 30.0),
             cooldown_failures=inference.get_int("cooldown_failures", 5, minimum=1),
             cooldown_seconds=inference.get_float("cooldown_seconds", 30.0),
+            teams=TeamLimits.from_config(config.section("teams")),
         )

@@ -1,0 +1,128 @@
+"""Team budgets: refusals, the downgrade policy, and no slipping past a limit together."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from costmesh.ledger.v1 import ledger_pb2
+from services.inference.simulator import OpenAISimulator
+from tests.conftest import AUTH, Mesh, running_mesh, user_request
+
+# gpt-4o-mini: 150 nano-USD an input token, 600 an output token; max_tokens 20 makes
+# a worst case of about 12,000 + 20 * 600 + prompt ~= 16,000 nano-USD a call.
+CONFIG = """
+[teams.demo]
+daily_usd = "0.00005"
+
+[features.capped]
+router = "rules"
+cache_mode = "off"
+max_tokens_default = 20
+
+[features.big]
+router = "rules"
+tier = "complex"
+cache_mode = "off"
+max_tokens_default = 20
+
+[features.thrifty]
+router = "rules"
+tier = "complex"
+cache_mode = "off"
+max_tokens_default = 20
+over_budget = "downgrade"
+"""
+LIMIT_NANO = 50_000
+
+
+@pytest.fixture
+async def mesh(simulator: OpenAISimulator, tmp_path: Path) -> AsyncIterator[Mesh]:
+    async with running_mesh(simulator, tmp_path, CONFIG) as running:
+        yield running
+
+
+async def spent(mesh: Mesh) -> int:
+    spend = await mesh.ledger.QuerySpend(ledger_pb2.QuerySpendRequest(), metadata=AUTH, timeout=5)
+    return spend.total_cost_nano_usd
+
+
+async def test_a_team_over_its_daily_budget_is_refused_and_never_overspends(
+    mesh: Mesh, simulator: OpenAISimulator
+) -> None:
+    answered, refusal = 0, None
+    for i in range(20):
+        try:
+            await mesh.inference.Complete(
+                user_request(f"Question {i}", "capped"), metadata=AUTH, timeout=10
+            )
+            answered += 1
+        except grpc.aio.AioRpcError as exc:
+            refusal = exc
+            break
+
+    assert refusal is not None
+    assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "daily budget" in (refusal.details() or "")
+    assert answered >= 2
+    assert await spent(mesh) <= LIMIT_NANO
+    assert simulator.call_count == answered  # the refused call never reached the provider
+
+
+async def test_concurrent_calls_cannot_slip_past_the_limit_together(
+    mesh: Mesh, simulator: OpenAISimulator
+) -> None:
+    simulator.set_latency(0.2)  # all of them in flight at once
+
+    results = await asyncio.gather(
+        *(
+            mesh.inference.Complete(user_request(f"Q{i}", "capped"), metadata=AUTH, timeout=10)
+            for i in range(12)
+        ),
+        return_exceptions=True,
+    )
+
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert refused
+    assert all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+    assert await spent(mesh) <= LIMIT_NANO
+    assert simulator.call_count == len(results) - len(refused)
+
+
+async def test_the_refuse_policy_refuses_what_the_large_model_would_cost(mesh: Mesh) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await mesh.inference.Complete(user_request("Hi", "big"), metadata=AUTH, timeout=10)
+
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_the_downgrade_policy_sends_the_call_to_the_cheapest_tier(mesh: Mesh) -> None:
+    reply = await mesh.inference.Complete(user_request("Hi", "thrifty"), metadata=AUTH, timeout=10)
+
+    assert reply.downgraded
+    assert reply.model == "gpt-4o-mini"  # gpt-4o's worst case does not fit; mini's does
+    assert "over its daily budget -> gpt-4o-mini" in reply.route_reason
+    front = next(
+        s for s in mesh.spans.get_finished_spans()
+        if s.name.endswith("InferenceService/Complete") and s.attributes
+        and "costmesh.budget.decision" in s.attributes
+    )  # fmt: skip
+    assert front.attributes is not None
+    assert front.attributes["costmesh.budget.decision"] == "downgraded"
+    assert front.attributes["costmesh.budget.over"] == "daily"
+
+
+async def test_a_team_without_limits_is_not_counted(
+    simulator: OpenAISimulator, tmp_path: Path
+) -> None:
+    config = CONFIG.replace("[teams.demo]", "[teams.someone_else]")
+    async with running_mesh(simulator, tmp_path, config) as mesh:
+        for i in range(10):  # about 5,700 nano-USD each
+            await mesh.inference.Complete(
+                user_request(f"Question {i}", "capped"), metadata=AUTH, timeout=10
+            )
+        assert await spent(mesh) > LIMIT_NANO
