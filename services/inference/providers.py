@@ -8,15 +8,17 @@ import logging
 import math
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 import openai
-from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
+from openai import AsyncStream
+from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 from openai.types.chat.completion_create_params import ResponseFormat
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from costmesh.types.v1 import types_pb2
 from services.common.config import ConfigError
@@ -30,10 +32,13 @@ from services.common.errors import (
 from services.inference.resilience import Cooldowns, retry_after, retryable, wrong_deployment
 from services.inference.settings import InferenceSettings, ProviderInfo
 from services.inference.simulator import OpenAISimulator
-from services.inference.validation import estimate_tokens
+from services.inference.tokens import count_prompt_tokens, count_text_tokens
 
 log = logging.getLogger(__name__)
 SIMULATED = "simulated"
+T = TypeVar("T")
+# One try at one deployment: (call, time limit, attempt number, is a fallback).
+_Attempt = Callable[["ChatCall", float, int, bool], Awaitable[T]]
 _ROLES = {
     types_pb2.ROLE_SYSTEM: "system",
     types_pb2.ROLE_USER: "user",
@@ -150,11 +155,25 @@ class Providers:
 
     async def chat(self, call: ChatCall, time_limit: float) -> Completion:
         """The planned model's answer, else its fallbacks' in order, within `time_limit`.
+        The result names the catalog model that served it and the tries it took."""
+        completion, model, attempts = await self._resilient(call, time_limit, self._attempt)
+        return dataclasses.replace(
+            completion, served_model=model, attempts=attempts, fallback=model != call.model
+        )
 
-        Each deployment gets up to max_attempts tries with backoff on retryable
-        failures; a cooled-down one is skipped. Every try is its own span. The result
-        names the catalog model that served it and the tries it took.
-        """
+    async def open_stream(self, call: ChatCall, time_limit: float) -> ChatStream:
+        """A streamed answer, opened with the same retries and fallbacks as chat(): once
+        text flows, a failure ends the stream (what was sent cannot be taken back)."""
+        stream, model, attempts = await self._resilient(call, time_limit, self._open_attempt)
+        stream.served_model, stream.attempts = model, attempts
+        stream.fallback = model != call.model
+        return stream
+
+    async def _resilient(
+        self, call: ChatCall, time_limit: float, attempt_once: _Attempt[T]
+    ) -> tuple[T, str, int]:
+        """Each deployment of the chain gets up to max_attempts tries with backoff on
+        retryable failures; a cooled-down one is skipped. Every try is its own span."""
         deadline = time.monotonic() + time_limit
         chain = [call.model, *self._settings.models[call.model].fallbacks]
         attempts = 0
@@ -175,11 +194,11 @@ class Providers:
                     )
                 attempts += 1
                 try:
-                    completion = await self._attempt(
+                    result = await attempt_once(
                         dataclasses.replace(call, model=model),
                         min(remaining, self._settings.attempt_timeout_seconds),
                         attempts,
-                        fallback=model != call.model,
+                        model != call.model,
                     )
                 except _AttemptFailedError as failed:
                     failure = failed.error
@@ -197,28 +216,61 @@ class Providers:
                     await asyncio.sleep(delay)
                     continue
                 self._cooldowns.succeeded(model)
-                return dataclasses.replace(
-                    completion, served_model=model, attempts=attempts, fallback=model != call.model
-                )
+                return result, model, attempts
         assert failure is not None
         raise failure
 
+    def _start_span(self, call: ChatCall, label: str, attempt: int, fallback: bool) -> Span:
+        span = self._tracer.start_span(f"chat {call.model}", kind=SpanKind.CLIENT)
+        span.set_attributes(
+            {
+                "gen_ai.operation.name": "chat",
+                "gen_ai.provider.name": label,
+                "gen_ai.request.model": call.model,
+                "gen_ai.request.max_tokens": call.max_tokens,
+                "costmesh.attempt": attempt,
+                "costmesh.fallback": fallback,
+            }
+        )
+        return span
+
+    async def _open_attempt(
+        self, call: ChatCall, time_limit: float, attempt: int, fallback: bool
+    ) -> ChatStream:
+        """One try at opening a stream; its span lasts until the stream is closed."""
+        client, label = self._clients[self._settings.models[call.model].provider]
+        span = self._start_span(call, label, attempt, fallback)
+        span.set_attribute("gen_ai.request.stream", True)
+        try:
+            async with asyncio.timeout(time_limit):
+                stream = await client.chat.completions.create(
+                    model=call.model,
+                    messages=_to_openai(call.messages),
+                    max_tokens=call.max_tokens,
+                    temperature=call.temperature,
+                    top_p=call.top_p,
+                    stop=call.stop or None,
+                    response_format=(
+                        openai.omit if call.response_format is None else call.response_format
+                    ),
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    timeout=time_limit,
+                )
+        except (openai.OpenAIError, TimeoutError) as exc:
+            raise _failed(span, exc, call.model) from exc
+        except BaseException:
+            span.end()
+            raise
+        return ChatStream(stream, call, label, span)
+
     async def _attempt(
-        self, call: ChatCall, time_limit: float, attempt: int, *, fallback: bool
+        self, call: ChatCall, time_limit: float, attempt: int, fallback: bool
     ) -> Completion:
         """One try at one deployment, as a gen_ai client span."""
         client, label = self._clients[self._settings.models[call.model].provider]
-        with self._tracer.start_as_current_span(f"chat {call.model}", kind=SpanKind.CLIENT) as span:
-            span.set_attributes(
-                {
-                    "gen_ai.operation.name": "chat",
-                    "gen_ai.provider.name": label,
-                    "gen_ai.request.model": call.model,
-                    "gen_ai.request.max_tokens": call.max_tokens,
-                    "costmesh.attempt": attempt,
-                    "costmesh.fallback": fallback,
-                }
-            )
+        span = self._start_span(call, label, attempt, fallback)
+        with trace.use_span(span, end_on_exit=True):
             try:
                 async with asyncio.timeout(time_limit):
                     response = await client.chat.completions.create(
@@ -235,31 +287,9 @@ class Providers:
                         timeout=time_limit,
                     )
             except (openai.OpenAIError, TimeoutError) as exc:
-                error = _translate(exc, call.model)
-                span.set_status(Status(StatusCode.ERROR, error.reason))
-                span.set_attribute("error.type", type(exc).__name__)
-                if isinstance(exc, openai.APIStatusError):
-                    span.set_attribute("http.response.status_code", exc.status_code)
-                raise _AttemptFailedError(
-                    error,
-                    retry=retryable(exc),
-                    next_deployment=wrong_deployment(exc),
-                    retry_after=retry_after(exc),
-                ) from exc
+                raise _failed(span, exc, call.model) from exc
             completion = _completion(response, call, label)
-            if completion.usage_estimated:
-                log.warning(
-                    "provider %s reported no usage for %s; billing an estimate", label, call.model
-                )
-            span.set_attributes(
-                {
-                    "gen_ai.response.model": completion.model,
-                    "gen_ai.response.finish_reasons": [completion.finish_reason],
-                    "gen_ai.usage.input_tokens": completion.input_tokens,
-                    "gen_ai.usage.output_tokens": completion.output_tokens,
-                    "costmesh.usage.estimated": completion.usage_estimated,
-                }
-            )
+            _finish_span(span, completion)
             return completion
 
     async def close(self) -> None:
@@ -282,7 +312,9 @@ def _completion(response: ChatCompletion, call: ChatCall, label: str) -> Complet
         finish_reason=choice.finish_reason or "",
         model=response.model or call.model,
         provider=label,
-        input_tokens=usage.prompt_tokens if usage else estimate_tokens(call.messages),
+        input_tokens=usage.prompt_tokens
+        if usage
+        else count_prompt_tokens(call.messages, call.model),
         cached_input_tokens=(details.cached_tokens or 0) if details else 0,
         output_tokens=usage.completion_tokens if usage else math.ceil(len(content) / 4),
         usage_estimated=usage is None,
@@ -315,3 +347,112 @@ def _translate(exc: openai.OpenAIError | TimeoutError, model: str) -> ServiceErr
     if isinstance(exc, openai.BadRequestError):
         return InvalidArgument("messages", f"provider rejected the request: {exc.message}")
     return Unavailable(f"provider failed for {model}", reason="PROVIDER_ERROR")
+
+
+def _failed(span: Span, exc: openai.OpenAIError | TimeoutError, model: str) -> _AttemptFailedError:
+    """Mark the try's span failed and say what the failure allows."""
+    error = _translate(exc, model)
+    span.set_status(Status(StatusCode.ERROR, error.reason))
+    span.set_attribute("error.type", type(exc).__name__)
+    if isinstance(exc, openai.APIStatusError):
+        span.set_attribute("http.response.status_code", exc.status_code)
+    span.end()
+    return _AttemptFailedError(
+        error,
+        retry=retryable(exc),
+        next_deployment=wrong_deployment(exc),
+        retry_after=retry_after(exc),
+    )
+
+
+def _finish_span(span: Span, completion: Completion) -> None:
+    if completion.usage_estimated:
+        log.warning(
+            "provider %s reported no usage for %s; billing an estimate",
+            completion.provider,
+            completion.model,
+        )
+    span.set_attributes(
+        {
+            "gen_ai.response.model": completion.model,
+            "gen_ai.response.finish_reasons": [completion.finish_reason],
+            "gen_ai.usage.input_tokens": completion.input_tokens,
+            "gen_ai.usage.output_tokens": completion.output_tokens,
+            "costmesh.usage.estimated": completion.usage_estimated,
+        }
+    )
+
+
+class ChatStream:
+    """An open streamed answer: its text as it comes, then what it cost.
+
+    Usage comes from the final chunk (stream_options.include_usage). A stream cut
+    short (the caller cancelled) has none: it is billed on an estimate of what was
+    produced, the prompt and the text so far counted with the model's tokenizer.
+    """
+
+    def __init__(
+        self,
+        stream: AsyncStream[ChatCompletionChunk],
+        call: ChatCall,
+        label: str,
+        span: Span,
+    ) -> None:
+        self._stream = stream
+        self._call = call
+        self._label = label
+        self._span = span
+        self._text: list[str] = []
+        self._finish_reason = ""
+        self._model = call.model
+        self._usage: CompletionUsage | None = None
+        self.served_model = call.model
+        self.attempts = 1
+        self.fallback = False
+
+    async def deltas(self) -> AsyncIterator[str]:
+        async for chunk in self._stream:
+            self._model = chunk.model or self._model
+            if chunk.usage is not None:
+                self._usage = chunk.usage
+            for choice in chunk.choices:
+                if choice.finish_reason:
+                    self._finish_reason = choice.finish_reason
+                if choice.delta.content:
+                    self._text.append(choice.delta.content)
+                    yield choice.delta.content
+
+    def completion(self) -> Completion:
+        content = "".join(self._text)
+        usage = self._usage
+        details = usage.prompt_tokens_details if usage else None
+        return Completion(
+            content=content,
+            finish_reason=self._finish_reason,
+            model=self._model,
+            provider=self._label,
+            input_tokens=(
+                usage.prompt_tokens
+                if usage
+                else count_prompt_tokens(self._call.messages, self._call.model)
+            ),
+            cached_input_tokens=(details.cached_tokens or 0) if details else 0,
+            output_tokens=(
+                usage.completion_tokens if usage else count_text_tokens(content, self._call.model)
+            ),
+            usage_estimated=usage is None,
+            served_model=self.served_model,
+            attempts=self.attempts,
+            fallback=self.fallback,
+        )
+
+    async def close(self) -> Completion:
+        """Stop the provider (closing the connection ends its generation) and end the span."""
+        try:
+            await self._stream.close()
+        finally:
+            completion = self.completion()
+            _finish_span(self._span, completion)
+            self._span.set_attribute("costmesh.stream.finished", bool(self._finish_reason))
+            self._span.end()
+        return completion

@@ -9,6 +9,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,6 +123,25 @@ class CompletionPath:
         principal: Principal,
         time_remaining: float | None,
     ) -> inference_pb2.CompleteResponse:
+        # A caller that names a request_id can retry and collect the answer, so it is
+        # finished even past the caller's deadline; without one nobody could ever
+        # read it, and the caller's deadline bounds the work.
+        call = self._new_call(request, principal, None if request.request_id else time_remaining)
+        span = trace.get_current_span()
+        if not request.request_id:
+            return await self._answer_within_budget(call)
+        response = await self._idempotency.answer_once(
+            principal.team, request, lambda: self._answer_within_budget(call)
+        )
+        span.set_attribute("costmesh.replayed", response.trace_id != current_trace_id())
+        return response
+
+    def _new_call(
+        self,
+        request: inference_pb2.CompleteRequest,
+        principal: Principal,
+        time_remaining: float | None,
+    ) -> Call:
         started = time.monotonic()
         _, max_tokens = validate(request, self._settings)
         usage_id = uuid.uuid4().hex
@@ -131,68 +151,166 @@ class CompletionPath:
             usage_id=usage_id,
             principal=principal,
             max_tokens=max_tokens,
-            # A caller that names a request_id can retry and collect the answer, so
-            # it is finished even past the caller's deadline; without one nobody
-            # could ever read it, and the caller's deadline bounds the work.
-            deadline=Deadline.after(None if request.request_id else time_remaining),
+            deadline=Deadline.after(time_remaining),
             started=started,
         )
-        span = trace.get_current_span()
-        span.set_attributes(
+        trace.get_current_span().set_attributes(
             {
                 "costmesh.request_id": call.request_id,
                 "costmesh.feature": request.feature,
                 "costmesh.team": principal.team,
             }
         )
-        if not request.request_id:
-            return await self._answer_within_budget(call)
-        response = await self._idempotency.answer_once(
-            principal.team, request, lambda: self._answer_within_budget(call)
+        return call
+
+    async def stream(
+        self,
+        request: inference_pb2.CompleteRequest,
+        principal: Principal,
+        time_remaining: float | None,
+    ) -> AsyncIterator[inference_pb2.StreamCompleteResponse]:
+        """The answer as the provider writes it, then a summary with its cost.
+
+        A cache hit comes as one delta. The ledger row and the cache entry are written
+        once the stream is complete; a caller that cancels stops the provider call and
+        is billed for what was produced. Streams are not escalated (text already sent
+        cannot be replaced) and are not replayed by request_id.
+        """
+        call = self._new_call(request, principal, time_remaining)
+        response = inference_pb2.CompleteResponse(
+            request_id=call.request_id, trace_id=current_trace_id()
         )
-        span.set_attribute("costmesh.replayed", response.trace_id != current_trace_id())
-        return response
+        key, caching = self._cache_key(call), self._caching(call)
+        looked_up = None
+        if caching and not request.cache_control.no_cache:
+            looked_up = await self._lookup(key, request.cache_control, call.deadline)
+        baseline_usage = types_pb2.TokenUsage()
+        try:
+            if looked_up is not None and looked_up.HasField("entry"):
+                self._serve_hit(response, looked_up, baseline_usage)
+                yield inference_pb2.StreamCompleteResponse(delta=response.content)
+            else:
+                embedding = looked_up if looked_up is not None else cache_pb2.LookupResponse()
+                async for delta in self._generate_stream(call, key, response, embedding, caching):
+                    yield inference_pb2.StreamCompleteResponse(delta=delta)
+                baseline_usage.CopyFrom(response.usage)
+        finally:
+            # Cancelled or not, what was produced is recorded (shielded from the caller).
+            await asyncio.shield(self._record_stream(call, response, baseline_usage, looked_up))
+        summary = inference_pb2.CompleteResponse()
+        summary.CopyFrom(response)
+        summary.content = ""
+        yield inference_pb2.StreamCompleteResponse(summary=summary)
+
+    async def _record_stream(
+        self,
+        call: Call,
+        response: inference_pb2.CompleteResponse,
+        baseline_usage: types_pb2.TokenUsage,
+        looked_up: cache_pb2.LookupResponse | None,
+    ) -> None:
+        try:
+            if response.model:  # an answer (or part of one) exists
+                await self._record_all(call, response, baseline_usage, looked_up)
+            else:
+                await self._record_overhead_all(call, response, looked_up)
+        finally:
+            self._settle(call, response if response.model else None)
+
+    async def _generate_stream(
+        self,
+        call: Call,
+        key: cache_pb2.CacheKey,
+        response: inference_pb2.CompleteResponse,
+        looked_up: cache_pb2.LookupResponse,
+        caching: bool,
+    ) -> AsyncIterator[str]:
+        request = call.request
+        plan = await self._admit(call, await self._route(call, looked_up), response)
+        model = plan.model
+        window = self._settings.models[model].context_window
+        check_context_window(
+            estimate_tokens(request.messages, model), call.max_tokens, model, window
+        )
+        opened = await self._providers.open_stream(
+            self._chat_call(call, model, request.messages, call.max_tokens, logprobs=False),
+            call.deadline.cap(self._settings.provider_timeout_seconds),
+        )
+        finished = False
+        try:
+            async with asyncio.timeout(call.deadline.cap(self._settings.provider_timeout_seconds)):
+                async for delta in opened.deltas():
+                    yield delta
+            finished = True
+        except TimeoutError:
+            raise DeadlineExceeded("the stream did not finish in time") from None
+        finally:
+            completion = await opened.close()
+            self._fill(response, plan, completion, request.cache_control.no_cache or not caching)
+            trace.get_current_span().set_attribute("costmesh.stream.cancelled", not finished)
+        stored = finished and completion.finish_reason in CACHEABLE_FINISH_REASONS
+        if caching and stored and not request.cache_control.no_store and completion.content:
+            self._store_later(key, completion, request.cache_control, looked_up)
 
     async def _answer_within_budget(self, call: Call) -> inference_pb2.CompleteResponse:
-        """The answer; the team's reservations settle to what the ledger priced (to the
-        worst case while the ledger has not confirmed it)."""
+        """The answer; the team's reservations settle to what the ledger priced."""
         response = None
         try:
             response = await self._answer(call)
             return response
         finally:
-            for i, reservation in enumerate(call.reservations):
-                if response is None or response.cost_pending:
-                    actual = reservation.nano  # not known yet: the worst case, until re-read
-                else:
-                    actual = response.cost_nano_usd if i == 0 else 0  # the total, once
-                self._budgets.settle(reservation, actual)
+            self._settle(call, response)
 
-    async def _answer(self, call: Call) -> inference_pb2.CompleteResponse:
-        request, control = call.request, call.request.cache_control
-        key = cache_pb2.CacheKey(
+    def _settle(self, call: Call, response: inference_pb2.CompleteResponse | None) -> None:
+        """Release the call's reservations: to its priced cost, or to the worst case while
+        the ledger has not confirmed it (the next read of the ledger corrects that)."""
+        for i, reservation in enumerate(call.reservations):
+            if response is None or response.cost_pending:
+                actual = reservation.nano
+            else:
+                actual = response.cost_nano_usd if i == 0 else 0  # the total, once
+            self._budgets.settle(reservation, actual)
+        call.reservations.clear()
+
+    def _cache_key(self, call: Call) -> cache_pb2.CacheKey:
+        request = call.request
+        return cache_pb2.CacheKey(
             team=call.principal.team,
             feature=request.feature,
-            namespace=control.namespace,
+            namespace=request.cache_control.namespace,
             scope_key=request.scope_key,
             model=request.model,
             messages=request.messages,
             params=request.params,
         )
+
+    def _caching(self, call: Call) -> bool:
+        return self._settings.features[call.request.feature].cache_mode != "off"
+
+    @staticmethod
+    def _serve_hit(
+        response: inference_pb2.CompleteResponse,
+        looked_up: cache_pb2.LookupResponse,
+        baseline_usage: types_pb2.TokenUsage,
+    ) -> None:
+        entry = looked_up.entry
+        baseline_usage.CopyFrom(entry.usage)  # what the answer cost when generated
+        response.content, response.model = entry.content, entry.model
+        response.provider, response.finish_reason = "cache", entry.finish_reason
+        response.cached, response.cache_outcome = True, looked_up.outcome
+
+    async def _answer(self, call: Call) -> inference_pb2.CompleteResponse:
+        control = call.request.cache_control
+        key, caching = self._cache_key(call), self._caching(call)
         response = inference_pb2.CompleteResponse(
             request_id=call.request_id, trace_id=current_trace_id()
         )
-        caching = self._settings.features[request.feature].cache_mode != "off"
         looked_up = None
         if caching and not control.no_cache:
             looked_up = await self._lookup(key, control, call.deadline)
         baseline_usage = types_pb2.TokenUsage()
         if looked_up is not None and looked_up.HasField("entry"):
-            entry = looked_up.entry
-            baseline_usage.CopyFrom(entry.usage)  # what the answer cost when generated
-            response.content, response.model = entry.content, entry.model
-            response.provider, response.finish_reason = "cache", entry.finish_reason
-            response.cached, response.cache_outcome = True, looked_up.outcome
+            self._serve_hit(response, looked_up, baseline_usage)
         else:
             embedding = looked_up if looked_up is not None else cache_pb2.LookupResponse()
             try:
@@ -316,22 +434,31 @@ class CompletionPath:
         request = call.request
         plan = await self._admit(call, await self._route(call, looked_up), response)
         completion = await self._answer_with_escalation(call, plan, response)
-        response.content, response.model = completion.content, completion.model
+        self._fill(response, plan, completion, request.cache_control.no_cache or not caching)
+        finished = completion.finish_reason in CACHEABLE_FINISH_REASONS
+        if caching and not request.cache_control.no_store and completion.content and finished:
+            self._store_later(key, completion, request.cache_control, looked_up)
+
+    @staticmethod
+    def _fill(
+        response: inference_pb2.CompleteResponse,
+        plan: router_pb2.RouteResponse,
+        completion: Completion,
+        bypass: bool,
+    ) -> None:
+        """The reply's answer fields from a provider's completion."""
+        response.content = completion.content
+        response.model = completion.served_model or completion.model
         response.provider, response.finish_reason = completion.provider, completion.finish_reason
         response.tier, response.route_reason = plan.tier, plan.reason
         response.cache_outcome = (
-            types_pb2.CACHE_OUTCOME_BYPASS
-            if request.cache_control.no_cache or not caching
-            else types_pb2.CACHE_OUTCOME_MISS
+            types_pb2.CACHE_OUTCOME_BYPASS if bypass else types_pb2.CACHE_OUTCOME_MISS
         )
         response.usage.CopyFrom(_usage(completion))
         response.attempts, response.fallback = completion.attempts, completion.fallback
         trace.get_current_span().set_attributes(
             {"costmesh.attempts": completion.attempts, "costmesh.fallback": completion.fallback}
         )
-        finished = completion.finish_reason in CACHEABLE_FINISH_REASONS
-        if caching and not request.cache_control.no_store and completion.content and finished:
-            self._store_later(key, completion, request.cache_control, looked_up)
 
     async def _answer_with_escalation(
         self,
@@ -469,25 +596,37 @@ class CompletionPath:
         self, call: Call, model: str, judged_by: router_pb2.EscalationMethod.ValueType | None
     ) -> Completion:
         """One provider call for this request; a judged one asks for its rating or logprobs."""
-        request, max_tokens = call.request, call.max_tokens
-        messages: list[types_pb2.ChatMessage] = list(request.messages)
+        messages: list[types_pb2.ChatMessage] = list(call.request.messages)
+        max_tokens = call.max_tokens
         if judged_by == router_pb2.ESCALATION_METHOD_SELF_RATING:
             messages, max_tokens = ask_for_rating(messages), max_tokens + RATING_TOKENS
         window = self._settings.models[model].context_window
         check_context_window(estimate_tokens(messages, model), max_tokens, model, window)
-        params = request.params
+        logprobs = judged_by == router_pb2.ESCALATION_METHOD_LOGPROBS
         return await self._providers.chat(
-            ChatCall(
-                model=model,
-                messages=messages,
-                max_tokens=max_tokens,
-                temperature=params.temperature if params.HasField("temperature") else None,
-                top_p=params.top_p if params.HasField("top_p") else None,
-                stop=list(params.stop),
-                logprobs=judged_by == router_pb2.ESCALATION_METHOD_LOGPROBS,
-                response_format=openai_response_format(params.response_format),
-            ),
+            self._chat_call(call, model, messages, max_tokens, logprobs=logprobs),
             call.deadline.cap(self._settings.provider_timeout_seconds),
+        )
+
+    @staticmethod
+    def _chat_call(
+        call: Call,
+        model: str,
+        messages: Sequence[types_pb2.ChatMessage],
+        max_tokens: int,
+        *,
+        logprobs: bool,
+    ) -> ChatCall:
+        params = call.request.params
+        return ChatCall(
+            model=model,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=params.temperature if params.HasField("temperature") else None,
+            top_p=params.top_p if params.HasField("top_p") else None,
+            stop=list(params.stop),
+            logprobs=logprobs,
+            response_format=openai_response_format(params.response_format),
         )
 
     async def _lookup(

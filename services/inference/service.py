@@ -17,7 +17,7 @@ from costmesh.router.v1 import router_pb2_grpc
 from services.common.auth import current_principal
 from services.common.channels import Channels
 from services.common.config import Config
-from services.common.errors import InvalidArgument, Unimplemented
+from services.common.errors import InvalidArgument
 from services.common.server import ServiceDef
 from services.inference import batches, queue
 from services.inference.budgets import TeamBudgets
@@ -53,8 +53,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         request: inference_pb2.StreamCompleteRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[inference_pb2.StreamCompleteResponse]:
-        raise Unimplemented("StreamComplete arrives with the inference-dispatch work; use Complete")
-        yield  # pragma: no cover - makes this an async generator, as the contract streams
+        stream = self._path.stream(request.request, current_principal(), context.time_remaining())
+        async for message in stream:
+            yield message
 
     async def SubmitBatch(
         self, request: inference_pb2.SubmitBatchRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -44,3 +44,8 @@ def count_prompt_tokens(messages: Sequence[types_pb2.ChatMessage], model: str = 
     """Prompt tokens of a chat request as the provider will count them."""
     encoding = encoding_for(model or DEFAULT_ENCODING)
     return REPLY_PRIMING + sum(PER_MESSAGE + len(encoding.encode(m.content)) for m in messages)
+
+
+def count_text_tokens(text: str, model: str = "") -> int:
+    """Tokens of generated text, for an answer whose usage the provider never sent."""
+    return len(encoding_for(model or DEFAULT_ENCODING).encode(text))
