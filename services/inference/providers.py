@@ -176,7 +176,7 @@ class Providers:
         retryable failures; a cooled-down one is skipped. Every try is its own span."""
         deadline = time.monotonic() + time_limit
         chain = [call.model, *self._settings.models[call.model].fallbacks]
-        attempts = 0
+        attempts, out_of_time = 0, False
         failure: ServiceError | None = None
         for model in chain:
             if not self._cooldowns.available(model):
@@ -204,21 +204,36 @@ class Providers:
                     failure = failed.error
                     if not failed.retry and not failed.next_deployment:
                         raise failed.error from failed.__cause__
-                    if self._cooldowns.failed(model):
-                        log.warning("%s keeps failing: cooled down for %gs", model,
-                                    self._settings.cooldown_seconds)  # fmt: skip
-                        break
-                    if not failed.retry or attempt == self._settings.retry.max_attempts:
-                        break
-                    delay = self._settings.retry.delay(attempt, failed.retry_after, self._rng)
-                    if time.monotonic() + delay >= deadline:
-                        break  # no time to wait: a fallback may still answer at once
+                    delay, out_of_time = self._retry_delay(model, attempt, failed, deadline)
+                    if delay is None:
+                        break  # this deployment is done: the next in the chain
                     await asyncio.sleep(delay)
                     continue
                 self._cooldowns.succeeded(model)
                 return result, model, attempts
         assert failure is not None
+        if out_of_time:  # the time ran out before a retry could: the caller sees a timeout
+            raise DeadlineExceeded(
+                f"provider did not answer for {call.model} in time ({failure.message})",
+                reason="PROVIDER_TIMEOUT",
+            )
         raise failure
+
+    def _retry_delay(
+        self, model: str, attempt: int, failed: _AttemptFailedError, deadline: float
+    ) -> tuple[float | None, bool]:
+        """How long to wait before trying `model` again, or None to move on; and whether
+        the time ran out (a fallback may still answer at once)."""
+        if self._cooldowns.failed(model):
+            log.warning("%s keeps failing: cooled down for %gs", model,
+                        self._settings.cooldown_seconds)  # fmt: skip
+            return None, False
+        if not failed.retry or attempt == self._settings.retry.max_attempts:
+            return None, False
+        delay = self._settings.retry.delay(attempt, failed.retry_after, self._rng)
+        if time.monotonic() + delay >= deadline:
+            return None, True
+        return delay, False
 
     def _start_span(self, call: ChatCall, label: str, attempt: int, fallback: bool) -> Span:
         span = self._tracer.start_span(f"chat {call.model}", kind=SpanKind.CLIENT)
@@ -258,7 +273,7 @@ class Providers:
                     timeout=time_limit,
                 )
         except (openai.OpenAIError, TimeoutError) as exc:
-            raise _failed(span, exc, call.model) from exc
+            raise _failed(span, exc, call.model, end=True) from exc
         except BaseException:
             span.end()
             raise
@@ -349,14 +364,17 @@ def _translate(exc: openai.OpenAIError | TimeoutError, model: str) -> ServiceErr
     return Unavailable(f"provider failed for {model}", reason="PROVIDER_ERROR")
 
 
-def _failed(span: Span, exc: openai.OpenAIError | TimeoutError, model: str) -> _AttemptFailedError:
+def _failed(
+    span: Span, exc: openai.OpenAIError | TimeoutError, model: str, *, end: bool = False
+) -> _AttemptFailedError:
     """Mark the try's span failed and say what the failure allows."""
     error = _translate(exc, model)
     span.set_status(Status(StatusCode.ERROR, error.reason))
     span.set_attribute("error.type", type(exc).__name__)
     if isinstance(exc, openai.APIStatusError):
         span.set_attribute("http.response.status_code", exc.status_code)
-    span.end()
+    if end:
+        span.end()
     return _AttemptFailedError(
         error,
         retry=retryable(exc),

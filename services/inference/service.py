@@ -133,13 +133,18 @@ def build(
         )
         return spend.total_cost_nano_usd
 
+    # Prices only matter with limits: a front whose config lacks a model's price (the
+    # ledger's knows it) must still start.
     prices = PriceCatalog.from_config(
-        config.section("models"), config.section("ledger").get_str("price_version")
+        config.section("models") if settings.teams else Config({}),
+        config.section("ledger").get_str("price_version"),
     )
     budgets = TeamBudgets(settings.teams, prices, spend_since)
     path = CompletionPath(settings, peers, providers, outbox, idempotency, budgets=budgets)
     provider_batches = batches.ProviderBatches(settings, providers, peers, outbox)
-    micro_batches = queue.MicroBatchQueue(config, lambda r, p: path.complete(r, p, None))
+    micro_batches = queue.MicroBatchQueue(
+        config, lambda r, p: path.complete(r, p, None), tracer=tracer
+    )
     servicer = InferenceServicer(path, provider_batches, micro_batches)
 
     async def start() -> None:
