@@ -120,14 +120,6 @@ async def test_invalid_utf8_in_metadata_is_refused_and_service_stays_up(mesh: Me
     assert ok.content
 
 
-async def test_unimplemented_rpcs_say_so(mesh: Mesh) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await mesh.inference.SubmitBatch(
-            inference_pb2.SubmitBatchRequest(), metadata=AUTH, timeout=5
-        )
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-
-
 async def test_provider_failure_maps_to_unavailable_then_recovers(
     mesh: Mesh, simulator: OpenAISimulator
 ) -> None:

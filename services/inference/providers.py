@@ -36,6 +36,8 @@ from services.inference.tokens import count_prompt_tokens, count_text_tokens
 
 log = logging.getLogger(__name__)
 SIMULATED = "simulated"
+# How long a simulated provider batch takes in the keyless demo.
+DEMO_BATCH_SECONDS = 5.0
 T = TypeVar("T")
 # One try at one deployment: (call, time limit, attempt number, is a fallback).
 _Attempt = Callable[["ChatCall", float, int, bool], Awaitable[T]]
@@ -133,6 +135,8 @@ class Providers:
                     "stands in only when all four services run in one process)"
                 )
             simulator = OpenAISimulator()
+            # Batches finish on their own after a few seconds, as a demo expects.
+            simulator.set_batch_auto_complete(DEMO_BATCH_SECONDS)
             base_url, key, label = simulator.start(), SIMULATED, SIMULATED
             self._simulators.append(simulator)
             log.warning(
@@ -149,6 +153,11 @@ class Providers:
             timeout=self._settings.provider_timeout_seconds,
         )
         return client, label
+
+    def client(self, provider: str) -> tuple[openai.AsyncOpenAI, str]:
+        """The SDK client of a configured provider and its label ("simulated" when the
+        simulator stands in), for the Batch API's files and batches."""
+        return self._clients[provider]
 
     def provider_of(self, model: str) -> str:
         return self._clients[self._settings.models[model].provider][1]
@@ -303,6 +312,9 @@ class Providers:
                     )
             except (openai.OpenAIError, TimeoutError) as exc:
                 raise _failed(span, exc, call.model) from exc
+            except asyncio.CancelledError:  # the caller gave up: the request is abandoned
+                span.set_status(Status(StatusCode.ERROR, "cancelled"))
+                raise
             completion = _completion(response, call, label)
             _finish_span(span, completion)
             return completion

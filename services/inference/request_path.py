@@ -569,6 +569,8 @@ class CompletionPath:
     async def _reserve(self, call: Call, model: str, *, strict: bool = False) -> bool:
         """Reserve the worst case of one call to `model`; False (or OverBudgetError when
         strict) when it does not fit."""
+        if not self._budgets.limited(call.principal.team):
+            return True
         prompt = estimate_tokens(call.request.messages, model)
         worst = self._budgets.worst_case(model, prompt, call.max_tokens)
         try:

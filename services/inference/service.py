@@ -141,7 +141,7 @@ def build(
     )
     budgets = TeamBudgets(settings.teams, prices, spend_since)
     path = CompletionPath(settings, peers, providers, outbox, idempotency, budgets=budgets)
-    provider_batches = batches.ProviderBatches(settings, providers, peers, outbox)
+    provider_batches = batches.ProviderBatches(settings, providers, peers, outbox, tracer=tracer)
     micro_batches = queue.MicroBatchQueue(
         config, lambda r, p: path.complete(r, p, None), tracer=tracer
     )

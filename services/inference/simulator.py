@@ -1,4 +1,9 @@
-"""Stdlib-only OpenAI-compatible HTTP server: the labelled simulated provider and test fake."""
+"""Stdlib-only OpenAI-compatible HTTP server: the labelled simulated provider and test fake.
+
+It speaks chat completions (plain and streamed), embeddings, the model list, and the
+Files and Batch APIs (simulator_batches). Tests steer it: scripted answers, latency,
+queued or random failures, dropped connections, and batches that finish on request.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import copy
 import hmac
 import json
 import math
+import random
 import struct
 import threading
 import time
@@ -16,7 +22,9 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import parse_qs, urlsplit
 
+from services.inference.simulator_batches import BatchStore, Reply
 from services.inference.simulator_wire import (
     CHAT_PATH,
     DEFAULT_DIMENSIONS,
@@ -57,6 +65,9 @@ class _Handler(BaseHTTPRequestHandler):
     """Routes requests to the simulator; HTTP/1.1 with exact framing so httpx keep-alive works."""
 
     protocol_version = "HTTP/1.1"
+    # Headers and body go out as separate writes: without TCP_NODELAY, Nagle's
+    # algorithm and the client's delayed ACK hold each response back about 40 ms.
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -67,8 +78,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("GET")
 
     def do_POST(self) -> None:
-        """Serve chat completions and embeddings."""
+        """Serve chat completions, embeddings, uploads, batch creation and cancellation."""
         self._dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        """Delete an uploaded file."""
+        self._dispatch("DELETE")
 
     def _dispatch(self, method: str) -> None:
         sim = self.server.sim
@@ -79,33 +94,56 @@ class _Handler(BaseHTTPRequestHandler):
                 sim._arrived()
                 sim._wait_latency()
                 sim._check_auth(self.headers.get("Authorization"))
-                path = self.path.split("?", 1)[0].rstrip("/")
+                url = urlsplit(self.path)
+                path = url.path.rstrip("/")
+                if method == "POST" and path in (CHAT_PATH, EMBEDDINGS_PATH):
+                    self._inference(path, raw)
+                    return
                 if (method, path) == ("GET", "/v1/models"):
                     self._send_json(200, models_list())
                     return
-                if method != "POST" or path not in (CHAT_PATH, EMBEDDINGS_PATH):
+                content_type = self.headers.get("Content-Type") or ""
+                reply = sim._batch_store.handle(
+                    method, path, parse_qs(url.query), content_type, raw
+                )
+                if reply is None:
                     message = f"Unknown request URL: {method} {path}."
                     raise ApiError(404, message, code="unknown_url")
-                body = parse_json(raw)
-                if path == CHAT_PATH:
-                    sim._record(body)
-                sim._maybe_fail()
-                if path == EMBEDDINGS_PATH:
-                    self._send_json(200, sim._embeddings(body))
+                if sim._take_lost(path):
+                    self.close_connection = True  # done, but the answer never leaves
                     return
-                response = sim._complete(body)
-                if body.get("stream") is True:
-                    options = body.get("stream_options")
-                    usage = isinstance(options, dict) and options.get("include_usage") is True
-                    self._send_stream(stream_chunks(response, usage))
-                else:
-                    self._send_json(200, response)
+                self._send_reply(reply)
             except ApiError as exc:
                 self._send_json(exc.status, exc.body(), exc.headers)
         except ConnectionError:
             self.close_connection = True  # the client already gave up (e.g. its timeout fired)
 
+    def _inference(self, path: str, raw: bytes) -> None:
+        """A chat completion or embeddings request, unless a test made it fail or drop."""
+        sim = self.server.sim
+        body = parse_json(raw)
+        chat = path == CHAT_PATH
+        if chat:
+            sim._record(body)
+        if sim._take_drop():
+            # No response at all: the client sees the connection close under it.
+            self.close_connection = True
+            return
+        sim._maybe_fail(body, chat)
+        if not chat:
+            self._send_json(200, sim._embeddings(body))
+            return
+        response = sim._complete(body)
+        if body.get("stream") is True:
+            options = body.get("stream_options")
+            usage = isinstance(options, dict) and options.get("include_usage") is True
+            self._send_stream(stream_chunks(response, usage))
+        else:
+            self._send_json(200, response)
+
     def _read_body(self) -> bytes:
+        if (self.headers.get("Transfer-Encoding") or "").strip().lower() == "chunked":
+            return self._read_chunked()
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
@@ -113,6 +151,34 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise ApiError(400, "Invalid Content-Length header.") from None
         return self.rfile.read(length) if length > 0 else b""
+
+    def _read_chunked(self) -> bytes:
+        """A body sent with chunked transfer encoding (an upload of unknown length)."""
+        chunks = []
+        while True:
+            size_line = self.rfile.readline(1024)
+            try:
+                size = int(size_line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                self.close_connection = True
+                raise ApiError(400, "Invalid chunked encoding.") from None
+            if size == 0:
+                break
+            chunks.append(self.rfile.read(size))
+            self.rfile.readline(1024)  # the CRLF after each chunk
+        while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+            pass  # trailer fields, unused
+        return b"".join(chunks)
+
+    def _send_reply(self, reply: Reply) -> None:
+        if isinstance(reply, dict):
+            self._send_json(200, reply)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
 
     def _send_json(
         self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
@@ -134,12 +200,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         events = [f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"]
-        for event in events:
-            data = event.encode()
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        sim = self.server.sim
+        try:
+            for number, event in enumerate(events):
+                if number > 1:  # after the role chunk and the first text
+                    sim._pause_between_chunks()
+                data = event.encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
-        self.wfile.write(b"0\r\n\r\n")
-        self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            sim._stream_cut()
+            raise
 
 
 class OpenAISimulator:
@@ -150,15 +223,24 @@ class OpenAISimulator:
         self._lock = threading.Lock()
         self._arrival = threading.Condition(self._lock)
         self._arrivals = 0
+        self._cut_streams = 0
+        self._chunk_delay = 0.0
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
-        self._failures: deque[tuple[int, float | None, str]] = deque()
+        # Queued failures: status, Retry-After, message, and the model they are for.
+        self._failures: deque[tuple[int, float | None, str, str | None]] = deque()
+        self._drops = 0
+        self._lost: dict[str, int] = {}
+        self._failure_rate = 0.0
+        self._failure_statuses: tuple[int, ...] = ()
+        self._failure_random = random.Random(0)
         self._latency = 0.0
         self._report_usage = True
         self._requests: list[dict[str, Any]] = []
         self._call_count = 0
         self._scripts: dict[str, tuple[str, float | None]] = {}
+        self._batch_store = BatchStore(self._answer)
 
     def start(self) -> str:
         """Bind and serve in a daemon thread; binding here lets port=0 pick a free port."""
@@ -211,12 +293,95 @@ class OpenAISimulator:
         status: int = 500,
         retry_after: float | None = None,
         message: str = "simulated failure",
+        model: str | None = None,
     ) -> None:
-        """Queue provider failures for the next chat/embedding requests (calls accumulate)."""
+        """Queue provider failures for the next chat/embedding requests (calls accumulate);
+        with `model`, only requests for that model take them, in queue order."""
         if count < 0 or not 400 <= status <= 599:
             raise ValueError("count must be >= 0 and status an HTTP error code (400-599)")
         with self._lock:
-            self._failures.extend([(status, retry_after, message)] * count)
+            self._failures.extend([(status, retry_after, message, model)] * count)
+
+    def set_failure_rate(
+        self, rate: float, statuses: tuple[int, ...] = (500, 429), seed: int = 0
+    ) -> None:
+        """Fail this share of chat requests at random, each with one of `statuses`.
+
+        The draws come from a generator seeded with `seed`, so the same sequence of
+        requests fails the same way every run; queued failures (fail_next) go first and
+        draw nothing. A rate of 0 turns it off.
+        """
+        if not 0 <= rate <= 1 or not statuses or any(not 400 <= s <= 599 for s in statuses):
+            raise ValueError("rate must be in [0, 1] and statuses HTTP error codes (400-599)")
+        with self._lock:
+            self._failure_rate = rate
+            self._failure_statuses = tuple(statuses)
+            self._failure_random = random.Random(seed)
+
+    def drop_next(self, count: int) -> None:
+        """Close the connection of the next `count` chat/embedding requests without sending
+        any HTTP response (calls accumulate), as a crashed or cut-off server would."""
+        if count < 0:
+            raise ValueError("count must be >= 0")
+        with self._lock:
+            self._drops += count
+
+    def lose_next_reply(self, path: str, count: int = 1) -> None:
+        """Carry out the next `count` Files/Batch API requests to `path` (such as
+        "/v1/batches") but close the connection instead of answering, as when a reply is
+        lost in transit: the caller cannot tell whether it happened."""
+        if count < 0:
+            raise ValueError("count must be >= 0")
+        key = path.rstrip("/")
+        with self._lock:
+            self._lost[key] = self._lost.get(key, 0) + count
+
+    def set_batch_auto_complete(self, seconds: float | None) -> None:
+        """Let batches finish on their own once they have been in progress `seconds`
+        (checked whenever a batch is looked at), as a demo needs; None, the default, keeps
+        them in progress until a test calls complete_batches()."""
+        if seconds is not None and seconds < 0:
+            raise ValueError("seconds must be >= 0 or None")
+        self._batch_store.auto_complete(seconds)
+
+    def complete_batches(self, batch_id: str | None = None) -> int:
+        """Answer every line of every in-progress batch (or just `batch_id`) now, writing
+        their output and error files; the number of batches completed."""
+        return self._batch_store.run(batch_id, None)
+
+    def advance_batches(self, lines: int, batch_id: str | None = None) -> int:
+        """Answer up to `lines` more lines of each in-progress batch, leaving it in progress
+        unless none are left; the number of batches that completed."""
+        return self._batch_store.run(batch_id, lines)
+
+    def expire_batches(self, batch_id: str | None = None) -> int:
+        """End in-progress batches as an elapsed 24-hour window does: lines not answered yet
+        go to the error file as `batch_expired`; the number of batches expired."""
+        return self._batch_store.expire(batch_id)
+
+    def fail_batch_line(
+        self, custom_id: str, status: int = 500, message: str = "simulated failure"
+    ) -> None:
+        """Make the batch line with this custom_id fail (in whatever batch runs it) until
+        reset(): it lands in the error file with this HTTP status and message."""
+        if not 400 <= status <= 599:
+            raise ValueError("status must be an HTTP error code (400-599)")
+        self._batch_store.fail_line(custom_id, status, message)
+
+    @property
+    def batches(self) -> list[dict[str, Any]]:
+        """Copies of every batch object, in creation order, as the API would show them."""
+        return self._batch_store.batches()
+
+    @property
+    def files(self) -> list[dict[str, Any]]:
+        """Copies of every stored file object (uploads and batch outputs)."""
+        return self._batch_store.files()
+
+    @property
+    def batch_requests(self) -> list[dict[str, Any]]:
+        """Copies of the request bodies batch lines were answered for, in answer order."""
+        return self._batch_store.answered()
 
     def set_report_usage(self, enabled: bool) -> None:
         """Omit `usage` from answers, as some OpenAI-compatible servers do."""
@@ -256,14 +421,43 @@ class OpenAISimulator:
             return self._call_count
 
     def reset(self) -> None:
-        """Forget failures, latency, scripts, recorded requests and the call count."""
+        """Forget failures (queued, random, drops, lost replies, batch lines), latency,
+        scripts, recorded requests and the call count. Uploaded files and batches stay."""
+        self._batch_store.reset()
         with self._lock:
             self._failures.clear()
+            self._drops = 0
+            self._lost.clear()
+            self._failure_rate = 0.0
             self._scripts.clear()
             self._latency = 0.0
+            self._chunk_delay = 0.0
             self._requests.clear()
             self._call_count = 0
             self._report_usage = True
+
+    def set_stream_chunk_delay(self, seconds: float) -> None:
+        """Pause between streamed chunks, so a test can cancel a stream mid-answer."""
+        if seconds < 0:
+            raise ValueError("delay must be >= 0")
+        with self._lock:
+            self._chunk_delay = seconds
+
+    def wait_for_cut_streams(self, count: int, timeout: float) -> bool:
+        """Block until `count` streams lost their client before the end."""
+        with self._arrival:
+            return self._arrival.wait_for(lambda: self._cut_streams >= count, timeout)
+
+    def _pause_between_chunks(self) -> None:
+        with self._lock:
+            delay = self._chunk_delay
+        if delay:
+            self._stopping.wait(delay)
+
+    def _stream_cut(self) -> None:
+        with self._arrival:
+            self._cut_streams += 1
+            self._arrival.notify_all()
 
     def wait_for_arrivals(self, count: int, timeout: float) -> bool:
         """Block until `count` requests have arrived (before any injected latency)."""
@@ -294,20 +488,53 @@ class OpenAISimulator:
         with self._lock:
             self._requests.append(copy.deepcopy(body))
 
-    def _maybe_fail(self) -> None:
+    def _take_drop(self) -> bool:
         with self._lock:
-            failure = self._failures.popleft() if self._failures else None
+            if self._drops == 0:
+                return False
+            self._drops -= 1
+            return True
+
+    def _take_lost(self, path: str) -> bool:
+        with self._lock:
+            if not self._lost.get(path):
+                return False
+            self._lost[path] -= 1
+            return True
+
+    def _maybe_fail(self, body: dict[str, Any], chat: bool) -> None:
+        """Raise the failure a test queued for this request, or a random one."""
+        model = body.get("model")
+        with self._lock:
+            failure = None
+            for index, queued in enumerate(self._failures):
+                if queued[3] is None or queued[3] == model:
+                    failure = queued[:3]
+                    del self._failures[index]
+                    break
+            if failure is None and chat and self._failure_rate > 0:
+                draw = self._failure_random.random()
+                status = self._failure_random.choice(self._failure_statuses)
+                if draw < self._failure_rate:
+                    failure = (status, None, "simulated failure (random)")
         if failure is not None:
             status, retry_after, message = failure
             headers = {} if retry_after is None else {"Retry-After": f"{retry_after:g}"}
             raise ApiError(status, message, headers=headers)
 
     def _complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Answer a chat request and count it."""
+        response = self._answer(body)
+        with self._lock:
+            self._call_count += 1
+        return response
+
+    def _answer(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A chat completion for `body` (also a batch line's), or the ApiError the API gives."""
         model, prompt = require_model(body), read_messages(body.get("messages"))
         limit = positive_int(body, "max_completion_tokens") or positive_int(body, "max_tokens")
         top_logprobs = logprob_options(body)
         with self._lock:
-            self._call_count += 1
             report_usage = self._report_usage
             scripted = self._scripts.get(model)
         content, fixed_logprob = scripted or (default_answer(model, prompt), None)

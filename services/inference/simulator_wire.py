@@ -11,6 +11,7 @@ import re
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from email.message import Message
 from itertools import pairwise
 from typing import Any
 
@@ -22,6 +23,8 @@ MAX_DIMENSIONS = 4096
 _MODELS = ("gpt-4o", "gpt-4o-mini")
 CHAT_PATH = "/v1/chat/completions"
 EMBEDDINGS_PATH = "/v1/embeddings"
+FILES_PATH = "/v1/files"
+BATCHES_PATH = "/v1/batches"
 # Prompt markers inference uses to ask for a self-rating and for a complexity label.
 CONFIDENCE_MARKER = "[CONFIDENCE: N]"
 # How inference asks for the rating: appended to the last user message.
@@ -307,3 +310,37 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
     return body
+
+
+def parse_multipart(content_type: str, raw: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """The fields of a multipart/form-data body: name -> (filename, bytes), bytes exact.
+
+    Parsed by hand (not with the email package, which may rewrite line endings), so an
+    uploaded file comes back byte for byte.
+    """
+    header = Message()
+    header["content-type"] = content_type
+    boundary = header.get_param("boundary")
+    if header.get_content_type() != "multipart/form-data" or not isinstance(boundary, str):
+        raise ApiError(400, "Expected a multipart/form-data body with a boundary.")
+    fields: dict[str, tuple[str | None, bytes]] = {}
+    for part in raw.split(b"--" + boundary.encode())[1:]:
+        if part.startswith(b"--"):  # the closing delimiter
+            break
+        head, separator, body = part.removeprefix(b"\r\n").partition(b"\r\n\r\n")
+        if not separator:
+            raise ApiError(400, "Malformed multipart/form-data body.")
+        disposition = Message()
+        for line in head.decode("utf-8", "replace").split("\r\n"):
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-disposition":
+                disposition["content-disposition"] = value.strip()
+        field_name = disposition.get_param("name", header="content-disposition")
+        if not isinstance(field_name, str):
+            raise ApiError(400, "Every multipart/form-data part needs a name.")
+        filename = disposition.get_param("filename", header="content-disposition")
+        fields[field_name] = (
+            filename if isinstance(filename, str) else None,
+            body.removesuffix(b"\r\n"),
+        )
+    return fields

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -11,6 +12,7 @@ import grpc
 import httpx2 as httpx  # the HTTP client the openai SDK is built on
 import openai
 import pytest
+from opentelemetry.trace import StatusCode
 
 from costmesh.ledger.v1 import ledger_pb2
 from services.inference.resilience import Cooldowns, RetryPolicy, retry_after, retryable
@@ -180,3 +182,21 @@ def test_retry_after_is_read_in_all_its_forms(
 )
 def test_which_statuses_are_worth_another_try(status: int, again: bool) -> None:
     assert retryable(_status_error(status, {})) is again
+
+
+async def test_the_callers_deadline_ends_the_provider_call(
+    mesh: Mesh, simulator: OpenAISimulator
+) -> None:
+    simulator.set_latency(30)  # far beyond the caller's patience
+    started = asyncio.get_running_loop().time()
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await mesh.inference.Complete(user_request("Slow?", "plain"), metadata=AUTH, timeout=0.5)
+
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await mesh.running.stop(grace=1)  # every handler has finished
+    # The provider call was abandoned, not waited for the 30 s.
+    assert asyncio.get_running_loop().time() - started < 10
+    (chat,) = [s for s in mesh.spans.get_finished_spans() if s.name == "chat gpt-4o-mini"]
+    # Cut by our own deadline or by the caller's cancellation, whichever came first.
+    assert chat.status.status_code == StatusCode.ERROR

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -100,3 +102,29 @@ async def test_a_stream_that_fails_to_open_is_retried(
 
     assert "".join(deltas) == "[simulated] Answer to: Another question"
     assert summary.attempts == 2
+
+
+async def test_a_cancelled_stream_stops_the_provider_and_bills_what_was_produced(
+    mesh: Mesh, simulator: OpenAISimulator
+) -> None:
+    simulator.set_stream_chunk_delay(0.5)  # the answer would take seconds to finish
+    question = "Tell me everything about resetting passwords, in many words please"
+    call = mesh.inference.StreamComplete(
+        inference_pb2.StreamCompleteRequest(request=user_request(question, "plain")),
+        metadata=AUTH,
+        timeout=30,
+    )
+    first = await call.read()
+    call.cancel()
+
+    assert isinstance(first, inference_pb2.StreamCompleteResponse)
+    assert first.delta  # some text arrived before the caller gave up
+    assert await asyncio.to_thread(simulator.wait_for_cut_streams, 1, 10)  # provider stopped
+    await mesh.running.stop(grace=5)  # the cancelled handler has recorded what it had
+    with sqlite3.connect(mesh.data_dir / "ledger.sqlite3") as db:
+        rows = db.execute("SELECT output_tokens, cost_nano_usd FROM usage").fetchall()
+
+    ((output_tokens, cost),) = rows
+    full_answer = count_tokens(f"[simulated] Answer to: {question}")
+    assert 0 < output_tokens < full_answer
+    assert cost > 0
