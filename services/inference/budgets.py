@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 NANO_PER_USD = 10**9
 # How old the ledger's figure may be before an admission asks again.
 REFRESH_SECONDS = 5.0
+# How long an admission may wait for the ledger's figure before using the last one.
+READ_TIMEOUT_SECONDS = 1.0
 # Spend of a team since a UTC instant, in nano-USD.
 SpendSince = Callable[[str, datetime], Awaitable[int]]
 
@@ -152,12 +154,16 @@ class TeamBudgets:
         settled_before = state.settled_since_read
         day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
         try:
-            daily, monthly = await asyncio.gather(
-                self._spend_since(team, day_start),
-                self._spend_since(team, day_start.replace(day=1)),
-            )
+            async with asyncio.timeout(READ_TIMEOUT_SECONDS):
+                daily, monthly = await asyncio.gather(
+                    self._spend_since(team, day_start),
+                    self._spend_since(team, day_start.replace(day=1)),
+                )
         except Exception as exc:  # the ledger is down: the last figure and local tallies
             self._outage.failed(type(exc).__name__)
+            # Not asked again before the next refresh: one slow read per team per
+            # interval, not one per call.
+            state.read_at, state.day = self._clock(), day
             return
         self._outage.succeeded()
         state.daily, state.monthly, state.read_at, state.day = daily, monthly, self._clock(), day

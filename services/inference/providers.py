@@ -70,10 +70,17 @@ class _AttemptFailedError(Exception):
     """One failed try, and what the failure allows: a retry, the next deployment."""
 
     def __init__(
-        self, error: ServiceError, *, retry: bool, next_deployment: bool, retry_after: float | None
+        self,
+        error: ServiceError,
+        *,
+        retry: bool,
+        next_deployment: bool,
+        retry_after: float | None,
+        timed_out: bool = False,
     ) -> None:
         super().__init__(error.message)
         self.error = error
+        self.timed_out = timed_out
         self.retry = retry
         self.next_deployment = next_deployment
         self.retry_after = retry_after
@@ -188,6 +195,8 @@ class Providers:
         attempts, out_of_time = 0, False
         failure: ServiceError | None = None
         for model in chain:
+            if deadline - time.monotonic() <= 0:
+                break
             if not self._cooldowns.available(model):
                 trace.get_current_span().add_event("deployment cooling down", {"model": model})
                 failure = failure or Unavailable(
@@ -202,6 +211,7 @@ class Providers:
                         reason="PROVIDER_TIMEOUT",
                     )
                 attempts += 1
+                cut_by_caller = remaining < self._settings.attempt_timeout_seconds
                 try:
                     result = await attempt_once(
                         dataclasses.replace(call, model=model),
@@ -211,28 +221,46 @@ class Providers:
                     )
                 except _AttemptFailedError as failed:
                     failure = failed.error
-                    if not failed.retry and not failed.next_deployment:
-                        raise failed.error from failed.__cause__
-                    delay, out_of_time = self._retry_delay(model, attempt, failed, deadline)
+                    delay, out_of_time = self._retry_delay(
+                        model, attempt, failed, deadline, cut_by_caller=cut_by_caller
+                    )
                     if delay is None:
                         break  # this deployment is done: the next in the chain
                     await asyncio.sleep(delay)
                     continue
+                except BaseException:  # cancelled: a trial call must not stay taken
+                    self._cooldowns.release(model)
+                    raise
                 self._cooldowns.succeeded(model)
                 return result, model, attempts
-        assert failure is not None
-        if out_of_time:  # the time ran out before a retry could: the caller sees a timeout
+        if (
+            failure is None or out_of_time
+        ):  # the time ran out before a retry could: the caller sees a timeout
+            last = f" ({failure.message})" if failure else ""
             raise DeadlineExceeded(
-                f"provider did not answer for {call.model} in time ({failure.message})",
+                f"provider did not answer for {call.model} in time{last}",
                 reason="PROVIDER_TIMEOUT",
             )
         raise failure
 
     def _retry_delay(
-        self, model: str, attempt: int, failed: _AttemptFailedError, deadline: float
+        self,
+        model: str,
+        attempt: int,
+        failed: _AttemptFailedError,
+        deadline: float,
+        *,
+        cut_by_caller: bool,
     ) -> tuple[float | None, bool]:
         """How long to wait before trying `model` again, or None to move on; and whether
-        the time ran out (a fallback may still answer at once)."""
+        the time ran out. Raises the failure when nothing else may be tried."""
+        if not failed.retry and not failed.next_deployment:
+            self._cooldowns.release(model)
+            raise failed.error from failed.__cause__
+        if failed.timed_out and cut_by_caller:
+            # Cut by the caller's own deadline: it says nothing about the deployment.
+            self._cooldowns.release(model)
+            return None, True
         if self._cooldowns.failed(model):
             log.warning("%s keeps failing: cooled down for %gs", model,
                         self._settings.cooldown_seconds)  # fmt: skip
@@ -392,6 +420,7 @@ def _failed(
         retry=retryable(exc),
         next_deployment=wrong_deployment(exc),
         retry_after=retry_after(exc),
+        timed_out=isinstance(exc, openai.APITimeoutError | TimeoutError),
     )
 
 

@@ -232,13 +232,15 @@ class CompletionPath:
         check_context_window(
             estimate_tokens(request.messages, model), call.max_tokens, model, window
         )
+        # One bound for opening and streaming together.
+        ends = time.monotonic() + call.deadline.cap(self._settings.provider_timeout_seconds)
         opened = await self._providers.open_stream(
             self._chat_call(call, model, request.messages, call.max_tokens, logprobs=False),
-            call.deadline.cap(self._settings.provider_timeout_seconds),
+            ends - time.monotonic(),
         )
         finished = False
         try:
-            async with asyncio.timeout(call.deadline.cap(self._settings.provider_timeout_seconds)):
+            async with asyncio.timeout(max(ends - time.monotonic(), 0.001)):
                 async for delta in opened.deltas():
                     yield delta
             finished = True
@@ -571,8 +573,12 @@ class CompletionPath:
         strict) when it does not fit."""
         if not self._budgets.limited(call.principal.team):
             return True
+        # Whoever may answer: the model or one of its fallbacks, rating tag included.
+        chain = [model, *self._settings.models[model].fallbacks]
         prompt = estimate_tokens(call.request.messages, model)
-        worst = self._budgets.worst_case(model, prompt, call.max_tokens)
+        worst = max(
+            self._budgets.worst_case(m, prompt, call.max_tokens + RATING_TOKENS) for m in chain
+        )
         try:
             reservation = await self._budgets.admit(call.principal.team, worst)
         except OverBudgetError:

@@ -116,6 +116,13 @@ class Cooldowns:
     def succeeded(self, model: str) -> None:
         self._health.pop(model, None)
 
+    def release(self, model: str) -> None:
+        """A try that ended neither way (a bad request, a cancelled caller): a trial
+        call it was lets the next one through."""
+        health = self._health.get(model)
+        if health is not None:
+            health.trial = False
+
     def cooling(self) -> list[str]:
         now = self.clock()
         return sorted(m for m, h in self._health.items() if h.cold_until > now)

@@ -94,30 +94,24 @@ class InferenceSettings:
             for name in providers_cfg.names()
             for p in [providers_cfg.section(name)]
         }
-        models_cfg = config.section("models")
-        models = {}
-        for name in models_cfg.names():
-            m = models_cfg.section(name)
-            provider = m.get_str("provider")
-            if provider not in providers:
-                raise ConfigError(f"models.{name}.provider: unknown provider {provider!r}")
-            fallbacks = m.get_list("fallbacks", [])
-            if name in fallbacks:
-                raise ConfigError(f"models.{name}.fallbacks: a model cannot fall back to itself")
-            tier = m.get_choice("tier", ("", "simple", "moderate", "complex"), "")
-            models[name] = ModelInfo(
-                provider, m.get_int("context_window", minimum=1), tuple(fallbacks), tier
-            )
-        for name, info in models.items():
-            for fallback in info.fallbacks:
-                if fallback not in models:
-                    raise ConfigError(f"models.{name}.fallbacks: unknown model {fallback!r}")
+        models = _models(config.section("models"), set(providers))
         for name, feature in limits.items():
             if feature.baseline_model and feature.baseline_model not in models:
                 raise ConfigError(
                     f"features.{name}.baseline_model: unknown model {feature.baseline_model!r}"
                 )
         inference = config.section("inference")
+        for key in (
+            "provider_timeout_seconds",
+            "attempt_timeout_seconds",
+            "retry_base_seconds",
+            "retry_max_seconds",
+            "cooldown_seconds",
+            "batch_poll_seconds",
+            "outbox_retry_seconds",
+        ):
+            if key in inference.names() and not inference.get_float(key) > 0:
+                raise ConfigError(f"inference.{key}: must be positive")
         data_dir = Path(config.section("server").get_str("data_dir"))
         return cls(
             features=limits,
@@ -140,3 +134,35 @@ class InferenceSettings:
             cooldown_seconds=inference.get_float("cooldown_seconds", 30.0),
             teams=TeamLimits.from_config(config.section("teams")),
         )
+
+
+def _check_positive(inference: Config) -> None:
+    """Timings of zero would spin: every try timing out, a poller in a tight loop."""
+    for key in (
+        "provider_timeout_seconds", "attempt_timeout_seconds", "retry_base_seconds",
+        "retry_max_seconds", "cooldown_seconds", "batch_poll_seconds", "outbox_retry_seconds",
+    ):  # fmt: skip
+        if key in inference.names() and not inference.get_float(key) > 0:
+            raise ConfigError(f"inference.{key}: must be positive")
+
+
+def _models(models_cfg: Config, providers: set[str]) -> dict[str, ModelInfo]:
+    """The model registry; every fallback must be a configured model."""
+    models = {}
+    for name in models_cfg.names():
+        m = models_cfg.section(name)
+        provider = m.get_str("provider")
+        if provider not in providers:
+            raise ConfigError(f"models.{name}.provider: unknown provider {provider!r}")
+        fallbacks = m.get_list("fallbacks", [])
+        if name in fallbacks:
+            raise ConfigError(f"models.{name}.fallbacks: a model cannot fall back to itself")
+        tier = m.get_choice("tier", ("", "simple", "moderate", "complex"), "")
+        models[name] = ModelInfo(
+            provider, m.get_int("context_window", minimum=1), tuple(fallbacks), tier
+        )
+    for name, info in models.items():
+        for fallback in info.fallbacks:
+            if fallback not in models:
+                raise ConfigError(f"models.{name}.fallbacks: unknown model {fallback!r}")
+    return models

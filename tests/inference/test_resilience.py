@@ -15,7 +15,9 @@ import pytest
 from opentelemetry.trace import StatusCode
 
 from costmesh.ledger.v1 import ledger_pb2
+from services.common.config import ConfigError, load_config
 from services.inference.resilience import Cooldowns, RetryPolicy, retry_after, retryable
+from services.inference.settings import InferenceSettings
 from services.inference.simulator import OpenAISimulator
 from tests.clock import Clock
 from tests.conftest import AUTH, Mesh, running_mesh, user_request
@@ -200,3 +202,24 @@ async def test_the_callers_deadline_ends_the_provider_call(
     (chat,) = [s for s in mesh.spans.get_finished_spans() if s.name == "chat gpt-4o-mini"]
     # Cut by our own deadline or by the caller's cancellation, whichever came first.
     assert chat.status.status_code == StatusCode.ERROR
+
+
+def test_a_trial_call_that_ends_neither_way_lets_the_next_one_through() -> None:
+    clock = Clock()
+    cooldowns = Cooldowns(failures=1, seconds=30, clock=clock)
+    cooldowns.failed("m")
+    clock.now += 30
+    assert cooldowns.available("m")  # the trial call: say, a 400 or a cancelled caller
+    assert not cooldowns.available("m")
+
+    cooldowns.release("m")
+
+    assert cooldowns.available("m")
+
+
+def test_a_timing_of_zero_is_refused_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[inference]\nattempt_timeout_seconds = 0\n")
+
+    with pytest.raises(ConfigError, match=r"inference\.attempt_timeout_seconds: must be positive"):
+        InferenceSettings.from_config(load_config(config, env={}))
