@@ -49,6 +49,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/semantic_lookup.py
 	$(BIN)/python bench/ledger.py
 	$(BIN)/python bench/route_latency.py
+	$(BIN)/python bench/dispatch.py overhead
+	$(BIN)/python bench/dispatch.py flaky
 
 ## Retrain the router artefact that ships with costmesh (Bitext and Banking77 support tickets).
 router-artefact: $(STAMP)
