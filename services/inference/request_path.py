@@ -240,12 +240,14 @@ class CompletionPath:
         )
         finished = False
         try:
-            async with asyncio.timeout(max(ends - time.monotonic(), 0.001)):
-                async for delta in opened.deltas():
-                    yield delta
+            # No asyncio.timeout around a yield (it would cancel whoever is consuming the
+            # stream at that moment): the deadline is checked per delta, and a provider
+            # that stalls is cut by the SDK's read timeout, set to the same bound.
+            async for delta in opened.deltas():
+                if time.monotonic() > ends:
+                    raise DeadlineExceeded("the stream did not finish in time")
+                yield delta
             finished = True
-        except TimeoutError:
-            raise DeadlineExceeded("the stream did not finish in time") from None
         finally:
             completion = await opened.close()
             self._fill(response, plan, completion, request.cache_control.no_cache or not caching)
