@@ -9,13 +9,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from costmesh.cache.v1 import cache_pb2_grpc
 from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
-from costmesh.ledger.v1 import ledger_pb2_grpc
+from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh.router.v1 import router_pb2_grpc
 from costmesh.types.v1 import types_pb2
 from services.common.config import load_config
@@ -108,3 +109,22 @@ def user_request(
         messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=text)],
         **fields,  # type: ignore[arg-type]
     )
+
+
+async def ledger_rows(mesh: Mesh) -> list[ledger_pb2.UsageRecord]:
+    """Every usage row the mesh's ledger holds, through ExportUsage."""
+    stream = mesh.ledger.ExportUsage(ledger_pb2.ExportUsageRequest(), metadata=AUTH, timeout=5)
+    return [item.record async for item in stream]
+
+
+def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
+    """The fields an INVALID_ARGUMENT names in its google.rpc BadRequest detail."""
+    raw = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
+    assert isinstance(raw, bytes)
+    fields = []
+    for detail in status_pb2.Status.FromString(raw).details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields += [v.field for v in bad.field_violations]
+    return fields

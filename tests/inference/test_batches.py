@@ -12,7 +12,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -22,7 +21,16 @@ from services.common.auth import hash_key
 from services.common.config import load_config
 from services.inference.simulator import OpenAISimulator
 from services.mesh import start_mesh
-from tests.conftest import AUTH, DEMO_KEY, Mesh, mesh_env, running_mesh, user_request
+from tests.conftest import (
+    AUTH,
+    DEMO_KEY,
+    Mesh,
+    bad_request_fields,
+    ledger_rows,
+    mesh_env,
+    running_mesh,
+    user_request,
+)
 
 ALPHA = (("authorization", "Bearer alpha-key"),)
 BETA = (("authorization", "Bearer beta-key"),)
@@ -100,37 +108,19 @@ async def until_done(mesh: Mesh, batch_id: str) -> inference_pb2.GetBatchRespons
     return reply
 
 
-async def exported(mesh: Mesh) -> list[ledger_pb2.UsageRecord]:
-    request = ledger_pb2.ExportUsageRequest()
-    stream = mesh.ledger.ExportUsage(request, metadata=AUTH, timeout=5)
-    return [item.record async for item in stream]
-
-
 async def rows_when(
     mesh: Mesh, ready: Callable[[list[ledger_pb2.UsageRecord]], bool]
 ) -> list[ledger_pb2.UsageRecord]:
     """The ledger's rows once `ready` holds for them (the poller writes them)."""
     async with asyncio.timeout(10):
         # Poll: the poller writes on its own schedule, in the server.
-        while not ready(rows := await exported(mesh)):  # noqa: ASYNC110
+        while not ready(rows := await ledger_rows(mesh)):  # noqa: ASYNC110
             await asyncio.sleep(0.01)
     return rows
 
 
 def batch_rows(rows: Sequence[ledger_pb2.UsageRecord]) -> list[ledger_pb2.UsageRecord]:
     return [r for r in rows if r.batch]
-
-
-def bad_fields(error: grpc.aio.AioRpcError) -> list[str]:
-    raw = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
-    assert isinstance(raw, bytes)
-    fields = []
-    for detail in status_pb2.Status.FromString(raw).details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields += [v.field for v in bad.field_violations]
-    return fields
 
 
 async def test_a_batch_is_answered_at_half_price_and_billed_exactly_once(
@@ -189,7 +179,7 @@ async def test_a_batch_is_answered_at_half_price_and_billed_exactly_once(
             assert [r.cost_nano_usd for r in again.results] == [
                 r.cost_nano_usd for r in done.results
             ]
-        after = await exported(mesh)
+        after = await ledger_rows(mesh)
 
     assert len(batch_rows(after)) == 3, "asking again records nothing again"
     assert len(after) == 4  # and the real-time call
@@ -217,7 +207,7 @@ async def test_a_batch_in_flight_survives_a_restart_and_is_billed_once(
         db.execute("UPDATE jobs SET finished = 0")
     async with running_mesh(simulator, tmp_path, CONFIG) as mesh:
         again = await until_done(mesh, submitted.batch_id)
-        rows_after = await exported(mesh)
+        rows_after = await ledger_rows(mesh)
 
     assert [r.cost_nano_usd for r in again.results] == [r.cost_nano_usd for r in done.results]
     assert not any(r.cost_pending for r in again.results)
@@ -232,7 +222,7 @@ async def test_a_failed_line_is_reported_and_not_billed(
         submitted = await mesh.inference.SubmitBatch(batch_of(QUESTIONS), metadata=AUTH, timeout=10)
         simulator.complete_batches()
         done = await until_done(mesh, submitted.batch_id)
-        rows = await exported(mesh)
+        rows = await ledger_rows(mesh)
 
     assert (done.status, done.total, done.completed, done.failed) == ("completed", 3, 2, 1)
     assert [r.request_id for r in done.results] == ["q0", "q2"]
@@ -251,7 +241,7 @@ async def test_an_expired_batch_keeps_what_was_answered(
         progress = await get_batch(mesh, submitted.batch_id)
         simulator.expire_batches()
         done = await until_done(mesh, submitted.batch_id)
-        rows = await exported(mesh)
+        rows = await ledger_rows(mesh)
 
     assert (progress.status, progress.completed, len(progress.results)) == ("in_progress", 1, 0)
     assert (done.status, done.completed, done.failed) == ("expired", 1, 2)
@@ -298,7 +288,7 @@ async def test_an_invalid_request_refuses_the_batch_naming_it_and_nothing_is_sen
             await mesh.inference.SubmitBatch(request_, metadata=AUTH, timeout=10)
 
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert bad_fields(caught.value) == [field]
+    assert bad_request_fields(caught.value) == [field]
     assert field in (caught.value.details() or "")
     assert simulator.files == []
     assert simulator.batches == []
@@ -336,7 +326,7 @@ async def test_each_model_gets_its_own_provider_batch_and_the_trace_shows_the_jo
         submitted = await mesh.inference.SubmitBatch(request, metadata=AUTH, timeout=10)
         simulator.complete_batches()
         done = await until_done(mesh, submitted.batch_id)
-        rows = await exported(mesh)
+        rows = await ledger_rows(mesh)
 
     assert sorted(b["model"] for b in simulator.batches) == ["gpt-4o", "gpt-4o-mini"]
     assert [r.model for r in done.results] == ["gpt-4o-mini", "gpt-4o", "gpt-4o-mini"]
@@ -388,7 +378,7 @@ async def test_a_batch_created_whose_reply_was_lost_is_found_not_made_twice(
         submitted = await mesh.inference.SubmitBatch(batch_of(QUESTIONS), metadata=AUTH, timeout=30)
         simulator.complete_batches()
         done = await until_done(mesh, submitted.batch_id)
-        rows = await exported(mesh)
+        rows = await ledger_rows(mesh)
 
     (provider_batch,) = simulator.batches
     assert provider_batch["metadata"]["costmesh_batch_id"] == submitted.batch_id
@@ -427,7 +417,7 @@ async def test_results_wait_for_their_cost_through_a_ledger_outage(
         settled = await until_done(mesh, submitted.batch_id)
         rows = await rows_when(mesh, lambda rows: len(rows) == 3)
         again = await get_batch(mesh, submitted.batch_id)
-        rows_after = await exported(mesh)
+        rows_after = await ledger_rows(mesh)
 
     assert pending.completed == 3
     assert all(r.cost_pending and r.cost_nano_usd == 0 for r in pending.results)

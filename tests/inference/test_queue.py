@@ -18,7 +18,6 @@ from typing import Any
 import grpc
 import pytest
 import redis
-from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -32,7 +31,7 @@ from services.inference import queue
 from services.inference.queue import MicroBatchQueue
 from services.inference.simulator import OpenAISimulator
 from services.mesh import DEMO_KEY_DIGEST
-from tests.conftest import AUTH, Mesh, running_mesh, user_request
+from tests.conftest import AUTH, Mesh, bad_request_fields, running_mesh, user_request
 from tests.redis_server import fresh_prefix
 
 BACKENDS = ["memory", "redis"]
@@ -145,18 +144,6 @@ async def answer_rows(mesh: Mesh, batch_id: str, expected: int) -> list[ledger_p
         await asyncio.sleep(0.05)
 
 
-def bad_fields(error: grpc.aio.AioRpcError) -> list[str]:
-    raw = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
-    assert isinstance(raw, bytes)
-    fields = []
-    for detail in status_pb2.Status.FromString(raw).details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields += [v.field for v in bad.field_violations]
-    return fields
-
-
 # -- the whole mesh ----------------------------------------------------------------------
 
 
@@ -230,7 +217,7 @@ async def test_a_bad_batch_is_refused_naming_the_field_and_nothing_is_queued(
                 await mesh.inference.SubmitBatch(batch, metadata=AUTH, timeout=30)
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
             assert (caught.value.details() or "").startswith(f"{field}: ")
-            refused[field] = bad_fields(caught.value)
+            refused[field] = bad_request_fields(caught.value)
         # A good batch after them: when it is done, only its one request has run.
         good = await mesh.inference.SubmitBatch(batch_of(1), metadata=AUTH, timeout=10)
         await wait_until_done(mesh, good.batch_id)
@@ -252,7 +239,7 @@ async def test_a_request_naming_another_feature_than_its_batch_is_refused(
         done = await wait_until_done(mesh, accepted.batch_id)
 
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert bad_fields(caught.value) == ["requests[2].feature"]
+    assert bad_request_fields(caught.value) == ["requests[2].feature"]
     assert done.completed == 3
 
 

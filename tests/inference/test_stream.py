@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 
 from costmesh.inference.v1 import inference_pb2
-from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
 from services.inference.simulator import OpenAISimulator, count_tokens
-from tests.conftest import AUTH, Mesh, running_mesh, user_request
+from tests.conftest import AUTH, Mesh, ledger_rows, running_mesh, user_request
 
 CONFIG = """
 [inference]
@@ -47,15 +46,6 @@ async def streamed(
             deltas.append(message.delta)
     assert summary is not None
     return deltas, summary
-
-
-async def ledger_rows(mesh: Mesh) -> list[ledger_pb2.UsageRecord]:
-    return [
-        item.record
-        async for item in mesh.ledger.ExportUsage(
-            ledger_pb2.ExportUsageRequest(), metadata=AUTH, timeout=5
-        )
-    ]
 
 
 async def test_the_answer_streams_in_pieces_and_the_summary_carries_usage_and_cost(

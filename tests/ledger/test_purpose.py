@@ -15,7 +15,6 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
-from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.sdk.trace import TracerProvider
 
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
@@ -23,6 +22,7 @@ from costmesh.types.v1 import types_pb2
 from services.cli import main
 from services.common.config import load_config
 from services.mesh import start_mesh
+from tests.conftest import bad_request_fields
 from tests.postgres import fresh_schema
 
 SERVICE_KEY = "cm-test-service"
@@ -156,18 +156,6 @@ async def test_overhead_adds_cost_and_tokens_but_not_calls(
         assert (row.input_tokens, row.output_tokens) == (5000, 500)
 
 
-def _violations(error: grpc.aio.AioRpcError) -> list[str]:
-    raw = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
-    assert isinstance(raw, bytes)
-    fields = []
-    for detail in status_pb2.Status.FromString(raw).details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields += [v.field for v in bad.field_violations]
-    return fields
-
-
 def _probabilities(*pairs: tuple[int, float]) -> list[types_pb2.TierProbability]:
     """Tiers as plain numbers, so that unknown ones can be sent too."""
     return [
@@ -206,7 +194,7 @@ async def test_a_malformed_field_is_named_and_nothing_of_the_batch_is_stored(
         await _record_all(stub, _record("fine"), _record("bad", **fields))
 
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _violations(caught.value) == [field]
+    assert bad_request_fields(caught.value) == [field]
     assert await _export(stub) == []
 
 

@@ -12,7 +12,7 @@ from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
 from services.inference.escalation import CONFIDENCE_INSTRUCTION, MIN_OBSERVED
 from services.inference.simulator import OpenAISimulator
-from tests.conftest import AUTH, Mesh, running_mesh, user_request
+from tests.conftest import AUTH, Mesh, ledger_rows, running_mesh, user_request
 
 SIMPLE = "What time does the shop open?"  # the test artefact's simple tier: gpt-4o-mini
 
@@ -66,22 +66,13 @@ models.complex = "gpt-4o-down"
         yield running
 
 
-async def exported(mesh: Mesh) -> list[ledger_pb2.UsageRecord]:
-    return [
-        item.record
-        async for item in mesh.ledger.ExportUsage(
-            ledger_pb2.ExportUsageRequest(), metadata=AUTH, timeout=5
-        )
-    ]
-
-
 async def test_an_unsure_cheap_answer_is_replaced_and_both_calls_are_billed(
     mesh: Mesh, simulator: OpenAISimulator
 ) -> None:
     simulator.script("gpt-4o-mini", "Maybe at nine?\n[CONFIDENCE: 3]")
 
     reply = await mesh.inference.Complete(user_request(SIMPLE, "rated"), metadata=AUTH, timeout=10)
-    rows = await exported(mesh)
+    rows = await ledger_rows(mesh)
 
     assert reply.escalated
     assert (reply.escalated_from, reply.model) == ("gpt-4o-mini", "gpt-4o")
@@ -195,7 +186,7 @@ async def test_the_route_decision_is_in_the_ledger_row_and_on_the_trace(
     simulator.script("gpt-4o-mini", "Maybe.\n[CONFIDENCE: 2]")
 
     reply = await mesh.inference.Complete(user_request(SIMPLE, "rated"), metadata=AUTH, timeout=10)
-    (answer,) = [r for r in await exported(mesh) if r.purpose == ledger_pb2.CALL_PURPOSE_ANSWER]
+    (answer,) = [r for r in await ledger_rows(mesh) if r.purpose == ledger_pb2.CALL_PURPOSE_ANSWER]
 
     probabilities = {p.tier: p.probability for p in answer.route_probabilities}
     assert max(probabilities, key=probabilities.__getitem__) == types_pb2.TIER_SIMPLE
@@ -223,7 +214,7 @@ async def test_an_llm_classification_is_billed_as_routing_overhead(
     reply = await mesh.inference.Complete(
         user_request(SIMPLE, "cheap_llm"), metadata=AUTH, timeout=10
     )
-    rows = await exported(mesh)
+    rows = await ledger_rows(mesh)
     spend = await mesh.ledger.QuerySpend(ledger_pb2.QuerySpendRequest(), metadata=AUTH, timeout=5)
 
     (routing,) = [r for r in rows if r.purpose == ledger_pb2.CALL_PURPOSE_ROUTING]
@@ -244,7 +235,7 @@ async def test_a_failed_escalation_serves_the_first_answer_billed_as_the_answer(
     reply = await mesh.inference.Complete(
         user_request(SIMPLE, "escalation_down"), metadata=AUTH, timeout=30
     )
-    rows = await exported(mesh)
+    rows = await ledger_rows(mesh)
 
     assert not reply.escalated
     assert (reply.model, reply.content) == ("gpt-4o-mini", "Maybe at nine?")
@@ -259,7 +250,7 @@ async def test_a_paid_classification_is_recorded_even_when_the_call_then_fails(
         await mesh.inference.Complete(
             user_request(SIMPLE, "llm_then_down"), metadata=AUTH, timeout=30
         )
-    rows = await exported(mesh)
+    rows = await ledger_rows(mesh)
 
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     routing = (ledger_pb2.CALL_PURPOSE_ROUTING, "gpt-4o-mini")
