@@ -10,7 +10,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import openai
 from openai import AsyncStream
@@ -296,18 +296,9 @@ class Providers:
         try:
             async with asyncio.timeout(time_limit):
                 stream = await client.chat.completions.create(
-                    model=call.model,
-                    messages=_to_openai(call.messages),
-                    max_tokens=call.max_tokens,
-                    temperature=call.temperature,
-                    top_p=call.top_p,
-                    stop=call.stop or None,
-                    response_format=(
-                        openai.omit if call.response_format is None else call.response_format
-                    ),
+                    **_request(call, time_limit),
                     stream=True,
                     stream_options={"include_usage": True},
-                    timeout=time_limit,
                 )
         except (openai.OpenAIError, TimeoutError) as exc:
             raise _failed(span, exc, call.model, end=True) from exc
@@ -326,17 +317,7 @@ class Providers:
             try:
                 async with asyncio.timeout(time_limit):
                     response = await client.chat.completions.create(
-                        model=call.model,
-                        messages=_to_openai(call.messages),
-                        max_tokens=call.max_tokens,
-                        temperature=call.temperature,
-                        top_p=call.top_p,
-                        stop=call.stop or None,
-                        logprobs=call.logprobs or None,
-                        response_format=(
-                            openai.omit if call.response_format is None else call.response_format
-                        ),
-                        timeout=time_limit,
+                        **_request(call, time_limit), logprobs=call.logprobs or None
                     )
             except (openai.OpenAIError, TimeoutError) as exc:
                 raise _failed(span, exc, call.model) from exc
@@ -375,6 +356,20 @@ def _completion(response: ChatCompletion, call: ChatCall, label: str) -> Complet
         usage_estimated=usage is None,
         token_logprobs=tuple(t.logprob for t in tokens),
     )
+
+
+def _request(call: ChatCall, time_limit: float) -> dict[str, Any]:
+    """What every chat request sends, streamed or not."""
+    return {
+        "model": call.model,
+        "messages": _to_openai(call.messages),
+        "max_tokens": call.max_tokens,
+        "temperature": call.temperature,
+        "top_p": call.top_p,
+        "stop": call.stop or None,
+        "response_format": openai.omit if call.response_format is None else call.response_format,
+        "timeout": time_limit,
+    }
 
 
 def _to_openai(messages: Sequence[types_pb2.ChatMessage]) -> list[ChatCompletionMessageParam]:
