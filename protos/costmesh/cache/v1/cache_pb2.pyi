@@ -92,6 +92,7 @@ class CacheEntry(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     QUESTION_FIELD_NUMBER: _builtins.int
+    SOURCE_REQUEST_ID_FIELD_NUMBER: _builtins.int
     entry_id: _builtins.str
     """Stable identifier of the entry (hex digest of its key)."""
     content: _builtins.str
@@ -102,6 +103,8 @@ class CacheEntry(_message.Message):
     """The reason the provider stopped generating ("stop", "length")."""
     question: _builtins.str
     """The question text the entry was stored for (what a semantic hit matched)."""
+    source_request_id: _builtins.str
+    """The request id of the call whose answer this is (empty when not given)."""
     @_builtins.property
     def usage(self) -> _types_pb2.TokenUsage:
         """What producing the answer cost in tokens when it was first generated."""
@@ -130,10 +133,11 @@ class CacheEntry(_message.Message):
         tags: _abc.Iterable[_builtins.str] | None = ...,
         finish_reason: _builtins.str = ...,
         question: _builtins.str = ...,
+        source_request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "created_at", b"created_at", "entry_id", b"entry_id", "expires_at", b"expires_at", "finish_reason", b"finish_reason", "model", b"model", "question", b"question", "tags", b"tags", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "created_at", b"created_at", "entry_id", b"entry_id", "expires_at", b"expires_at", "finish_reason", b"finish_reason", "model", b"model", "question", b"question", "source_request_id", b"source_request_id", "tags", b"tags", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -267,6 +271,7 @@ class StoreRequest(_message.Message):
     EMBEDDING_MODEL_FIELD_NUMBER: _builtins.int
     NAMESPACE_VERSION_FIELD_NUMBER: _builtins.int
     LOOKED_UP_AT_FIELD_NUMBER: _builtins.int
+    SOURCE_REQUEST_ID_FIELD_NUMBER: _builtins.int
     content: _builtins.str
     """The answer text."""
     model: _builtins.str
@@ -281,6 +286,8 @@ class StoreRequest(_message.Message):
     """The model of query_embedding."""
     namespace_version: _builtins.int
     """The namespace_version of the Lookup that missed; zero stores unconditionally."""
+    source_request_id: _builtins.str
+    """The request id of the call whose answer this is, handed back on a hit."""
     @_builtins.property
     def key(self) -> Global___CacheKey:
         """What identifies the request."""
@@ -317,10 +324,11 @@ class StoreRequest(_message.Message):
         embedding_model: _builtins.str = ...,
         namespace_version: _builtins.int = ...,
         looked_up_at: _timestamp_pb2.Timestamp | None = ...,
+        source_request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "looked_up_at", b"looked_up_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "embedding_model", b"embedding_model", "finish_reason", b"finish_reason", "key", b"key", "looked_up_at", b"looked_up_at", "model", b"model", "namespace_version", b"namespace_version", "query_embedding", b"query_embedding", "tags", b"tags", "ttl_seconds", b"ttl_seconds", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "embedding_model", b"embedding_model", "finish_reason", b"finish_reason", "key", b"key", "looked_up_at", b"looked_up_at", "model", b"model", "namespace_version", b"namespace_version", "query_embedding", b"query_embedding", "source_request_id", b"source_request_id", "tags", b"tags", "ttl_seconds", b"ttl_seconds", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

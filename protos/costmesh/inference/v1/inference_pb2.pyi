@@ -103,6 +103,8 @@ class CompleteRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     CACHE_CONTROL_FIELD_NUMBER: _builtins.int
     SCOPE_KEY_FIELD_NUMBER: _builtins.int
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    ARM_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Caller-chosen idempotency id, unique per team for a day: a repeat of the same
     request returns the first response and is never billed twice; reusing the id
@@ -115,6 +117,14 @@ class CompleteRequest(_message.Message):
     """A model to use instead of the router's choice; must be a configured model."""
     scope_key: _builtins.str
     """Optional tenant or end-user scope; cached answers never cross it."""
+    experiment: _builtins.str
+    """The experiment this request belongs to, named by the caller (a replay or an
+    evaluation); empty to let the feature's configured experiment, if any, decide.
+    """
+    arm: _types_pb2.Arm.ValueType
+    """The arm to run this request in; set with `experiment`. Unspecified with an
+    experiment named means the treatment.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ChatMessage]:
         """The conversation, oldest first; must contain at least one user message."""
@@ -137,10 +147,12 @@ class CompleteRequest(_message.Message):
         params: _types_pb2.GenerationParams | None = ...,
         cache_control: Global___CacheControl | None = ...,
         scope_key: _builtins.str = ...,
+        experiment: _builtins.str = ...,
+        arm: _types_pb2.Arm.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cache_control", b"cache_control", "params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_control", b"cache_control", "feature", b"feature", "messages", b"messages", "model", b"model", "params", b"params", "request_id", b"request_id", "scope_key", b"scope_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm", b"arm", "cache_control", b"cache_control", "experiment", b"experiment", "feature", b"feature", "messages", b"messages", "model", b"model", "params", b"params", "request_id", b"request_id", "scope_key", b"scope_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -171,6 +183,9 @@ class CompleteResponse(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     FALLBACK_FIELD_NUMBER: _builtins.int
     DOWNGRADED_FIELD_NUMBER: _builtins.int
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    ARM_FIELD_NUMBER: _builtins.int
+    CACHE_SOURCE_REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request id the call was recorded under."""
     content: _builtins.str
@@ -213,6 +228,12 @@ class CompleteResponse(_message.Message):
     """True when the team was over budget and the feature's policy sent the call
     to the cheapest tier.
     """
+    experiment: _builtins.str
+    """The experiment the request ran in; empty when none."""
+    arm: _types_pb2.Arm.ValueType
+    """The arm it ran in (control: the baseline policy)."""
+    cache_source_request_id: _builtins.str
+    """For a cache hit, the request id of the call whose answer was reused."""
     @_builtins.property
     def usage(self) -> _types_pb2.TokenUsage:
         """Tokens the model that answered billed; zero for a cache hit. Overhead calls
@@ -242,10 +263,13 @@ class CompleteResponse(_message.Message):
         attempts: _builtins.int = ...,
         fallback: _builtins.bool = ...,
         downgraded: _builtins.bool = ...,
+        experiment: _builtins.str = ...,
+        arm: _types_pb2.Arm.ValueType = ...,
+        cache_source_request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "confidence", b"confidence", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "attempts", b"attempts", "cache_outcome", b"cache_outcome", "cached", b"cached", "confidence", b"confidence", "content", b"content", "cost_nano_usd", b"cost_nano_usd", "cost_pending", b"cost_pending", "downgraded", b"downgraded", "escalated", b"escalated", "escalated_from", b"escalated_from", "fallback", b"fallback", "finish_reason", b"finish_reason", "model", b"model", "provider", b"provider", "request_id", b"request_id", "route_reason", b"route_reason", "tier", b"tier", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "arm", b"arm", "attempts", b"attempts", "cache_outcome", b"cache_outcome", "cache_source_request_id", b"cache_source_request_id", "cached", b"cached", "confidence", b"confidence", "content", b"content", "cost_nano_usd", b"cost_nano_usd", "cost_pending", b"cost_pending", "downgraded", b"downgraded", "escalated", b"escalated", "escalated_from", b"escalated_from", "experiment", b"experiment", "fallback", b"fallback", "finish_reason", b"finish_reason", "model", b"model", "provider", b"provider", "request_id", b"request_id", "route_reason", b"route_reason", "tier", b"tier", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__confidence: _TypeAlias = _typing.Literal["confidence"]  # noqa: Y015
     _WhichOneofArgType__confidence: _TypeAlias = _typing.Literal["_confidence", b"_confidence"]  # noqa: Y015

@@ -26,37 +26,37 @@ from costmesh.types.v1 import types_pb2 as costmesh_dot_types_dot_v1_dot_types__
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63ostmesh/ledger/v1/ledger.proto\x12\x12\x63ostmesh.ledger.v1\x1a\x1d\x63ostmesh/types/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd7\x05\n\x0bUsageRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04team\x18\x04 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x10\n\x08provider\x18\x07 \x01(\t\x12%\n\x04tier\x18\x08 \x01(\x0e\x32\x17.costmesh.types.v1.Tier\x12,\n\x05usage\x18\t \x01(\x0b\x32\x1d.costmesh.types.v1.TokenUsage\x12\x36\n\rcache_outcome\x18\n \x01(\x0e\x32\x1f.costmesh.types.v1.CacheOutcome\x12\x11\n\tescalated\x18\x0b \x01(\x08\x12\r\n\x05\x62\x61tch\x18\x0c \x01(\x08\x12\x12\n\nlatency_ms\x18\r \x01(\x03\x12.\n\x06status\x18\x0e \x01(\x0e\x32\x1e.costmesh.ledger.v1.CallStatus\x12\x15\n\rcost_nano_usd\x18\x0f \x01(\x03\x12\x15\n\rprice_version\x18\x10 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x11 \x01(\t\x12\x16\n\x0e\x62\x61seline_model\x18\x12 \x01(\t\x12\x35\n\x0e\x62\x61seline_usage\x18\x13 \x01(\x0b\x32\x1d.costmesh.types.v1.TokenUsage\x12$\n\x1c\x63ounterfactual_cost_nano_usd\x18\x14 \x01(\x03\x12\x30\n\x07purpose\x18\x15 \x01(\x0e\x32\x1f.costmesh.ledger.v1.CallPurpose\x12?\n\x13route_probabilities\x18\x16 \x03(\x0b\x32\".costmesh.types.v1.TierProbability\x12\x14\n\x0croute_reason\x18\x17 \x01(\t\"F\n\x12RecordUsageRequest\x12\x30\n\x07records\x18\x01 \x03(\x0b\x32\x1f.costmesh.ledger.v1.UsageRecord\"M\n\rRecordedUsage\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rcost_nano_usd\x18\x02 \x01(\x03\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"I\n\x13RecordUsageResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.costmesh.ledger.v1.RecordedUsage\"\xed\x01\n\x11QuerySpendRequest\x12-\n\x08group_by\x18\x01 \x01(\x0e\x32\x1b.costmesh.ledger.v1.GroupBy\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04team\x18\x04 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x05 \x01(\t\x12,\n\x07then_by\x18\x06 \x01(\x0e\x32\x1b.costmesh.ledger.v1.GroupBy\"\xed\x01\n\x08SpendRow\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\x03\x12\x15\n\routput_tokens\x18\x04 \x01(\x03\x12\x15\n\rcost_nano_usd\x18\x05 \x01(\x03\x12\x14\n\x0c\x63\x61\x63hed_calls\x18\x06 \x01(\x03\x12$\n\x1c\x63ounterfactual_cost_nano_usd\x18\x07 \x01(\x03\x12\x18\n\x10savings_nano_usd\x18\x08 \x01(\x03\x12\x17\n\x0f\x65scalated_calls\x18\t \x01(\x03\x12\x12\n\nsecond_key\x18\n \x01(\t\"\xa9\x01\n\x12QuerySpendResponse\x12*\n\x04rows\x18\x01 \x03(\x0b\x32\x1c.costmesh.ledger.v1.SpendRow\x12\x1b\n\x13total_cost_nano_usd\x18\x02 \x01(\x03\x12*\n\"total_counterfactual_cost_nano_usd\x18\x03 \x01(\x03\x12\x1e\n\x16total_savings_nano_usd\x18\x04 \x01(\x03\"\x80\x01\n\x12\x45xportUsageRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04team\x18\x03 \x01(\t\"F\n\x13\x45xportUsageResponse\x12/\n\x06record\x18\x01 \x01(\x0b\x32\x1f.costmesh.ledger.v1.UsageRecord*T\n\nCallStatus\x12\x1b\n\x17\x43\x41LL_STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43\x41LL_STATUS_OK\x10\x01\x12\x15\n\x11\x43\x41LL_STATUS_ERROR\x10\x02*\xa4\x01\n\x0b\x43\x61llPurpose\x12\x1c\n\x18\x43\x41LL_PURPOSE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41LL_PURPOSE_ANSWER\x10\x01\x12\"\n\x1e\x43\x41LL_PURPOSE_ESCALATED_ATTEMPT\x10\x02\x12\x18\n\x14\x43\x41LL_PURPOSE_ROUTING\x10\x03\x12 \n\x1c\x43\x41LL_PURPOSE_CACHE_EMBEDDING\x10\x04*\xac\x01\n\x07GroupBy\x12\x18\n\x14GROUP_BY_UNSPECIFIED\x10\x00\x12\x11\n\rGROUP_BY_TEAM\x10\x01\x12\x14\n\x10GROUP_BY_FEATURE\x10\x02\x12\x12\n\x0eGROUP_BY_MODEL\x10\x03\x12\x10\n\x0cGROUP_BY_DAY\x10\x04\x12\x11\n\rGROUP_BY_TIER\x10\x05\x12\x11\n\rGROUP_BY_WEEK\x10\x06\x12\x12\n\x0eGROUP_BY_MONTH\x10\x07\x32\xae\x02\n\rLedgerService\x12^\n\x0bRecordUsage\x12&.costmesh.ledger.v1.RecordUsageRequest\x1a\'.costmesh.ledger.v1.RecordUsageResponse\x12[\n\nQuerySpend\x12%.costmesh.ledger.v1.QuerySpendRequest\x1a&.costmesh.ledger.v1.QuerySpendResponse\x12`\n\x0b\x45xportUsage\x12&.costmesh.ledger.v1.ExportUsageRequest\x1a\'.costmesh.ledger.v1.ExportUsageResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63ostmesh/ledger/v1/ledger.proto\x12\x12\x63ostmesh.ledger.v1\x1a\x1d\x63ostmesh/types/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb1\x06\n\x0bUsageRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08trace_id\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04team\x18\x04 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x10\n\x08provider\x18\x07 \x01(\t\x12%\n\x04tier\x18\x08 \x01(\x0e\x32\x17.costmesh.types.v1.Tier\x12,\n\x05usage\x18\t \x01(\x0b\x32\x1d.costmesh.types.v1.TokenUsage\x12\x36\n\rcache_outcome\x18\n \x01(\x0e\x32\x1f.costmesh.types.v1.CacheOutcome\x12\x11\n\tescalated\x18\x0b \x01(\x08\x12\r\n\x05\x62\x61tch\x18\x0c \x01(\x08\x12\x12\n\nlatency_ms\x18\r \x01(\x03\x12.\n\x06status\x18\x0e \x01(\x0e\x32\x1e.costmesh.ledger.v1.CallStatus\x12\x15\n\rcost_nano_usd\x18\x0f \x01(\x03\x12\x15\n\rprice_version\x18\x10 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x11 \x01(\t\x12\x16\n\x0e\x62\x61seline_model\x18\x12 \x01(\t\x12\x35\n\x0e\x62\x61seline_usage\x18\x13 \x01(\x0b\x32\x1d.costmesh.types.v1.TokenUsage\x12$\n\x1c\x63ounterfactual_cost_nano_usd\x18\x14 \x01(\x03\x12\x30\n\x07purpose\x18\x15 \x01(\x0e\x32\x1f.costmesh.ledger.v1.CallPurpose\x12?\n\x13route_probabilities\x18\x16 \x03(\x0b\x32\".costmesh.types.v1.TierProbability\x12\x14\n\x0croute_reason\x18\x17 \x01(\t\x12\x12\n\nexperiment\x18\x18 \x01(\t\x12#\n\x03\x61rm\x18\x19 \x01(\x0e\x32\x16.costmesh.types.v1.Arm\x12\x1f\n\x17\x63\x61\x63he_source_request_id\x18\x1a \x01(\t\"F\n\x12RecordUsageRequest\x12\x30\n\x07records\x18\x01 \x03(\x0b\x32\x1f.costmesh.ledger.v1.UsageRecord\"M\n\rRecordedUsage\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rcost_nano_usd\x18\x02 \x01(\x03\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"I\n\x13RecordUsageResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.costmesh.ledger.v1.RecordedUsage\"\x81\x02\n\x11QuerySpendRequest\x12-\n\x08group_by\x18\x01 \x01(\x0e\x32\x1b.costmesh.ledger.v1.GroupBy\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04team\x18\x04 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x05 \x01(\t\x12,\n\x07then_by\x18\x06 \x01(\x0e\x32\x1b.costmesh.ledger.v1.GroupBy\x12\x12\n\nexperiment\x18\x07 \x01(\t\"\xed\x01\n\x08SpendRow\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\x03\x12\x15\n\routput_tokens\x18\x04 \x01(\x03\x12\x15\n\rcost_nano_usd\x18\x05 \x01(\x03\x12\x14\n\x0c\x63\x61\x63hed_calls\x18\x06 \x01(\x03\x12$\n\x1c\x63ounterfactual_cost_nano_usd\x18\x07 \x01(\x03\x12\x18\n\x10savings_nano_usd\x18\x08 \x01(\x03\x12\x17\n\x0f\x65scalated_calls\x18\t \x01(\x03\x12\x12\n\nsecond_key\x18\n \x01(\t\"\xa9\x01\n\x12QuerySpendResponse\x12*\n\x04rows\x18\x01 \x03(\x0b\x32\x1c.costmesh.ledger.v1.SpendRow\x12\x1b\n\x13total_cost_nano_usd\x18\x02 \x01(\x03\x12*\n\"total_counterfactual_cost_nano_usd\x18\x03 \x01(\x03\x12\x1e\n\x16total_savings_nano_usd\x18\x04 \x01(\x03\"\x94\x01\n\x12\x45xportUsageRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04team\x18\x03 \x01(\t\x12\x12\n\nexperiment\x18\x04 \x01(\t\"F\n\x13\x45xportUsageResponse\x12/\n\x06record\x18\x01 \x01(\x0b\x32\x1f.costmesh.ledger.v1.UsageRecord*T\n\nCallStatus\x12\x1b\n\x17\x43\x41LL_STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43\x41LL_STATUS_OK\x10\x01\x12\x15\n\x11\x43\x41LL_STATUS_ERROR\x10\x02*\xa4\x01\n\x0b\x43\x61llPurpose\x12\x1c\n\x18\x43\x41LL_PURPOSE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41LL_PURPOSE_ANSWER\x10\x01\x12\"\n\x1e\x43\x41LL_PURPOSE_ESCALATED_ATTEMPT\x10\x02\x12\x18\n\x14\x43\x41LL_PURPOSE_ROUTING\x10\x03\x12 \n\x1c\x43\x41LL_PURPOSE_CACHE_EMBEDDING\x10\x04*\xbe\x01\n\x07GroupBy\x12\x18\n\x14GROUP_BY_UNSPECIFIED\x10\x00\x12\x11\n\rGROUP_BY_TEAM\x10\x01\x12\x14\n\x10GROUP_BY_FEATURE\x10\x02\x12\x12\n\x0eGROUP_BY_MODEL\x10\x03\x12\x10\n\x0cGROUP_BY_DAY\x10\x04\x12\x11\n\rGROUP_BY_TIER\x10\x05\x12\x11\n\rGROUP_BY_WEEK\x10\x06\x12\x12\n\x0eGROUP_BY_MONTH\x10\x07\x12\x10\n\x0cGROUP_BY_ARM\x10\x08\x32\xae\x02\n\rLedgerService\x12^\n\x0bRecordUsage\x12&.costmesh.ledger.v1.RecordUsageRequest\x1a\'.costmesh.ledger.v1.RecordUsageResponse\x12[\n\nQuerySpend\x12%.costmesh.ledger.v1.QuerySpendRequest\x1a&.costmesh.ledger.v1.QuerySpendResponse\x12`\n\x0b\x45xportUsage\x12&.costmesh.ledger.v1.ExportUsageRequest\x1a\'.costmesh.ledger.v1.ExportUsageResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'costmesh.ledger.v1.ledger_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CALLSTATUS']._serialized_start=1930
-  _globals['_CALLSTATUS']._serialized_end=2014
-  _globals['_CALLPURPOSE']._serialized_start=2017
-  _globals['_CALLPURPOSE']._serialized_end=2181
-  _globals['_GROUPBY']._serialized_start=2184
-  _globals['_GROUPBY']._serialized_end=2356
+  _globals['_CALLSTATUS']._serialized_start=2060
+  _globals['_CALLSTATUS']._serialized_end=2144
+  _globals['_CALLPURPOSE']._serialized_start=2147
+  _globals['_CALLPURPOSE']._serialized_end=2311
+  _globals['_GROUPBY']._serialized_start=2314
+  _globals['_GROUPBY']._serialized_end=2504
   _globals['_USAGERECORD']._serialized_start=120
-  _globals['_USAGERECORD']._serialized_end=847
-  _globals['_RECORDUSAGEREQUEST']._serialized_start=849
-  _globals['_RECORDUSAGEREQUEST']._serialized_end=919
-  _globals['_RECORDEDUSAGE']._serialized_start=921
-  _globals['_RECORDEDUSAGE']._serialized_end=998
-  _globals['_RECORDUSAGERESPONSE']._serialized_start=1000
-  _globals['_RECORDUSAGERESPONSE']._serialized_end=1073
-  _globals['_QUERYSPENDREQUEST']._serialized_start=1076
-  _globals['_QUERYSPENDREQUEST']._serialized_end=1313
-  _globals['_SPENDROW']._serialized_start=1316
-  _globals['_SPENDROW']._serialized_end=1553
-  _globals['_QUERYSPENDRESPONSE']._serialized_start=1556
-  _globals['_QUERYSPENDRESPONSE']._serialized_end=1725
-  _globals['_EXPORTUSAGEREQUEST']._serialized_start=1728
-  _globals['_EXPORTUSAGEREQUEST']._serialized_end=1856
-  _globals['_EXPORTUSAGERESPONSE']._serialized_start=1858
-  _globals['_EXPORTUSAGERESPONSE']._serialized_end=1928
-  _globals['_LEDGERSERVICE']._serialized_start=2359
-  _globals['_LEDGERSERVICE']._serialized_end=2661
+  _globals['_USAGERECORD']._serialized_end=937
+  _globals['_RECORDUSAGEREQUEST']._serialized_start=939
+  _globals['_RECORDUSAGEREQUEST']._serialized_end=1009
+  _globals['_RECORDEDUSAGE']._serialized_start=1011
+  _globals['_RECORDEDUSAGE']._serialized_end=1088
+  _globals['_RECORDUSAGERESPONSE']._serialized_start=1090
+  _globals['_RECORDUSAGERESPONSE']._serialized_end=1163
+  _globals['_QUERYSPENDREQUEST']._serialized_start=1166
+  _globals['_QUERYSPENDREQUEST']._serialized_end=1423
+  _globals['_SPENDROW']._serialized_start=1426
+  _globals['_SPENDROW']._serialized_end=1663
+  _globals['_QUERYSPENDRESPONSE']._serialized_start=1666
+  _globals['_QUERYSPENDRESPONSE']._serialized_end=1835
+  _globals['_EXPORTUSAGEREQUEST']._serialized_start=1838
+  _globals['_EXPORTUSAGEREQUEST']._serialized_end=1986
+  _globals['_EXPORTUSAGERESPONSE']._serialized_start=1988
+  _globals['_EXPORTUSAGERESPONSE']._serialized_end=2058
+  _globals['_LEDGERSERVICE']._serialized_start=2507
+  _globals['_LEDGERSERVICE']._serialized_end=2809
 # @@protoc_insertion_point(module_scope)

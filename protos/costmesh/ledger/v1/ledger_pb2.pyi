@@ -103,6 +103,8 @@ class _GroupByEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GroupBy.Value
     """One row per ISO week (YYYY-Www), weeks starting on Monday, UTC."""
     GROUP_BY_MONTH: _GroupBy.ValueType  # 7
     """One row per UTC month (YYYY-MM)."""
+    GROUP_BY_ARM: _GroupBy.ValueType  # 8
+    """One row per experiment arm (control, treatment, unspecified)."""
 
 class GroupBy(_GroupBy, metaclass=_GroupByEnumTypeWrapper):
     """GroupBy is the dimension spend is summed over."""
@@ -123,6 +125,8 @@ GROUP_BY_WEEK: GroupBy.ValueType  # 6
 """One row per ISO week (YYYY-Www), weeks starting on Monday, UTC."""
 GROUP_BY_MONTH: GroupBy.ValueType  # 7
 """One row per UTC month (YYYY-MM)."""
+GROUP_BY_ARM: GroupBy.ValueType  # 8
+"""One row per experiment arm (control, treatment, unspecified)."""
 Global___GroupBy: _TypeAlias = GroupBy  # noqa: Y015
 
 @_typing.final
@@ -154,6 +158,9 @@ class UsageRecord(_message.Message):
     PURPOSE_FIELD_NUMBER: _builtins.int
     ROUTE_PROBABILITIES_FIELD_NUMBER: _builtins.int
     ROUTE_REASON_FIELD_NUMBER: _builtins.int
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    ARM_FIELD_NUMBER: _builtins.int
+    CACHE_SOURCE_REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key of this record within the team: one per answered call, minted
     by costmesh (never the provider's response id, which is known to repeat).
@@ -200,6 +207,12 @@ class UsageRecord(_message.Message):
     """What the call was for: the answer, or overhead around it."""
     route_reason: _builtins.str
     """The router's human-readable reason for the tier."""
+    experiment: _builtins.str
+    """The experiment the request ran in; empty when none."""
+    arm: _types_pb2.Arm.ValueType
+    """The arm it ran in."""
+    cache_source_request_id: _builtins.str
+    """For a cache hit, the request id of the call whose answer was reused."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the call finished."""
@@ -244,10 +257,13 @@ class UsageRecord(_message.Message):
         purpose: Global___CallPurpose.ValueType = ...,
         route_probabilities: _abc.Iterable[_types_pb2.TierProbability] | None = ...,
         route_reason: _builtins.str = ...,
+        experiment: _builtins.str = ...,
+        arm: _types_pb2.Arm.ValueType = ...,
+        cache_source_request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["baseline_usage", b"baseline_usage", "time", b"time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_model", b"baseline_model", "baseline_usage", b"baseline_usage", "batch", b"batch", "cache_outcome", b"cache_outcome", "client_request_id", b"client_request_id", "cost_nano_usd", b"cost_nano_usd", "counterfactual_cost_nano_usd", b"counterfactual_cost_nano_usd", "escalated", b"escalated", "feature", b"feature", "latency_ms", b"latency_ms", "model", b"model", "price_version", b"price_version", "provider", b"provider", "purpose", b"purpose", "request_id", b"request_id", "route_probabilities", b"route_probabilities", "route_reason", b"route_reason", "status", b"status", "team", b"team", "tier", b"tier", "time", b"time", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm", b"arm", "baseline_model", b"baseline_model", "baseline_usage", b"baseline_usage", "batch", b"batch", "cache_outcome", b"cache_outcome", "cache_source_request_id", b"cache_source_request_id", "client_request_id", b"client_request_id", "cost_nano_usd", b"cost_nano_usd", "counterfactual_cost_nano_usd", b"counterfactual_cost_nano_usd", "escalated", b"escalated", "experiment", b"experiment", "feature", b"feature", "latency_ms", b"latency_ms", "model", b"model", "price_version", b"price_version", "provider", b"provider", "purpose", b"purpose", "request_id", b"request_id", "route_probabilities", b"route_probabilities", "route_reason", b"route_reason", "status", b"status", "team", b"team", "tier", b"tier", "time", b"time", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -343,6 +359,7 @@ class QuerySpendRequest(_message.Message):
     TEAM_FIELD_NUMBER: _builtins.int
     FEATURE_FIELD_NUMBER: _builtins.int
     THEN_BY_FIELD_NUMBER: _builtins.int
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
     group_by: Global___GroupBy.ValueType
     """Dimension to group by."""
     team: _builtins.str
@@ -353,6 +370,8 @@ class QuerySpendRequest(_message.Message):
     """A second dimension to group by within the first (e.g. feature within team);
     unset for one dimension.
     """
+    experiment: _builtins.str
+    """Restrict to one experiment."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Inclusive lower bound on record time; unset means the beginning."""
@@ -370,10 +389,11 @@ class QuerySpendRequest(_message.Message):
         team: _builtins.str = ...,
         feature: _builtins.str = ...,
         then_by: Global___GroupBy.ValueType = ...,
+        experiment: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "feature", b"feature", "group_by", b"group_by", "start_time", b"start_time", "team", b"team", "then_by", b"then_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "experiment", b"experiment", "feature", b"feature", "group_by", b"group_by", "start_time", b"start_time", "team", b"team", "then_by", b"then_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -482,8 +502,11 @@ class ExportUsageRequest(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     TEAM_FIELD_NUMBER: _builtins.int
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
     team: _builtins.str
     """Restrict to one team; member keys are always restricted to their own."""
+    experiment: _builtins.str
+    """Restrict to one experiment."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Inclusive lower bound on record time."""
@@ -498,10 +521,11 @@ class ExportUsageRequest(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         team: _builtins.str = ...,
+        experiment: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time", "team", b"team"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "experiment", b"experiment", "start_time", b"start_time", "team", b"team"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -111,6 +111,30 @@ CACHE_OUTCOME_BYPASS: CacheOutcome.ValueType  # 4
 """The caller asked to skip the cache lookup."""
 Global___CacheOutcome: _TypeAlias = CacheOutcome  # noqa: Y015
 
+class _Arm:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ArmEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Arm.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ARM_UNSPECIFIED: _Arm.ValueType  # 0
+    """Not part of an experiment."""
+    ARM_TREATMENT: _Arm.ValueType  # 1
+    """The optimised policy: the feature's cache, routing and budgets."""
+    ARM_CONTROL: _Arm.ValueType  # 2
+    """The baseline policy: the feature's baseline model, no cache, no routing."""
+
+class Arm(_Arm, metaclass=_ArmEnumTypeWrapper):
+    """Arm is the policy an experiment gave a request."""
+
+ARM_UNSPECIFIED: Arm.ValueType  # 0
+"""Not part of an experiment."""
+ARM_TREATMENT: Arm.ValueType  # 1
+"""The optimised policy: the feature's cache, routing and budgets."""
+ARM_CONTROL: Arm.ValueType  # 2
+"""The baseline policy: the feature's baseline model, no cache, no routing."""
+Global___Arm: _TypeAlias = Arm  # noqa: Y015
+
 @_typing.final
 class ChatMessage(_message.Message):
     """ChatMessage is one turn of a conversation, as the OpenAI chat format has it."""
