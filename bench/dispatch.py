@@ -61,6 +61,13 @@ cache_mode = "off"
 models.simple = "gpt-4o-mini-flaky"
 """
 
+# A feature that does no model work of its own: no cache, a fixed tier.
+PLAIN = """
+[features.support]
+router = "rules"
+cache_mode = "off"
+"""
+
 
 def _request(i: int) -> inference_pb2.CompleteRequest:
     text = f"Question number {i}: how do I change the address on my order {i * 7919}?"
@@ -92,10 +99,10 @@ def _cuts(values: list[float]) -> str:
     return f"p50 {cuts[49] * 1000:6.2f} ms  p99 {cuts[98] * 1000:6.2f} ms"
 
 
-async def _overhead(calls: int, concurrency: int) -> None:
+async def _overhead(calls: int, concurrency: int, config_text: str) -> None:
     spans = InMemorySpanExporter()
     with OpenAISimulator(api_key=PROVIDER_KEY) as simulator, tempfile.TemporaryDirectory() as d:
-        running, address = await _mesh(simulator, d, "", spans)
+        running, address = await _mesh(simulator, d, config_text, spans)
         try:
             async with grpc.aio.insecure_channel(address) as channel:
                 stub = inference_pb2_grpc.InferenceServiceStub(channel)
@@ -128,6 +135,21 @@ async def _overhead(calls: int, concurrency: int) -> None:
     print(f"  mesh overhead   {_cuts(overheads)}")
     print(f"  provider call   {_cuts(provider)}")
     print(f"  whole Complete  {_cuts(list(latencies.values()))}")
+    _print_breakdown(spans, set(latencies))
+
+
+def _print_breakdown(spans: InMemorySpanExporter, traces: set[str]) -> None:
+    """Median duration of each kind of span in the measured calls: where the time goes."""
+    durations: defaultdict[str, list[float]] = defaultdict(list)
+    for span in spans.get_finished_spans():
+        if span.end_time and span.start_time and format_trace_id(span.context.trace_id) in traces:
+            kind = "chat" if span.name.startswith("chat ") else span.name
+            durations[f"{span.kind.name.lower():8} {kind}"].append(
+                (span.end_time - span.start_time) / 1e9
+            )
+    print("  median span durations (ms):")
+    for name, values in sorted(durations.items(), key=lambda kv: -statistics.median(kv[1])):
+        print(f"    {statistics.median(values) * 1000:7.2f}  {name}  (n={len(values)})")
 
 
 async def _flaky(calls: int, concurrency: int) -> None:
@@ -176,10 +198,15 @@ def main() -> None:
     parser.add_argument("mode", choices=("overhead", "flaky"))
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, nargs="*", default=None)
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="overhead of a feature without the semantic cache and with a fixed route",
+    )
     args = parser.parse_args()
     if args.mode == "overhead":
         for concurrency in args.concurrency or [1, 32]:
-            asyncio.run(_overhead(args.calls, concurrency))
+            asyncio.run(_overhead(args.calls, concurrency, PLAIN if args.plain else ""))
     else:
         asyncio.run(_flaky(args.calls, (args.concurrency or [8])[0]))
 

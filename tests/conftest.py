@@ -62,6 +62,37 @@ class Mesh:
         return router_pb2_grpc.RouterServiceStub(self.channel)
 
 
+class _ReadYourWrites:
+    """Before a test reads the ledger, the usage rows of the calls already answered
+    reach it: inference writes them to its outbox and delivers them just after the
+    reply, so a read straight after a reply could otherwise miss them."""
+
+    def __init__(self, running: RunningServer) -> None:
+        self.running = running
+
+    async def _settle(self, method: str | bytes) -> None:
+        name = method.decode() if isinstance(method, bytes) else method
+        if name.startswith("/costmesh.ledger.v1.LedgerService/"):
+            await self.running.settled()
+
+
+class _ReadYourWritesUnary(_ReadYourWrites, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        await self._settle(client_call_details.method)
+        return await continuation(client_call_details, request)
+
+
+class _ReadYourWritesStream(_ReadYourWrites, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        await self._settle(client_call_details.method)
+        return await continuation(client_call_details, request)
+
+
+def read_your_writes(running: RunningServer) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors for a test's channel to `running` (grpc takes one kind each)."""
+    return [_ReadYourWritesUnary(running), _ReadYourWritesStream(running)]
+
+
 def mesh_env(simulator: OpenAISimulator, data_dir: Path) -> dict[str, str]:
     return {
         "OPENAI_API_KEY": PROVIDER_KEY,
@@ -86,7 +117,7 @@ async def running_mesh(
         config.write_text(config_text)
     running = await start_mesh(load_config(config, env=env), env, SERVICES, provider, port=0)
     address = f"127.0.0.1:{running.port}"
-    channel = grpc.aio.insecure_channel(address)
+    channel = grpc.aio.insecure_channel(address, interceptors=read_your_writes(running))
     try:
         yield Mesh(running, address, channel, spans, tmp_path)
     finally:

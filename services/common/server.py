@@ -30,6 +30,9 @@ class ServiceDef:
     # True for a service that calls its peers while it works (inference): it is
     # stopped while those peers still answer, so its last calls and flushes land.
     calls_peers: bool = False
+    # Waits until work accepted so far has reached its peers (usage rows the ledger
+    # gets after the reply): for demos and tests that read the ledger at once.
+    settle: Callable[[], Awaitable[None]] = field(default=_nothing)
 
 
 @dataclass
@@ -46,6 +49,11 @@ class RunningServer:
     internal: grpc.aio.Server | None = None
     # Run after every service has stopped, e.g. closing client channels they used.
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def settled(self) -> None:
+        """Every hosted service has handed on the work it accepted so far."""
+        for service in self.services:
+            await service.settle()
 
     async def stop(self, grace: float) -> None:
         """NOT_SERVING first so balancers drain, then let in-flight calls finish."""

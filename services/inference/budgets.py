@@ -3,8 +3,11 @@ one together.
 
 Spend so far comes from the ledger (refreshed every few seconds). Each admitted call
 reserves its worst case, the prompt plus max_tokens at its model's prices, until it
-settles to what the ledger priced. A call is admitted only if spend + everything
-reserved + its own worst case stays within every limit of its team. The reservations
+settles. Its rows' priced costs then count as "on the way" until the ledger
+acknowledges them (they may sit in the outbox through a ledger outage), and as
+"acknowledged since the last read" until the ledger's next figure includes them. A
+call is admitted only if spend + everything reserved or on the way + its own worst
+case stays within every limit of its team. The reservations
 live in this inference process: replicas each hold their own, so N replicas can each
 admit up to the remaining budget at once (see the README).
 """
@@ -91,7 +94,10 @@ class _Ledger:
     read_at: float = -1e9
     day: str = ""
     reserved: int = 0
-    settled_since_read: int = 0
+    # Priced rows not yet acknowledged by the ledger, by ledger request id.
+    on_the_way: dict[str, int] = field(default_factory=dict)
+    on_the_way_total: int = 0
+    acknowledged_since_read: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -126,7 +132,7 @@ class TeamBudgets:
         state = self._teams.setdefault(team, _Ledger())
         async with state.lock:
             await self._refresh(team, state)
-            local = state.reserved + state.settled_since_read
+            local = state.reserved + state.on_the_way_total + state.acknowledged_since_read
             for period, limit, spent in (
                 ("daily", limits.daily_nano, state.daily),
                 ("monthly", limits.monthly_nano, state.monthly),
@@ -136,22 +142,35 @@ class TeamBudgets:
             state.reserved += nano
         return Reservation(team, nano)
 
-    def settle(self, reservation: Reservation | None, actual_nano: int) -> None:
-        """Release the worst case; count what the call really cost until the ledger's
-        next figure includes it."""
+    def settle(self, reservation: Reservation | None) -> None:
+        """Release the worst case: by now the call's rows are counted on the way."""
         if reservation is None or reservation.settled:
             return
         reservation.settled = True
-        state = self._teams[reservation.team]
-        state.reserved -= reservation.nano
-        state.settled_since_read += actual_nano
+        self._teams[reservation.team].reserved -= reservation.nano
+
+    def on_the_way(self, team: str, record_id: str, nano: int) -> None:
+        """A priced row was handed to the outbox: it counts until the ledger has it."""
+        state = self._teams.get(team)
+        if state is None or not nano or record_id in state.on_the_way:
+            return
+        state.on_the_way[record_id] = nano
+        state.on_the_way_total += nano
+
+    def acknowledged(self, team: str, record_id: str, nano: int) -> None:
+        """The ledger has the row (priced `nano`): it counts until the next read."""
+        state = self._teams.get(team)
+        if state is None:
+            return
+        state.on_the_way_total -= state.on_the_way.pop(record_id, 0)
+        state.acknowledged_since_read += nano
 
     async def _refresh(self, team: str, state: _Ledger) -> None:
         now = datetime.now(UTC)
         day = now.date().isoformat()
         if self._clock() - state.read_at < REFRESH_SECONDS and state.day == day:
             return
-        settled_before = state.settled_since_read
+        acknowledged_before = state.acknowledged_since_read
         day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
         try:
             async with asyncio.timeout(READ_TIMEOUT_SECONDS):
@@ -167,6 +186,7 @@ class TeamBudgets:
             return
         self._outage.succeeded()
         state.daily, state.monthly, state.read_at, state.day = daily, monthly, self._clock(), day
-        # What settled before the read is in the ledger's figure now (possibly also what
-        # settled during it: counted twice until the next read, on the safe side).
-        state.settled_since_read -= settled_before
+        # What the ledger had acknowledged before the read is in its figure now
+        # (possibly also what it acknowledged during the read: counted twice until the
+        # next read, on the safe side). Rows still on the way keep counting.
+        state.acknowledged_since_read -= acknowledged_before

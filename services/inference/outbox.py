@@ -1,5 +1,9 @@
 """A durable outbox for usage records: written to local disk before the ledger is asked,
-deleted only once the ledger acknowledges, retried in the background until then."""
+deleted only once the ledger acknowledges, retried in the background until then.
+
+Answers are recorded with `enqueue`: once a record is on disk it cannot be lost, so the
+caller is answered without waiting for the ledger; the record is sent at once in the
+background, in the caller's trace, and left to the flusher if that fails."""
 
 from __future__ import annotations
 
@@ -22,8 +26,10 @@ log = logging.getLogger(__name__)
 Send = Callable[
     [Sequence[ledger_pb2.UsageRecord], float], Awaitable[Sequence[ledger_pb2.RecordedUsage]]
 ]
-# Told of each record the flusher delivered late, with the cost the ledger gave it.
-Delivered = Callable[[ledger_pb2.UsageRecord, ledger_pb2.RecordedUsage], None]
+# Told of records delivered after their call was answered, with the ledger's costs.
+Delivered = Callable[
+    [Sequence[tuple[ledger_pb2.UsageRecord, ledger_pb2.RecordedUsage]]], Awaitable[None]
+]
 BATCH = 200
 FLUSH_TIME_LIMIT = 10.0
 
@@ -61,6 +67,11 @@ class UsageOutbox:
         self._retry_seconds = retry_seconds
         self._on_delivered = on_delivered
         self._flusher: asyncio.Task[None] | None = None
+        # Records being sent right now, by (team, request id): a flush skips them, so
+        # no record is reported delivered twice by this process.
+        self._sending: set[tuple[str, str]] = set()
+        self._senders: set[asyncio.Task[None]] = set()
+        self._flushing = asyncio.Lock()
         self._outage = OutageLog(log, "usage delivery to the ledger (kept in the outbox)")
 
     async def deliver(
@@ -76,6 +87,33 @@ class UsageOutbox:
             persisted = False
         else:
             persisted = True
+        return await self._send_now(record, time_limit, persisted)
+
+    async def enqueue(self, record: ledger_pb2.UsageRecord, time_limit: float) -> None:
+        """Persist now and send in the background; raises only if the disk fails, and
+        then nothing was promised to anyone."""
+        await asyncio.to_thread(self._put, record)
+        # Sent in the caller's context, so the ledger write is part of its trace.
+        sender = asyncio.create_task(self._send_later(record, time_limit))
+        self._senders.add(sender)
+        sender.add_done_callback(self._senders.discard)
+
+    async def settled(self) -> None:
+        """Wait until every record enqueued so far has been offered to the ledger
+        (what it could not take stays pending). For shutdown, demos and tests."""
+        while self._senders:
+            await asyncio.wait(set(self._senders))
+
+    async def _send_later(self, record: ledger_pb2.UsageRecord, time_limit: float) -> None:
+        result = await self._send_now(record, time_limit, persisted=True)
+        if result is not None and self._on_delivered is not None:
+            await self._on_delivered([(record, result)])
+
+    async def _send_now(
+        self, record: ledger_pb2.UsageRecord, time_limit: float, persisted: bool
+    ) -> ledger_pb2.RecordedUsage | None:
+        key = (record.team, record.request_id)
+        self._sending.add(key)
         try:
             (result,) = await self._send([record], time_limit)
         except RefusedError as exc:
@@ -87,6 +125,8 @@ class UsageOutbox:
             self._outage.failed(_brief(exc))
             self._lost_unless(persisted, record, _brief(exc))
             return None
+        finally:
+            self._sending.discard(key)
         self._outage.succeeded()
         if persisted:
             await asyncio.to_thread(self._delete, [record])
@@ -97,18 +137,23 @@ class UsageOutbox:
 
         Records the ledger refuses for now stay behind without blocking the rest.
         """
+        async with self._flushing:
+            return await self._flush_pages()
+
+    async def _flush_pages(self) -> int:
         sent, after = 0, 0
         while page := await asyncio.to_thread(self._pending, after, BATCH):
             after = page[-1][0]
-            batch = [record for _, record in page]
+            batch = [r for _, r in page if (r.team, r.request_id) not in self._sending]
+            if not batch:
+                continue
             try:
                 results = list(zip(batch, await self._send(batch, FLUSH_TIME_LIMIT), strict=True))
             except RefusedError:
                 results = await self._send_one_by_one(batch)
             await asyncio.to_thread(self._delete, [record for record, _ in results])
-            if self._on_delivered is not None:
-                for record, result in results:
-                    await asyncio.to_thread(self._on_delivered, record, result)
+            if self._on_delivered is not None and results:
+                await self._on_delivered(results)
             sent += len(results)
         return sent
 
@@ -149,6 +194,7 @@ class UsageOutbox:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
+        await self.settled()
         with contextlib.suppress(Exception):
             await self.flush()
         with self._lock:

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import Any
 
 import grpc
@@ -51,6 +52,7 @@ from services.inference.validation import (
     openai_response_format,
     validate,
 )
+from services.ledger.pricing import PriceCatalog, Usage
 
 log = logging.getLogger(__name__)
 # Only answers the provider finished are stored (the cache refuses others too).
@@ -100,9 +102,11 @@ class CompletionPath:
         idempotency: IdempotencyStore,
         *,
         budgets: TeamBudgets,
+        prices: PriceCatalog,
     ) -> None:
         self._settings = settings
         self._budgets = budgets
+        self._prices = prices
         self._peers = peers
         self._providers = providers
         self._outbox = outbox
@@ -215,7 +219,7 @@ class CompletionPath:
             else:
                 await self._record_overhead_all(call, response, looked_up)
         finally:
-            self._settle(call, response if response.model else None)
+            self._settle(call)
 
     async def _generate_stream(
         self,
@@ -257,23 +261,16 @@ class CompletionPath:
             self._store_later(key, completion, request.cache_control, looked_up)
 
     async def _answer_within_budget(self, call: Call) -> inference_pb2.CompleteResponse:
-        """The answer; the team's reservations settle to what the ledger priced."""
-        response = None
+        """The answer; the team's reservations are released once its rows are priced."""
         try:
-            response = await self._answer(call)
-            return response
+            return await self._answer(call)
         finally:
-            self._settle(call, response)
+            self._settle(call)
 
-    def _settle(self, call: Call, response: inference_pb2.CompleteResponse | None) -> None:
-        """Release the call's reservations: to its priced cost, or to the worst case while
-        the ledger has not confirmed it (the next read of the ledger corrects that)."""
-        for i, reservation in enumerate(call.reservations):
-            if response is None or response.cost_pending:
-                actual = reservation.nano
-            else:
-                actual = response.cost_nano_usd if i == 0 else 0  # the total, once
-            self._budgets.settle(reservation, actual)
+    def _settle(self, call: Call) -> None:
+        """Release the call's worst cases: its priced rows count on their own by now."""
+        for reservation in call.reservations:
+            self._budgets.settle(reservation)
         call.reservations.clear()
 
     def _cache_key(self, call: Call) -> cache_pb2.CacheKey:
@@ -783,7 +780,13 @@ class CompletionPath:
     async def _deliver(
         self, call: Call, response: inference_pb2.CompleteResponse, **fields: Any
     ) -> None:
-        """One ledger row of this call, through the outbox; its cost adds to the reply's."""
+        """One ledger row of this call, through the outbox; its cost adds to the reply's.
+
+        The row is on disk before the reply leaves, so it cannot be lost, and the
+        ledger gets it moments later in the background. The reply's cost is priced
+        here with the same catalog the ledger uses; a model this process has no
+        price for leaves the reply `cost_pending`.
+        """
         now = timestamp_pb2.Timestamp()
         now.GetCurrentTime()
         record = ledger_pb2.UsageRecord(
@@ -796,13 +799,29 @@ class CompletionPath:
             status=ledger_pb2.CALL_STATUS_OK,
             **fields,
         )
-        # Not capped by the caller's deadline: this write is shielded from the caller
-        # and must not be cut short (or logged as a ledger outage) because of it.
-        result = await self._outbox.deliver(record, self._peers.timeout)
-        if result is None:
+        cost = self._price(record)
+        if cost is None:
             response.cost_pending = True
         else:
-            response.cost_nano_usd += result.cost_nano_usd
+            response.cost_nano_usd += cost
+            self._budgets.on_the_way(record.team, record.request_id, cost)
+        await self._outbox.enqueue(record, self._peers.timeout)
+
+    def _price(self, record: ledger_pb2.UsageRecord) -> int | None:
+        """The row's cost as the ledger will price it; None for an unpriced model."""
+        usage = Usage(
+            record.usage.input_tokens, record.usage.cached_input_tokens, record.usage.output_tokens
+        )
+        if usage.input_tokens == usage.output_tokens == 0:
+            return 0
+        if not self._prices.knows(record.model):
+            return None
+        when = record.time.ToDatetime(tzinfo=UTC)
+        return self._prices.cost(record.model, usage, when, batch=record.batch).cost_nano_usd
+
+    async def settled(self) -> None:
+        """Every row recorded so far has been offered to the ledger."""
+        await self._outbox.settled()
 
     def _overhead(
         self, model: str, usage: types_pb2.TokenUsage, purpose: ledger_pb2.CallPurpose.ValueType

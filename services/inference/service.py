@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
 import grpc
-from google.protobuf import timestamp_pb2
 from opentelemetry import trace
 
 from costmesh.cache.v1 import cache_pb2_grpc
@@ -22,13 +22,14 @@ from services.common.server import ServiceDef
 from services.inference import batches, queue
 from services.inference.budgets import TeamBudgets
 from services.inference.idempotency import IdempotencyStore
-from services.inference.outbox import RefusedError, UsageOutbox
-from services.inference.peers import Peers
+from services.inference.outbox import UsageOutbox
+from services.inference.peers import LedgerPeer, Peers
 from services.inference.providers import Providers
 from services.inference.request_path import CompletionPath
 from services.inference.settings import InferenceSettings
 from services.ledger.pricing import PriceCatalog
 
+log = logging.getLogger(__name__)
 SERVICE_NAME = "costmesh.inference.v1.InferenceService"
 
 
@@ -88,24 +89,11 @@ def build(
     tracer = tracer_provider.get_tracer("costmesh.inference")
     # First, since it may refuse (a missing key): nothing else is open yet.
     providers = Providers(settings, env, tracer, simulator_allowed)
-    ledger = ledger_pb2_grpc.LedgerServiceStub(channels.get(addresses["ledger"]))
-
-    async def send(
-        records: Sequence[ledger_pb2.UsageRecord], time_limit: float
-    ) -> Sequence[ledger_pb2.RecordedUsage]:
-        try:
-            response = await ledger.RecordUsage(
-                ledger_pb2.RecordUsageRequest(records=records),
-                metadata=channels.metadata,
-                timeout=time_limit,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise RefusedError(exc.details() or "invalid", permanent=True) from exc
-            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                raise RefusedError(exc.details() or "refused", permanent=False) from exc
-            raise
-        return list(response.results)
+    ledger = LedgerPeer(
+        ledger_pb2_grpc.LedgerServiceStub(channels.get(addresses["ledger"])),
+        channels.metadata,
+        channels.timeout,
+    )
 
     peers = Peers(
         cache=cache_pb2_grpc.CacheServiceStub(channels.get(addresses["cache"])),
@@ -115,32 +103,34 @@ def build(
     )
     idempotency = IdempotencyStore(settings.idempotency_path, settings.idempotency_ttl_seconds)
 
-    def settle(record: ledger_pb2.UsageRecord, result: ledger_pb2.RecordedUsage) -> None:
-        if record.client_request_id:
-            idempotency.settle(
-                record.team, record.client_request_id, record.trace_id, result.cost_nano_usd
+    prices = _price_catalog(config, settings)
+    budgets = TeamBudgets(settings.teams, prices, ledger.spend_since)
+
+    async def delivered(
+        results: Sequence[tuple[ledger_pb2.UsageRecord, ledger_pb2.RecordedUsage]],
+    ) -> None:
+        unpriced = []
+        for record, result in results:
+            budgets.acknowledged(record.team, record.request_id, result.cost_nano_usd)
+            # A reply this process could not price was stored cost_pending: replays of
+            # it carry the ledger's cost from now on.
+            if record.client_request_id and not prices.knows(record.model):
+                unpriced.append((record, result))
+        for record, result in unpriced:
+            await asyncio.to_thread(
+                idempotency.settle,
+                record.team,
+                record.client_request_id,
+                record.trace_id,
+                result.cost_nano_usd,
             )
 
-    outbox = UsageOutbox(settings.outbox_path, send, settings.outbox_retry_seconds, settle)
-
-    async def spend_since(team: str, since: datetime) -> int:
-        start = timestamp_pb2.Timestamp()
-        start.FromDatetime(since)
-        spend = await ledger.QuerySpend(
-            ledger_pb2.QuerySpendRequest(team=team, start_time=start),
-            metadata=channels.metadata,
-            timeout=channels.timeout,
-        )
-        return spend.total_cost_nano_usd
-
-    # Prices only matter with limits: a front whose config lacks a model's price (the
-    # ledger's knows it) must still start.
-    prices = PriceCatalog.from_config(
-        config.section("models") if settings.teams else Config({}),
-        config.section("ledger").get_str("price_version"),
+    outbox = UsageOutbox(
+        settings.outbox_path, ledger.send, settings.outbox_retry_seconds, delivered
     )
-    budgets = TeamBudgets(settings.teams, prices, spend_since)
-    path = CompletionPath(settings, peers, providers, outbox, idempotency, budgets=budgets)
+    path = CompletionPath(
+        settings, peers, providers, outbox, idempotency, budgets=budgets, prices=prices
+    )
     provider_batches = batches.ProviderBatches(settings, providers, peers, outbox, tracer=tracer)
     micro_batches = queue.MicroBatchQueue(
         config, lambda r, p: path.complete(r, p, None), tracer=tracer
@@ -165,5 +155,21 @@ def build(
         lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server),
         start=start,
         stop=stop,
+        settle=path.settled,
         calls_peers=True,
     )
+
+
+def _price_catalog(config: Config, settings: InferenceSettings) -> PriceCatalog:
+    """The ledger's prices, to tell a caller what its call cost without waiting for
+    the ledger. A model this front cannot price (the ledger's config may) leaves its
+    replies cost_pending, unless team limits need its price."""
+    unpriced: list[str] = []
+    prices = PriceCatalog.from_config(
+        config.section("models"), config.section("ledger").get_str("price_version"), unpriced
+    )
+    if unpriced and settings.teams:
+        PriceCatalog.from_config(config.section("models"), "")  # raises, naming the key
+    if unpriced:
+        log.warning("no price here for %s: their replies are cost_pending", ", ".join(unpriced))
+    return prices

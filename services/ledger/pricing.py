@@ -58,19 +58,19 @@ class PriceCatalog:
         self._prices = {m: sorted(p, key=lambda x: x.effective_from) for m, p in prices.items()}
 
     @classmethod
-    def from_config(cls, models: Config, version: str) -> PriceCatalog:
+    def from_config(
+        cls, models: Config, version: str, unpriced: list[str] | None = None
+    ) -> PriceCatalog:
+        """Every model's prices. With `unpriced`, a model whose prices are missing or
+        wrong is left out and named there instead of failing the whole catalog."""
         prices = {}
         for name in models.names():
-            model = models.section(name)
-            base = _price(model, previous=None)
-            history = [base]
-            changes = model.tables("price_changes")
-            # Each change inherits from the price before it in time, not in the file.
-            for change in sorted(changes, key=lambda c: _date(c, "effective_from", None)):
-                history.append(_price(change, previous=history[-1]))
-            if len({p.effective_from for p in history}) != len(history):
-                raise ConfigError(f"models.{name}.price_changes: two prices share a date")
-            prices[name] = history
+            try:
+                prices[name] = _history(name, models.section(name))
+            except ConfigError:
+                if unpriced is None:
+                    raise
+                unpriced.append(name)
         return cls(version, prices)
 
     def knows(self, model: str) -> bool:
@@ -102,6 +102,17 @@ class PriceCatalog:
             usd *= 1 - Fraction(price.batch_discount)
         nano = round(usd * _NANO_PER_USD)  # exact arithmetic, one half-even rounding
         return Priced(nano, f"{self.version}:{model}@{price.effective_from.isoformat()}")
+
+
+def _history(name: str, model: Config) -> list[ModelPrice]:
+    history = [_price(model, previous=None)]
+    changes = model.tables("price_changes")
+    # Each change inherits from the price before it in time, not in the file.
+    for change in sorted(changes, key=lambda c: _date(c, "effective_from", None)):
+        history.append(_price(change, previous=history[-1]))
+    if len({p.effective_from for p in history}) != len(history):
+        raise ConfigError(f"models.{name}.price_changes: two prices share a date")
+    return history
 
 
 def _price(table: Config, previous: ModelPrice | None) -> ModelPrice:

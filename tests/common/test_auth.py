@@ -19,7 +19,7 @@ from services.common.auth import KeyTable
 from services.common.config import Config, load_config
 from services.inference.simulator import OpenAISimulator
 from services.mesh import SERVICES, start_mesh
-from tests.conftest import AUTH, mesh_env, user_request
+from tests.conftest import AUTH, mesh_env, read_your_writes, user_request
 
 
 def test_keys_new_prints_a_key_and_a_config_entry_that_accepts_it(
@@ -53,7 +53,9 @@ async def member_mesh(
     )
     env = mesh_env(simulator, tmp_path)
     running = await start_mesh(load_config(path, env), env, SERVICES, TracerProvider(), port=0)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{running.port}", interceptors=read_your_writes(running)
+    )
     try:
         yield channel, (("authorization", f"Bearer {member_key}"),)
     finally:

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 
 import grpc
 import pytest
 
 from costmesh.ledger.v1 import ledger_pb2
+from services.common.config import load_config
+from services.inference.budgets import OverBudgetError, TeamBudgets, TeamLimits
 from services.inference.simulator import OpenAISimulator
+from services.ledger.pricing import PriceCatalog
+from tests.clock import Clock
 from tests.conftest import AUTH, Mesh, running_mesh, user_request
 
 # gpt-4o-mini: 150 nano-USD an input token, 600 an output token; max_tokens 20 makes
@@ -126,3 +131,31 @@ async def test_a_team_without_limits_is_not_counted(
                 user_request(f"Question {i}", "capped"), metadata=AUTH, timeout=10
             )
         assert await spent(mesh) > LIMIT_NANO
+
+
+async def test_rows_waiting_in_the_outbox_keep_counting_after_the_ledger_is_read_again() -> None:
+    """A ledger outage must not make a team's spend look smaller: rows still on their
+    way to the ledger count until the ledger has them, then until its figure does."""
+    clock = Clock()
+    ledger_figure = 0
+
+    async def spend_since(team: str, since: datetime) -> int:
+        return ledger_figure
+
+    prices = PriceCatalog.from_config(load_config().section("models"), "test")
+    budgets = TeamBudgets(
+        {"demo": TeamLimits(daily_nano=100, monthly_nano=None)}, prices, spend_since, clock
+    )
+    reservation = await budgets.admit("demo", 60)
+    budgets.on_the_way("demo", "row-1", 40)  # priced, in the outbox, the ledger down
+    budgets.settle(reservation)
+    clock.now += 60  # the next admission reads the ledger again: it lacks row-1
+    with pytest.raises(OverBudgetError):
+        await budgets.admit("demo", 61)
+
+    budgets.acknowledged("demo", "row-1", 40)  # delivered; the ledger's figure lags
+    with pytest.raises(OverBudgetError):
+        await budgets.admit("demo", 61)
+    ledger_figure = 40
+    clock.now += 60  # now the ledger's figure includes it: counted once, not twice
+    assert await budgets.admit("demo", 60) is not None

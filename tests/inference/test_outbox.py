@@ -94,6 +94,13 @@ class SplitMesh:
         return found[1]
 
 
+LOCAL_LLAMA_PRICED = (
+    '[models."local-llama"]\nprovider = "openai"\ncontext_window = 8000\n'
+    'input_usd_per_mtok = "0.01"\ncached_input_usd_per_mtok = "0.01"\n'
+    'output_usd_per_mtok = "0.02"\n'
+)
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 async def split(
     request: pytest.FixtureRequest, simulator: OpenAISimulator, tmp_path: Path
@@ -124,16 +131,17 @@ async def test_ledger_outage_loses_nothing_and_counts_nothing_twice(split: Split
 
     assert not pending_before
     assert cost_before > 0
-    assert pending_during, "the caller is told the cost is not yet confirmed"
-    assert cost_during == 0
+    assert not pending_during, "the front prices the call itself, ledger or not"
+    assert cost_during > 0
     assert await split.ledger_calls() == (2, total)
+    assert total == cost_before + cost_during, "the ledger priced it as the caller was told"
 
 
 async def test_records_in_the_outbox_survive_an_inference_restart(split: SplitMesh) -> None:
     assert split.ledger is not None
     assert split.front is not None
     await split.ledger.stop(grace=1)
-    _, _, pending = await split.complete("recorded while the ledger is down")
+    _, cost, pending = await split.complete("recorded while the ledger is down")
     await split.front.stop(grace=1)  # inference goes away with the record on disk
     split.front = None
 
@@ -141,8 +149,8 @@ async def test_records_in_the_outbox_survive_an_inference_restart(split: SplitMe
     await split.start_front()
     total = await split.wait_for_calls(1)
 
-    assert pending
-    assert total > 0, "the delayed record is priced like any other"
+    assert not pending
+    assert total == cost > 0, "the delayed record is priced as the caller was told"
     assert (await split.ledger_calls())[0] == 1
 
 
@@ -158,16 +166,12 @@ async def test_a_model_the_ledger_cannot_price_waits_without_blocking_the_rest(
     await split.wait_for_calls(1)
     assert split.ledger is not None
     await split.ledger.stop(grace=1)  # the operator adds the missing price
-    await split.start_ledger(
-        '[models."local-llama"]\nprovider = "openai"\ncontext_window = 8000\n'
-        'input_usd_per_mtok = "0.01"\ncached_input_usd_per_mtok = "0.01"\n'
-        'output_usd_per_mtok = "0.02"\n'
-    )
+    await split.start_ledger(LOCAL_LLAMA_PRICED)
     await split.wait_for_calls(2)
     await split.wait_for_empty_outbox()
 
     assert unpriced_pending
-    assert queued_behind
+    assert not queued_behind, "a model the front can price is priced at once"
     assert split.outbox_counts() == (0, 0), "nothing parked, nothing left"
 
 
@@ -209,11 +213,12 @@ async def test_a_replayed_pending_answer_carries_the_cost_once_the_ledger_has_it
     assert split.ledger is not None
     await split.ledger.stop(grace=1)
     assert split.front is not None
-    request = user_request("Charge me later", request_id="req-pending")
+    # Only the ledger knows this model's price: the front cannot tell the caller.
+    request = user_request("Charge me later", request_id="req-pending", model="local-llama")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{split.front.port}") as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         first = await stub.Complete(request, metadata=AUTH, timeout=10)
-        await split.start_ledger()
+        await split.start_ledger(LOCAL_LLAMA_PRICED)
         total = await split.wait_for_calls(1)
         replay = await stub.Complete(request, metadata=AUTH, timeout=10)
 

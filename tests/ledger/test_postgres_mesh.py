@@ -13,7 +13,7 @@ from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from services.common.config import load_config
 from services.inference.simulator import OpenAISimulator
 from services.mesh import SERVICES, start_mesh
-from tests.conftest import AUTH, mesh_env, user_request
+from tests.conftest import AUTH, mesh_env, read_your_writes, user_request
 from tests.postgres import fresh_schema
 
 
@@ -24,7 +24,9 @@ async def test_spend_from_a_postgres_ledger_is_the_sum_of_call_costs(
         env = {**mesh_env(simulator, tmp_path), "LEDGER_DATABASE": database}
         running = await start_mesh(load_config(env=env), env, SERVICES, TracerProvider(), port=0)
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            address = f"127.0.0.1:{running.port}"
+            interceptors = read_your_writes(running)
+            async with grpc.aio.insecure_channel(address, interceptors=interceptors) as channel:
                 inference = inference_pb2_grpc.InferenceServiceStub(channel)
                 replies = [
                     await inference.Complete(user_request(q), metadata=AUTH, timeout=10)
