@@ -29,8 +29,9 @@ PEERS = ("cache", "router", "ledger")
 _KNOWN_KEYS = {
     "": {
         "server", "peers", "auth", "providers", "models",
-        "ledger", "cache", "features", "inference", "router", "queue", "teams",
+        "ledger", "cache", "features", "inference", "router", "queue", "teams", "simulator",
     },
+    "simulator": {"realistic", "latency_scale", "knowledge", "seed"},
     "server": {"host", "port", "grace_seconds", "data_dir"},
     "peers": {"cache", "router", "ledger", "timeout_seconds"},
     "auth": {"service_key_env", "keys"},

@@ -141,17 +141,24 @@ class Providers:
                     f"providers.{name}.api_key_env: set {info.api_key_env} (the simulator "
                     "stands in only when all four services run in one process)"
                 )
-            simulator = OpenAISimulator()
+            simulated = self._settings.simulator
+            simulator = OpenAISimulator(
+                realistic=simulated.realistic,
+                latency_scale=simulated.latency_scale,
+                knowledge=simulated.knowledge,
+                seed=simulated.seed,
+                model_tiers=simulated.model_tiers,
+            )
             # Batches finish on their own after a few seconds, as a demo expects.
             simulator.set_batch_auto_complete(DEMO_BATCH_SECONDS)
             base_url, key, label = simulator.start(), SIMULATED, SIMULATED
             self._simulators.append(simulator)
             log.warning(
-                "%s is not set: provider %r answers from the local SIMULATOR (%s); "
-                "answers are placeholders, not model output",
+                "%s is not set: provider %r answers from the local SIMULATOR (%s); %s",
                 info.api_key_env,
                 name,
                 base_url,
+                simulated.describe(),
             )
         client = openai.AsyncOpenAI(
             api_key=key,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.config import Config, ConfigError
 from services.inference.budgets import TeamLimits
 from services.inference.resilience import RetryPolicy
+from services.inference.simulator_knowledge import TIERS, Knowledge, KnowledgeError
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,67 @@ class ProviderInfo:
 
 
 @dataclass(frozen=True)
+class SimulatorSettings:
+    """The local simulator that answers for a provider without a key (costmesh serve):
+    instant placeholders, or realistic answers, latencies and quality (still labelled)."""
+
+    realistic: bool = False
+    latency_scale: float = 1.0
+    knowledge: Knowledge | None = None
+    seed: int = 0
+    # Each model's tier: how well the realistic simulator lets it answer.
+    model_tiers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: Config, models: dict[str, ModelInfo]) -> SimulatorSettings:
+        section = config.section("simulator")
+        realistic = section.get_bool("realistic", False)
+        scale = section.get_float("latency_scale", 1.0)
+        if not (math.isfinite(scale) and scale >= 0):
+            raise ConfigError(f"simulator.latency_scale: must be a number >= 0, got {scale}")
+        path = section.get_str("knowledge", "")
+        if path and not realistic:
+            raise ConfigError("simulator.knowledge: only read when simulator.realistic = true")
+        try:
+            knowledge = Knowledge.load(path) if path else None
+        except KnowledgeError as exc:
+            raise ConfigError(f"simulator.knowledge: {exc}") from None
+        seed = section.get_int("seed", 0)
+        return cls(realistic, scale, knowledge, seed, _model_tiers(config, models))
+
+    def describe(self) -> str:
+        """What the simulator's answers are, for the log line that says it stands in."""
+        if not self.realistic:
+            return "answers are placeholders, not model output"
+        known = "no knowledge file"
+        if self.knowledge is not None:
+            known = f"{len(self.knowledge)} questions of {self.knowledge.source}"
+        return (
+            f"answers, token counts and latencies are realistic but SIMULATED ({known}; "
+            f"latency x{self.latency_scale:g}; seed {self.seed}), not model output"
+        )
+
+
+def _model_tiers(config: Config, models: dict[str, ModelInfo]) -> dict[str, str]:
+    """A model's configured tier, else the highest tier a feature uses it for (an
+    escalation model counts as complex)."""
+    tiers: dict[str, str] = {}
+    features = config.section("features")
+    for name in features.names():
+        feature = features.section(name)
+        table = feature.section("models")
+        for tier in TIERS:
+            model = table.get_str(tier, "")
+            if model and TIERS.index(tier) >= TIERS.index(tiers.get(model, tier)):
+                tiers[model] = tier
+        escalation = feature.get_str("escalation_model", "")
+        if escalation:
+            tiers[escalation] = "complex"
+    tiers.update({name: info.tier for name, info in models.items() if info.tier})
+    return tiers
+
+
+@dataclass(frozen=True)
 class InferenceSettings:
     features: dict[str, FeatureLimits]
     models: dict[str, ModelInfo]
@@ -63,6 +126,7 @@ class InferenceSettings:
     cooldown_failures: int = 5
     cooldown_seconds: float = 30.0
     teams: dict[str, TeamLimits] = field(default_factory=dict)
+    simulator: SimulatorSettings = field(default_factory=SimulatorSettings)
 
     @classmethod
     def from_config(cls, config: Config) -> InferenceSettings:
@@ -133,6 +197,7 @@ class InferenceSettings:
             cooldown_failures=inference.get_int("cooldown_failures", 5, minimum=1),
             cooldown_seconds=inference.get_float("cooldown_seconds", 30.0),
             teams=TeamLimits.from_config(config.section("teams")),
+            simulator=SimulatorSettings.from_config(config, models),
         )
 
 

@@ -1,8 +1,10 @@
-"""Stdlib-only OpenAI-compatible HTTP server: the labelled simulated provider and test fake.
+"""OpenAI-compatible HTTP server on http.server: the labelled simulated provider and test fake.
 
 It speaks chat completions (plain and streamed), embeddings, the model list, and the
 Files and Batch APIs (simulator_batches). Tests steer it: scripted answers, latency,
 queued or random failures, dropped connections, and batches that finish on request.
+By default answers are instant placeholders; realistic=True (simulator_realism) gives
+model-like answers, token counts and latencies, still labelled simulated.
 """
 
 from __future__ import annotations
@@ -18,19 +20,23 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 from services.inference.simulator_batches import BatchStore, Reply
+from services.inference.simulator_knowledge import Knowledge
+from services.inference.simulator_realism import ChatReply, Timing, configure
 from services.inference.simulator_wire import (
     CHAT_PATH,
     DEFAULT_DIMENSIONS,
     EMBEDDINGS_PATH,
     MAX_DIMENSIONS,
     ApiError,
+    Prompt,
     count_tokens,
     default_answer,
     embed,
@@ -121,6 +127,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _inference(self, path: str, raw: bytes) -> None:
         """A chat completion or embeddings request, unless a test made it fail or drop."""
         sim = self.server.sim
+        started = time.monotonic()  # a realistic simulator's latency counts from here
         body = parse_json(raw)
         chat = path == CHAT_PATH
         if chat:
@@ -131,15 +138,25 @@ class _Handler(BaseHTTPRequestHandler):
             return
         sim._maybe_fail(body, chat)
         if not chat:
-            self._send_json(200, sim._embeddings(body))
+            embeddings = sim._embeddings(body)
+            sim._sleep_until(started + sim._embedding_seconds(embeddings))
+            self._send_json(200, embeddings)
             return
-        response = sim._complete(body)
+        response, timing, pieces = sim._complete(body)
         if body.get("stream") is True:
             options = body.get("stream_options")
             usage = isinstance(options, dict) and options.get("include_usage") is True
-            self._send_stream(stream_chunks(response, usage))
-        else:
+            chunks = stream_chunks(response, usage, pieces)
+            if timing is None:
+                self._send_stream(chunks, [], {})
+            else:
+                due = _schedule(started, timing, len(pieces or ()))
+                self._send_stream(chunks, due, _processing(timing.first_token))
+        elif timing is None:
             self._send_json(200, response)
+        else:
+            sim._sleep_until(started + timing.total)
+            self._send_json(200, response, _processing(timing.total))
 
     def _read_body(self) -> bytes:
         if (self.headers.get("Transfer-Encoding") or "").strip().lower() == "chunked":
@@ -192,12 +209,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _send_stream(self, chunks: Iterator[dict[str, Any]]) -> None:
-        """Frame SSE with chunked encoding so the connection survives for keep-alive reuse."""
+    def _send_stream(
+        self, chunks: Iterator[dict[str, Any]], due: list[float], headers: dict[str, str]
+    ) -> None:
+        """Frame SSE with chunked encoding so the connection survives for keep-alive reuse;
+        event i leaves no earlier than due[i] (time.monotonic), when there is one."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
+        for name, value in headers.items():
+            self.send_header(name, value)
         self.end_headers()
         events = [f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"]
         sim = self.server.sim
@@ -205,6 +227,8 @@ class _Handler(BaseHTTPRequestHandler):
             for number, event in enumerate(events):
                 if number > 1:  # after the role chunk and the first text
                     sim._pause_between_chunks()
+                if number < len(due):
+                    sim._sleep_until(due[number])
                 data = event.encode()
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                 self.wfile.flush()
@@ -215,10 +239,45 @@ class _Handler(BaseHTTPRequestHandler):
             raise
 
 
+def _schedule(started: float, timing: Timing, pieces: int) -> list[float]:
+    """When each stream event is due: the role chunk with the first token, then the answer's
+    pieces evenly until the last is out when a plain answer would be."""
+    step = timing.generation / pieces if pieces else 0.0
+    first = started + timing.first_token
+    return [first] + [first + step * (number + 1) for number in range(pieces)]
+
+
+def _processing(seconds: float) -> dict[str, str]:
+    """OpenAI's header for the time the model took (to the first token, when streamed)."""
+    return {"openai-processing-ms": str(round(seconds * 1000))}
+
+
 class OpenAISimulator:
     """Loopback OpenAI look-alike so the mesh and its tests run without a real key or network."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_key: str | None = None,
+        *,
+        realistic: bool = False,
+        latency_scale: float = 1.0,
+        knowledge: Knowledge | str | Path | None = None,
+        seed: int = 0,
+        model_tiers: Mapping[str, str] | None = None,
+    ) -> None:
+        """realistic=True answers like a model would (simulator_realism): latencies times
+        `latency_scale` (0: instant), a `knowledge` file's reference answers, wrong ones
+        from models whose tier (`model_tiers`, else gpt-4o's) is not complex, all seeded.
+        ValueError names a wrong argument (and a knowledge file's bad line)."""
+        self._realism = configure(
+            realistic=realistic,
+            latency_scale=latency_scale,
+            knowledge=knowledge,
+            seed=seed,
+            model_tiers=model_tiers,
+        )
         self._host, self._port, self._api_key = host, port, api_key
         self._lock = threading.Lock()
         self._arrival = threading.Condition(self._lock)
@@ -522,36 +581,48 @@ class OpenAISimulator:
             headers = {} if retry_after is None else {"Retry-After": f"{retry_after:g}"}
             raise ApiError(status, message, headers=headers)
 
-    def _complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Answer a chat request and count it."""
-        response = self._answer(body)
+    def _complete(
+        self, body: dict[str, Any]
+    ) -> tuple[dict[str, Any], Timing | None, list[str] | None]:
+        """Answer a chat request and count it; a realistic answer also says when it is due
+        and the pieces it streams in."""
+        response, reply, prompt = self._reply(body)
         with self._lock:
             self._call_count += 1
-        return response
+        if self._realism is None:
+            return response, None, None
+        timing = self._realism.chat_timing(
+            response["model"], prompt, reply.prompt_tokens, reply.completion_tokens
+        )
+        return response, timing, reply.pieces
 
     def _answer(self, body: dict[str, Any]) -> dict[str, Any]:
         """A chat completion for `body` (also a batch line's), or the ApiError the API gives."""
+        return self._reply(body)[0]
+
+    def _reply(self, body: dict[str, Any]) -> tuple[dict[str, Any], ChatReply, Prompt]:
+        """The completion body, the answer behind it and the prompt it answers."""
         model, prompt = require_model(body), read_messages(body.get("messages"))
         limit = positive_int(body, "max_completion_tokens") or positive_int(body, "max_tokens")
         top_logprobs = logprob_options(body)
         with self._lock:
             report_usage = self._report_usage
             scripted = self._scripts.get(model)
-        content, fixed_logprob = scripted or (default_answer(model, prompt), None)
-        answer, truncated = truncate(content, limit)
-        completion_tokens = count_tokens(answer)
+        wants_logprobs = top_logprobs is not None
+        if self._realism is not None and scripted is None:
+            reply = self._realism.reply(model, prompt, limit, wants_logprobs)
+        else:
+            reply = _placeholder(model, prompt, limit, wants_logprobs, scripted)
         logprobs = None
-        if top_logprobs is not None:
-            tokens = split_tokens(answer)
-            values = token_logprobs(model, prompt.last_user, len(tokens), fixed_logprob)
-            logprobs = logprobs_body(tokens, values, top_logprobs)
+        if reply.logprobs is not None and top_logprobs is not None:
+            logprobs = logprobs_body(reply.pieces, reply.logprobs, top_logprobs)
         usage = {
-            "prompt_tokens": prompt.tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt.tokens + completion_tokens,
+            "prompt_tokens": reply.prompt_tokens,
+            "completion_tokens": reply.completion_tokens,
+            "total_tokens": reply.prompt_tokens + reply.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": 0},
         }
-        return {
+        response = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
@@ -559,14 +630,15 @@ class OpenAISimulator:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": answer},
-                    "finish_reason": "length" if truncated else "stop",
+                    "message": {"role": "assistant", "content": reply.content},
+                    "finish_reason": "length" if reply.truncated else "stop",
                     "logprobs": logprobs,
                 }
             ],
             "usage": usage if report_usage else None,
             "system_fingerprint": "simulated",
         }
+        return response, reply, prompt
 
     def _embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
         model, raw_input = require_model(body), body.get("input")
@@ -584,6 +656,35 @@ class OpenAISimulator:
             if as_base64:
                 encoded = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
             data.append({"object": "embedding", "index": index, "embedding": encoded})
-        tokens = sum(count_tokens(t) for t in texts)
+        realism = self._realism
+        tokens = sum(realism.count(model, t) if realism else count_tokens(t) for t in texts)
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return {"object": "list", "data": data, "model": model, "usage": usage}
+
+    def _embedding_seconds(self, response: dict[str, Any]) -> float:
+        """How long a realistic provider takes over these embeddings; 0 by default."""
+        if self._realism is None:
+            return 0.0
+        return self._realism.embedding_seconds(response["usage"]["prompt_tokens"])
+
+    def _sleep_until(self, deadline: float) -> None:
+        """The realistic simulator's latency; stop() cuts it short."""
+        remaining = deadline - time.monotonic()
+        if remaining > 0:
+            self._stopping.wait(remaining)
+
+
+def _placeholder(
+    model: str,
+    prompt: Prompt,
+    limit: int | None,
+    wants_logprobs: bool,
+    scripted: tuple[str, float | None] | None,
+) -> ChatReply:
+    """The default answer (a test's script, else an echo) with its regex-counted usage."""
+    content, fixed_logprob = scripted or (default_answer(model, prompt), None)
+    answer, truncated = truncate(content, limit)
+    pieces, logprobs = split_tokens(answer), None
+    if wants_logprobs:
+        logprobs = token_logprobs(model, prompt.last_user, len(pieces), fixed_logprob)
+    return ChatReply(answer, truncated, prompt.tokens, count_tokens(answer), pieces, logprobs)

@@ -94,36 +94,39 @@ class Prompt:
     tokens: int
     last_user: str
     system: tuple[str, ...]
+    # Every message's text, in order, for a realistic simulator's own token count.
+    texts: tuple[str, ...] = ()
 
 
 def read_messages(messages: object) -> Prompt:
     """Validate `messages` as the real API would and count prompt tokens (4 overhead each)."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty array.", param="messages")
-    tokens, last_user, system = 0, "", []
+    tokens, last_user, system, texts = 0, "", [], []
     for i, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
         text = content_text(message.get("content")) if isinstance(message, dict) else None
         if not non_empty_str(role) or text is None:
             raise ApiError(400, f"Invalid message at messages[{i}].", param=f"messages[{i}]")
         tokens += count_tokens(text) + 4
+        texts.append(text)
         if role == "user":
             last_user = text.removesuffix(RATING_SUFFIX)
             if last_user != text:
                 system.append(CONFIDENCE_INSTRUCTION)
         elif role in _SYSTEM_ROLES:
             system.append(text)
-    return Prompt(tokens, last_user, tuple(system))
+    return Prompt(tokens, last_user, tuple(system), tuple(texts))
 
 
-def _unit(text: str) -> float:
+def unit(text: str) -> float:
     """Map text to [0, 1) through sha256, so simulated numbers repeat across runs and hosts."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
 
 
 def self_rating(model: str, last_user: str) -> int:
     """The simulated [CONFIDENCE: k], k in 4..10, from sha256(model + last user message)."""
-    return 4 + int(_unit(model + last_user) * 7)
+    return 4 + int(unit(model + last_user) * 7)
 
 
 def classify(last_user: str) -> str:
@@ -151,7 +154,7 @@ def token_logprobs(model: str, last_user: str, count: int, fixed: float | None) 
         return [fixed] * count
     low, high = _LOGPROB_RANGE
     return [
-        round(low + _unit(f"{model}\0{last_user}\0{index}") * (high - low), 6)
+        round(low + unit(f"{model}\0{last_user}\0{index}") * (high - low), 6)
         for index in range(count)
     ]
 
@@ -269,8 +272,14 @@ def _logprobs_per_piece(pieces: list[str], entries: list[dict[str, Any]]) -> lis
     return out
 
 
-def stream_chunks(response: dict[str, Any], include_usage: bool) -> Iterator[dict[str, Any]]:
-    """Replay a finished completion as chunks so streamed and plain answers can never diverge."""
+def stream_chunks(
+    response: dict[str, Any], include_usage: bool, pieces: list[str] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Replay a finished completion as chunks so streamed and plain answers can never diverge.
+
+    The answer goes out word by word, or as `pieces` (which must spell it and start where
+    its logprob tokens start) when given.
+    """
     base = {key: response[key] for key in ("id", "created", "model", "system_fingerprint")}
     base["object"] = "chat.completion.chunk"
     answer = response["choices"][0]
@@ -286,7 +295,8 @@ def stream_chunks(response: dict[str, Any], include_usage: bool) -> Iterator[dic
         return out
 
     yield chunk({"role": "assistant", "content": ""})
-    pieces = re.findall(r"\s*\S+\s*", answer["message"]["content"])
+    if pieces is None:
+        pieces = re.findall(r"\s*\S+\s*", answer["message"]["content"])
     logprobs: list[Any] = [None] * len(pieces)
     if answer["logprobs"] is not None:
         logprobs = _logprobs_per_piece(pieces, answer["logprobs"]["content"])
