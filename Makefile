@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint generate check-generated bench router-artefact clean
+.PHONY: serve test lint generate check-generated bench router-artefact workload clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ bench: $(STAMP)
 ## Retrain the router artefact that ships with costmesh (Bitext and Banking77 support tickets).
 router-artefact: $(STAMP)
 	$(BIN)/costmesh router train --data bitext,banking77 --out services/router/support-tiers.npz
+
+## Rebuild the case study's workload that ships with costmesh (Bitext's held-out tickets).
+workload: $(STAMP)
+	$(BIN)/costmesh workload generate --requests 1200 --seed 0 --out services/casestudy/support-workload.jsonl.gz
 
 clean:
 	rm -rf $(VENV) node_modules .costmesh

@@ -14,6 +14,7 @@ import grpc
 from opentelemetry import trace
 
 from services.cache import evaluate as cache_eval
+from services.casestudy import workload_commands
 from services.common import telemetry
 from services.common.auth import ROLES, hash_key, new_key
 from services.common.config import ConfigError, load_config
@@ -48,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     ledger_commands.register(commands)
     cache_eval.register(commands)
     router_commands.register(commands)
+    workload_commands.register(commands)
     return parser
 
 

@@ -11,17 +11,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import redis
 
+from tests.unavailable import unavailable
+
 SERVER = os.environ.get("COSTMESH_TEST_REDIS", "redis://127.0.0.1:6379/0")
-
-
-def _unavailable(message: str) -> None:
-    """Skip, except under CI=true, where a missing server is a failure."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 @contextmanager
@@ -31,7 +25,7 @@ def fresh_prefix() -> Iterator[tuple[str, str]]:
     try:
         client.ping()
     except redis.RedisError as exc:
-        _unavailable(f"Redis not reachable at {SERVER}: {exc}")
+        unavailable(f"Redis not reachable at {SERVER}: {exc}")
     prefix = f"costmesh-test:{uuid.uuid4().hex[:12]}"
     try:
         yield SERVER, prefix
@@ -48,7 +42,7 @@ class PrivateRedis:
     def __init__(self, directory: Path) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            _unavailable("redis-server is not installed: cannot start a private Redis")
+            unavailable("redis-server is not installed: cannot start a private Redis")
         self._binary = str(binary)
         self._directory = directory
         with socket.socket() as probe:

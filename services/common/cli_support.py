@@ -1,9 +1,12 @@
-"""What the client commands share: argument types and aligned tables."""
+"""What the client commands share: argument types, aligned tables and dollar amounts."""
 
 from __future__ import annotations
 
 import argparse
+from decimal import Decimal
 from typing import TextIO
+
+NANO = Decimal(1_000_000_000)
 
 
 def write_grid(
@@ -24,6 +27,15 @@ def write_grid(
 
 def markdown_cell(text: str) -> str:
     return text.replace("|", "\\|")
+
+
+def usd(nano_usd: int | Decimal, exact: bool) -> str:
+    """Dollars from nano-USD: every nano-dollar when `exact` (CSV); for people, cents,
+    or micro-dollars for amounts under a dollar so that small spend does not read as zero."""
+    value = Decimal(nano_usd) / NANO
+    if exact:
+        return f"{value:.9f}"
+    return f"{value:,.2f}" if abs(value) >= 1 or value == 0 else f"{value:.6f}"
 
 
 def unit(text: str) -> float:

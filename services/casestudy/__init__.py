@@ -1,0 +1,1 @@
+"""The case study: recorded workloads replayed through the mesh to measure savings."""
