@@ -64,7 +64,7 @@ _KNOWN_KEYS = {
         "cache_max_entries", "cache_max_bytes",
         "router", "router_artefact", "router_model", "cheap_tier_min_probability",
         "cheap_share_target", "escalation", "escalation_threshold", "escalation_target_rate",
-        "over_budget",
+        "over_budget", "experiment", "control_share",
     },
 }  # fmt: skip
 

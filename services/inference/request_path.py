@@ -33,6 +33,7 @@ from services.common.errors import (
 )
 from services.common.outages import OutageLog
 from services.common.telemetry import current_trace_id
+from services.inference import experiments
 from services.inference.budgets import OverBudgetError, Reservation, TeamBudgets
 from services.inference.escalation import (
     RATING_TOKENS,
@@ -88,6 +89,7 @@ class Call:
     route: router_pb2.RouteResponse = field(default_factory=router_pb2.RouteResponse)
     overhead: list[Overhead] = field(default_factory=list)
     reservations: list[Reservation] = field(default_factory=list)
+    assignment: experiments.Assignment = experiments.NONE
 
 
 class CompletionPath:
@@ -147,16 +149,20 @@ class CompletionPath:
         time_remaining: float | None,
     ) -> Call:
         started = time.monotonic()
-        _, max_tokens = validate(request, self._settings)
+        limits, max_tokens = validate(request, self._settings)
         usage_id = uuid.uuid4().hex
+        request_id = request.request_id or usage_id
         call = Call(
             request=request,
-            request_id=request.request_id or usage_id,
+            request_id=request_id,
             usage_id=usage_id,
             principal=principal,
             max_tokens=max_tokens,
             deadline=Deadline.after(time_remaining),
             started=started,
+            assignment=experiments.assign(
+                request, limits.experiment, request.request_id or usage_id
+            ),
         )
         trace.get_current_span().set_attributes(
             {
@@ -165,7 +171,23 @@ class CompletionPath:
                 "costmesh.team": principal.team,
             }
         )
+        if call.assignment.experiment:
+            trace.get_current_span().set_attributes(
+                {
+                    "costmesh.experiment": call.assignment.experiment,
+                    "costmesh.arm": experiments.arm_name(call.assignment.arm),
+                }
+            )
         return call
+
+    @staticmethod
+    def _new_response(call: Call) -> inference_pb2.CompleteResponse:
+        return inference_pb2.CompleteResponse(
+            request_id=call.request_id,
+            trace_id=current_trace_id(),
+            experiment=call.assignment.experiment,
+            arm=call.assignment.arm,
+        )
 
     async def stream(
         self,
@@ -181,9 +203,7 @@ class CompletionPath:
         cannot be replaced) and are not replayed by request_id.
         """
         call = self._new_call(request, principal, time_remaining)
-        response = inference_pb2.CompleteResponse(
-            request_id=call.request_id, trace_id=current_trace_id()
-        )
+        response = self._new_response(call)
         key, caching = self._cache_key(call), self._caching(call)
         looked_up = None
         if caching and not request.cache_control.no_cache:
@@ -258,7 +278,7 @@ class CompletionPath:
             trace.get_current_span().set_attribute("costmesh.stream.cancelled", not finished)
         stored = finished and completion.finish_reason in CACHEABLE_FINISH_REASONS
         if caching and stored and not request.cache_control.no_store and completion.content:
-            self._store_later(key, completion, request.cache_control, looked_up)
+            self._store_later(call, key, completion, request.cache_control, looked_up)
 
     async def _answer_within_budget(self, call: Call) -> inference_pb2.CompleteResponse:
         """The answer; the team's reservations are released once its rows are priced."""
@@ -286,7 +306,9 @@ class CompletionPath:
         )
 
     def _caching(self, call: Call) -> bool:
-        return self._settings.features[call.request.feature].cache_mode != "off"
+        """The control arm runs the baseline policy: no cache."""
+        feature = self._settings.features[call.request.feature]
+        return feature.cache_mode != "off" and not call.assignment.control
 
     @staticmethod
     def _serve_hit(
@@ -299,13 +321,12 @@ class CompletionPath:
         response.content, response.model = entry.content, entry.model
         response.provider, response.finish_reason = "cache", entry.finish_reason
         response.cached, response.cache_outcome = True, looked_up.outcome
+        response.cache_source_request_id = entry.source_request_id
 
     async def _answer(self, call: Call) -> inference_pb2.CompleteResponse:
         control = call.request.cache_control
         key, caching = self._cache_key(call), self._caching(call)
-        response = inference_pb2.CompleteResponse(
-            request_id=call.request_id, trace_id=current_trace_id()
-        )
+        response = self._new_response(call)
         looked_up = None
         if caching and not control.no_cache:
             looked_up = await self._lookup(key, control, call.deadline)
@@ -384,6 +405,7 @@ class CompletionPath:
             response.content, response.model = first.content, first.model
             response.provider, response.finish_reason = "cache", first.finish_reason
             response.cached, response.cache_outcome = True, types_pb2.CACHE_OUTCOME_EXACT
+            response.cache_source_request_id = first.request_id
             trace.get_current_span().set_attribute("costmesh.cache.collapsed", True)
             return first.usage
         if digest in self._in_flight:  # a leader too slow to wait for: go alone
@@ -438,7 +460,7 @@ class CompletionPath:
         self._fill(response, plan, completion, request.cache_control.no_cache or not caching)
         finished = completion.finish_reason in CACHEABLE_FINISH_REASONS
         if caching and not request.cache_control.no_store and completion.content and finished:
-            self._store_later(key, completion, request.cache_control, looked_up)
+            self._store_later(call, key, completion, request.cache_control, looked_up)
 
     @staticmethod
     def _fill(
@@ -671,6 +693,8 @@ class CompletionPath:
         """The router's plan. The cache's embedding of the question goes along, so the
         router need not embed it again (it is of the same text: the last user message)."""
         request, deadline = call.request, call.deadline
+        if call.assignment.control:
+            return self._baseline_plan(call)
         route = router_pb2.RouteRequest(
             feature=request.feature, messages=request.messages, requested_model=request.model
         )
@@ -696,8 +720,21 @@ class CompletionPath:
             )
         return plan
 
+    def _baseline_plan(self, call: Call) -> router_pb2.RouteResponse:
+        """The control arm's plan: the feature's baseline model, no routing, no
+        escalation (a model the caller names is still the caller's choice)."""
+        model = call.request.model or self._settings.features[call.request.feature].baseline_model
+        plan = router_pb2.RouteResponse(
+            model=model,
+            reason=f"control arm of experiment {call.assignment.experiment!r}: "
+            f"the baseline policy ({model}, no cache, no routing)",
+        )
+        call.route.CopyFrom(plan)
+        return plan
+
     def _store_later(
         self,
+        call: Call,
         key: cache_pb2.CacheKey,
         completion: Completion,
         control: inference_pb2.CacheControl,
@@ -720,6 +757,8 @@ class CompletionPath:
             # An invalidation while the answer was generated means it is not stored.
             namespace_version=looked_up.namespace_version,
             looked_up_at=looked_up.looked_up_at if looked_up.HasField("looked_up_at") else None,
+            # Whose answer this is: a hit on it says so (false-hit measurement).
+            source_request_id=call.request_id,
         )
 
         async def store() -> None:
@@ -760,6 +799,7 @@ class CompletionPath:
                 for p in call.route.probabilities
             ],
             route_reason=call.route.reason[:MAX_ROUTE_REASON],
+            cache_source_request_id=response.cache_source_request_id,
         )
 
     async def _record_overhead(
@@ -797,6 +837,8 @@ class CompletionPath:
             feature=call.request.feature,
             baseline_model=self._settings.features[call.request.feature].baseline_model,
             status=ledger_pb2.CALL_STATUS_OK,
+            experiment=call.assignment.experiment,
+            arm=call.assignment.arm,
             **fields,
         )
         cost = self._price(record)

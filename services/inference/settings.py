@@ -8,6 +8,7 @@ from pathlib import Path
 
 from services.common.config import Config, ConfigError
 from services.inference.budgets import TeamLimits
+from services.inference.experiments import FeatureExperiment
 from services.inference.resilience import RetryPolicy
 from services.inference.simulator_knowledge import TIERS, Knowledge, KnowledgeError
 
@@ -29,6 +30,8 @@ class FeatureLimits:
     # the cheapest tier's model.
     over_budget: str = "refuse"
     cheapest_model: str = ""
+    # A standing experiment: the share of requests run on the baseline policy.
+    experiment: FeatureExperiment = field(default_factory=FeatureExperiment)
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,7 @@ class InferenceSettings:
                 f.get_choice("cache_question", ("last_user", "all_user"), "last_user"),
                 f.get_choice("over_budget", ("refuse", "downgrade"), "refuse"),
                 f.section("models").get_str("simple", ""),
+                FeatureExperiment.from_config(f),
             )
         providers_cfg = config.section("providers")
         providers = {

@@ -11,6 +11,7 @@ from openai.types.chat.completion_create_params import ResponseFormat
 from costmesh.inference.v1 import inference_pb2
 from costmesh.types.v1 import types_pb2
 from services.common.errors import InvalidArgument
+from services.inference import experiments
 from services.inference.settings import FeatureLimits, InferenceSettings
 from services.inference.tokens import count_prompt_tokens
 
@@ -47,6 +48,7 @@ def validate(
     if len(request.scope_key) > MAX_SCOPE_KEY:
         raise InvalidArgument("scope_key", f"at most {MAX_SCOPE_KEY} characters")
     _validate_cache_control(request.cache_control)
+    experiments.check(request)
     max_tokens = _validate_params(request.params, limits)
     prompt_tokens = estimate_tokens(request.messages)
     if prompt_tokens > limits.max_input_tokens:
