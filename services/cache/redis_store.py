@@ -12,7 +12,11 @@ per namespace; bound bytes with Redis's own maxmemory.
 
 Keys, under the configured prefix P:
   P:e:<entry id>    hash: "m" JSON metadata and answer, "v" the float32 vector;
-                    expires with the entry (PEXPIREAT), so TTLs are Redis's own
+                    expires with the entry (PEXPIREAT), so TTLs are Redis's own.
+                    New fields go at the top level of "m", never inside "answer"
+                    (read as Answer(**...)): an older replica ignores a field it
+                    does not know, and one missing from an older entry reads as
+                    empty (source_request_id)
   P:ns:<hash>       sorted set of a namespace's entry ids by last use (LRU bound)
   P:tag:<hash>      set of the entry ids carrying a tag
   P:versions        hash of (feature, namespace) -> number of bumps
@@ -424,6 +428,7 @@ def _meta(entry: Entry) -> str:
         "question": entry.question,
         "answer": asdict(entry.answer),
         "created_at": entry.created_at,
+        "source_request_id": entry.source_request_id,
     }
     return json.dumps(whole, ensure_ascii=False)
 
@@ -440,4 +445,5 @@ def _entry(entry_id: str, meta: dict[str, Any]) -> Entry:
         created_at=meta["created_at"],
         expires_at=meta["expires_at"],
         tags=tuple(meta["tags"]),
+        source_request_id=meta.get("source_request_id", ""),  # absent: stored before it
     )

@@ -182,9 +182,11 @@ class SemanticCache:
         vector: Vector | None = None,
         seen_version: int = 0,
         looked_up_at: float = 0.0,
+        source_request_id: str = "",
     ) -> Entry | None:
         """Store an answer; `vector` is the lookup's embedding of the same question,
-        `seen_version` the namespace version that lookup saw and `looked_up_at` when.
+        `seen_version` the namespace version that lookup saw and `looked_up_at` when,
+        `source_request_id` the call that produced the answer (handed back on hits).
 
         None when the answer is dropped: the backend is down, or the namespace was
         bumped or one of its tags invalidated since the lookup (the answer may be
@@ -206,6 +208,7 @@ class SemanticCache:
                 ttl_seconds=ttl_seconds,
                 tags=tags,
                 vector=vector,
+                source_request_id=source_request_id,
             )
             await self.store.put(entry, policy.capacity)
         except FAIL_OPEN as exc:
@@ -225,6 +228,7 @@ class SemanticCache:
         ttl_seconds: int,
         tags: tuple[str, ...],
         vector: Vector | None,
+        source_request_id: str,
     ) -> Entry:
         question = key.question(policy.question_mode)
         if not policy.semantic or self.embedder is None or not question:
@@ -245,6 +249,7 @@ class SemanticCache:
             expires_at=now + ttl_seconds,
             tags=tags,
             vector=vector,
+            source_request_id=source_request_id,
         )
 
     def _failed(self, feature: str, exc: Exception) -> None:

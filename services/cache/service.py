@@ -22,9 +22,12 @@ from services.common.auth import require_role
 from services.common.config import Config
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.server import ServiceDef
+from services.ledger.records import MAX_ID
 
 SERVICE_NAME = "costmesh.cache.v1.CacheService"
 MAX_TTL_SECONDS = 30 * 24 * 3600
+# A source_request_id names the request id of a ledger row: bounded the same way.
+MAX_SOURCE_REQUEST_ID = MAX_ID
 # Only answers the provider finished are worth serving again.
 CACHEABLE_FINISH_REASONS = ("stop", "length")
 _OUTCOMES = {
@@ -95,6 +98,10 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         )
         if request.namespace_version < 0:
             raise InvalidArgument("namespace_version", "must not be negative")
+        if len(request.source_request_id) > MAX_SOURCE_REQUEST_ID:
+            raise InvalidArgument(
+                "source_request_id", f"at most {MAX_SOURCE_REQUEST_ID} characters"
+            )
         entry = await self._cache.put(
             key,
             answer,
@@ -107,6 +114,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
                 if request.HasField("looked_up_at")
                 else 0.0
             ),
+            source_request_id=request.source_request_id,
         )
         trace.get_current_span().set_attributes(
             {
@@ -239,6 +247,7 @@ def _to_proto(entry: Entry) -> cache_pb2.CacheEntry:
         tags=list(entry.tags),
         finish_reason=answer.finish_reason,
         question=entry.question,
+        source_request_id=entry.source_request_id,
     )
 
 

@@ -46,6 +46,9 @@ class Entry:
     expires_at: float
     tags: tuple[str, ...] = field(default_factory=tuple)
     vector: Vector | None = None
+    # The request id of the call whose answer this is ("" when not given or stored
+    # before entries carried it): a hit hands it back, so a false hit can be traced.
+    source_request_id: str = ""
 
     @property
     def nbytes(self) -> int:
@@ -56,6 +59,7 @@ class Entry:
             self.question,
             self.entry_id,
             self.partition,
+            self.source_request_id,
             *self.tags,
         )
         vector = 0 if self.vector is None else int(self.vector.nbytes)

@@ -5,8 +5,9 @@ costs hits, never a failed call."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,13 +21,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from costmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from costmesh.types.v1 import types_pb2
 from services.cache.redis_store import RedisStore
+from services.cache.service import MAX_SOURCE_REQUEST_ID
 from services.cache.store import Answer, Capacity, Entry
 from services.common.config import load_config
 from services.common.embedding import MINILM_DIMENSIONS, normalise
 from services.common.server import RunningServer
 from services.inference.simulator import OpenAISimulator
 from services.mesh import SERVICES, start_mesh
-from tests.conftest import AUTH, Mesh, mesh_env, user_request
+from tests.conftest import AUTH, Mesh, bad_request_fields, mesh_env, user_request
 from tests.redis_server import PrivateRedis, fresh_prefix
 
 ANSWER = Answer("Tap 'Forgot password'.", "gpt-4o-mini", 10, 0, 5, "stop")
@@ -47,32 +49,43 @@ def key(text: str) -> cache_pb2.CacheKey:
     )
 
 
-def store(text: str, tag: str = "") -> cache_pb2.StoreRequest:
+def store(text: str, tag: str = "", source_request_id: str = "") -> cache_pb2.StoreRequest:
     return cache_pb2.StoreRequest(
-        key=key(text), content=f"answer to {text}", finish_reason="stop", tags=[tag] if tag else []
+        key=key(text),
+        content=f"answer to {text}",
+        finish_reason="stop",
+        tags=[tag] if tag else [],
+        source_request_id=source_request_id,
     )
 
 
 @pytest.fixture
-async def replicas(tmp_path: Path) -> AsyncIterator[Starter]:
+def shared_redis() -> Iterator[tuple[str, str]]:
+    """(url, prefix) the replicas share; every key under the prefix is deleted after."""
+    with fresh_prefix() as url_and_prefix:
+        yield url_and_prefix
+
+
+@pytest.fixture
+async def replicas(tmp_path: Path, shared_redis: tuple[str, str]) -> AsyncIterator[Starter]:
     """Starts cache-only replicas on one Redis prefix; stops them all afterwards."""
     started: list[tuple[RunningServer, grpc.aio.Channel]] = []
-    with fresh_prefix() as (url, prefix):
-        env = {"COSTMESH_SERVICE_KEY": "replica-test-key"}
-        config = load_config(redis_config(tmp_path, url, prefix), env=env)
+    url, prefix = shared_redis
+    env = {"COSTMESH_SERVICE_KEY": "replica-test-key"}
+    config = load_config(redis_config(tmp_path, url, prefix), env=env)
 
-        async def start() -> tuple[RunningServer, cache_pb2_grpc.CacheServiceAsyncStub]:
-            running = await start_mesh(config, env, ["cache"], TracerProvider(), port=0)
-            channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
-            started.append((running, channel))
-            return running, cache_pb2_grpc.CacheServiceStub(channel)
+    async def start() -> tuple[RunningServer, cache_pb2_grpc.CacheServiceAsyncStub]:
+        running = await start_mesh(config, env, ["cache"], TracerProvider(), port=0)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+        started.append((running, channel))
+        return running, cache_pb2_grpc.CacheServiceStub(channel)
 
-        try:
-            yield start
-        finally:
-            for running, channel in started:
-                await channel.close()
-                await running.stop(grace=1)
+    try:
+        yield start
+    finally:
+        for running, channel in started:
+            await channel.close()
+            await running.stop(grace=1)
 
 
 async def eventually_semantic(
@@ -96,6 +109,93 @@ async def test_a_store_on_one_replica_is_a_semantic_hit_on_the_other(replicas: S
 
     assert found.entry.entry_id == stored.entry_id
     assert found.entry.content == "answer to How do I reset my password?"
+
+
+async def exact(cache: cache_pb2_grpc.CacheServiceAsyncStub, text: str) -> cache_pb2.LookupResponse:
+    found = await cache.Lookup(cache_pb2.LookupRequest(key=key(text)), metadata=AUTH)
+    assert found.outcome == types_pb2.CACHE_OUTCOME_EXACT
+    return found
+
+
+async def test_a_hit_on_either_replica_names_the_request_whose_answer_it_is(
+    replicas: Starter,
+) -> None:
+    _, first = await replicas()
+    _, second = await replicas()
+
+    await first.Store(
+        store("How do I reset my password?", source_request_id="req-1"), metadata=AUTH
+    )
+    hits = [
+        await exact(first, "How do I reset my password?"),
+        await exact(second, "How do I reset my password?"),
+        await eventually_semantic(first, "how can I reset my password", within=1.0),
+        await eventually_semantic(second, "how can I reset my password", within=1.0),
+    ]
+
+    assert [hit.entry.source_request_id for hit in hits] == ["req-1"] * 4
+
+
+# The top-level fields of an entry's "m" JSON before entries carried source_request_id.
+FIELDS_BEFORE_SOURCE_REQUEST_ID = {
+    "feature", "namespace", "partition", "expires_at", "tags", "nbytes",
+    "question", "answer", "created_at",
+}  # fmt: skip
+
+
+async def test_an_entry_stored_before_source_request_ids_is_served_without_one(
+    replicas: Starter, shared_redis: tuple[str, str]
+) -> None:
+    url, prefix = shared_redis
+    _, first = await replicas()
+    stored = await first.Store(
+        store("How do I reset my password?", source_request_id="req-1"), metadata=AUTH
+    )
+    client = redis.asyncio.Redis.from_url(url)
+    try:  # rewrite the entry as the cache wrote it before (its TTL stays)
+        entry_key = f"{prefix}:e:{stored.entry_id}"
+        raw = await client.hget(entry_key, "m")
+        assert isinstance(raw, bytes)
+        meta = json.loads(raw)
+        assert meta.pop("source_request_id") == "req-1"
+        assert set(meta) == FIELDS_BEFORE_SOURCE_REQUEST_ID
+        await client.hset(entry_key, "m", json.dumps(meta))
+    finally:
+        await client.aclose()
+    _, second = await replicas()  # mirrors the entry from a scan of Redis
+
+    hits = [
+        await exact(first, "How do I reset my password?"),
+        await exact(second, "How do I reset my password?"),
+        await eventually_semantic(first, "how can I reset my password", within=1.0),
+        await eventually_semantic(second, "how can I reset my password", within=1.0),
+    ]
+
+    assert [hit.entry.entry_id for hit in hits] == [stored.entry_id] * 4
+    assert [hit.entry.source_request_id for hit in hits] == [""] * 4
+
+
+async def test_a_too_long_source_request_id_is_refused_and_nothing_reaches_redis(
+    replicas: Starter, shared_redis: tuple[str, str]
+) -> None:
+    url, prefix = shared_redis
+    _, first = await replicas()
+    too_long = store("How do I reset my password?", source_request_id="r" * 1000)
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await first.Store(too_long, metadata=AUTH)
+    after = await first.Lookup(cache_pb2.LookupRequest(key=too_long.key), metadata=AUTH)
+    client = redis.asyncio.Redis.from_url(url)
+    try:
+        written = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+    finally:
+        await client.aclose()
+
+    assert len(too_long.source_request_id) > MAX_SOURCE_REQUEST_ID
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(refused.value) == ["source_request_id"]
+    assert after.outcome == types_pb2.CACHE_OUTCOME_MISS
+    assert written == []
 
 
 async def test_an_invalidation_on_one_replica_holds_on_both(replicas: Starter) -> None:
@@ -228,6 +328,50 @@ async def test_a_replica_skips_vectors_of_another_embedding_size(tmp_path: Path)
     assert found is not None  # the entry itself still answers exact lookups
     assert [entry_id for entry_id, _ in nearest] == ["b" * 64]
     assert ours.counters[("support", "foreign_vectors")] == 1
+
+
+async def test_a_replica_reads_an_entry_written_before_source_request_ids() -> None:
+    vector = normalise(np.ones((1, MINILM_DIMENSIONS)))[0]
+    now = time.time()
+    written_before = {  # an entry's "m" exactly as the cache wrote it before
+        "feature": "support",
+        "namespace": "",
+        "partition": "p",
+        "expires_at": now + 60,
+        "tags": ["doc-1"],
+        "nbytes": 4000,
+        "question": "q",
+        "answer": {
+            "content": ANSWER.content,
+            "model": ANSWER.model,
+            "input_tokens": 10,
+            "cached_input_tokens": 0,
+            "output_tokens": 5,
+            "finish_reason": "stop",
+        },
+        "created_at": now,
+    }
+    with fresh_prefix() as (url, prefix):
+        client = redis.asyncio.Redis.from_url(url)
+        await client.hset(
+            f"{prefix}:e:{'d' * 64}",
+            mapping={"m": json.dumps(written_before), "v": vector.tobytes()},
+        )
+        await client.aclose()
+        ours = RedisStore(url, prefix, MINILM_DIMENSIONS)
+        await ours.start()  # the mirror is rebuilt from a scan of the entries
+        try:
+            async with asyncio.timeout(5):
+                await ours.caught_up()
+            found = await ours.get("d" * 64)
+            nearest = await ours.nearest("p", vector, 1)
+        finally:
+            await ours.close()
+
+    assert found == Entry(
+        "d" * 64, "support", "", "p", "q", ANSWER, now, now + 60, ("doc-1",), source_request_id=""
+    )
+    assert [entry_id for entry_id, _ in nearest] == ["d" * 64]
 
 
 async def test_a_replica_rebuilds_when_the_events_it_follows_are_gone() -> None:

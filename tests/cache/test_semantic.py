@@ -92,6 +92,24 @@ async def test_a_paraphrase_is_a_semantic_hit_naming_the_entry(store: Store) -> 
     assert cache.stats()["misses"] == 1
 
 
+async def test_a_hit_names_the_request_whose_answer_it_reuses(store: Store) -> None:
+    cache = make_cache(store)
+    await cache.put(key("How do I reset my password?"), ANSWER, 600, (), source_request_id="req-1")
+    await cache.put(key("What are your opening hours?"), ANSWER, 600, ())
+    await settle(store)
+
+    exact = await cache.lookup(key("How do I reset my password?"))
+    semantic = await cache.lookup(key("how can I reset my password"))
+    unnamed = await cache.lookup(key("What are your opening hours?"))
+
+    assert (exact.outcome, semantic.outcome, unnamed.outcome) == ("exact", "semantic", "exact")
+    assert exact.entry is not None
+    assert semantic.entry is not None
+    assert unnamed.entry is not None
+    assert exact.entry.source_request_id == semantic.entry.source_request_id == "req-1"
+    assert unnamed.entry.source_request_id == ""
+
+
 @pytest.mark.parametrize(
     "other",
     [
@@ -227,6 +245,7 @@ async def test_memory_is_accounted_per_entry() -> None:
     assert entry.nbytes > entry.vector.nbytes + len(ANSWER.content)
     other = replace(entry, tags=())
     assert other.nbytes < entry.nbytes
+    assert replace(entry, source_request_id="r" * 10).nbytes == entry.nbytes + 10
 
 
 async def test_a_question_longer_than_the_model_reads_matches_exactly_only(store: Store) -> None:

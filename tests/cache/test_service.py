@@ -16,10 +16,11 @@ from costmesh.cache.v1 import cache_pb2
 from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
+from services.cache.service import MAX_SOURCE_REQUEST_ID
 from services.common.config import load_config
 from services.inference.simulator import OpenAISimulator
 from services.mesh import SERVICES, start_mesh
-from tests.conftest import AUTH, Mesh, mesh_env, user_request
+from tests.conftest import AUTH, Mesh, bad_request_fields, mesh_env, read_your_writes, user_request
 
 
 async def test_stats_count_misses_hits_and_stores(mesh: Mesh) -> None:
@@ -230,7 +231,8 @@ async def openai_embeddings_mesh(simulator: OpenAISimulator, tmp_path: Path) -> 
     running = await start_mesh(load_config(config, env=env), env, SERVICES, TracerProvider(), 0)
     address = f"127.0.0.1:{running.port}"
     try:
-        async with grpc.aio.insecure_channel(address) as channel:
+        interceptors = read_your_writes(running)
+        async with grpc.aio.insecure_channel(address, interceptors=interceptors) as channel:
             yield Mesh(running, address, channel, InMemorySpanExporter(), tmp_path)
     finally:
         await running.stop(grace=1)
@@ -294,3 +296,58 @@ async def test_a_per_tenant_feature_refuses_a_call_without_a_tenant(
     assert "per tenant" in (refused.value.details() or "")
     assert scoped.content
     assert simulator.call_count == 1  # the refused call never reached the provider
+
+
+def answer_for(text: str, source_request_id: str = "") -> cache_pb2.StoreRequest:
+    return cache_pb2.StoreRequest(
+        key=cache_pb2.CacheKey(
+            team="demo",
+            feature="support",
+            messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=text)],
+        ),
+        content=f"answer to {text}",
+        finish_reason="stop",
+        source_request_id=source_request_id,
+    )
+
+
+async def test_a_hit_hands_back_the_request_id_whose_answer_it_reuses(mesh: Mesh) -> None:
+    stored = await mesh.cache.Store(
+        answer_for("How do I reset my password?", "req-1"), metadata=AUTH, timeout=5
+    )
+    await mesh.cache.Store(answer_for("What are your opening hours?"), metadata=AUTH, timeout=5)
+
+    async def lookup(text: str) -> cache_pb2.LookupResponse:
+        request = cache_pb2.LookupRequest(key=answer_for(text).key)
+        return await mesh.cache.Lookup(request, metadata=AUTH, timeout=5)
+
+    exact = await lookup("How do I reset my password?")
+    semantic = await lookup("how can I reset my password")
+    unnamed = await lookup("What are your opening hours?")
+
+    assert (exact.outcome, semantic.outcome, unnamed.outcome) == (
+        types_pb2.CACHE_OUTCOME_EXACT,
+        types_pb2.CACHE_OUTCOME_SEMANTIC,
+        types_pb2.CACHE_OUTCOME_EXACT,
+    )
+    assert exact.entry.entry_id == semantic.entry.entry_id == stored.entry_id
+    assert exact.entry.source_request_id == semantic.entry.source_request_id == "req-1"
+    assert unnamed.entry.source_request_id == ""
+
+
+async def test_store_refuses_a_source_request_id_longer_than_a_request_id(mesh: Mesh) -> None:
+    too_long = answer_for("Where is my card?", "r" * (MAX_SOURCE_REQUEST_ID + 1))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await mesh.cache.Store(too_long, metadata=AUTH, timeout=5)
+    longest = answer_for("What are your opening hours?", "r" * MAX_SOURCE_REQUEST_ID)
+    await mesh.cache.Store(longest, metadata=AUTH, timeout=5)
+
+    after = await mesh.cache.Lookup(
+        cache_pb2.LookupRequest(key=too_long.key), metadata=AUTH, timeout=5
+    )
+    stats = await mesh.cache.GetStats(cache_pb2.GetStatsRequest(), metadata=AUTH, timeout=5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (refused.value.details() or "").startswith("source_request_id")
+    assert bad_request_fields(refused.value) == ["source_request_id"]
+    assert after.outcome == types_pb2.CACHE_OUTCOME_MISS
+    assert (stats.stores, stats.entries) == (1, 1)  # only the one at the bound
