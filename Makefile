@@ -1,4 +1,4 @@
-# The two commands a newcomer needs are `make serve` and `make test`; both set up
+# The two commands a newcomer needs are `make demo` and `make test`; both set up
 # everything they use from this repository's own files.
 
 PYTHON ?= python3
@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint generate check-generated bench router-artefact workload clean
+.PHONY: demo serve test lint generate check-generated bench router-artefact workload clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund
 	touch node_modules/.installed
+
+## The case study: the mesh in process, the bundled support workload replayed under
+## the baseline and the optimised policy, the savings report (offline, simulated).
+demo: $(STAMP)
+	$(BIN)/costmesh demo
 
 ## Run all four services in one process on the embedded defaults (port 50051).
 serve: $(STAMP)
@@ -61,4 +66,4 @@ workload: $(STAMP)
 	$(BIN)/costmesh workload generate --requests 1200 --seed 0 --out services/casestudy/support-workload.jsonl.gz
 
 clean:
-	rm -rf $(VENV) node_modules .costmesh
+	rm -rf $(VENV) node_modules .costmesh costmesh-demo .test-artifacts

@@ -14,7 +14,7 @@ import grpc
 from opentelemetry import trace
 
 from services.cache import evaluate as cache_eval
-from services.casestudy import workload_commands
+from services.casestudy import eval_commands, replay_commands, workload_commands
 from services.common import telemetry
 from services.common.auth import ROLES, hash_key, new_key
 from services.common.config import ConfigError, load_config
@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     cache_eval.register(commands)
     router_commands.register(commands)
     workload_commands.register(commands)
+    eval_commands.register(commands)
+    replay_commands.register(commands)
     return parser
 
 
@@ -84,6 +86,9 @@ def _run_command(args: argparse.Namespace) -> int:
     except (ValueError, ArithmeticError) as exc:
         print(f"costmesh: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file that cannot be written, a ledger that never caught up
+        print(f"costmesh: {exc}", file=sys.stderr)
+        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
