@@ -1,36 +1,68 @@
-"""`costmesh ledger report|export` (chargeback from a running ledger) and
-`costmesh economics self-host|fine-tune`."""
+"""`costmesh ledger report|export` (chargeback, or an experiment's arms compared, from a
+running ledger) and `costmesh economics self-host|fine-tune`."""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import TextIO
 
 import grpc
 
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh.types.v1 import types_pb2
+from services.casestudy.report import EmptyReportError, SavingsReport, build_report
+from services.casestudy.report_render import render_csv, render_html, render_terminal
+from services.common.cli_support import usd, write_grid
+from services.common.config import load_config
+from services.inference.providers import SIMULATED
+from services.inference.settings import InferenceSettings
 from services.ledger.economics import fine_tune, self_host
 
-NANO = Decimal(1_000_000_000)
 _BY = {name.removeprefix("GROUP_BY_").lower(): value for name, value in ledger_pb2.GroupBy.items()}
 _BY.pop("unspecified")
+_DEFAULT_BY = "team,feature"
+_RENDER: dict[str, Callable[[SavingsReport], str]] = {
+    "table": render_terminal,
+    "csv": render_csv,
+    "html": render_html,
+}
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `ledger` and `economics` commands to the costmesh parser."""
     ledger = commands.add_parser("ledger", help="chargeback reports from a running ledger")
     sub = ledger.add_subparsers(dest="ledger_command", required=True)
-    report = sub.add_parser("report", help="spend, savings, cache hit rate and model mix")
+    report = sub.add_parser(
+        "report",
+        help="spend, savings, cache hit rate and model mix; or an experiment's arms compared",
+    )
     _connection(report)
-    report.add_argument("--by", default="team,feature", help="one or two of: " + ", ".join(_BY))
-    report.add_argument("--format", choices=("table", "csv"), default="table")
+    report.add_argument("--by", help=f"one or two of: {', '.join(_BY)} (default {_DEFAULT_BY})")
+    report.add_argument(
+        "--format", choices=tuple(_RENDER), default="table", help="html: --experiment only"
+    )
+    report.add_argument("--out", type=Path, metavar="PATH", help="write the report to this file")
+    experiment = report.add_argument_group("experiments")
+    experiment.add_argument(
+        "--experiment", default="", metavar="NAME", help="compare its control and treatment arms"
+    )
+    experiment.add_argument(
+        "--requests-per-day",
+        type=_decimal,
+        metavar="N",
+        help="the daily volume to project costs at (default: what the rows span)",
+    )
+    experiment.add_argument(
+        "--config", metavar="PATH", help="mesh TOML over the embedded defaults (the models' tiers)"
+    )
     report.set_defaults(handler=_report)
     export = sub.add_parser("export", help="every usage record of the period, as CSV")
     _connection(export)
@@ -86,10 +118,64 @@ def _stub(
 
 
 def _report(args: argparse.Namespace, out: TextIO) -> int:
-    dims = [d.strip() for d in args.by.split(",") if d.strip()]
-    if not 1 <= len(dims) <= 2 or any(d not in _BY for d in dims):
-        print(f"costmesh: --by takes one or two of {', '.join(_BY)}", file=sys.stderr)
+    """The report goes to --out only once it is whole: a failure leaves no file."""
+    problem = _report_problem(args)
+    if problem:
+        print(f"costmesh: {problem}", file=sys.stderr)
         return 2
+    text = io.StringIO()
+    code = (_experiment_report if args.experiment else _spend_report)(args, text)
+    if code == 0 and args.out is not None:
+        args.out.write_text(text.getvalue(), encoding="utf-8")
+        out.write(f"wrote the {args.format} report to {args.out}\n")
+    elif code == 0:
+        out.write(text.getvalue())
+    return code
+
+
+def _report_problem(args: argparse.Namespace) -> str:
+    """Options that do not go together, as one line; empty when they do."""
+    if args.experiment:
+        return "--by does not apply to --experiment reports" if args.by is not None else ""
+    dims = _dimensions(args)
+    if not 1 <= len(dims) <= 2 or any(d not in _BY for d in dims):
+        return f"--by takes one or two of {', '.join(_BY)}"
+    experiment_only = {
+        "--format html": args.format == "html",
+        "--requests-per-day": args.requests_per_day is not None,
+        "--config": args.config is not None,
+    }
+    given = [flag for flag, used in experiment_only.items() if used]
+    return f"{given[0]} needs --experiment" if given else ""
+
+
+def _experiment_report(args: argparse.Namespace, out: TextIO) -> int:
+    """The experiment's rows, compared by the case study's savings report."""
+    settings = InferenceSettings.from_config(load_config(args.config, dict(os.environ)))
+    stub, metadata = _stub(args)
+    request = ledger_pb2.ExportUsageRequest(team=args.team, experiment=args.experiment)
+    _limit(request, args)
+    records = [item.record for item in stub.ExportUsage(request, metadata=metadata, timeout=3600)]
+    try:
+        report = build_report(
+            records,
+            model_tiers=settings.simulator.model_tiers,
+            requests_per_day=args.requests_per_day,
+            simulated=any(r.provider == SIMULATED for r in records),
+        )
+    except EmptyReportError as exc:
+        print(f"costmesh: experiment {args.experiment!r}: {exc}", file=sys.stderr)
+        return 1
+    out.write(_RENDER[args.format](report))
+    return 0
+
+
+def _dimensions(args: argparse.Namespace) -> list[str]:
+    return [d.strip() for d in (args.by or _DEFAULT_BY).split(",") if d.strip()]
+
+
+def _spend_report(args: argparse.Namespace, out: TextIO) -> int:
+    dims = _dimensions(args)
     stub, metadata = _stub(args)
     request = ledger_pb2.QuerySpendRequest(group_by=_BY[dims[0]], team=args.team)
     if len(dims) == 2:
@@ -127,9 +213,7 @@ def _print_rows(
         writer.writerow(header)
         writer.writerows(lines)
         return
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=True)]
-    for line in [header, *lines]:
-        out.write("  ".join(str(x).rjust(w) for x, w in zip(line, widths, strict=True)) + "\n")
+    write_grid(out, header, lines, "table")
 
 
 def _line(row: ledger_pb2.SpendRow, dims: Sequence[str], total: int, fmt: str) -> list[str]:
@@ -138,23 +222,14 @@ def _line(row: ledger_pb2.SpendRow, dims: Sequence[str], total: int, fmt: str) -
     return [
         *keys,
         str(row.calls),
-        _money(row.cost_nano_usd, exact),
-        _money(row.counterfactual_cost_nano_usd, exact),
-        _money(row.savings_nano_usd, exact),
+        usd(row.cost_nano_usd, exact),
+        usd(row.counterfactual_cost_nano_usd, exact),
+        usd(row.savings_nano_usd, exact),
         _pct(row.savings_nano_usd, row.counterfactual_cost_nano_usd),
         _pct(row.cached_calls, row.calls),
         _pct(row.escalated_calls, row.calls),
         _pct(row.cost_nano_usd, total),
     ]
-
-
-def _money(nano_usd: int, exact: bool) -> str:
-    """Dollars: every nano-dollar in CSV; for people, cents, or micro-dollars for
-    amounts under a dollar so that small spend does not read as zero."""
-    usd = Decimal(nano_usd) / NANO
-    if exact:
-        return f"{usd:.9f}"
-    return f"{usd:,.2f}" if abs(usd) >= 1 or usd == 0 else f"{usd:.6f}"
 
 
 def _pct(part: int, whole: int) -> str:

@@ -13,6 +13,7 @@ from services.ledger.rows import UsageRow
 
 MAX_ID = 128
 MAX_ROUTE_REASON = 1000
+MAX_EXPERIMENT = 100
 # Where each tier's probability is stored (UsageRow.p_simple and so on).
 PROBABILITY_FIELDS = {
     types_pb2.TIER_SIMPLE: "p_simple",
@@ -28,9 +29,7 @@ def to_row(index: int, record: ledger_pb2.UsageRecord, catalog: PriceCatalog) ->
     """Check, then price the call and its counterfactual at the call's own time."""
     field = f"records[{index}]"
     _check_ids(field, record)
-    _check_purpose(f"{field}.purpose", record.purpose)
-    if len(record.route_reason) > MAX_ROUTE_REASON:
-        raise InvalidArgument(f"{field}.route_reason", f"at most {MAX_ROUTE_REASON} characters")
+    _check_labels(field, record)
     probabilities = _probabilities(f"{field}.route_probabilities", record.route_probabilities)
     usage = _usage(f"{field}.usage", record.usage)
     # Without baseline usage the call's own tokens are what the baseline would use.
@@ -72,6 +71,9 @@ def to_row(index: int, record: ledger_pb2.UsageRecord, catalog: PriceCatalog) ->
         counterfactual_cost_nano_usd=counterfactual,
         purpose=record.purpose,
         route_reason=record.route_reason,
+        experiment=record.experiment,
+        arm=record.arm,
+        cache_source_request_id=record.cache_source_request_id,
         **probabilities,
     )
 
@@ -79,17 +81,30 @@ def to_row(index: int, record: ledger_pb2.UsageRecord, catalog: PriceCatalog) ->
 def _check_ids(field: str, record: ledger_pb2.UsageRecord) -> None:
     if not record.request_id or len(record.request_id) > MAX_ID:
         raise InvalidArgument(f"{field}.request_id", f"required, at most {MAX_ID} characters")
-    if len(record.client_request_id) > MAX_ID:
-        raise InvalidArgument(f"{field}.client_request_id", f"at most {MAX_ID} characters")
+    for name in ("client_request_id", "cache_source_request_id"):
+        if len(getattr(record, name)) > MAX_ID:
+            raise InvalidArgument(f"{field}.{name}", f"at most {MAX_ID} characters")
     for name in ("team", "feature", "model"):
         if not getattr(record, name):
             raise InvalidArgument(f"{field}.{name}", "required")
 
 
-def _check_purpose(field: str, purpose: int) -> None:
+def _check_labels(field: str, record: ledger_pb2.UsageRecord) -> None:
+    """Purpose, experiment and arm, and the router's reason."""
+    _check_enum(f"{field}.purpose", record.purpose, ledger_pb2.CallPurpose.values())
+    _check_enum(f"{field}.arm", record.arm, types_pb2.Arm.values())
+    if record.arm != types_pb2.ARM_UNSPECIFIED and not record.experiment:
+        # As inference refuses it: an arm outside an experiment would compare nothing.
+        raise InvalidArgument(f"{field}.arm", "an arm needs the experiment it belongs to")
+    for name, limit in (("route_reason", MAX_ROUTE_REASON), ("experiment", MAX_EXPERIMENT)):
+        if len(getattr(record, name)) > limit:
+            raise InvalidArgument(f"{field}.{name}", f"at most {limit} characters")
+
+
+def _check_enum(field: str, value: int, known: Iterable[int]) -> None:
     # Proto3 enums are open: a newer writer may send a value this ledger cannot name.
-    if purpose not in ledger_pb2.CallPurpose.values():
-        raise InvalidArgument(field, f"unknown value {purpose}")
+    if value not in known:
+        raise InvalidArgument(field, f"unknown value {value}")
 
 
 def _probabilities(

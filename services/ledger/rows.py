@@ -7,8 +7,9 @@ from dataclasses import astuple, dataclass, fields
 from datetime import date
 from typing import Protocol
 
-# Group-by dimensions and the column each reads; week and month fold days.
-GROUPS = ("", "team", "feature", "model", "tier", "day", "week", "month")
+# Group-by dimensions and the column each reads; week and month fold days. The daily
+# rollup has every dimension but the arm.
+GROUPS = ("", "team", "feature", "model", "tier", "day", "week", "month", "arm")
 
 SUMMED = (
     "calls", "input_tokens", "output_tokens", "cost_nano_usd",
@@ -88,8 +89,25 @@ PURPOSE_AND_ROUTE = """
     ALTER TABLE usage ADD COLUMN p_moderate DOUBLE PRECISION NOT NULL DEFAULT 0;
     ALTER TABLE usage ADD COLUMN p_complex DOUBLE PRECISION NOT NULL DEFAULT 0;
 """
+# Version 4: the experiment and arm a call ran in, and for a cache hit the request
+# whose answer it reused. The rollup has no experiment or arm: spend by either reads
+# the rows. The index holds experiment rows only, so upgrading a large ledger (every
+# old row is in no experiment) writes no index entries, and calls outside experiments
+# never pay for one; a query uses it when it repeats the index's condition
+# (sql.EXPERIMENT_ROWS).
+EXPERIMENTS = """
+    ALTER TABLE usage ADD COLUMN experiment TEXT NOT NULL DEFAULT '';
+    ALTER TABLE usage ADD COLUMN arm INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN cache_source_request_id TEXT NOT NULL DEFAULT '';
+    CREATE INDEX usage_experiment ON usage (experiment, time_us) WHERE experiment <> ''
+"""
 # Each entry upgrades the schema by one version, in place; append, never edit.
-MIGRATIONS: tuple[str, ...] = (USAGE_TABLE, COUNTERFACTUAL_AND_ROLLUP, PURPOSE_AND_ROUTE)
+MIGRATIONS: tuple[str, ...] = (
+    USAGE_TABLE,
+    COUNTERFACTUAL_AND_ROLLUP,
+    PURPOSE_AND_ROUTE,
+    EXPERIMENTS,
+)
 
 # CallPurpose values that are calls (UNSPECIFIED, from older writers, and ANSWER).
 ANSWER_PURPOSES = (0, 1)
@@ -135,6 +153,9 @@ class UsageRow:
     p_simple: float = 0.0
     p_moderate: float = 0.0
     p_complex: float = 0.0
+    experiment: str = ""  # empty: in no experiment
+    arm: int = 0  # types.v1.Arm
+    cache_source_request_id: str = ""
 
     @property
     def is_answer(self) -> bool:
@@ -195,13 +216,17 @@ class UsageStore(Protocol):
         groups: tuple[str, ...],
         start_us: int,
         end_us: int,
+        *,
         team: str = "",
         feature: str = "",
+        experiment: str = "",
     ) -> list[SpendTotal]:
         """Sums per group (one or two dimensions of GROUPS) over [start_us, end_us),
-        optionally for one team and feature."""
+        optionally for one team, feature and experiment."""
 
-    def export(self, start_us: int, end_us: int, team: str = "") -> Iterator[list[UsageRow]]:
+    def export(
+        self, start_us: int, end_us: int, *, team: str = "", experiment: str = ""
+    ) -> Iterator[list[UsageRow]]:
         """Pages of rows in time order, so a month never sits in memory at once."""
 
     def close(self) -> None: ...

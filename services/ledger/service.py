@@ -34,12 +34,21 @@ _GROUPS = {
     ledger_pb2.GROUP_BY_TIER: "tier",
     ledger_pb2.GROUP_BY_WEEK: "week",
     ledger_pb2.GROUP_BY_MONTH: "month",
+    ledger_pb2.GROUP_BY_ARM: "arm",
 }
-_TIER_NAMES = {
-    str(types_pb2.TIER_UNSPECIFIED): "unspecified",
-    str(types_pb2.TIER_SIMPLE): "simple",
-    str(types_pb2.TIER_MODERATE): "moderate",
-    str(types_pb2.TIER_COMPLEX): "complex",
+# Enum keys as names instead of numbers; a call in no experiment has the arm "".
+_KEY_NAMES = {
+    "tier": {
+        str(types_pb2.TIER_UNSPECIFIED): "unspecified",
+        str(types_pb2.TIER_SIMPLE): "simple",
+        str(types_pb2.TIER_MODERATE): "moderate",
+        str(types_pb2.TIER_COMPLEX): "complex",
+    },
+    "arm": {
+        str(types_pb2.ARM_UNSPECIFIED): "unspecified",
+        str(types_pb2.ARM_TREATMENT): "treatment",
+        str(types_pb2.ARM_CONTROL): "control",
+    },
 }
 
 
@@ -79,10 +88,16 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         groups = _groups(request)
         start_us, end_us = _range(request, "start_time", "end_time")
         totals = await asyncio.to_thread(
-            self._store.spend, groups, start_us, end_us, team, request.feature
+            self._store.spend,
+            groups,
+            start_us,
+            end_us,
+            team=team,
+            feature=request.feature,
+            experiment=request.experiment,
         )
-        if "tier" in groups:
-            totals = sorted((_named_tiers(groups, t) for t in totals), key=lambda t: t.keys)
+        if _KEY_NAMES.keys() & set(groups):
+            totals = sorted((_named_keys(groups, t) for t in totals), key=lambda t: t.keys)
         cost = sum(t.cost_nano_usd for t in totals)
         counterfactual = sum(t.counterfactual_cost_nano_usd for t in totals)
         return ledger_pb2.QuerySpendResponse(
@@ -97,7 +112,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     ) -> AsyncIterator[ledger_pb2.ExportUsageResponse]:
         team = _visible_team(require_role("member", "admin", "service"), request.team)
         start_us, end_us = _range(request, "start_time", "end_time")
-        pages = self._store.export(start_us, end_us, team)
+        pages = self._store.export(start_us, end_us, team=team, experiment=request.experiment)
         no_more: list[UsageRow] = []
         while page := await asyncio.to_thread(next, pages, no_more):
             for row in page:
@@ -115,11 +130,9 @@ def _groups(request: ledger_pb2.QuerySpendRequest) -> tuple[str, ...]:
     return (_GROUPS[request.group_by], _GROUPS[request.then_by])
 
 
-def _named_tiers(groups: tuple[str, ...], total: SpendTotal) -> SpendTotal:
-    """Tier keys as names (simple, moderate, ...) instead of enum numbers."""
-    keys = tuple(
-        _TIER_NAMES.get(k, k) if g == "tier" else k for g, k in zip(groups, total.keys, strict=True)
-    )
+def _named_keys(groups: tuple[str, ...], total: SpendTotal) -> SpendTotal:
+    """Tier and arm keys as names (simple, control, ...) instead of enum numbers."""
+    keys = tuple(_KEY_NAMES.get(g, {}).get(k, k) for g, k in zip(groups, total.keys, strict=True))
     return replace(total, keys=keys)
 
 
@@ -189,6 +202,9 @@ def _to_record(row: UsageRow) -> ledger_pb2.UsageRecord:
         purpose=row.purpose,  # type: ignore[arg-type]
         route_probabilities=_route_probabilities(row),
         route_reason=row.route_reason,
+        experiment=row.experiment,
+        arm=row.arm,  # type: ignore[arg-type]
+        cache_source_request_id=row.cache_source_request_id,
     )
 
 

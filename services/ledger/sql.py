@@ -19,6 +19,9 @@ from services.ledger.rows import (
 )
 
 _DIMENSION_COLUMN = {"": "''", "week": "day", "month": "day"}
+# The condition of the usage_experiment index (migration 4): a query for one experiment
+# repeats it, so that both engines can prove the partial index covers the rows asked for.
+EXPERIMENT_ROWS = "experiment <> ''"
 
 # Runs one SELECT with its parameters and returns every row.
 Query = Callable[[str, list[object]], list[Sequence[object]]]
@@ -43,14 +46,16 @@ class Sql:
         )
 
     def where(
-        self, start_us: int, end_us: int, team: str, feature: str
+        self, start_us: int, end_us: int, *, team: str = "", feature: str = "", experiment: str = ""
     ) -> tuple[str, list[object]]:
         clauses = [f"time_us >= {self.mark}", f"time_us < {self.mark}"]
         params: list[object] = [start_us, end_us]
-        for column, value in (("team", team), ("feature", feature)):
+        for column, value in (("team", team), ("feature", feature), ("experiment", experiment)):
             if value:
                 clauses.append(f"{column} = {self.mark}")
                 params.append(value)
+        if experiment:
+            clauses.append(EXPERIMENT_ROWS)
         return " AND ".join(clauses), params
 
     def rollup_upsert(self) -> str:
@@ -89,26 +94,33 @@ class Sql:
         *,
         team: str,
         feature: str,
+        experiment: str = "",
     ) -> list[SpendTotal]:
-        """Totals over [start_us, end_us): whole days from the rollup, edges from rows."""
-        first_day, end_day, edges = plan_range(start_us, end_us)
+        """Totals over [start_us, end_us): whole days from the rollup, edges from rows.
+        The rollup has no experiment or arm: by either, every row of the range is read."""
+        if experiment or "arm" in groups:
+            first_day, end_day, edges = "", "", [(start_us, end_us)]
+        else:
+            first_day, end_day, edges = plan_range(start_us, end_us)
         filters = [v for v in (team, feature) if v]
         totals = []
         if first_day:
             rows = query(self.spend_rollup(groups, team, feature), [first_day, end_day, *filters])
             totals += [spend_total(len(groups), r) for r in rows]
         for edge_start, edge_end in edges:
-            where, params = self.where(edge_start, edge_end, team, feature)
+            where, params = self.where(
+                edge_start, edge_end, team=team, feature=feature, experiment=experiment
+            )
             raw = query(self.spend_raw(groups, where), params)
             totals += [spend_total(len(groups), r) for r in raw]
         return fold(groups, totals)
 
     def export(
-        self, query: Query, start_us: int, end_us: int, team: str
+        self, query: Query, start_us: int, end_us: int, *, team: str, experiment: str = ""
     ) -> Iterator[list[UsageRow]]:
         """Pages of rows in time order (keyset pagination), never a month at once."""
         start_us, end_us = max(start_us, 0), min(end_us, END_OF_TIME_US)
-        where, params = self.where(start_us, end_us, team, "")
+        where, params = self.where(start_us, end_us, team=team, experiment=experiment)
         last: tuple[object, ...] = (-1, "", "")
         while page := query(self.export_page(where), [*params, *last]):
             yield [UsageRow.from_values(values) for values in page]

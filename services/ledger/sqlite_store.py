@@ -67,13 +67,19 @@ class SqliteUsageStore:
         groups: tuple[str, ...],
         start_us: int,
         end_us: int,
+        *,
         team: str = "",
         feature: str = "",
+        experiment: str = "",
     ) -> list[SpendTotal]:
-        return _SQL.spend(self._query, groups, start_us, end_us, team=team, feature=feature)
+        return _SQL.spend(
+            self._query, groups, start_us, end_us, team=team, feature=feature, experiment=experiment
+        )
 
-    def export(self, start_us: int, end_us: int, team: str = "") -> Iterator[list[UsageRow]]:
-        return _SQL.export(self._query, start_us, end_us, team)
+    def export(
+        self, start_us: int, end_us: int, *, team: str = "", experiment: str = ""
+    ) -> Iterator[list[UsageRow]]:
+        return _SQL.export(self._query, start_us, end_us, team=team, experiment=experiment)
 
     def _query(self, sql: str, params: list[object]) -> list[Sequence[object]]:
         with self._lock:

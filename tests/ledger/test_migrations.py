@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -33,33 +33,44 @@ V1_ROWS = [
 
 
 @contextmanager
-def version_one_database(kind: str, tmp_path: Path) -> Iterator[str]:
-    """A database as costmesh left it at schema version 1, holding V1_ROWS."""
-    marks = ", ".join(["?"] * 20)
+def database_at(
+    kind: str,
+    tmp_path: Path,
+    version: int,
+    columns: str,
+    rows: Sequence[tuple[object, ...]],
+    *,
+    rollup: bool,
+) -> Iterator[str]:
+    """A database as costmesh left it at schema `version`, holding `rows` (and, with
+    `rollup`, their daily rollup, as the migration that made it would have built it)."""
+    script = ";".join(MIGRATIONS[:version])
+    insert = f"INSERT INTO usage ({columns}) VALUES ({', '.join(['?'] * len(rows[0]))})"
     if kind == "sqlite":
         path = tmp_path / "old.sqlite3"
         with sqlite3.connect(path) as db:
-            db.executescript(f"{MIGRATIONS[0]}; PRAGMA user_version = 1;")
-            db.executemany(f"INSERT INTO usage ({V1_COLUMNS}) VALUES ({marks})", V1_ROWS)
+            db.executescript(f"{script}; PRAGMA user_version = {version};")
+            db.executemany(insert, rows)
+            if rollup:
+                db.execute(ROLLUP_REBUILD)
         yield str(path)
         return
     with fresh_schema() as url, psycopg.connect(url) as db:
-        for statement in filter(str.strip, MIGRATIONS[0].split(";")):
+        for statement in filter(str.strip, script.split(";")):
             db.execute(statement)
         db.execute("CREATE TABLE costmesh_schema (version INTEGER NOT NULL)")
-        db.execute("INSERT INTO costmesh_schema VALUES (1)")
+        db.execute("INSERT INTO costmesh_schema VALUES (%s)", (version,))
         with db.cursor() as cursor:
-            cursor.executemany(
-                f"INSERT INTO usage ({V1_COLUMNS}) VALUES ({marks.replace('?', '%s')})",
-                V1_ROWS,
-            )
+            cursor.executemany(insert.replace("?", "%s"), rows)
+        if rollup:
+            db.execute(ROLLUP_REBUILD)
         db.commit()
         yield url
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 def test_version_one_is_upgraded_in_place_keeping_every_row(kind: str, tmp_path: Path) -> None:
-    with version_one_database(kind, tmp_path) as database:
+    with database_at(kind, tmp_path, 1, V1_COLUMNS, V1_ROWS, rollup=False) as database:
         store = open_store(database, tmp_path)
         try:
             whole_day = {t.key: t for t in store.spend(("team",), DAY, DAY + 86_400_000_000)}
@@ -83,33 +94,10 @@ V2_COLUMNS = f"{V1_COLUMNS}, baseline_model, counterfactual_cost_nano_usd"
 V2_ROW = (*V1_ROWS[0][:19], "client-1", "gpt-4o", 900_000)
 
 
-@contextmanager
-def version_two_database(kind: str, tmp_path: Path) -> Iterator[str]:
-    """A database as costmesh left it at schema version 2: one row, its rollup."""
-    marks = ", ".join(["?"] * 22)
-    if kind == "sqlite":
-        path = tmp_path / "old.sqlite3"
-        with sqlite3.connect(path) as db:
-            db.executescript(f"{MIGRATIONS[0]}; {MIGRATIONS[1]}; PRAGMA user_version = 2;")
-            db.execute(f"INSERT INTO usage ({V2_COLUMNS}) VALUES ({marks})", V2_ROW)
-            db.execute(ROLLUP_REBUILD)  # as migration 2 would have, had the row been there
-        yield str(path)
-        return
-    with fresh_schema() as url, psycopg.connect(url) as db:
-        for statement in filter(str.strip, f"{MIGRATIONS[0]}; {MIGRATIONS[1]}".split(";")):
-            db.execute(statement)
-        db.execute("CREATE TABLE costmesh_schema (version INTEGER NOT NULL)")
-        db.execute("INSERT INTO costmesh_schema VALUES (2)")
-        db.execute(f"INSERT INTO usage ({V2_COLUMNS}) VALUES ({marks.replace('?', '%s')})", V2_ROW)
-        db.execute(ROLLUP_REBUILD)
-        db.commit()
-        yield url
-
-
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 def test_version_two_gains_purposes_keeping_its_row_and_its_call(kind: str, tmp_path: Path) -> None:
     whole_day = (DAY, DAY + 86_400_000_000)
-    with version_two_database(kind, tmp_path) as database:
+    with database_at(kind, tmp_path, 2, V2_COLUMNS, [V2_ROW], rollup=True) as database:
         store = open_store(database, tmp_path)
         try:
             before = store.spend(("team",), *whole_day)
@@ -131,3 +119,40 @@ def test_version_two_gains_purposes_keeping_its_row_and_its_call(kind: str, tmp_
     assert [(t.calls, t.cost_nano_usd) for t in after_rollup] == [(1, 900_000)], (
         "a routing row added its cost, not a call"
     )
+
+
+V3_COLUMNS = f"{V2_COLUMNS}, purpose, route_reason, p_simple, p_moderate, p_complex"
+V3_ROW = (*V2_ROW, 1, "short question", 0.75, 0.0, 0.25)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_version_three_gains_experiments_its_row_in_none(kind: str, tmp_path: Path) -> None:
+    whole_day = (DAY, DAY + 86_400_000_000)
+    with database_at(kind, tmp_path, 3, V3_COLUMNS, [V3_ROW], rollup=True) as database:
+        store = open_store(database, tmp_path)
+        try:
+            (exported,) = [row for page in store.export(0, 2**62) for row in page]
+            treated = replace(
+                exported,
+                request_id="new",
+                cost_nano_usd=7,
+                experiment="trial",
+                arm=1,
+                cache_source_request_id="r0",
+            )
+            store.record([treated])
+            by_arm = store.spend(("arm",), *whole_day)
+            by_team = store.spend(("team",), *whole_day)  # from the rollup
+            trial = store.spend(("",), *whole_day, experiment="trial")
+            trial_rows = [
+                row for page in store.export(0, 2**62, experiment="trial") for row in page
+            ]
+        finally:
+            store.close()
+
+    assert exported == UsageRow(*V3_ROW), "every old value kept; the new ones are defaults"  # type: ignore[arg-type]
+    assert (exported.experiment, exported.arm, exported.cache_source_request_id) == ("", 0, "")
+    assert [(t.key, t.calls, t.cost_nano_usd) for t in by_arm] == [("0", 1, 450_000), ("1", 1, 7)]
+    assert [(t.key, t.calls, t.cost_nano_usd) for t in by_team] == [("support", 2, 450_007)]
+    assert [(t.calls, t.cost_nano_usd) for t in trial] == [(1, 7)]
+    assert trial_rows == [treated]

@@ -7,27 +7,17 @@ import asyncio
 import csv
 import io
 import math
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf import timestamp_pb2
-from opentelemetry.sdk.trace import TracerProvider
 
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh.types.v1 import types_pb2
 from services.cli import main
-from services.common.config import load_config
-from services.mesh import start_mesh
 from tests.conftest import bad_request_fields
-from tests.postgres import fresh_schema
+from tests.ledger.conftest import SERVICE, SERVICE_KEY, export_all, record_all, usage_record
 
-SERVICE_KEY = "cm-test-service"
-SERVICE = (("authorization", f"Bearer {SERVICE_KEY}"),)
-NOON = datetime(2025, 11, 26, 12, tzinfo=UTC)
 DAY_US = 86_400_000_000
 MIDNIGHT_US = int(datetime(2025, 11, 26, tzinfo=UTC).timestamp()) * 1_000_000
 ROUTED = [
@@ -37,78 +27,23 @@ ROUTED = [
 ]
 
 
-@contextmanager
-def _database(kind: str) -> Iterator[str]:
-    if kind == "sqlite":
-        yield "ledger.sqlite3"
-        return
-    with fresh_schema() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def ledger(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[tuple[ledger_pb2_grpc.LedgerServiceAsyncStub, str]]:
-    """The ledger alone, served over gRPC; yields its stub and its address."""
-    with _database(request.param) as database:
-        env = {
-            "COSTMESH_SERVICE_KEY": SERVICE_KEY,
-            "COSTMESH_DATA_DIR": str(tmp_path),
-            "LEDGER_DATABASE": database,
-        }
-        running = await start_mesh(load_config(env=env), env, ["ledger"], TracerProvider(), port=0)
-        address = f"127.0.0.1:{running.port}"
-        try:
-            async with grpc.aio.insecure_channel(address) as channel:
-                yield ledger_pb2_grpc.LedgerServiceStub(channel), address
-        finally:
-            await running.stop(grace=1)
-
-
-def _record(request_id: str, **fields: object) -> ledger_pb2.UsageRecord:
-    when = timestamp_pb2.Timestamp()
-    when.FromDatetime(NOON)
-    base: dict[str, object] = {
-        "request_id": request_id,
-        "team": "support",
-        "feature": "tickets",
-        "model": "gpt-4o-mini",
-        "time": when,
-        "usage": types_pb2.TokenUsage(input_tokens=1000, output_tokens=100),
-    }
-    return ledger_pb2.UsageRecord(**{**base, **fields})  # type: ignore[arg-type]
-
-
-async def _record_all(
-    stub: ledger_pb2_grpc.LedgerServiceAsyncStub, *records: ledger_pb2.UsageRecord
-) -> ledger_pb2.RecordUsageResponse:
-    request = ledger_pb2.RecordUsageRequest(records=records)
-    return await stub.RecordUsage(request, metadata=SERVICE, timeout=10)
-
-
-async def _export(stub: ledger_pb2_grpc.LedgerServiceAsyncStub) -> list[ledger_pb2.UsageRecord]:
-    stream = stub.ExportUsage(ledger_pb2.ExportUsageRequest(), metadata=SERVICE, timeout=10)
-    return [item.record async for item in stream]
-
-
 async def test_purpose_probabilities_and_reason_round_trip(
-    ledger: tuple[ledger_pb2_grpc.LedgerServiceAsyncStub, str],
+    ledger_server: tuple[ledger_pb2_grpc.LedgerServiceAsyncStub, str],
 ) -> None:
-    stub, _ = ledger
+    stub, _ = ledger_server
     reason = "refund policy question with an account lookup — moderate"
-    await _record_all(
+    await record_all(
         stub,
-        _record(
+        usage_record(
             "routed",
             purpose=ledger_pb2.CALL_PURPOSE_ROUTING,
             route_probabilities=ROUTED,
             route_reason=reason,
         ),
-        _record("plain"),
+        usage_record("plain"),
     )
 
-    exported = {r.request_id: r for r in await _export(stub)}
+    exported = {r.request_id: r for r in await export_all(stub)}
 
     routed = exported["routed"]
     assert routed.purpose == ledger_pb2.CALL_PURPOSE_ROUTING
@@ -121,21 +56,21 @@ async def test_purpose_probabilities_and_reason_round_trip(
 
 
 async def test_overhead_adds_cost_and_tokens_but_not_calls(
-    ledger: tuple[ledger_pb2_grpc.LedgerServiceAsyncStub, str],
+    ledger_server: tuple[ledger_pb2_grpc.LedgerServiceAsyncStub, str],
 ) -> None:
-    stub, _ = ledger
-    recorded = await _record_all(
+    stub, _ = ledger_server
+    recorded = await record_all(
         stub,
-        _record("answer", purpose=ledger_pb2.CALL_PURPOSE_ANSWER, escalated=True),
+        usage_record("answer", purpose=ledger_pb2.CALL_PURPOSE_ANSWER, escalated=True),
         # The writer marks the replaced attempt escalated too: still one escalated call.
-        _record("attempt", purpose=ledger_pb2.CALL_PURPOSE_ESCALATED_ATTEMPT, escalated=True),
-        _record("routing", purpose=ledger_pb2.CALL_PURPOSE_ROUTING),
-        _record(
+        usage_record("attempt", purpose=ledger_pb2.CALL_PURPOSE_ESCALATED_ATTEMPT, escalated=True),
+        usage_record("routing", purpose=ledger_pb2.CALL_PURPOSE_ROUTING),
+        usage_record(
             "embedding",
             purpose=ledger_pb2.CALL_PURPOSE_CACHE_EMBEDDING,
             cache_outcome=types_pb2.CACHE_OUTCOME_SEMANTIC,
         ),
-        _record("old-writer"),  # purpose unspecified: an answer
+        usage_record("old-writer"),  # purpose unspecified: an answer
     )
     cost = sum(r.cost_nano_usd for r in recorded.results)
     assert cost > 0
@@ -180,48 +115,53 @@ def _probabilities(*pairs: tuple[int, float]) -> list[types_pb2.TierProbability]
          "records[1].route_probabilities[2].tier"),
         ({"purpose": 99}, "records[1].purpose"),
         ({"route_reason": "x" * 1001}, "records[1].route_reason"),
+        ({"experiment": "x" * 101}, "records[1].experiment"),
+        ({"experiment": "trial", "arm": 3}, "records[1].arm"),
+        ({"arm": types_pb2.ARM_CONTROL}, "records[1].arm"),
+        ({"cache_source_request_id": "x" * 129}, "records[1].cache_source_request_id"),
     ],
     ids=["above one", "negative", "nan", "unspecified tier", "unknown tier", "tier twice",
-         "unknown purpose", "long reason"],
+         "unknown purpose", "long reason", "long experiment", "unknown arm",
+         "arm without experiment", "long cache source"],
 )  # fmt: skip
 async def test_a_malformed_field_is_named_and_nothing_of_the_batch_is_stored(
-    ledger: tuple[ledger_pb2_grpc.LedgerServiceAsyncStub, str],
+    ledger_server: tuple[ledger_pb2_grpc.LedgerServiceAsyncStub, str],
     fields: dict[str, object],
     field: str,
 ) -> None:
-    stub, _ = ledger
+    stub, _ = ledger_server
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await _record_all(stub, _record("fine"), _record("bad", **fields))
+        await record_all(stub, usage_record("fine"), usage_record("bad", **fields))
 
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_request_fields(caught.value) == [field]
-    assert await _export(stub) == []
+    assert await export_all(stub) == []
 
 
 async def test_a_reason_of_exactly_the_limit_is_kept(
-    ledger: tuple[ledger_pb2_grpc.LedgerServiceAsyncStub, str],
+    ledger_server: tuple[ledger_pb2_grpc.LedgerServiceAsyncStub, str],
 ) -> None:
-    stub, _ = ledger
-    await _record_all(stub, _record("r", route_reason="é" * 1000))
+    stub, _ = ledger_server
+    await record_all(stub, usage_record("r", route_reason="é" * 1000))
 
-    (record,) = await _export(stub)
+    (record,) = await export_all(stub)
     assert record.route_reason == "é" * 1000, "characters, not bytes"
 
 
 async def test_export_csv_has_purpose_reason_and_probabilities(
-    ledger: tuple[ledger_pb2_grpc.LedgerServiceAsyncStub, str],
+    ledger_server: tuple[ledger_pb2_grpc.LedgerServiceAsyncStub, str],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    stub, address = ledger
-    await _record_all(
+    stub, address = ledger_server
+    await record_all(
         stub,
-        _record(
+        usage_record(
             "a",
             purpose=ledger_pb2.CALL_PURPOSE_ESCALATED_ATTEMPT,
             route_probabilities=ROUTED[1:],
             route_reason="needs reasoning, says the router",
         ),
-        _record("b"),
+        usage_record("b"),
     )
 
     code = await asyncio.to_thread(

@@ -1,5 +1,5 @@
-"""Spend from the rollup plus the rows at a range's edges equals a sum over every row,
-for every grouping, on both stores."""
+"""Spend from the rollup plus the rows at a range's edges (or, by experiment or arm, from
+the rows alone) equals a sum over every row, for every grouping, on both stores."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def _random_rows(rng: random.Random, count: int) -> list[UsageRow]:
     for i in range(count):
         time_us = START + rng.randrange(9 * DAY_US)  # nine days, across a week boundary
         cost = rng.randrange(10**12)
+        experiment = rng.choice(["", "", "trial", "other"])
         rows.append(
             replace(
                 TEMPLATE,
@@ -43,6 +44,8 @@ def _random_rows(rng: random.Random, count: int) -> list[UsageRow]:
                 purpose=rng.choice([0, 1, 1, 2, 3, 4]),  # 2-4 are overhead, not calls
                 cost_nano_usd=cost,
                 counterfactual_cost_nano_usd=cost + rng.randrange(10**12),
+                experiment=experiment,
+                arm=rng.randrange(3) if experiment else 0,
             )
         )
     return rows
@@ -58,11 +61,11 @@ def _key(group: str, row: UsageRow) -> str:
 
 
 def _brute_force(
-    rows: list[UsageRow], groups: tuple[str, ...], start: int, end: int, *, team: str, feature: str
+    rows: list[UsageRow], groups: tuple[str, ...], start: int, end: int, **filters: str
 ) -> list[SpendTotal]:
     sums: dict[tuple[str, ...], list[int]] = defaultdict(lambda: [0] * 7)
     for row in rows:
-        wanted = (not team or row.team == team) and (not feature or row.feature == feature)
+        wanted = all(not value or getattr(row, name) == value for name, value in filters.items())
         if start <= row.time_us < end and wanted:
             total = sums[tuple(_key(g, row) for g in groups)]
             answer = int(row.purpose in (0, 1))
@@ -94,9 +97,14 @@ def test_every_grouping_over_any_range_matches_a_sum_over_every_row(
 
     groupings: list[tuple[str, ...]] = [(g,) for g in GROUPS]
     groupings += [("team", "feature"), ("month", "model"), ("tier", "week"), ("day", "team")]
+    groupings += [("arm", "model"), ("week", "arm")]
     for start, end in ranges:
         for groups in groupings:
-            team, feature = rng.choice(["", "support"]), rng.choice(["", "", "faq"])
-            got = store.spend(groups, start, end, team=team, feature=feature)
-            want = _brute_force(rows, groups, start, end, team=team, feature=feature)
-            assert got == want, (groups, start, end, team, feature)
+            filters = {
+                "team": rng.choice(["", "support"]),
+                "feature": rng.choice(["", "", "faq"]),
+                "experiment": rng.choice(["", "", "trial"]),
+            }
+            got = store.spend(groups, start, end, **filters)
+            want = _brute_force(rows, groups, start, end, **filters)
+            assert got == want, (groups, start, end, filters)

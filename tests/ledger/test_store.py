@@ -136,3 +136,23 @@ def test_a_request_id_repeated_within_one_batch_counts_once(open_ledger_store: O
 
     assert results == [(27_000, False), (5, False), (27_000, True)]
     assert store.spend(("",), 0, 2**62)[0].calls == 2
+
+
+def test_export_of_one_experiment_pages_through_its_rows_only(
+    open_ledger_store: OpenStore,
+) -> None:
+    store = open_ledger_store()
+    rows = [
+        replace(BASE, request_id=f"r{i:04}", time_us=BASE.time_us + i // 2,
+                experiment="trial" if i % 3 else "", arm=1 + i % 2 if i % 3 else 0)
+        for i in range(1503)
+    ]  # fmt: skip
+    store.record(list(reversed(rows)))
+
+    exported = [row for page in store.export(0, 2**62, experiment="trial") for row in page]
+    other_team = [
+        row for page in store.export(0, 2**62, team="search", experiment="trial") for row in page
+    ]
+
+    assert exported == [r for r in rows if r.experiment == "trial"], "all 1,002, in time order"
+    assert other_team == []
