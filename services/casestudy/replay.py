@@ -20,16 +20,16 @@ from decimal import Decimal
 
 import grpc
 
-from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from costmesh.inference.v1 import inference_pb2_grpc
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh.types.v1 import types_pb2
+from services.casestudy import arms
+from services.casestudy.arms import ARM_NAMES
 from services.casestudy.quality import Truth
-from services.casestudy.workload import WorkloadRequest, chat_messages
-from services.inference.validation import MAX_REQUEST_ID
+from services.casestudy.workload import WorkloadRequest
+from services.inference.simulator_realism import LABEL as SIMULATED_LABEL
 
 CONTROL, TREATMENT = types_pb2.ARM_CONTROL, types_pb2.ARM_TREATMENT
-ARM_NAMES = {CONTROL: "control", TREATMENT: "treatment"}
-SIMULATED_LABEL = "[simulated] "
 # How long a replay waits for the ledger to hold every answered request's row.
 LEDGER_WAIT_SECONDS = 60.0
 SECONDS_PER_DAY = 86_400
@@ -45,7 +45,7 @@ class Planned:
     arm: types_pb2.Arm.ValueType
 
     def request_id(self, experiment: str) -> str:
-        return f"{experiment}:{self.request.id}:{ARM_NAMES[self.arm]}"
+        return arms.request_id(experiment, ARM_NAMES[self.arm], self.request.id)
 
 
 @dataclass
@@ -73,16 +73,6 @@ def plan(
         raise ValueError("control share: must be between 0 and 1 (exclusive) for a split")
     draw = random.Random(seed)
     return [Planned(r, CONTROL if draw.random() < control_share else TREATMENT) for r in workload]
-
-
-def check_ids(planned: Sequence[Planned], experiment: str) -> None:
-    """Every call's request id must fit the mesh's limit, or the calls would fail."""
-    longest = max((len(p.request_id(experiment)) for p in planned), default=0)
-    if longest > MAX_REQUEST_ID:
-        raise ValueError(
-            f"experiment {experiment!r}: request ids would reach {longest} characters "
-            f"(at most {MAX_REQUEST_ID}); use a shorter experiment name or workload ids"
-        )
 
 
 def truth(planned: Sequence[Planned], experiment: str) -> dict[str, Truth]:
@@ -124,7 +114,9 @@ async def send_all(
         async with gate:
             try:
                 reply = await stub.Complete(
-                    _request(call, experiment), metadata=metadata, timeout=CALL_TIMEOUT_SECONDS
+                    arms.complete_request(call.request, experiment, call.arm),
+                    metadata=metadata,
+                    timeout=CALL_TIMEOUT_SECONDS,
                 )
             except grpc.aio.AioRpcError as exc:
                 outcome.failures[exc.code().name] += 1
@@ -137,18 +129,6 @@ async def send_all(
     await asyncio.gather(*(one(p) for p in planned))
     outcome.seconds = time.monotonic() - started
     return outcome
-
-
-def _request(call: Planned, experiment: str) -> inference_pb2.CompleteRequest:
-    request = call.request
-    return inference_pb2.CompleteRequest(
-        request_id=call.request_id(experiment),
-        feature=request.feature,
-        messages=chat_messages(request),
-        params=types_pb2.GenerationParams(max_tokens=request.max_tokens or 0),
-        experiment=experiment,
-        arm=call.arm,
-    )
 
 
 async def ledger_rows(

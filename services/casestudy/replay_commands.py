@@ -145,7 +145,6 @@ async def _run(
 ) -> SavingsReport:
     experiment = args.experiment or f"replay-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
     planned = replay.plan(workload, args.mode, args.control_share, args.seed)
-    replay.check_ids(planned, experiment)
     speed = None if args.speed == "max" else _speed(args.speed)
     async with grpc.aio.insecure_channel(address) as channel:
         outcome = await replay.send_all(

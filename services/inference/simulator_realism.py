@@ -59,9 +59,12 @@ FIRST_TOKEN_SIGMA, SPEED_SIGMA = 0.25, 0.10
 # Tiers of models the configuration says nothing of; a model is small unless complex.
 DEFAULT_MODEL_TIERS = {"gpt-4o": "complex", "gpt-4o-mini": "simple"}
 # Share of wrong answers to a known question, by model class and the question's tier
-# (a question without a tier counts as moderate).
+# (a question without a tier counts as moderate). Chosen so that routing the bundled
+# workload's simple and moderate tickets to the small model costs about the 1.5 points
+# of resolution accuracy the case reports (91% -> 89.5%); the complex rate is what
+# routing exists to avoid.
 WRONG_RATES = {
-    ("small", "simple"): 0.03, ("small", "moderate"): 0.12, ("small", "complex"): 0.35,
+    ("small", "simple"): 0.02, ("small", "moderate"): 0.05, ("small", "complex"): 0.35,
     ("strong", "simple"): 0.01, ("strong", "moderate"): 0.02, ("strong", "complex"): 0.04,
 }  # fmt: skip
 # Of the wrong answers, the share that is another intent's answer (the rest deflect).

@@ -132,12 +132,6 @@ def test_plan_refuses_a_share_a_split_cannot_use() -> None:
         replay.plan(_workload(2, 2), "split", 1.0, seed=0)
 
 
-def test_an_experiment_name_too_long_for_the_request_ids_is_refused() -> None:
-    planned = replay.plan(_workload(2, 2), "both", 0.5, seed=0)
-    with pytest.raises(ValueError, match="shorter experiment name"):
-        replay.check_ids(planned, "x" * 120)
-
-
 async def test_the_command_prints_the_report_and_writes_csv_and_html(
     mesh: Mesh, tmp_path: Path
 ) -> None:
