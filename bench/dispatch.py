@@ -99,7 +99,7 @@ def _cuts(values: list[float]) -> str:
     return f"p50 {cuts[49] * 1000:6.2f} ms  p99 {cuts[98] * 1000:6.2f} ms"
 
 
-async def _overhead(calls: int, concurrency: int, config_text: str) -> None:
+async def _overhead(calls: int, concurrency: int, config_text: str, interval: float) -> None:
     spans = InMemorySpanExporter()
     with OpenAISimulator(api_key=PROVIDER_KEY) as simulator, tempfile.TemporaryDirectory() as d:
         running, address = await _mesh(simulator, d, config_text, spans)
@@ -117,6 +117,7 @@ async def _overhead(calls: int, concurrency: int, config_text: str) -> None:
                         reply = await stub.Complete(_request(i), metadata=KEY, timeout=30)
                         latencies[reply.trace_id] = time.perf_counter() - started
                         assert not reply.cached
+                        await asyncio.sleep(interval)  # a caller's pace, not a sync point
 
                 share = calls // concurrency
                 await asyncio.gather(
@@ -199,6 +200,12 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, nargs="*", default=None)
     parser.add_argument(
+        "--interval-ms",
+        type=float,
+        default=0.0,
+        help="each caller's pause between calls (0: back to back, a stress test)",
+    )
+    parser.add_argument(
         "--plain",
         action="store_true",
         help="overhead of a feature without the semantic cache and with a fixed route",
@@ -206,7 +213,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.mode == "overhead":
         for concurrency in args.concurrency or [1, 32]:
-            asyncio.run(_overhead(args.calls, concurrency, PLAIN if args.plain else ""))
+            config = PLAIN if args.plain else ""
+            asyncio.run(_overhead(args.calls, concurrency, config, args.interval_ms / 1000))
     else:
         asyncio.run(_flaky(args.calls, (args.concurrency or [8])[0]))
 
