@@ -21,13 +21,13 @@ from services.cache.store import Answer, Entry, MemoryStore, Store, StoreUnavail
 from services.common.auth import require_role
 from services.common.config import Config
 from services.common.errors import InvalidArgument, Unavailable
+from services.common.limits import MAX_REQUEST_ID
 from services.common.server import ServiceDef
-from services.ledger.records import MAX_ID
 
 SERVICE_NAME = "costmesh.cache.v1.CacheService"
 MAX_TTL_SECONDS = 30 * 24 * 3600
 # A source_request_id names the request id of a ledger row: bounded the same way.
-MAX_SOURCE_REQUEST_ID = MAX_ID
+MAX_SOURCE_REQUEST_ID = MAX_REQUEST_ID
 # Only answers the provider finished are worth serving again.
 CACHEABLE_FINISH_REASONS = ("stop", "length")
 _OUTCOMES = {

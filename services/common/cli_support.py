@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import TextIO
 
 NANO = Decimal(1_000_000_000)
@@ -69,4 +69,22 @@ def count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def decimal(text: str) -> Decimal:
+    """A finite decimal of at most 10**15 in size."""
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value.is_finite() or abs(value) > 10**15:
+        raise argparse.ArgumentTypeError(f"not a usable number: {text!r}")
+    return value
+
+
+def positive_decimal(text: str) -> Decimal:
+    value = decimal(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0: {text!r}")
     return value

@@ -523,6 +523,7 @@ class ProviderBatches:
             seen[original.request_id] = i
             if original.feature and original.feature != batch.feature:
                 raise InvalidArgument(f"{where}.feature", "must be empty or the batch's feature")
+            _check_outside_experiments(where, original)
             request = inference_pb2.CompleteRequest()
             request.CopyFrom(original)
             request.feature = batch.feature
@@ -930,6 +931,14 @@ class ProviderBatches:
 
     def _label(self, provider: str) -> str:
         return self._providers.client(provider)[1]
+
+
+def _check_outside_experiments(where: str, request: inference_pb2.CompleteRequest) -> None:
+    """Provider batches run outside experiments: their fields are refused, not dropped."""
+    if request.experiment:
+        raise InvalidArgument(f"{where}.experiment", "not supported in provider batches")
+    if request.arm:
+        raise InvalidArgument(f"{where}.arm", "not supported in provider batches")
 
 
 def _status(parts: Sequence[Part]) -> str:

@@ -62,6 +62,9 @@ def check(request: inference_pb2.CompleteRequest) -> None:
     """The caller's experiment fields, before anything is spent."""
     if len(request.experiment) > MAX_EXPERIMENT_NAME:
         raise InvalidArgument("experiment", f"at most {MAX_EXPERIMENT_NAME} characters")
+    if not request.experiment.isprintable():
+        # PostgreSQL cannot store NUL; other control characters are no name either.
+        raise InvalidArgument("experiment", "must not contain control characters")
     if request.arm not in types_pb2.Arm.values():
         raise InvalidArgument("arm", f"unknown arm {request.arm}")
     if request.arm != types_pb2.ARM_UNSPECIFIED and not request.experiment:

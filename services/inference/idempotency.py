@@ -50,6 +50,10 @@ class IdempotencyStore:
             " fingerprint TEXT NOT NULL, response BLOB NOT NULL, expires_at REAL NOT NULL,"
             " PRIMARY KEY (team, request_id));"
             "CREATE INDEX IF NOT EXISTS answered_expiry ON answered (expires_at);"
+            # Ledger rows already added to a stored response's cost: a row reported
+            # delivered twice is added once.
+            "CREATE TABLE IF NOT EXISTS settled_rows (row_id TEXT PRIMARY KEY,"
+            " expires_at REAL NOT NULL);"
         )
         self._lock = threading.Lock()
         self._ttl = ttl_seconds
@@ -84,7 +88,9 @@ class IdempotencyStore:
             raise _reused()
         return await asyncio.shield(running[1])
 
-    def settle(self, team: str, request_id: str, trace_id: str, cost_nano_usd: int) -> None:
+    def settle(
+        self, team: str, request_id: str, trace_id: str, cost_nano_usd: int, row_id: str = ""
+    ) -> None:
         """The ledger has priced a record of a response stored as cost_pending: replays
         from now on carry its cost too. A call may have several rows (an escalated
         attempt, a billed classification), each settled on its own, so costs add up.
@@ -100,6 +106,13 @@ class IdempotencyStore:
             response = Response.FromString(row[0])
             if response.trace_id != trace_id:
                 return
+            if row_id:
+                added = self._db.execute(
+                    "INSERT OR IGNORE INTO settled_rows VALUES (?, ?)",
+                    (row_id, self._clock() + self._ttl),
+                ).rowcount
+                if not added:
+                    return
             response.cost_pending = False
             response.cost_nano_usd += cost_nano_usd
             self._db.execute(
@@ -151,6 +164,17 @@ class IdempotencyStore:
                 " WHERE expires_at <= ? LIMIT ?)",
                 (self._clock(), _PRUNE_BATCH),
             )
+            self._db.execute(
+                "DELETE FROM settled_rows WHERE rowid IN (SELECT rowid FROM settled_rows"
+                " WHERE expires_at <= ? LIMIT ?)",
+                (self._clock(), _PRUNE_BATCH),
+            )
+
+    async def drain(self, seconds: float) -> None:
+        """Wait (at most `seconds`) for the answers under way."""
+        tasks = {task for _, task in self._in_flight.values()}
+        if tasks:
+            await asyncio.wait(tasks, timeout=seconds)
 
     def close(self) -> None:
         with self._lock:

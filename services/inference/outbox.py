@@ -3,7 +3,8 @@ deleted only once the ledger acknowledges, retried in the background until then.
 
 Answers are recorded with `enqueue`: once a record is on disk it cannot be lost, so the
 caller is answered without waiting for the ledger; the record is sent at once in the
-background, in the caller's trace, and left to the flusher if that fails."""
+background, in the caller's trace, and left to the flusher if that fails (or at once
+while the ledger is down or too many sends are under way)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+import grpc
 from google.protobuf import text_format
 
 from costmesh.ledger.v1 import ledger_pb2
@@ -30,8 +32,12 @@ Send = Callable[
 Delivered = Callable[
     [Sequence[tuple[ledger_pb2.UsageRecord, ledger_pb2.RecordedUsage]]], Awaitable[None]
 ]
+# Told of records parked as malformed: they will never be delivered (nor billed).
+Parked = Callable[[Sequence[ledger_pb2.UsageRecord]], None]
 BATCH = 200
 FLUSH_TIME_LIMIT = 10.0
+# Background senders at once; beyond, or while the ledger is down, the flusher sends.
+MAX_SENDERS = 256
 
 
 class RefusedError(Exception):
@@ -51,7 +57,12 @@ class UsageOutbox:
     refuses for now (a model it cannot price yet) waits. Neither blocks the rest."""
 
     def __init__(
-        self, path: Path, send: Send, retry_seconds: float, on_delivered: Delivered | None = None
+        self,
+        path: Path,
+        send: Send,
+        retry_seconds: float,
+        on_delivered: Delivered | None = None,
+        on_parked: Parked | None = None,
     ) -> None:
         # NORMAL: survives a killed process (the failure the outbox is for) without an
         # fsync per call; only an OS crash or power loss can drop the last commits.
@@ -66,10 +77,17 @@ class UsageOutbox:
         self._send = send
         self._retry_seconds = retry_seconds
         self._on_delivered = on_delivered
+        self._on_parked = on_parked
         self._flusher: asyncio.Task[None] | None = None
-        # Records being sent right now, by (team, request id): a flush skips them, so
-        # no record is reported delivered twice by this process.
+        # Records a sender has claimed, by (team, request id), from before they are
+        # written until after they are deleted: a flush skips them, and those delivered
+        # since the flush began (`_done`), so no record is reported delivered twice by
+        # this process.
         self._sending: set[tuple[str, str]] = set()
+        self._done: set[tuple[str, str]] = set()
+        # The last send failed for a reason other than a refusal: leave new records
+        # to the flusher rather than pile up senders that will fail too.
+        self._ledger_down = False
         self._senders: set[asyncio.Task[None]] = set()
         self._flushing = asyncio.Lock()
         self._outage = OutageLog(log, "usage delivery to the ledger (kept in the outbox)")
@@ -78,58 +96,89 @@ class UsageOutbox:
         self, record: ledger_pb2.UsageRecord, time_limit: float
     ) -> ledger_pb2.RecordedUsage | None:
         """Persist, then try once now; None means the ledger will get it later."""
-        try:
-            await asyncio.to_thread(self._put, record)
-        except sqlite3.Error:
-            # Disk full or broken: still try the ledger directly, and if that fails
-            # too the log line below is the only copy of this usage.
-            log.exception("outbox could not persist usage %s", record.request_id)
-            persisted = False
-        else:
-            persisted = True
-        return await self._send_now(record, time_limit, persisted)
+        claimed = self._claim(record)
+        persisted = await self._persist(record)
+        return await self._send_claimed(record, time_limit, persisted, claimed)
 
-    async def enqueue(self, record: ledger_pb2.UsageRecord, time_limit: float) -> None:
-        """Persist now and send in the background; raises only if the disk fails, and
-        then nothing was promised to anyone."""
-        await asyncio.to_thread(self._put, record)
-        # Sent in the caller's context, so the ledger write is part of its trace.
-        sender = asyncio.create_task(self._send_later(record, time_limit))
-        self._senders.add(sender)
-        sender.add_done_callback(self._senders.discard)
+    async def enqueue(self, record: ledger_pb2.UsageRecord, time_limit: float) -> bool:
+        """Persist now and send in the background; False if the disk failed, and then
+        the record is sent directly (and logged as lost if that fails too)."""
+        claimed = not self._ledger_down and len(self._senders) < MAX_SENDERS and self._claim(record)
+        persisted = await self._persist(record)
+        if claimed or not persisted:
+            # Sent in the caller's context, so the ledger write is part of its trace.
+            sender = asyncio.create_task(self._send_later(record, time_limit, persisted, claimed))
+            self._senders.add(sender)
+            sender.add_done_callback(self._senders.discard)
+        return persisted
 
     async def settled(self) -> None:
         """Wait until every record enqueued so far has been offered to the ledger
         (what it could not take stays pending). For shutdown, demos and tests."""
         while self._senders:
             await asyncio.wait(set(self._senders))
+        try:
+            await self.flush()  # what was left to the flusher
+        except Exception as exc:
+            log.warning("outbox flush failed: %s", _brief(exc))
 
-    async def _send_later(self, record: ledger_pb2.UsageRecord, time_limit: float) -> None:
-        result = await self._send_now(record, time_limit, persisted=True)
+    def _claim(self, record: ledger_pb2.UsageRecord) -> bool:
+        key = (record.team, record.request_id)
+        if key in self._sending:
+            return False
+        self._sending.add(key)
+        return True
+
+    async def _persist(self, record: ledger_pb2.UsageRecord) -> bool:
+        try:
+            await asyncio.to_thread(self._put, record)
+        except sqlite3.Error:
+            # Disk full or broken: still try the ledger directly, and if that fails
+            # too the "usage LOST" log line is the only copy of this usage.
+            log.exception("outbox could not persist usage %s", record.request_id)
+            return False
+        return True
+
+    async def _send_later(
+        self, record: ledger_pb2.UsageRecord, time_limit: float, persisted: bool, claimed: bool
+    ) -> None:
+        result = await self._send_claimed(record, time_limit, persisted, claimed)
         if result is not None and self._on_delivered is not None:
             await self._on_delivered([(record, result)])
+
+    async def _send_claimed(
+        self, record: ledger_pb2.UsageRecord, time_limit: float, persisted: bool, claimed: bool
+    ) -> ledger_pb2.RecordedUsage | None:
+        """Send once; the claim (if this caller holds it) lasts until the row is gone."""
+        key = (record.team, record.request_id)
+        try:
+            result = await self._send_now(record, time_limit, persisted)
+            if result is not None and persisted:
+                await asyncio.to_thread(self._delete, [record])
+                self._done.add(key)
+            return result
+        finally:
+            if claimed:
+                self._sending.discard(key)
 
     async def _send_now(
         self, record: ledger_pb2.UsageRecord, time_limit: float, persisted: bool
     ) -> ledger_pb2.RecordedUsage | None:
-        key = (record.team, record.request_id)
-        self._sending.add(key)
         try:
             (result,) = await self._send([record], time_limit)
         except RefusedError as exc:
+            self._ledger_down = False
             if exc.permanent and persisted:
                 await asyncio.to_thread(self._park, record, str(exc))
             self._lost_unless(persisted, record, str(exc))
             return None
         except Exception as exc:  # any other failure: the flusher retries it
+            self._ledger_down = True
             self._outage.failed(_brief(exc))
             self._lost_unless(persisted, record, _brief(exc))
             return None
-        finally:
-            self._sending.discard(key)
+        self._ledger_down = False
         self._outage.succeeded()
-        if persisted:
-            await asyncio.to_thread(self._delete, [record])
         return result
 
     async def flush(self) -> int:
@@ -142,15 +191,28 @@ class UsageOutbox:
 
     async def _flush_pages(self) -> int:
         sent, after = 0, 0
+        self._done.clear()
         while page := await asyncio.to_thread(self._pending, after, BATCH):
             after = page[-1][0]
-            batch = [r for _, r in page if (r.team, r.request_id) not in self._sending]
+            batch = [
+                r
+                for _, r in page
+                if (r.team, r.request_id) not in self._sending
+                and (r.team, r.request_id) not in self._done
+            ]
             if not batch:
                 continue
             try:
                 results = list(zip(batch, await self._send(batch, FLUSH_TIME_LIMIT), strict=True))
             except RefusedError:
                 results = await self._send_one_by_one(batch)
+            except Exception as exc:
+                if len(batch) == 1 or _unreachable(exc):
+                    raise  # the ledger is down (or this record fails): retried later
+                # Any other failure may be one bad record's: it must not block the
+                # rest, so they go one by one (the failing one stays pending).
+                results = await self._send_one_by_one(batch)
+            self._ledger_down = False
             await asyncio.to_thread(self._delete, [record for record, _ in results])
             if self._on_delivered is not None and results:
                 await self._on_delivered(results)
@@ -172,6 +234,10 @@ class UsageOutbox:
                     await asyncio.to_thread(self._park, record, str(exc))
                 else:
                     self._outage.failed(f"refused for now: {exc}")
+            except Exception as exc:  # stays pending; the others still go
+                if _unreachable(exc):
+                    raise
+                self._outage.failed(f"{_brief(exc)} for usage {record.request_id}")
         return delivered
 
     @staticmethod
@@ -230,6 +296,8 @@ class UsageOutbox:
                 (record.team, record.request_id),
             )
             self._db.execute("COMMIT")
+        if self._on_parked is not None:
+            self._on_parked([record])
 
     def _pending(self, after: int, limit: int) -> list[tuple[int, ledger_pb2.UsageRecord]]:
         with self._lock:
@@ -245,6 +313,15 @@ class UsageOutbox:
                 "DELETE FROM outbox WHERE team = ? AND request_id = ?",
                 [(r.team, r.request_id) for r in records],
             )
+
+
+def _unreachable(exc: Exception) -> bool:
+    """The ledger is down or slow, rather than failing on particular records."""
+    code = getattr(exc, "code", None)
+    return callable(code) and code() in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    )
 
 
 def _brief(exc: Exception) -> str:

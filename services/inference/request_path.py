@@ -559,7 +559,8 @@ class CompletionPath:
         response: inference_pb2.CompleteResponse,
     ) -> router_pb2.RouteResponse:
         """The plan if the team's budget holds its worst case; else, by the feature's
-        policy, the cheapest tier's model (no escalation) or RESOURCE_EXHAUSTED."""
+        policy, the cheapest tier's model (no escalation) or RESOURCE_EXHAUSTED. The
+        control arm is never downgraded: it runs the baseline model or not at all."""
         team, span = call.principal.team, trace.get_current_span()
         if not self._budgets.limited(team):
             return plan
@@ -569,7 +570,12 @@ class CompletionPath:
             limits = self._settings.features[call.request.feature]
             cheap = limits.cheapest_model
             span.set_attribute("costmesh.budget.over", exc.period)
-            if limits.over_budget != "downgrade" or call.request.model or cheap == plan.model:
+            if (
+                limits.over_budget != "downgrade"
+                or call.request.model
+                or call.assignment.control
+                or cheap == plan.model
+            ):
                 span.set_attribute("costmesh.budget.decision", "refused")
                 raise ResourceExhausted(str(exc), reason="TEAM_BUDGET_EXCEEDED") from None
             try:
@@ -846,8 +852,10 @@ class CompletionPath:
             response.cost_pending = True
         else:
             response.cost_nano_usd += cost
+        # Counted on the way only once on disk: a record the outbox could not keep
+        # was sent directly (or lost), and never acknowledged later.
+        if await self._outbox.enqueue(record, self._peers.timeout) and cost:
             self._budgets.on_the_way(record.team, record.request_id, cost)
-        await self._outbox.enqueue(record, self._peers.timeout)
 
     def _price(self, record: ledger_pb2.UsageRecord) -> int | None:
         """The row's cost as the ledger will price it; None for an unpriced model."""

@@ -123,10 +123,16 @@ def build(
                 record.client_request_id,
                 record.trace_id,
                 result.cost_nano_usd,
+                record.request_id,
             )
 
+    def parked(records: Sequence[ledger_pb2.UsageRecord]) -> None:
+        # Never billed: no longer on the way.
+        for record in records:
+            budgets.acknowledged(record.team, record.request_id, 0)
+
     outbox = UsageOutbox(
-        settings.outbox_path, ledger.send, settings.outbox_retry_seconds, delivered
+        settings.outbox_path, ledger.send, settings.outbox_retry_seconds, delivered, parked
     )
     path = CompletionPath(
         settings, peers, providers, outbox, idempotency, budgets=budgets, prices=prices
@@ -146,6 +152,9 @@ def build(
         await micro_batches.stop()
         await provider_batches.stop()
         await path.drain()
+        # Calls with a request_id finish in their own task, past the grace period:
+        # their rows must reach the outbox before it closes.
+        await idempotency.drain(peers.timeout)
         await outbox.stop()
         await providers.close()
         idempotency.close()

@@ -164,6 +164,11 @@ class InferenceSettings:
         }
         models = _models(config.section("models"), set(providers))
         for name, feature in limits.items():
+            if feature.experiment.name and not feature.baseline_model:
+                raise ConfigError(
+                    f"features.{name}.baseline_model: required by the feature's experiment "
+                    "(its control arm runs the baseline model)"
+                )
             if feature.baseline_model and feature.baseline_model not in models:
                 raise ConfigError(
                     f"features.{name}.baseline_model: unknown model {feature.baseline_model!r}"

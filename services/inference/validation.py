@@ -10,12 +10,13 @@ from openai.types.chat.completion_create_params import ResponseFormat
 
 from costmesh.inference.v1 import inference_pb2
 from costmesh.types.v1 import types_pb2
+from services.common import limits as shared
 from services.common.errors import InvalidArgument
 from services.inference import experiments
 from services.inference.settings import FeatureLimits, InferenceSettings
 from services.inference.tokens import count_prompt_tokens
 
-MAX_REQUEST_ID = 128
+MAX_REQUEST_ID = shared.MAX_REQUEST_ID
 MAX_SCOPE_KEY = 256
 MAX_STOP_SEQUENCES = 4
 
@@ -31,12 +32,20 @@ MAX_TAGS = 32
 _NAME = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_NAME}}}")
 
 
+def check_printable(field: str, value: str) -> None:
+    """Ids and labels go to the ledger (PostgreSQL cannot store NUL) and into logs:
+    control characters are refused before anything is spent."""
+    if not value.isprintable():
+        raise InvalidArgument(field, "must not contain control characters")
+
+
 def validate(
     request: inference_pb2.CompleteRequest, settings: InferenceSettings
 ) -> tuple[FeatureLimits, int]:
     """The feature's limits and the effective max_tokens of a valid request."""
     if len(request.request_id) > MAX_REQUEST_ID:
         raise InvalidArgument("request_id", f"at most {MAX_REQUEST_ID} characters")
+    check_printable("request_id", request.request_id)
     if not request.feature:
         raise InvalidArgument("feature", "required")
     limits = settings.features.get(request.feature)
@@ -49,6 +58,8 @@ def validate(
         raise InvalidArgument("scope_key", f"at most {MAX_SCOPE_KEY} characters")
     _validate_cache_control(request.cache_control)
     experiments.check(request)
+    if request.arm == types_pb2.ARM_CONTROL and not (request.model or limits.baseline_model):
+        raise InvalidArgument("arm", f"feature {request.feature!r} has no baseline_model to run")
     max_tokens = _validate_params(request.params, limits)
     prompt_tokens = estimate_tokens(request.messages)
     if prompt_tokens > limits.max_input_tokens:

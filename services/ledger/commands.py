@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, date, datetime, time, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import TextIO
 
@@ -20,7 +20,8 @@ from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh.types.v1 import types_pb2
 from services.casestudy.report import EmptyReportError, SavingsReport, build_report
 from services.casestudy.report_render import render_csv, render_html, render_terminal
-from services.common.cli_support import usd, write_grid
+from services.common.cli_support import decimal as _decimal
+from services.common.cli_support import positive_decimal, usd, write_grid
 from services.common.config import load_config
 from services.inference.providers import SIMULATED
 from services.inference.settings import InferenceSettings
@@ -29,6 +30,8 @@ from services.ledger.economics import fine_tune, self_host
 _BY = {name.removeprefix("GROUP_BY_").lower(): value for name, value in ledger_pb2.GroupBy.items()}
 _BY.pop("unspecified")
 _DEFAULT_BY = "team,feature"
+# An experiment's rows spanning less than this say no daily volume (a replay's).
+_MIN_SPAN_SECONDS = 3_600
 _RENDER: dict[str, Callable[[SavingsReport], str]] = {
     "table": render_terminal,
     "csv": render_csv,
@@ -56,7 +59,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     experiment.add_argument(
         "--requests-per-day",
-        type=_decimal,
+        type=positive_decimal,
         metavar="N",
         help="the daily volume to project costs at (default: what the rows span)",
     )
@@ -79,16 +82,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     for flag in ("--training-usd", "--saving-usd-per-request", "--requests-per-day"):
         tune.add_argument(flag, type=_decimal, required=True)
     tune.set_defaults(handler=_fine_tune)
-
-
-def _decimal(text: str) -> Decimal:
-    try:
-        value = Decimal(text)
-    except InvalidOperation:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value.is_finite() or abs(value) > 10**15:
-        raise argparse.ArgumentTypeError(f"not a usable number: {text!r}")
-    return value
 
 
 def _connection(parser: argparse.ArgumentParser) -> None:
@@ -156,6 +149,13 @@ def _experiment_report(args: argparse.Namespace, out: TextIO) -> int:
     request = ledger_pb2.ExportUsageRequest(team=args.team, experiment=args.experiment)
     _limit(request, args)
     records = [item.record for item in stub.ExportUsage(request, metadata=metadata, timeout=3600)]
+    if args.requests_per_day is None and records and _span_seconds(records) < _MIN_SPAN_SECONDS:
+        print(
+            f"costmesh: experiment {args.experiment!r}: its rows span less than an hour (a "
+            "replay's rows are compressed in time): give --requests-per-day to project costs",
+            file=sys.stderr,
+        )
+        return 2
     try:
         report = build_report(
             records,
@@ -168,6 +168,11 @@ def _experiment_report(args: argparse.Namespace, out: TextIO) -> int:
         return 1
     out.write(_RENDER[args.format](report))
     return 0
+
+
+def _span_seconds(records: list[ledger_pb2.UsageRecord]) -> float:
+    times = [r.time.seconds + r.time.nanos / 1e9 for r in records]
+    return max(times) - min(times)
 
 
 def _dimensions(args: argparse.Namespace) -> list[str]:

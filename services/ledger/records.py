@@ -8,10 +8,11 @@ from datetime import UTC, datetime, timedelta
 from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
 from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.limits import MAX_REQUEST_ID
 from services.ledger.pricing import PriceCatalog, Usage
 from services.ledger.rows import UsageRow
 
-MAX_ID = 128
+MAX_ID = MAX_REQUEST_ID
 MAX_ROUTE_REASON = 1000
 MAX_EXPERIMENT = 100
 # Where each tier's probability is stored (UsageRow.p_simple and so on).
@@ -28,6 +29,7 @@ EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 def to_row(index: int, record: ledger_pb2.UsageRecord, catalog: PriceCatalog) -> UsageRow:
     """Check, then price the call and its counterfactual at the call's own time."""
     field = f"records[{index}]"
+    _check_text(field, record)
     _check_ids(field, record)
     _check_labels(field, record)
     probabilities = _probabilities(f"{field}.route_probabilities", record.route_probabilities)
@@ -76,6 +78,13 @@ def to_row(index: int, record: ledger_pb2.UsageRecord, catalog: PriceCatalog) ->
         cache_source_request_id=record.cache_source_request_id,
         **probabilities,
     )
+
+
+def _check_text(field: str, record: ledger_pb2.UsageRecord) -> None:
+    """PostgreSQL cannot store NUL in text: such a record could never be taken."""
+    for descriptor, value in record.ListFields():
+        if isinstance(value, str) and "\x00" in value:
+            raise InvalidArgument(f"{field}.{descriptor.name}", "must not contain NUL")
 
 
 def _check_ids(field: str, record: ledger_pb2.UsageRecord) -> None:

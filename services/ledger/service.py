@@ -36,7 +36,8 @@ _GROUPS = {
     ledger_pb2.GROUP_BY_MONTH: "month",
     ledger_pb2.GROUP_BY_ARM: "arm",
 }
-# Enum keys as names instead of numbers; a call in no experiment has the arm "".
+# Enum keys as names instead of numbers; a call in no experiment has the arm
+# "unspecified".
 _KEY_NAMES = {
     "tier": {
         str(types_pb2.TIER_UNSPECIFIED): "unspecified",

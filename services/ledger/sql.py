@@ -99,7 +99,9 @@ class Sql:
         """Totals over [start_us, end_us): whole days from the rollup, edges from rows.
         The rollup has no experiment or arm: by either, every row of the range is read."""
         if experiment or "arm" in groups:
-            first_day, end_day, edges = "", "", [(start_us, end_us)]
+            start_us, end_us = max(start_us, 0), min(end_us, END_OF_TIME_US)
+            edges = [(start_us, end_us)] if start_us < end_us else []
+            first_day, end_day = "", ""
         else:
             first_day, end_day, edges = plan_range(start_us, end_us)
         filters = [v for v in (team, feature) if v]

@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from costmesh.inference.v1 import inference_pb2
 from costmesh.ledger.v1 import ledger_pb2
+from costmesh.types.v1 import types_pb2
 from services.common.auth import hash_key
 from services.common.config import load_config
 from services.inference.simulator import OpenAISimulator
@@ -258,6 +259,15 @@ def _with_empty_message() -> inference_pb2.SubmitBatchRequest:
     return request
 
 
+def _with_experiment(field: str) -> inference_pb2.SubmitBatchRequest:
+    request = batch_of(QUESTIONS)
+    if field == "arm":
+        request.requests[1].arm = types_pb2.ARM_CONTROL
+    else:
+        request.requests[1].experiment = "trial"
+    return request
+
+
 def _unknown_feature() -> inference_pb2.SubmitBatchRequest:
     request = batch_of(QUESTIONS)
     request.feature = "nope"
@@ -270,6 +280,8 @@ BAD_BATCHES = [
     ("empty message", _with_empty_message(), "requests[2].messages[0].content"),
     ("unknown model", batch_of(QUESTIONS[:1], model="gpt-9000"), "requests[0].model"),
     ("unknown feature", _unknown_feature(), "feature"),
+    ("experiment", _with_experiment("experiment"), "requests[1].experiment"),
+    ("arm", _with_experiment("arm"), "requests[1].arm"),
     ("no requests", inference_pb2.SubmitBatchRequest(feature="nightly"), "requests"),
 ]
 

@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from costmesh.ledger.v1 import ledger_pb2
+from costmesh.types.v1 import types_pb2
 from services.common.config import load_config
 from services.inference.budgets import OverBudgetError, TeamBudgets, TeamLimits
 from services.inference.simulator import OpenAISimulator
@@ -159,3 +160,15 @@ async def test_rows_waiting_in_the_outbox_keep_counting_after_the_ledger_is_read
     ledger_figure = 40
     clock.now += 60  # now the ledger's figure includes it: counted once, not twice
     assert await budgets.admit("demo", 60) is not None
+
+
+async def test_the_control_arm_is_refused_rather_than_downgraded(mesh: Mesh) -> None:
+    """A downgraded control call would not be the baseline policy it is compared to."""
+    control = user_request("Hi", "thrifty", experiment="e", arm=types_pb2.ARM_CONTROL)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await mesh.inference.Complete(control, metadata=AUTH, timeout=10)
+    treatment = user_request("Hi", "thrifty", experiment="e", arm=types_pb2.ARM_TREATMENT)
+    reply = await mesh.inference.Complete(treatment, metadata=AUTH, timeout=10)
+
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert reply.downgraded, "the treatment arm follows the feature's policy"

@@ -10,8 +10,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from costmesh.inference.v1 import inference_pb2
 from costmesh.types.v1 import types_pb2
 from services.common.config import ConfigError, load_config
+from services.inference import experiments
 from services.inference.settings import InferenceSettings
 from services.inference.simulator import OpenAISimulator
 from tests.conftest import AUTH, Mesh, bad_request_fields, ledger_rows, running_mesh, user_request
@@ -95,12 +97,34 @@ async def test_a_configured_split_holds_its_ratio_and_marks_every_row(mesh: Mesh
     assert by_arm == {CONTROL: "gpt-4o", TREATMENT: "gpt-4o-mini"}
 
 
-async def test_a_retried_request_stays_in_its_arm(mesh: Mesh) -> None:
-    arms = set()
-    for attempt in range(2):
-        request = user_request("Same question", "split", request_id=f"fixed-{attempt // 2}")
-        arms.add((await mesh.inference.Complete(request, metadata=AUTH, timeout=10)).arm)
-    assert len(arms) == 1
+def test_the_arm_is_a_pure_function_of_the_experiment_and_the_request_id() -> None:
+    standing = experiments.FeatureExperiment("cheaper-support", 0.3)
+    request = inference_pb2.CompleteRequest()
+    ids = [f"req-{i}" for i in range(2000)]
+    first = [experiments.assign(request, standing, i).arm for i in ids]
+    again = [experiments.assign(request, standing, i).arm for i in ids]
+    other = experiments.FeatureExperiment("another", 0.3)
+
+    assert first == again, "a retried request id stays in its arm"
+    assert abs(first.count(CONTROL) / len(ids) - 0.3) < 0.04
+    assert first != [experiments.assign(request, other, i).arm for i in ids]
+
+
+async def test_a_retried_stream_stays_in_its_arm(mesh: Mesh) -> None:
+    """Streams are not replayed by request id: each retry runs, in the same arm."""
+    arms: dict[str, set[int]] = {}
+    for _attempt in range(3):
+        for n in range(6):
+            request = inference_pb2.StreamCompleteRequest(
+                request=user_request(f"Question {n}", "split", request_id=f"s-{n}")
+            )
+            async for part in mesh.inference.StreamComplete(request, metadata=AUTH, timeout=10):
+                if part.HasField("summary"):
+                    arms.setdefault(f"s-{n}", set()).add(part.summary.arm)
+
+    assert len(arms) == 6
+    assert all(len(seen) == 1 for seen in arms.values()), arms
+    assert {a for seen in arms.values() for a in seen} <= {CONTROL, TREATMENT}
 
 
 async def test_a_cache_hit_names_the_request_whose_answer_it_reused(mesh: Mesh) -> None:
@@ -122,8 +146,18 @@ async def test_a_cache_hit_names_the_request_whose_answer_it_reused(mesh: Mesh) 
         ({"arm": CONTROL}, "arm"),
         ({"experiment": "x" * 101}, "experiment"),
         ({"experiment": "e", "arm": 7}, "arm"),
+        ({"experiment": "x\x00y"}, "experiment"),
+        ({"experiment": "tab\there"}, "experiment"),
+        ({"request_id": "id\x00"}, "request_id"),
     ],
-    ids=["arm without experiment", "long name", "unknown arm"],
+    ids=[
+        "arm without experiment",
+        "long name",
+        "unknown arm",
+        "NUL in name",
+        "control character in name",
+        "NUL in request id",
+    ],
 )
 async def test_bad_experiment_fields_are_refused_before_any_spend(
     mesh: Mesh, simulator: OpenAISimulator, fields: dict[str, object], field: str
@@ -139,11 +173,27 @@ async def test_bad_experiment_fields_are_refused_before_any_spend(
     assert await ledger_rows(mesh) == []
 
 
+async def test_a_control_call_on_a_feature_without_baseline_is_refused(
+    simulator: OpenAISimulator, tmp_path: Path
+) -> None:
+    config = CONFIG + '[features.bare]\nrouter = "rules"\nbaseline_model = ""\n'
+    async with running_mesh(simulator, tmp_path, config) as mesh:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await mesh.inference.Complete(
+                user_request("Hi", "bare", experiment="e", arm=CONTROL), metadata=AUTH, timeout=10
+            )
+
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(refused.value) == ["arm"]
+    assert simulator.call_count == 0
+
+
 @pytest.mark.parametrize(
     ("toml", "error"),
     [
         ('experiment = "e"\ncontrol_share = 1.5\n', r"features\.split\.control_share: must be"),
         ("control_share = 0.2\n", r"features\.split\.experiment: name the experiment"),
+        ('experiment = "e"\nbaseline_model = ""\n', r"features\.split\.baseline_model: required"),
     ],
 )
 def test_a_bad_standing_experiment_fails_at_start(tmp_path: Path, toml: str, error: str) -> None:

@@ -14,6 +14,7 @@ from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from services.common.auth import hash_key
 from services.common.config import load_config
+from services.inference.idempotency import IdempotencyStore
 from services.inference.simulator import OpenAISimulator
 from services.mesh import SERVICES, start_mesh
 from tests.conftest import AUTH, mesh_env, user_request
@@ -133,3 +134,40 @@ async def test_a_retry_after_the_caller_gave_up_joins_the_answer_under_way(
     assert retried.content == "[simulated] Answer to: Slow answer"
     assert simulator.call_count == 1, "the abandoned answer was not paid for twice"
     assert (await teams.spend_by_team())["team-a"] == (1, retried.cost_nano_usd)
+
+
+async def test_a_ledger_row_settles_a_pending_reply_once(tmp_path: Path) -> None:
+    store = IdempotencyStore(tmp_path / "i.sqlite3", 3600)
+    request = user_request("Charge me later", request_id="r1")
+
+    async def answer() -> inference_pb2.CompleteResponse:
+        return inference_pb2.CompleteResponse(trace_id="t1", cost_pending=True)
+
+    await store.answer_once("team", request, answer)
+    for row_id in ("row-a", "row-a", "row-b"):  # row-a reported delivered twice
+        store.settle("team", "r1", "t1", 100, row_id)
+    replay = await store.answer_once("team", request, answer)
+    store.close()
+
+    assert not replay.cost_pending
+    assert replay.cost_nano_usd == 200
+
+
+async def test_drain_waits_for_the_answers_under_way(tmp_path: Path) -> None:
+    store = IdempotencyStore(tmp_path / "i.sqlite3", 3600)
+    finished = asyncio.Event()
+
+    async def answer() -> inference_pb2.CompleteResponse:
+        await asyncio.sleep(0.2)
+        finished.set()
+        return inference_pb2.CompleteResponse()
+
+    caller = asyncio.create_task(
+        store.answer_once("team", user_request("Hi", request_id="r"), answer)
+    )
+    await asyncio.sleep(0.01)
+    caller.cancel()  # the caller gives up, as at shutdown; the answer goes on
+    await store.drain(5)
+    store.close()
+
+    assert finished.is_set()

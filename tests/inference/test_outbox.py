@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -225,3 +226,133 @@ async def test_a_replayed_pending_answer_carries_the_cost_once_the_ledger_has_it
     assert first.cost_pending
     assert not replay.cost_pending
     assert replay.cost_nano_usd == total > 0
+
+
+class FakeLedger:
+    """A ledger in memory: counts what it was sent; fails as told."""
+
+    def __init__(self) -> None:
+        self.sent: Counter[str] = Counter()
+        self.delivered: Counter[str] = Counter()
+        self.parked: list[str] = []
+        self.down = False
+        self.poison = "poison"
+
+    async def send(
+        self, records: Sequence[ledger_pb2.UsageRecord], time_limit: float
+    ) -> Sequence[ledger_pb2.RecordedUsage]:
+        await asyncio.sleep(0.001)
+        if self.down:
+            raise ConnectionError("ledger down")
+        if any(r.request_id.startswith(self.poison) for r in records):
+            raise RuntimeError("INTERNAL: the database cannot store this")
+        if any(r.request_id.startswith("malformed") for r in records):
+            raise RefusedError("malformed", permanent=True)
+        self.sent.update(r.request_id for r in records)
+        return [ledger_pb2.RecordedUsage(request_id=r.request_id, cost_nano_usd=7) for r in records]
+
+    async def on_delivered(
+        self, results: Sequence[tuple[ledger_pb2.UsageRecord, ledger_pb2.RecordedUsage]]
+    ) -> None:
+        self.delivered.update(record.request_id for record, _ in results)
+
+    def on_parked(self, records: Sequence[ledger_pb2.UsageRecord]) -> None:
+        self.parked += [r.request_id for r in records]
+
+    def outbox(self, path: Path, retry_seconds: float = 60) -> UsageOutbox:
+        return UsageOutbox(path, self.send, retry_seconds, self.on_delivered, self.on_parked)
+
+
+def _usage(request_id: str) -> ledger_pb2.UsageRecord:
+    return ledger_pb2.UsageRecord(team="t", request_id=request_id, feature="f", model="m")
+
+
+async def test_a_record_is_reported_delivered_once_while_the_flusher_runs(
+    tmp_path: Path,
+) -> None:
+    ledger = FakeLedger()
+    outbox = ledger.outbox(tmp_path / "o.sqlite3", retry_seconds=0)
+    await outbox.start()
+    for i in range(300):
+        await outbox.enqueue(_usage(f"r{i}"), 5)
+        if i % 7 == 0:
+            await asyncio.sleep(0)
+    await outbox.settled()
+    await asyncio.sleep(0.1)
+    await outbox.stop()
+
+    assert set(ledger.delivered) == {f"r{i}" for i in range(300)}
+    assert {k: n for k, n in ledger.delivered.items() if n > 1} == {}
+    assert {k: n for k, n in ledger.sent.items() if n > 1} == {}
+
+
+async def test_a_record_failing_in_a_batch_does_not_block_the_rest(tmp_path: Path) -> None:
+    ledger = FakeLedger()
+    outbox = ledger.outbox(tmp_path / "o.sqlite3")
+    ledger.down = True
+    for request_id in ("a", "poison-1", "b", "c"):
+        await outbox.enqueue(_usage(request_id), 5)
+    await outbox.settled()
+    ledger.down = False
+    delivered = await outbox.flush()
+    pending = outbox.pending_count()
+    await outbox.stop()
+
+    assert delivered == 3
+    assert set(ledger.delivered) == {"a", "b", "c"}
+    assert pending == 1, "the failing record stays for a later try"
+
+
+async def test_while_the_ledger_is_down_records_are_left_to_the_flusher(tmp_path: Path) -> None:
+    ledger = FakeLedger()
+    outbox = ledger.outbox(tmp_path / "o.sqlite3")
+    ledger.down = True
+    await outbox.enqueue(_usage("first"), 5)
+    await outbox.settled()  # its sender failed: the ledger is known to be down
+    await outbox.enqueue(_usage("second"), 5)
+    senders_while_down = len(outbox._senders)
+    ledger.down = False
+    await outbox.settled()  # runs the flush that sends both
+    pending = outbox.pending_count()
+    await outbox.stop()
+
+    assert senders_while_down == 0
+    assert pending == 0
+    assert set(ledger.delivered) == {"first", "second"}
+
+
+async def test_a_failed_outbox_write_sends_the_record_directly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = FakeLedger()
+    outbox = ledger.outbox(tmp_path / "o.sqlite3")
+
+    def full_disk(record: ledger_pb2.UsageRecord) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(outbox, "_put", full_disk)
+    kept = await outbox.enqueue(_usage("direct"), 5)
+    await outbox.settled()
+    ledger.down = True
+    await outbox.enqueue(_usage("lost"), 5)
+    await outbox.settled()
+    await outbox.stop()
+
+    assert kept is False
+    assert set(ledger.delivered) == {"direct"}
+    assert any("usage LOST" in r.getMessage() and "lost" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_parked_record_is_reported_so_that_budgets_release_it(tmp_path: Path) -> None:
+    ledger = FakeLedger()
+    outbox = ledger.outbox(tmp_path / "o.sqlite3")
+    await outbox.enqueue(_usage("malformed-1"), 5)
+    ledger.down = True
+    await outbox.enqueue(_usage("malformed-2"), 5)
+    await outbox.settled()
+    ledger.down = False
+    await outbox.flush()
+    await outbox.stop()
+
+    assert ledger.parked == ["malformed-1", "malformed-2"]
+    assert not ledger.delivered

@@ -189,7 +189,9 @@ async def test_rows_answered_by_the_simulator_are_labelled(
     request = ledger_pb2.RecordUsageRequest(records=simulated)
     await mesh.ledger.RecordUsage(request, metadata=WRITER, timeout=10)
 
-    code, table, _ = await _report(mesh, capsys, "--experiment", "demo")
+    code, table, _ = await _report(
+        mesh, capsys, "--experiment", "demo", "--requests-per-day", "1000"
+    )
 
     assert code == 0
     assert "SIMULATED provider" in table

@@ -159,3 +159,16 @@ async def test_fields_of_exactly_their_limits_are_kept(ledger_server: Ledger) ->
 
     (record,) = await export_all(stub, experiment=experiment)
     assert (record.experiment, record.cache_source_request_id) == (experiment, source)
+
+
+@pytest.mark.parametrize("experiment", ["", "trial"])
+async def test_a_far_end_time_is_clamped_with_or_without_an_experiment(
+    ledger_server: Ledger, experiment: str
+) -> None:
+    stub, _ = ledger_server
+    await record_all(stub, *ROWS)
+    request = ledger_pb2.QuerySpendRequest(experiment=experiment)
+    request.end_time.seconds = 10**13  # past any date a database can hold
+    reply = await stub.QuerySpend(request, metadata=SERVICE, timeout=5)
+
+    assert reply.total_cost_nano_usd > 0

@@ -90,9 +90,13 @@ def _at(year: int) -> timestamp_pb2.Timestamp:
          "records[3].route_probabilities[1].tier"),
         ({"route_probabilities": [types_pb2.TierProbability(probability=0.5)]},
          "records[3].route_probabilities[0].tier"),
+        ({"experiment": "x\x00y", "arm": 1}, "records[3].experiment"),
+        ({"client_request_id": "a\x00"}, "records[3].client_request_id"),
+        ({"route_reason": "\x00"}, "records[3].route_reason"),
     ],
     ids=["absurd tokens", "too old", "future", "no id", "long client id", "cached > input",
-         "unknown purpose", "long reason", "probability > 1", "tier twice", "no tier"],
+         "unknown purpose", "long reason", "probability > 1", "tier twice", "no tier",
+         "NUL in experiment", "NUL in client id", "NUL in reason"],
 )  # fmt: skip
 def test_malformed_records_are_refused_naming_the_field(
     fields: dict[str, object], field: str
