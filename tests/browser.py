@@ -13,7 +13,7 @@ from pathlib import Path
 from tests.unavailable import unavailable
 
 CHROMIUM = Path("/usr/bin/chromium")
-INSTALL = "apt-get install -y --no-install-recommends chromium chromium-driver"
+INSTALL = "apt-get install -y --no-install-recommends chromium"
 REPO = Path(__file__).resolve().parent.parent
 # Chromium logs every console message of a page (log, warning, error, a blocked fetch,
 # an uncaught exception) to stderr as "...:INFO:CONSOLE:0] "text", source: ...".

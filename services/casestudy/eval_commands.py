@@ -5,7 +5,8 @@ are scored against the references, and the command exits 1 when the treatment's 
 score is more than `--margin` (relative) below control's.
 
 Exit codes: 0 the treatment passes, 1 it does not (the reasons and the features below
-the margin are printed), 2 bad input or a run that cannot give a verdict.
+the margin are printed), 2 bad input or a run that cannot give a verdict (a mesh that
+fails or cannot be reached, a file that cannot be read or written).
 """
 
 from __future__ import annotations
@@ -75,6 +76,21 @@ def register(commands: Any) -> None:
 
 
 def _eval(args: argparse.Namespace, out: TextIO) -> int:
+    """Exit 1 means only "the treatment is below the margin": a failure of the
+    infrastructure is no verdict, so exit 2 (not the general mapping's 1)."""
+    try:
+        return _evaluate(args, out)
+    except grpc.RpcError as exc:
+        code = exc.code().name if isinstance(exc, grpc.Call) else "RPC"
+        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        print(f"costmesh: {code}: {details}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"costmesh: {exc}", file=sys.stderr)
+        return 2
+
+
+def _evaluate(args: argparse.Namespace, out: TextIO) -> int:
     margin = parse_margin(args.margin)
     experiment = args.experiment or _new_experiment()
     _check_options(args, experiment)
@@ -166,7 +182,7 @@ async def _run(
             float(args.timeout),
             asyncio.Semaphore(args.concurrency),
         )
-        run = Run(experiment, namespace=experiment)
+        run = Run(experiment)
         pairs = await run.pairs(mesh, requests, Progress("eval"))
         if args.scorer == "judge":
             await run.judge(mesh, args.judge_feature, pairs, Progress("judge"))

@@ -23,7 +23,11 @@ SCORERS = {
 def report(
     out: TextIO, comparison: Comparison, pairs: Sequence[Pair], heading: str, fmt: str
 ) -> None:
-    """The per-feature table, what was left out and why, and the verdict."""
+    """The per-feature table, what was left out and why, and the verdict; first, when
+    the local simulator answered, a banner saying so."""
+    banner = simulated_banner(pairs)
+    if banner:
+        out.write(banner + "\n\n")
     out.write(heading + "\n\n")
     header = ["feature", "compared", "control", "treatment", "drop", "95% interval"]
     lines = [_line(g, comparison.margin) for g in (*comparison.features, comparison.overall)]
@@ -32,6 +36,18 @@ def report(
     for note in _notes(comparison, pairs):
         out.write(note + "\n")
     out.write(verdict(comparison) + "\n")
+
+
+def simulated_banner(pairs: Sequence[Pair]) -> str:
+    """One line when any answer came from the local simulator; empty otherwise."""
+    answers = [a for p in pairs for a in (p.control, p.treatment) if not a.error]
+    simulated = sum(a.simulated for a in answers)
+    if not simulated:
+        return ""
+    return (
+        f"SIMULATED: {simulated} of {len(answers)} answers came from the local simulator, "
+        "not a model: these scores say how the simulator answers, not how a model would"
+    )
 
 
 def verdict(comparison: Comparison) -> str:

@@ -4,10 +4,11 @@ grade the answers: the gRPC side of `costmesh eval`.
 Each request is sent twice, named in the evaluation's experiment: once in the control
 arm (the feature's baseline model, no cache, no routing) and once in the treatment arm
 (what the feature is configured to do). The treatment's answers are cached under a
-namespace of this run, so a cached answer comes from this run's own traffic, never
-from an earlier run or another configuration. The judge is called through the mesh
-too, so its cost is in the ledger: in the control arm of its own experiment, that is
-the judge feature's baseline model, never a cached grade and never a routed one.
+namespace of this run (arms.cache_namespace), so a cached answer comes from this run's
+own traffic, never from an earlier run or another configuration. The judge is called
+through the mesh too, so its cost is in the ledger: in the control arm of its own
+experiment, that is the judge feature's baseline model, never a cached grade and never
+a routed one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from services.casestudy.arms import ARM_NAMES, complete_request, request_id
 from services.casestudy.eval_judge import judge_messages, parse_grade
 from services.casestudy.evaluate import Answer, Pair, strip_label
 from services.casestudy.workload import WorkloadRequest
+from services.inference.simulator_realism import LABEL as SIMULATED_LABEL
 
 JUDGE_MAX_TOKENS = 256
 # The key or its role is wrong: every other call would fail the same way.
@@ -66,10 +68,9 @@ class MeshClient:
 
 @dataclass(frozen=True)
 class Run:
-    """One evaluation: its experiment name and the cache namespace of its treatment."""
+    """One evaluation: its experiment name."""
 
     experiment: str
-    namespace: str
 
     async def pairs(
         self, mesh: MeshClient, requests: Iterable[WorkloadRequest], progress: Tick
@@ -87,8 +88,6 @@ class Run:
         self, mesh: MeshClient, request: WorkloadRequest, arm: types_pb2.Arm.ValueType
     ) -> Answer:
         call = complete_request(request, self.experiment, arm)
-        if arm == types_pb2.ARM_TREATMENT:
-            call.cache_control.namespace = self.namespace
         reply = await mesh.complete(call)
         if isinstance(reply, str):
             return Answer(error=reply)
@@ -98,6 +97,7 @@ class Run:
             model=reply.model,
             cached=reply.cached,
             cost_nano_usd=reply.cost_nano_usd,
+            simulated=reply.content.startswith(SIMULATED_LABEL),
         )
 
     async def judge(

@@ -83,6 +83,7 @@ class Answer:
     model: str = ""
     cached: bool = False
     cost_nano_usd: int = 0
+    simulated: bool = False  # the reply carried the local simulator's label
     score: float | None = None  # None: not scored (failed, or the judge's reply unparseable)
     grade: int | None = None  # the judge's 1-5 grade
     judge_reply: str = ""

@@ -21,14 +21,19 @@ class Projection:
 
     @classmethod
     def of(
-        cls, given: Decimal | float | None, answers: int, times: Sequence[Timestamp]
+        cls,
+        given: Decimal | float | None,
+        answers: int,
+        times: Sequence[Timestamp],
+        basis: str = "",
     ) -> Projection:
-        """`given` requests per day; without it, `answers` over the time `times` span."""
+        """`given` requests per day (`basis`: where that volume came from; empty: given
+        by the user); without it, `answers` over the time `times` span."""
         if given is not None:
             value = given if isinstance(given, Decimal) else Decimal(str(given))
             if not value.is_finite() or value < 0:
                 raise ValueError(f"requests per day must be a non-negative number, got {given}")
-            return cls(value, "requests per day given for the workload")
+            return cls(value, basis or "requests per day given for the workload")
         seconds = [Decimal(t.seconds) + Decimal(t.nanos) / 10**9 for t in times]
         span = max(seconds, default=Decimal(0)) - min(seconds, default=Decimal(0))
         if span <= 0:

@@ -33,6 +33,8 @@ CONTROL, TREATMENT = types_pb2.ARM_CONTROL, types_pb2.ARM_TREATMENT
 # How long a replay waits for the ledger to hold every answered request's row.
 LEDGER_WAIT_SECONDS = 60.0
 SECONDS_PER_DAY = 86_400
+# A workload spanning less than this has no daily volume of its own to project to.
+MIN_SPAN_SECONDS = 3_600
 # A replayed call's deadline: generous, the realistic simulator takes seconds.
 CALL_TIMEOUT_SECONDS = 120.0
 
@@ -50,12 +52,15 @@ class Planned:
 
 @dataclass
 class Outcome:
-    """What the replay saw: answers, failures by status, simulated answers."""
+    """What the replay saw: answers, failures by status, simulated answers, and the
+    cost the replies confirmed (those without cost_pending)."""
 
     experiment: str
     sent: int = 0
     answered: int = 0
     simulated: int = 0
+    confirmed_cost_nano_usd: int = 0
+    answered_ids: set[str] = field(default_factory=set)  # request ids answered
     failures: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
 
@@ -75,18 +80,51 @@ def plan(
     return [Planned(r, CONTROL if draw.random() < control_share else TREATMENT) for r in workload]
 
 
+def answered_in_one_arm(planned: Sequence[Planned], outcome: Outcome) -> int:
+    """Workload requests of a `both` replay answered in one arm and failed in the other."""
+    arms_answered = Counter(
+        p.request.id for p in planned if p.request_id(outcome.experiment) in outcome.answered_ids
+    )
+    return sum(1 for n in arms_answered.values() if n == 1)
+
+
 def truth(planned: Sequence[Planned], experiment: str) -> dict[str, Truth]:
     """Each call's label and true tier, by the request id it was sent with."""
     return {p.request_id(experiment): Truth(p.request.label, p.request.tier) for p in planned}
 
 
-def requests_per_day(workload: Sequence[WorkloadRequest]) -> Decimal:
-    """The workload's own daily volume, from the span of its timestamps (a workload
-    spanning less than a day is taken as one day's traffic)."""
+def workload_span_seconds(workload: Sequence[WorkloadRequest]) -> float:
     times = [r.timestamp for r in workload]
-    span = (max(times) - min(times)).total_seconds() if times else 0.0
-    days = max(Decimal(str(span)) / SECONDS_PER_DAY, Decimal(1))
-    return Decimal(len(workload)) / days
+    return (max(times) - min(times)).total_seconds() if times else 0.0
+
+
+def requests_per_day(workload: Sequence[WorkloadRequest]) -> Decimal:
+    """The workload's own daily volume: its requests over the span of its timestamps.
+    ValueError when it spans less than an hour: too short to say a daily volume."""
+    span = workload_span_seconds(workload)
+    if span < MIN_SPAN_SECONDS:
+        raise ValueError(
+            f"the workload spans {span:.0f} s, less than an hour: too short to project a "
+            "daily volume from; give --requests-per-day"
+        )
+    return Decimal(len(workload)) * SECONDS_PER_DAY / Decimal(str(span))
+
+
+def volume_basis(workload: Sequence[WorkloadRequest]) -> str:
+    """Where requests_per_day(workload) comes from, for the report."""
+    hours = workload_span_seconds(workload) / 3600
+    return f"the workload's own volume: {len(workload)} requests over {hours:.2f} hours"
+
+
+async def recorded_calls(
+    channel: grpc.aio.Channel, metadata: Sequence[tuple[str, str]], experiment: str
+) -> int:
+    """The rows the ledger already holds for `experiment` (a refused key raises)."""
+    stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+    spend = await stub.QuerySpend(
+        ledger_pb2.QuerySpendRequest(experiment=experiment), metadata=metadata, timeout=30
+    )
+    return sum(row.calls for row in spend.rows)
 
 
 async def send_all(
@@ -120,9 +158,14 @@ async def send_all(
                 )
             except grpc.aio.AioRpcError as exc:
                 outcome.failures[exc.code().name] += 1
+            except Exception as exc:  # one call's fault is a failure, not the replay's end
+                outcome.failures[type(exc).__name__] += 1
             else:
                 outcome.answered += 1
+                outcome.answered_ids.add(call.request_id(experiment))
                 outcome.simulated += reply.content.startswith(SIMULATED_LABEL)
+                if not reply.cost_pending:
+                    outcome.confirmed_cost_nano_usd += reply.cost_nano_usd
             outcome.sent += 1
             progress(outcome.sent, len(planned))
 
@@ -136,9 +179,12 @@ async def ledger_rows(
     metadata: Sequence[tuple[str, str]],
     experiment: str,
     answered: int,
+    *,
     wait_seconds: float = LEDGER_WAIT_SECONDS,
+    cost_nano_usd: int = 0,
 ) -> list[ledger_pb2.UsageRecord]:
-    """The experiment's rows, once the ledger holds one answer row per answered call.
+    """The experiment's rows, once the ledger holds one answer row per answered call
+    and at least `cost_nano_usd` (the replies' confirmed cost, overhead rows included).
 
     Inference records usage just after it replies, so the last rows can trail the last
     answers by moments (longer through a ledger outage: then this gives up, saying so).
@@ -150,13 +196,14 @@ async def ledger_rows(
             ledger_pb2.QuerySpendRequest(experiment=experiment), metadata=metadata, timeout=30
         )
         recorded = sum(row.calls for row in spend.rows)
-        if recorded >= answered:
+        if recorded >= answered and spend.total_cost_nano_usd >= cost_nano_usd:
             break
         if time.monotonic() > deadline:
             raise TimeoutError(
                 f"the ledger holds {recorded} of {answered} answers of experiment "
-                f"{experiment!r} after {wait_seconds:.0f} s; the rest wait in inference's "
-                "outbox (is the ledger reachable?)"
+                f"{experiment!r} ({spend.total_cost_nano_usd} of {cost_nano_usd} nano-USD) "
+                f"after {wait_seconds:.0f} s; the rest wait in inference's outbox (is the "
+                "ledger reachable?)"
             )
         await asyncio.sleep(0.2)  # polled: the rows arrive on inference's schedule
     export = stub.ExportUsage(

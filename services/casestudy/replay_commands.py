@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
+import secrets
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -24,8 +24,9 @@ from services.casestudy.report import SavingsReport, build_report
 from services.casestudy.report_render import render_csv, render_html, render_terminal
 from services.casestudy.support_workload import bundled_workload_path
 from services.casestudy.workload import WorkloadRequest, read_workload
-from services.common.cli_support import positive
+from services.common.cli_support import positive, positive_decimal
 from services.common.config import Config, load_config
+from services.inference.experiments import MAX_EXPERIMENT_NAME
 from services.inference.settings import InferenceSettings
 from services.mesh import SERVICES, start_mesh
 
@@ -46,11 +47,14 @@ def register(commands: Any) -> None:
     _replay_options(run)
     run.set_defaults(handler=_replay)
     demo = commands.add_parser(
-        "demo", help="start the mesh in process and replay the bundled support workload"
+        "demo",
+        help="start the mesh in process and replay the bundled support workload",
     )
     demo.add_argument("--out", type=Path, default=Path("costmesh-demo"),
-                      help="folder for the report and traces")  # fmt: skip
-    demo.add_argument("--workload", type=Path, default=bundled_workload_path())
+                      help="folder for the report and traces (default %(default)s)")  # fmt: skip
+    demo.add_argument("--workload", type=Path, default=bundled_workload_path(),
+                      help="a .jsonl or .jsonl.gz workload (default: the bundled "
+                      "support workload, %(default)s)")  # fmt: skip
     _replay_options(demo, requests_per_day=CASE_REQUESTS_PER_DAY)
     demo.set_defaults(handler=_demo)
 
@@ -62,11 +66,21 @@ def _replay_options(parser: argparse.ArgumentParser, requests_per_day: int | Non
                         help="share of requests in the control arm with --mode split")  # fmt: skip
     parser.add_argument("--speed", default="max",
                         help="'max', or N times the recorded pace (60: 1 h a minute)")  # fmt: skip
-    parser.add_argument("--concurrency", type=positive, default=64)
-    parser.add_argument("--experiment", default="", help="name (default replay-<UTC time>)")
+    parser.add_argument(
+        "--concurrency", type=positive, default=64, help="calls in flight (default %(default)s)"
+    )
+    parser.add_argument("--experiment", default="",
+                        help="a new name (default replay-<UTC time>-<random>)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the A/B split")
-    parser.add_argument("--requests-per-day", type=Decimal, default=requests_per_day,
-                        help="volume costs are projected to (default: the workload's)")  # fmt: skip
+    volume = (
+        "volume costs are projected to (default: the workload's own, requests over the "
+        "hours it spans)"
+        if requests_per_day is None
+        else "volume costs are projected to (default: 200,000, the case's platform: "
+        "50,000 tickets a day, about four LLM calls each)"
+    )
+    parser.add_argument("--requests-per-day", type=positive_decimal,
+                        default=requests_per_day, help=volume)  # fmt: skip
     parser.add_argument("--csv", type=Path, help="also write the report as CSV")
     parser.add_argument("--html", type=Path, help="also write the report as an HTML page")
 
@@ -75,8 +89,8 @@ def _replay(args: argparse.Namespace, out: TextIO) -> int:
     workload = read_workload(args.workload)
     config = load_config(args.config, env={}) if args.config else load_config(env={})
     metadata = (("authorization", f"Bearer {args.key}"),) if args.key else ()
-    report = asyncio.run(_run(args.addr, metadata, workload, args, _model_tiers(config)))
-    _write(report, args, out)
+    result = asyncio.run(_run(args.addr, metadata, workload, args, _model_tiers(config)))
+    _write(result, args, out)
     return 0
 
 
@@ -92,12 +106,13 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
         "(no API key is used, nothing leaves this machine).\n\n"
     )
     out.flush()
-    report = asyncio.run(_demo_run(workload, args, traces))
-    _write(report, args, out)
+    result = asyncio.run(_demo_run(workload, args, traces))
+    _write(result, args, out)
     out.write(
         f"\nTraces of every call: {traces} (OpenTelemetry JSON, one span a line).\n"
         "Run the mesh yourself with `.venv/bin/costmesh serve` (port 50051), then replay\n"
-        f"any workload against it: `.venv/bin/costmesh replay {args.workload}`.\n"
+        "any workload against it: `.venv/bin/costmesh replay "
+        f"{args.workload} --key {DEMO_KEY}`.\n"
         "Export OPENAI_API_KEY first to use OpenAI instead of the simulator; set\n"
         "OTEL_EXPORTER_OTLP_ENDPOINT to send traces to Jaeger (compose.yaml runs one).\n"
     )
@@ -106,7 +121,7 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
 
 async def _demo_run(
     workload: Sequence[WorkloadRequest], args: argparse.Namespace, traces: Path
-) -> SavingsReport:
+) -> Replayed:
     """The whole mesh in this process on the embedded defaults, its provider the
     realistic simulator that knows the workload's questions."""
     with tempfile.TemporaryDirectory() as data_dir, traces.open("w") as trace_file:
@@ -136,17 +151,39 @@ async def _demo_run(
             tracer_provider.shutdown()
 
 
+@dataclass(frozen=True)
+class Replayed:
+    """The report, and what the replay saw that the ledger's rows cannot say."""
+
+    report: SavingsReport
+    outcome: replay.Outcome
+    one_arm_only: int | None  # with --mode both: requests answered in one arm only
+
+
 async def _run(
     address: str,
     metadata: Sequence[tuple[str, str]],
     workload: Sequence[WorkloadRequest],
     args: argparse.Namespace,
     model_tiers: Mapping[str, str],
-) -> SavingsReport:
-    experiment = args.experiment or f"replay-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+) -> Replayed:
+    experiment = args.experiment or _new_experiment()
+    check_experiment(experiment)
     planned = replay.plan(workload, args.mode, args.control_share, args.seed)
     speed = None if args.speed == "max" else _speed(args.speed)
+    if args.requests_per_day is not None:
+        requests_per_day, basis = args.requests_per_day, "given"
+    else:  # before anything is sent: a workload too short for a volume is refused
+        requests_per_day = replay.requests_per_day(workload)
+        basis = replay.volume_basis(workload)
     async with grpc.aio.insecure_channel(address) as channel:
+        # Also the key's first use: a refused key stops here, nothing sent.
+        recorded = await replay.recorded_calls(channel, metadata, experiment)
+        if recorded:
+            raise ValueError(
+                f"experiment {experiment} already has {recorded} rows in the ledger; "
+                "choose another name"
+            )
         outcome = await replay.send_all(
             channel,
             metadata,
@@ -156,22 +193,38 @@ async def _run(
             speed=speed,
             progress=Progress(f"replay {experiment}"),
         )
-        if outcome.failures:
-            failed = ", ".join(f"{n} {code}" for code, n in outcome.failures.most_common())
-            print(
-                f"costmesh: {sum(outcome.failures.values())} calls failed: {failed}",
-                file=sys.stderr,
-            )
         if not outcome.answered:
-            raise ValueError("no call was answered: is the mesh running, and is the key valid?")
-        rows = await replay.ledger_rows(channel, metadata, experiment, outcome.answered)
-    return build_report(
+            failed = ", ".join(f"{n} {code}" for code, n in outcome.failures.most_common())
+            raise ValueError(f"no call was answered ({failed}): is the mesh running?")
+        rows = await replay.ledger_rows(
+            channel,
+            metadata,
+            experiment,
+            outcome.answered,
+            cost_nano_usd=outcome.confirmed_cost_nano_usd,
+        )
+    report = build_report(
         rows,
         replay.truth(planned, experiment),
         model_tiers,
-        args.requests_per_day or replay.requests_per_day(workload),
+        requests_per_day,
         simulated=outcome.simulated > 0,
+        basis=basis,
     )
+    one_arm = replay.answered_in_one_arm(planned, outcome) if args.mode == "both" else None
+    return Replayed(report, outcome, one_arm)
+
+
+def _new_experiment() -> str:
+    return f"replay-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def check_experiment(name: str) -> None:
+    """The mesh's rule for an experiment name, and printable (it is shown in reports)."""
+    if len(name) > MAX_EXPERIMENT_NAME:
+        raise ValueError(f"--experiment: at most {MAX_EXPERIMENT_NAME} characters")
+    if not name.isprintable():
+        raise ValueError(f"--experiment: printable characters only, got {name!r}")
 
 
 def _speed(text: str) -> float:
@@ -188,8 +241,19 @@ def _model_tiers(config: Config) -> Mapping[str, str]:
     return InferenceSettings.from_config(config).simulator.model_tiers
 
 
-def _write(report: SavingsReport, args: argparse.Namespace, out: TextIO) -> None:
+def _write(result: Replayed, args: argparse.Namespace, out: TextIO) -> None:
+    report, outcome = result.report, result.outcome
     out.write(render_terminal(report))
+    failed = sum(outcome.failures.values())
+    codes = ", ".join(f"{n} {code}" for code, n in outcome.failures.most_common())
+    out.write(
+        f"\n{outcome.sent} calls sent, {outcome.answered} answered, {failed} failed"
+        f"{f' ({codes})' if codes else ''}; the arms are compared over answered calls only.\n"
+    )
+    if result.one_arm_only:
+        out.write(
+            f"{result.one_arm_only} requests were answered in one arm only (failed in the other).\n"
+        )
     for path, text in ((args.csv, render_csv), (args.html, render_html)):
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

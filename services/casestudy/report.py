@@ -126,6 +126,8 @@ def build_report(
     model_tiers: Mapping[str, str] | None = None,
     requests_per_day: Decimal | float | None = None,
     simulated: bool = False,
+    *,
+    basis: str = "",
 ) -> SavingsReport:
     """The savings report of one experiment's ledger rows.
 
@@ -134,7 +136,8 @@ def build_report(
     to `requests_per_day`: the whole traffic under that arm's policy, at the arm's
     feature mix. Without it the volume is every answer of both arms over the time the
     rows span, which fits traffic split between the arms, not a replay that sends each
-    request through both. Raises EmptyReportError when no arm has an answer.
+    request through both. `basis` says where a `requests_per_day` came from (empty: it
+    was given). Raises EmptyReportError when no arm has an answer.
     """
     rows = list(records)
     in_arms = [r for r in rows if r.arm in _ARMS]
@@ -143,7 +146,7 @@ def build_report(
     model_tiers = model_tiers or {}
     judge = Judge.of(truth, model_tiers, in_arms)
     answers = [r for r in in_arms if _is_answer(r)]
-    projection = Projection.of(requests_per_day, len(answers), [r.time for r in in_arms])
+    projection = Projection.of(requests_per_day, len(answers), [r.time for r in in_arms], basis)
     arm_requests = Counter(r.arm for r in answers)
     features = tuple(
         _compare(name, [r for r in in_arms if r.feature == name], arm_requests, projection, judge)

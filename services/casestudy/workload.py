@@ -33,6 +33,10 @@ SUFFIXES = (".jsonl", ".jsonl.gz")
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)")
 
 
+# max_tokens is an int32 on the wire.
+MAX_TOKENS = 2**31 - 1
+
+
 class WorkloadError(ValueError):
     """Bad workload input or options, said in one line (the CLI exits 2)."""
 
@@ -62,6 +66,8 @@ class WorkloadRequest:
             value = getattr(self, name)
             if value is not None and not value.strip():
                 raise WorkloadError(f"{name}: must not be empty")
+        for name in ("id", "team", "feature", "label", "tier", "reference"):
+            _check_utf8(name, getattr(self, name))
         if self.timestamp.utcoffset() is None:
             raise WorkloadError("timestamp: needs a timezone (Z or +hh:mm)")
         _check_messages(self.messages)
@@ -69,6 +75,8 @@ class WorkloadRequest:
             raise WorkloadError(f"tier: {self.tier!r} is not one of {', '.join(TIERS)}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise WorkloadError(f"max_tokens: must be positive, got {self.max_tokens}")
+        if self.max_tokens is not None and self.max_tokens > MAX_TOKENS:
+            raise WorkloadError(f"max_tokens: must be at most {MAX_TOKENS}, got {self.max_tokens}")
 
     @property
     def question(self) -> str:
@@ -76,8 +84,22 @@ class WorkloadRequest:
         return next(m.content for m in reversed(self.messages) if m.role == "user")
 
 
+def _check_utf8(name: str, value: str | None) -> None:
+    """Text the wire cannot carry (a lone surrogate, say from a JSON escape)."""
+    if value is None:
+        return
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise WorkloadError(
+            f"{name}: not valid Unicode text ({exc.reason} at character {exc.start})"
+        ) from None
+
+
 def _check_messages(messages: tuple[Message, ...]) -> None:
     for i, message in enumerate(messages):
+        _check_utf8(f"messages[{i}].role", message.role)
+        _check_utf8(f"messages[{i}].content", message.content)
         if message.role not in ROLES:
             raise WorkloadError(
                 f"messages[{i}].role: {message.role!r} is not one of {', '.join(ROLES)}"

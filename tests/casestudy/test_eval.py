@@ -22,7 +22,7 @@ from services.casestudy import eval_commands
 from services.casestudy.arms import request_id
 from services.casestudy.eval_commands import select
 from services.casestudy.eval_judge import grade_score, judge_messages, parse_grade
-from services.casestudy.eval_report import verdict
+from services.casestudy.eval_report import simulated_banner, verdict
 from services.casestudy.eval_runs import EvalAbortError, check_arm
 from services.casestudy.evaluate import (
     Answer,
@@ -388,6 +388,34 @@ def test_no_mesh_at_the_address_is_exit_2(
     assert "no mesh answers at 127.0.0.1:1" in err
 
 
+def test_the_mesh_failing_is_exit_2_not_the_gate_s_verdict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workload = write_workload(tmp_path / "w.jsonl", [("billing", *QA[0])])
+
+    def refuse(*_: object) -> None:
+        raise ConnectionResetError("connection reset by the mesh")
+
+    monkeypatch.setattr(eval_commands, "_run", refuse)
+    args = [str(workload), "--key", DEMO_KEY, "--scorer", "judge", "--judge-feature", "billing"]
+    code, out, err = run_eval(args, capsys)
+
+    assert code == 2
+    assert out == ""
+    assert err.endswith("costmesh: connection reset by the mesh\n")
+
+
+def test_no_banner_when_no_answer_was_simulated() -> None:
+    request = WorkloadRequest(
+        id="a", timestamp=datetime.datetime(2026, 11, 2, tzinfo=datetime.UTC), team="t",
+        feature="f", messages=(Message("user", "hi"),), reference="hello",
+    )  # fmt: skip
+    real = Pair(request, control=Answer(content="x"), treatment=Answer(content="y"))
+    assert simulated_banner([real]) == ""
+    half = Pair(request, control=Answer(content="x", simulated=True), treatment=Answer(error="E"))
+    assert simulated_banner([half]).startswith("SIMULATED: 1 of 1 answers")
+
+
 @pytest.fixture
 def realistic(tmp_path: Path) -> OpenAISimulator:
     """Knows the workload's answers; gpt-4o-mini is given a strong model's accuracy, so
@@ -441,6 +469,7 @@ async def test_the_gate_passes_when_the_cheap_model_answers_as_well(
     # The strong models are wrong 1% of the time (seeded): here, never more than once.
     assert sum(float(r["treatment_score"]) > 0.99 for r in results) >= 19
     assert "2 of 20 treatment answers from the cache" in out
+    assert out.startswith("SIMULATED: 40 of 40 answers came from the local simulator")
     arms = {(r.experiment, r.arm) for r in rows}
     assert arms == {("gate-1", types_pb2.ARM_CONTROL), ("gate-1", types_pb2.ARM_TREATMENT)}
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from costmesh.inference.v1 import inference_pb2
 from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
-from services.casestudy import replay
+from services.casestudy import arms, replay
 from services.casestudy.report import build_report
 from services.casestudy.support_workload import bundled_workload_path
 from services.casestudy.workload import Message, WorkloadRequest, read_workload, write_workload
@@ -117,7 +118,7 @@ async def test_an_ab_split_holds_its_ratio_and_every_row_has_its_arm(mesh: Mesh)
     outcome = await _replay(mesh, planned, "exp-split")
     rows = await ledger_rows(mesh)
 
-    control = sum(p.arm == CONTROL for p in planned)
+    control = sum(r.arm == CONTROL for r in rows)  # what the mesh recorded, not the plan
     assert abs(control / 300 - 0.25) < 4 * math.sqrt(0.25 * 0.75 / 300)
     assert outcome.answered == 300
     assert len(rows) == 300
@@ -145,12 +146,15 @@ async def test_the_command_prints_the_report_and_writes_csv_and_html(
             [
                 "replay", str(workload_path), "--addr", mesh.address,
                 "--key", "cm-demo-admin-key", "--experiment", "cli",
-                "--html", str(html), "--csv", str(table),
+                "--html", str(html), "--csv", str(table), "--requests-per-day", "1000",
             ],
         )  # fmt: skip
 
     assert code == 0
     assert 'experiment "cli"' in out.getvalue()
+    assert "(given)" in out.getvalue()
+    assert "40 calls sent, 40 answered, 0 failed" in out.getvalue()
+    assert "compared over answered calls only" in out.getvalue()
     assert "SIMULATED" in out.getvalue()
     assert "<svg" in html.read_text()
     rows = list(csv.DictReader(table.read_text().splitlines()))
@@ -196,3 +200,197 @@ def test_the_demo_replays_the_bundled_workload_offline(
     assert (out / "savings-report.html").read_text().count("<svg") >= 3
     assert (out / "traces.jsonl").read_text().count('"trace_id"') > 120
     assert "costmesh serve" in printed
+
+
+async def _cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = await asyncio.to_thread(main, list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def _replay_args(mesh: Mesh, path: Path, *more: str) -> list[str]:
+    return ["replay", str(path), "--addr", mesh.address, "--key", "cm-demo-admin-key", *more]
+
+
+async def test_each_experiment_has_its_own_cache(mesh: Mesh) -> None:
+    workload = _workload(40, distinct=10)
+    hits = []
+    for experiment in ("exp-first", "exp-second"):
+        planned = replay.plan(workload, "both", 0.5, seed=0)
+        outcome = await _replay(mesh, planned, experiment)
+        rows = await replay.ledger_rows(mesh.channel, AUTH, experiment, outcome.answered)
+        treatment = build_report(rows, requests_per_day=1).total.treatment
+        assert treatment is not None
+        hits.append(treatment.cache_hits)
+    # The second replay is not warmed by the first: 15 repeats hit in each.
+    assert hits == [15, 15]
+
+
+async def test_a_used_experiment_name_is_refused_before_anything_is_sent(
+    mesh: Mesh, simulator: OpenAISimulator, tmp_path: Path
+) -> None:
+    path = tmp_path / "w.jsonl"
+    write_workload(path, _workload(6, distinct=6))
+    args = _replay_args(mesh, path, "--experiment", "taken", "--requests-per-day", "10")
+    assert (await _cli(*args))[0] == 0
+    calls = simulator.call_count
+
+    code, _out, err = await _cli(*args)
+
+    assert code == 2
+    assert err == (
+        "costmesh: experiment taken already has 12 rows in the ledger; choose another name\n"
+    )
+    assert simulator.call_count == calls
+
+
+async def test_a_refused_key_stops_before_anything_is_sent(
+    mesh: Mesh, simulator: OpenAISimulator, tmp_path: Path
+) -> None:
+    path = tmp_path / "w.jsonl"
+    write_workload(path, _workload(6, distinct=6))
+    args = ["replay", str(path), "--addr", mesh.address, "--key", "cm-wrong",
+            "--requests-per-day", "10"]  # fmt: skip
+
+    code, _, err = await _cli(*args)
+
+    assert code == 1
+    assert err.startswith("costmesh: UNAUTHENTICATED")
+    assert err.count("\n") == 1
+    assert simulator.call_count == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--experiment", "x" * 101], "--experiment: at most 100 characters"),
+        (["--experiment", "a\tb"], "--experiment: printable characters only"),
+        (["--requests-per-day", "abc"], "argument --requests-per-day: not a number: 'abc'"),
+        (["--requests-per-day", "-5"], "argument --requests-per-day: must be above 0: '-5'"),
+        ([], "less than an hour: too short to project a daily volume from; give "
+             "--requests-per-day"),
+    ],
+)  # fmt: skip
+async def test_bad_replay_options_exit_2_with_one_line_and_send_nothing(
+    mesh: Mesh, simulator: OpenAISimulator, tmp_path: Path, argv: list[str], message: str
+) -> None:
+    path = tmp_path / "w.jsonl"
+    write_workload(path, _workload(6, distinct=6))  # 150 s of traffic
+
+    code, _, err = await _cli(*_replay_args(mesh, path, *argv))
+
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+    assert simulator.call_count == 0
+
+
+def test_the_workload_s_own_volume_is_its_requests_over_its_span() -> None:
+    hourly = [
+        WorkloadRequest(
+            id=f"r{i}", timestamp=T0 + timedelta(minutes=20 * i), team="t", feature="f",
+            messages=(Message("user", "hi"),),
+        )
+        for i in range(7)
+    ]  # fmt: skip
+    # Seven requests over two hours: 84 a day (not clamped to one day's worth).
+    assert replay.requests_per_day(hourly) == 84
+    assert replay.volume_basis(hourly) == ("the workload's own volume: 7 requests over 2.00 hours")
+    with pytest.raises(ValueError, match="less than an hour"):
+        replay.requests_per_day(hourly[:3])
+
+
+async def test_speed_sends_at_the_recorded_pace_in_timestamp_order(
+    mesh: Mesh, simulator: OpenAISimulator
+) -> None:
+    workload = [
+        WorkloadRequest(
+            id=f"s{i}", timestamp=T0 + timedelta(seconds=10 * i), team="t", feature="labels",
+            messages=(Message("user", f"paced {i}"),),
+        )
+        for i in (2, 0, 1)  # not in time order: the schedule puts them in it
+    ]  # fmt: skip
+    planned = replay.plan(workload, "split", 0.5, seed=0)
+
+    outcome = await replay.send_all(
+        mesh.channel, AUTH, planned, "paced", concurrency=8, speed=100, progress=lambda *_: None
+    )
+
+    assert outcome.answered == 3
+    assert outcome.seconds >= 0.2  # 20 s of traffic at 100 times its pace
+    asked = [r["messages"][-1]["content"] for r in simulator.requests]
+    assert asked == ["paced 0", "paced 1", "paced 2"]
+
+
+async def test_a_call_that_raises_is_a_failure_not_the_end_of_the_replay(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = arms.complete_request
+
+    def broken(
+        request: WorkloadRequest, experiment: str, arm: types_pb2.Arm.ValueType
+    ) -> inference_pb2.CompleteRequest:
+        if request.id == "w1":
+            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+        return real(request, experiment, arm)
+
+    monkeypatch.setattr(arms, "complete_request", broken)
+    outcome = await _replay(mesh, replay.plan(_workload(4, 4), "split", 0.5, 0), "raises")
+
+    assert outcome.answered == 3
+    assert outcome.failures == Counter({"UnicodeEncodeError": 1})
+
+
+async def test_the_ledger_wait_includes_the_replies_cost(mesh: Mesh) -> None:
+    planned = replay.plan(_workload(4, 4), "both", 0.5, seed=0)
+    outcome = await _replay(mesh, planned, "costed")
+    assert outcome.confirmed_cost_nano_usd > 0
+    rows = await replay.ledger_rows(
+        mesh.channel, AUTH, "costed", 8, cost_nano_usd=outcome.confirmed_cost_nano_usd
+    )
+    assert sum(r.cost_nano_usd for r in rows) == outcome.confirmed_cost_nano_usd
+
+    with pytest.raises(TimeoutError, match="nano-USD"):  # a cost row still missing
+        await replay.ledger_rows(
+            mesh.channel, AUTH, "costed", 8, wait_seconds=0.3,
+            cost_nano_usd=outcome.confirmed_cost_nano_usd + 1,
+        )  # fmt: skip
+
+
+async def test_failures_are_counted_after_the_report(
+    mesh: Mesh, simulator: OpenAISimulator, tmp_path: Path
+) -> None:
+    path = tmp_path / "w.jsonl"
+    write_workload(path, _workload(6, distinct=6))
+    simulator.fail_next(1, status=400)
+
+    code, out, _ = await _cli(
+        *_replay_args(mesh, path, "--requests-per-day", "10", "--concurrency", "1")
+    )
+
+    assert code == 0
+    tail = out[out.index("12 calls sent") :]
+    assert tail.startswith("12 calls sent, 11 answered, 1 failed (1 ")
+    assert "the arms are compared over answered calls only" in tail
+    assert "1 requests were answered in one arm only" in tail
+
+
+async def test_ledger_report_of_a_replay_needs_a_daily_volume(mesh: Mesh, tmp_path: Path) -> None:
+    planned = replay.plan(_workload(4, 4), "both", 0.5, seed=0)
+    outcome = await _replay(mesh, planned, "compressed")
+    await replay.ledger_rows(mesh.channel, AUTH, "compressed", outcome.answered)
+    report = ["ledger", "report", "--addr", mesh.address, "--key", "cm-demo-admin-key",
+              "--experiment", "compressed"]  # fmt: skip
+
+    code, _, err = await _cli(*report)
+    assert code == 2
+    assert "compressed in time" in err
+    assert "--requests-per-day" in err
+
+    code, out, _ = await _cli(*report, "--requests-per-day", "1000")
+    assert code == 0
+    assert "1,000 requests a day" in out
+    code, _, err = await _cli(*report, "--requests-per-day", "abc")
+    assert code == 2
+    assert "argument --requests-per-day: not a number" in err
