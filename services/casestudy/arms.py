@@ -13,9 +13,9 @@ from costmesh.inference.v1 import inference_pb2
 from costmesh.types.v1 import types_pb2
 from services.casestudy.workload import WorkloadRequest, chat_messages
 from services.common.limits import MAX_REQUEST_ID
+from services.inference.experiments import ARM_NAMES
 from services.inference.validation import MAX_NAME
 
-ARM_NAMES = {types_pb2.ARM_CONTROL: "control", types_pb2.ARM_TREATMENT: "treatment"}
 # What the mesh accepts as a cache namespace (services/inference/validation.py).
 _NAMESPACE = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_NAME}}}")
 _PREFIX = "experiment:"

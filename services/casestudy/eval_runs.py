@@ -22,10 +22,11 @@ import grpc
 
 from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from costmesh.types.v1 import types_pb2
-from services.casestudy.arms import ARM_NAMES, complete_request, request_id
+from services.casestudy.arms import complete_request, request_id
 from services.casestudy.eval_judge import judge_messages, parse_grade
 from services.casestudy.evaluate import Answer, Pair, strip_label
 from services.casestudy.workload import WorkloadRequest
+from services.inference.experiments import ARM_NAMES
 from services.inference.simulator_realism import LABEL as SIMULATED_LABEL
 
 JUDGE_MAX_TOKENS = 256

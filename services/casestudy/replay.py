@@ -24,9 +24,9 @@ from costmesh.inference.v1 import inference_pb2_grpc
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh.types.v1 import types_pb2
 from services.casestudy import arms
-from services.casestudy.arms import ARM_NAMES
 from services.casestudy.quality import Truth
 from services.casestudy.workload import WorkloadRequest
+from services.inference.experiments import ARM_NAMES
 from services.inference.simulator_realism import LABEL as SIMULATED_LABEL
 
 CONTROL, TREATMENT = types_pb2.ARM_CONTROL, types_pb2.ARM_TREATMENT

@@ -17,13 +17,13 @@ from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
 from services.casestudy.projection import Projection
 from services.casestudy.quality import Judge, Quality, Truth, is_hit
+from services.inference.experiments import ARM_NAMES
 
 CACHE = "cache"  # the model mix's name for answers served from the cache
 SIMULATED_NOTICE = (
     "SIMULATED provider: answers, tokens and latencies are simulated; "
     "costs are real prices applied to simulated token counts."
 )
-_ARMS = {types_pb2.ARM_CONTROL: "control", types_pb2.ARM_TREATMENT: "treatment"}
 _ANSWER = (ledger_pb2.CALL_PURPOSE_ANSWER, ledger_pb2.CALL_PURPOSE_UNSPECIFIED)
 
 
@@ -140,7 +140,7 @@ def build_report(
     was given). Raises EmptyReportError when no arm has an answer.
     """
     rows = list(records)
-    in_arms = [r for r in rows if r.arm in _ARMS]
+    in_arms = [r for r in rows if r.arm in ARM_NAMES]
     _require_answers(rows, in_arms)
     truth = truth or {}
     model_tiers = model_tiers or {}

@@ -85,6 +85,10 @@ def assign(
     return Assignment(standing.name, arm)
 
 
+# The arms' names on traces, in reports and in request ids.
+ARM_NAMES = {types_pb2.ARM_CONTROL: "control", types_pb2.ARM_TREATMENT: "treatment"}
+
+
 def arm_name(arm: types_pb2.Arm.ValueType) -> str:
-    """ "control", "treatment", or "" (for traces and reports)."""
-    return {types_pb2.ARM_CONTROL: "control", types_pb2.ARM_TREATMENT: "treatment"}.get(arm, "")
+    """ "control", "treatment", or "" (not in an experiment)."""
+    return ARM_NAMES.get(arm, "")
