@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo serve test lint generate check-generated bench router-artefact workload clean
+.PHONY: demo serve test lint generate check-generated bench router-artefact cache-model cache-lodo cache-eval workload clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,24 @@ bench: $(STAMP)
 	$(BIN)/python bench/route_latency.py
 	$(BIN)/python bench/dispatch.py overhead
 	$(BIN)/python bench/dispatch.py flaky
+
+## Retrain the cache's equivalence model that ships with costmesh (about 20 minutes on
+## 2 cores; Banking77, CLINC150 and Bitext beside the checkout), then the router
+## artefact, which is trained on that model's vectors.
+cache-model: $(STAMP)
+	$(BIN)/costmesh cache train --data banking77,clinc150,bitext --seed 0 --out services/common/embedding_model
+	$(MAKE) router-artefact
+
+## The three leave-one-dataset-out models `cache eval --setting lodo` measures.
+LODO := .costmesh/lodo
+cache-lodo: $(STAMP)
+	$(BIN)/costmesh cache train --data clinc150,bitext --out $(LODO)/without-banking77
+	$(BIN)/costmesh cache train --data banking77,bitext --out $(LODO)/without-clinc150
+	$(BIN)/costmesh cache train --data banking77,clinc150 --out $(LODO)/without-bitext
+
+## The shipped model beside stock MiniLM, in-domain and leave-one-dataset-out.
+cache-eval: $(STAMP)
+	$(BIN)/costmesh cache eval --setting both --lodo-dir $(LODO) --format markdown
 
 ## Retrain the router artefact that ships with costmesh (Bitext and Banking77 support tickets).
 router-artefact: $(STAMP)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.common.embedding import MiniLM, minilm_dir
+from services.common.embedding import minilm_dir, minilm_encoder, shared_encoder
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "banking77"
 Embed = Callable[[Sequence[str]], object]
@@ -76,8 +76,10 @@ def main() -> None:
             lambda batch: reference.encode(list(batch), normalize_embeddings=True),
             texts,
         )
-        onnx = MiniLM(threads=threads)
+        onnx = minilm_encoder(threads)
         _row(f"ONNX Runtime, {threads} thread(s)", onnx.embed_sync, texts)
+        shipped = shared_encoder(None, threads)
+        _row(f"shipped model (int8), {threads} thread(s)", shipped.embed_sync, texts)
     expected = reference.encode(texts, normalize_embeddings=True)
     agreement = (onnx.embed_sync(texts).vectors * expected).sum(axis=1)
     print(f"agreement with the reference: cosine min {agreement.min():.7f}, ", end="")

@@ -22,7 +22,7 @@ from pathlib import Path
 from services.cache.keys import RequestKey
 from services.cache.semantic import FeaturePolicy, SemanticCache
 from services.cache.store import Answer, Capacity, Entry, MemoryStore
-from services.common.embedding import MINILM, MINILM_DIMENSIONS, Embeddings, shared_minilm
+from services.common.embedding import MINILM_DIMENSIONS, Embeddings, shared_encoder
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "banking77"
 ANSWER = Answer("answer", "gpt-4o-mini", 10, 0, 5, "stop")
@@ -38,12 +38,13 @@ class FifoStore(MemoryStore):
 class _Precomputed:
     """The stream's embeddings, computed once and shared by every run."""
 
-    model = MINILM
+    model = shared_encoder(None, 2).model
     dimensions = MINILM_DIMENSIONS
+    thresholds = shared_encoder(None, 2).thresholds
     billed = False
 
     def __init__(self, texts: list[str]) -> None:
-        embedded = shared_minilm(None, 2).embed_sync(texts)
+        embedded = shared_encoder(None, 2).embed_sync(texts)
         self._rows = {t: embedded.vectors[i : i + 1] for i, t in enumerate(texts)}
 
     async def embed(self, texts: Sequence[str]) -> Embeddings:

@@ -25,7 +25,7 @@ import grpc
 
 from costmesh.router.v1 import router_pb2, router_pb2_grpc
 from costmesh.types.v1 import types_pb2
-from services.common.embedding import MINILM, shared_minilm
+from services.common.embedding import shared_encoder
 
 KEY = (("authorization", "Bearer cm-demo-admin-key"),)
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "banking77" / "test.csv"
@@ -50,7 +50,7 @@ def _request(text: str, vector: Sequence[float] = ()) -> router_pb2.RouteRequest
         feature="support",
         messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=text)],
         embedding=vector,
-        embedding_model=MINILM if vector else "",
+        embedding_model=shared_encoder(None, 1).model if vector else "",
     )
 
 
@@ -78,7 +78,7 @@ def _line(name: str, latencies: list[float]) -> str:
 async def _run(calls: int) -> None:
     with DATA.open(newline="", encoding="utf-8") as fh:
         texts = [row["text"] for row in csv.DictReader(fh)][:calls]
-    vectors = shared_minilm(None, 1).embed_sync(texts).vectors.tolist()
+    vectors = shared_encoder(None, 1).embed_sync(texts).vectors.tolist()
     process, address = await _start_router()
     try:
         async with grpc.aio.insecure_channel(address) as channel:

@@ -32,7 +32,7 @@ import numpy as np
 
 from costmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from costmesh.types.v1 import types_pb2
-from services.common.embedding import normalise, shared_minilm
+from services.common.embedding import normalise, shared_encoder
 
 SERVICE_KEY = "bench-service-key"
 AUTH = (("authorization", f"Bearer {SERVICE_KEY}"),)
@@ -84,7 +84,7 @@ def _key(text: str) -> cache_pb2.CacheKey:
 def _corpus(entries: int) -> tuple[list[str], np.ndarray]:
     """N (question, vector) pairs: real questions first, then perturbed copies."""
     texts = _texts("train")
-    vectors = shared_minilm(None, 2).embed_sync(texts).vectors
+    vectors = shared_encoder(None, 2).embed_sync(texts).vectors
     rng = np.random.default_rng(7)
     questions, rows = list(texts[:entries]), [vectors[:entries]]
     copy = 0
@@ -111,7 +111,7 @@ async def _fill(stub: cache_pb2_grpc.CacheServiceAsyncStub, entries: int) -> flo
                     content=f"answer {i}",
                     finish_reason="stop",
                     query_embedding=vectors[i].tolist(),
-                    embedding_model="all-MiniLM-L6-v2",
+                    embedding_model=shared_encoder(None, 2).model,
                 ),
                 metadata=AUTH,
                 timeout=30,

@@ -13,7 +13,7 @@ from typing import TextIO
 import grpc
 from opentelemetry import trace
 
-from services.cache import evaluate as cache_eval
+from services.cache import commands as cache_commands
 from services.casestudy import eval_commands, replay_commands, workload_commands
 from services.common import telemetry
 from services.common.auth import ROLES, hash_key, new_key
@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     new_cmd.add_argument("--role", choices=ROLES, default="member")
     new_cmd.set_defaults(handler=_new_key)
     ledger_commands.register(commands)
-    cache_eval.register(commands)
+    cache_commands.register(commands)
     router_commands.register(commands)
     workload_commands.register(commands)
     eval_commands.register(commands)

@@ -60,8 +60,8 @@ _KNOWN_KEYS = {
     "features.*": {
         "tier", "models", "escalation_model", "cache_ttl_seconds", "baseline_model",
         "max_tokens_default", "max_tokens_limit", "max_input_tokens",
-        "cache_mode", "cache_similarity_threshold", "cache_question", "cache_per_tenant",
-        "cache_max_entries", "cache_max_bytes",
+        "cache_mode", "cache_similarity_threshold", "cache_target_false_hit_rate",
+        "cache_question", "cache_per_tenant", "cache_max_entries", "cache_max_bytes",
         "router", "router_artefact", "router_model", "cheap_tier_min_probability",
         "cheap_share_target", "escalation", "escalation_threshold", "escalation_target_rate",
         "over_budget", "experiment", "control_share",

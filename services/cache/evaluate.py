@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import contextlib
 import csv
-import json
 import os
 import random
 import sys
@@ -38,13 +37,24 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from costmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from costmesh.types.v1 import types_pb2
+from services.cache import comparison
+from services.cache.intents import (
+    DATA_SETS,
+    OOS,
+    Example,
+    IntentDataError,
+    default_data_dir,
+    load_intents,
+    parse_data_sets,
+    read_labelled,
+    unique,
+)
 from services.common.auth import new_key
 from services.common.cli_support import count, positive, unit, unit_list, write_grid
 from services.common.config import load_config
+from services.common.embedding import ModelError
 from services.mesh import start_mesh
 
-OOS = "oos"  # clinc150's out-of-scope label: no stored answer is right for such a query
-DATA_SETS = ("banking77", "clinc150")
 DEFAULT_THRESHOLDS = tuple(round(0.80 + 0.02 * i, 2) for i in range(10))
 FORMATS = ("table", "csv", "markdown")
 FEATURE = "eval"
@@ -65,12 +75,6 @@ class EvalError(ValueError):
 
 
 @dataclass(frozen=True)
-class Example:
-    text: str
-    label: str
-
-
-@dataclass(frozen=True)
 class LabelledSet:
     """The part stored in the cache and the part looked up against it."""
 
@@ -79,101 +83,29 @@ class LabelledSet:
     queries: tuple[Example, ...]
 
 
-def default_data_dir() -> Path:
-    """The shared data sets beside the checkout (`../shared/data` from the repository)."""
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
 def load_set(data: str, data_dir: Path, seed: int = 0) -> LabelledSet:
-    """banking77 (train stored, test looked up), clinc150 (train; test and oos_test),
-    or a .jsonl/.csv file of `text` and `label`, split 70/30 by a seeded shuffle."""
-    if data == "banking77":
-        return _banking77(data_dir / "banking77")
-    if data == "clinc150":
-        return _clinc150(data_dir / "clinc150" / "data_full.json")
+    """banking77, clinc150 or bitext (train stored, test looked up: services/cache/
+    intents.py), or a .jsonl/.csv file of `text` and `label`, split 70/30 by a seeded
+    shuffle."""
+    if data in DATA_SETS:
+        try:
+            intents = load_intents(data, data_dir, seed)
+        except IntentDataError as exc:
+            raise EvalError(str(exc)) from None
+        return LabelledSet(data, unique(intents.train), intents.test)
     return _split_file(Path(data), seed)
 
 
-def _require(path: Path, hint: str = "") -> Path:
-    if not path.is_file():
-        raise EvalError(f"{path}: no such file{hint}")
-    return path
-
-
-_DIR_HINT = " (--data-dir names the folder holding banking77/ and clinc150/)"
-
-
-def _banking77(folder: Path) -> LabelledSet:
-    train = _read_csv(_require(folder / "train.csv", _DIR_HINT), "category")
-    test = _read_csv(_require(folder / "test.csv", _DIR_HINT), "category")
-    return LabelledSet("banking77", _unique(train), tuple(_nonempty(test)))
-
-
-def _clinc150(path: Path) -> LabelledSet:
-    try:
-        splits = json.loads(_require(path, _DIR_HINT).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise EvalError(f"{path}: not valid JSON: {exc.msg}") from None
-    missing = [s for s in ("train", "test", "oos_test") if s not in splits]
-    if missing:
-        raise EvalError(f"{path}: no split {', '.join(missing)}")
-
-    def part(*names: str) -> list[Example]:
-        return [Example(str(text), str(label)) for n in names for text, label in splits[n]]
-
-    return LabelledSet(
-        "clinc150", _unique(part("train")), tuple(_nonempty(part("test", "oos_test")))
-    )
-
-
 def _split_file(path: Path, seed: int) -> LabelledSet:
-    _require(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".jsonl", ".json"):
-        raise EvalError(f"{path}: expected banking77, clinc150, or a .jsonl or .csv file")
-    rows = _nonempty(_read_csv(path, "label") if suffix == ".csv" else _read_jsonl(path))
+    try:
+        rows = list(read_labelled(path))
+    except IntentDataError as exc:
+        raise EvalError(str(exc)) from None
     if len(rows) < 2:
         raise EvalError(f"{path}: needs at least two labelled rows")
     random.Random(seed).shuffle(rows)
     cut = min(max(round(len(rows) * TRAIN_SHARE), 1), len(rows) - 1)
-    return LabelledSet(path.name, _unique(rows[:cut]), tuple(rows[cut:]))
-
-
-def _read_csv(path: Path, label: str) -> list[Example]:
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = sorted({"text", label} - set(reader.fieldnames or ()))
-        if missing:
-            raise EvalError(f"{path}: no column {', '.join(missing)}")
-        return [Example(row["text"] or "", row[label] or "") for row in reader]
-
-
-def _read_jsonl(path: Path) -> list[Example]:
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EvalError(f"{path}:{number}: not JSON: {exc.msg}") from None
-        if not isinstance(row, dict) or "text" not in row or "label" not in row:
-            raise EvalError(f"{path}:{number}: expected an object with text and label")
-        rows.append(Example(str(row["text"]), str(row["label"])))
-    return rows
-
-
-def _nonempty(rows: Iterable[Example]) -> list[Example]:
-    """An empty question is never compared for meaning: it would only measure noise."""
-    return [r for r in rows if r.text.strip()]
-
-
-def _unique(rows: Iterable[Example]) -> tuple[Example, ...]:
-    """One entry per question text: a repeat would overwrite the first one's entry."""
-    seen: dict[str, Example] = {}
-    for row in _nonempty(rows):
-        seen.setdefault(row.text, row)
-    return tuple(seen.values())
+    return LabelledSet(path.name, unique(rows[:cut]), tuple(rows[cut:]))
 
 
 # --- the cache, over gRPC -----------------------------------------------------
@@ -214,6 +146,11 @@ class CacheClient:
         if not response.entry_id:
             raise EvalError("the cache dropped a store: is its backend down?")
         return response.entry_id
+
+    async def report(self, namespace: str, text: str, entry_id: str) -> None:
+        request = cache_pb2.ReportWrongHitRequest(key=_key(namespace, text), entry_id=entry_id)
+        async with self._limit:
+            await self.stub.ReportWrongHit(request, metadata=self.metadata, timeout=_CALL_TIMEOUT)
 
     async def drop(self, namespace: str) -> None:
         request = cache_pb2.InvalidateRequest(feature=FEATURE, namespace=namespace)
@@ -348,6 +285,7 @@ class StreamRun:
     threshold: float
     stored: int
     seconds: float
+    reports: int = -1  # wrong hits reported; -1: none were
 
 
 def new_namespace() -> str:
@@ -408,20 +346,33 @@ async def _store_one(client: CacheClient, memory: Memory, namespace: str, exampl
 
 
 async def run_stream(
-    client: CacheClient, queries: Sequence[Example], threshold: float, namespace: str
+    client: CacheClient,
+    queries: Sequence[Example],
+    threshold: float,
+    namespace: str,
+    *,
+    report: bool = False,
 ) -> StreamRun:
-    """Each query in order: a hit is served, a miss is stored for the ones after it."""
+    """Each query in order: a hit is served, a miss is stored for the ones after it.
+    With `report`, the user of every false hit reports it (ReportWrongHit), as a
+    caller that checks its answers would: the entry goes, its partition's bar rises."""
     memory = Memory()
     observations = []
+    reports = 0
     started = time.perf_counter()
     for query in queries:
         response = await client.lookup(namespace, query.text, threshold)
         observation = memory.observe(query, response)
         if observation.served is None:
             memory.add(await client.store(namespace, query, response), query, response)
+        elif report and is_false(query, observation.served):
+            await client.report(namespace, query.text, response.entry.entry_id)
+            reports += 1
         observations.append(observation)
     seconds = time.perf_counter() - started
-    return StreamRun(observations, threshold, len(memory.labels), seconds)
+    return StreamRun(
+        observations, threshold, len(memory.labels), seconds, reports if report else -1
+    )
 
 
 def stream_order(queries: Sequence[Example], seed: int) -> list[Example]:
@@ -502,10 +453,10 @@ def sweep(observations: Sequence[Observation], thresholds: Iterable[float]) -> l
 
 
 def recommend(rows: Sequence[Row], max_false_hit_rate: float) -> Row | None:
-    """The lowest threshold (the most hits) whose false hits, and out-of-scope hits
-    when the set has out-of-scope queries, stay within the limit."""
+    """The lowest threshold (the most hits) whose false hits per served hit, and
+    out-of-scope hits when the set has out-of-scope queries, stay within the limit."""
     for row in sorted(rows, key=lambda r: r.threshold):
-        in_scope = row.false_hit_rate <= max_false_hit_rate
+        in_scope = row.precision_loss <= max_false_hit_rate
         if in_scope and (not row.oos_queries or row.oos_hit_rate <= max_false_hit_rate):
             return row
     return None
@@ -626,6 +577,7 @@ class EvalOptions:
     data: str = "banking77"
     data_dir: Path = field(default_factory=default_data_dir)
     mode: str = "fill"
+    report_wrong_hits: bool = False
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     threshold: float | None = None
     max_false_hit_rate: float = 0.01
@@ -656,6 +608,10 @@ async def evaluate(options: EvalOptions, out: TextIO, err: TextIO) -> int:
             async with scratch_namespace(client) as namespace:
                 run = await run_stream(client, order, threshold, namespace)
             render(stream_report(labelled, run, options), options.fmt, out, err)
+            if options.report_wrong_hits:
+                async with scratch_namespace(client) as namespace:
+                    run = await run_stream(client, order, threshold, namespace, report=True)
+                render(stream_report(labelled, run, options), options.fmt, out, err)
     return 0
 
 
@@ -670,16 +626,17 @@ def fill_report(
     limit = _pct(options.max_false_hit_rate)
     if best is not None:
         verdict = (
-            f"recommended threshold: {_threshold(best.threshold)} (the lowest whose false "
-            f"hits are at most {limit}% of queries"
+            f"lowest threshold within budget ON THIS SET (a diagnostic: operating points "
+            f"come from validation splits, --mode compare): {_threshold(best.threshold)} "
+            f"(false hits at most {limit}% of served hits"
             + (", out-of-scope queries included)" if best.oos_queries else ")")
         )
         at = best.threshold
     else:
         verdict = (
-            f"recommended threshold: none: every threshold swept serves false hits above "
-            f"{limit}% of queries (strictest, {_threshold(rows[-1].threshold)}: "
-            f"{_pct(rows[-1].false_hit_rate)}%, out-of-scope {_pct(rows[-1].oos_hit_rate)}%)"
+            f"lowest threshold within budget: none: every threshold swept serves false hits "
+            f"above {limit}% of served hits (strictest, {_threshold(rows[-1].threshold)}: "
+            f"{_pct(rows[-1].precision_loss)}%, out-of-scope {_pct(rows[-1].oos_hit_rate)}%)"
         )
         at = rows[-1].threshold
     shown = false_hits(fill.observations, at)
@@ -707,6 +664,7 @@ def stream_report(labelled: LabelledSet, run: StreamRun, options: EvalOptions) -
             f"{labelled.name}, stream at {_threshold(run.threshold)}: "
             f"{len(run.observations)} queries in a seeded order, each miss stored "
             f"({run.stored} entries)"
+            + (f", each false hit reported ({run.reports} reports)" if run.reports >= 0 else "")
         ),
         rows=[row],
         notes=[
@@ -725,18 +683,33 @@ def _examples_title(shown: Sequence[Observation], limit: int, threshold: float) 
 # --- argparse -----------------------------------------------------------------
 
 
-def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `costmesh cache eval` to the costmesh parser."""
-    cache = commands.add_parser("cache", help="semantic cache tools")
-    sub = cache.add_subparsers(dest="cache_command", required=True)
-    ev = sub.add_parser("eval", help="false hits of a real cache on a labelled query set")
-    ev.add_argument("--data", default="banking77",
-                    help="banking77, clinc150, or a .jsonl/.csv of text and label")  # fmt: skip
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `eval` to the `costmesh cache` commands."""
+    ev = sub.add_parser("eval", help="hits, false hits and recall of equivalence models and "
+                        "of a real cache on labelled query sets")  # fmt: skip
+    ev.add_argument("--data", default=None,
+                    help=f"compare: comma-separated, of {', '.join(DATA_SETS)} (default: all); "
+                    "fill and stream: one of them, or a .jsonl/.csv of text and label "
+                    "(default banking77)")  # fmt: skip
     ev.add_argument("--data-dir", type=Path, default=default_data_dir(),
-                    help="holds banking77/ and clinc150/ (default: %(default)s)")  # fmt: skip
-    ev.add_argument("--mode", choices=("fill", "stream"), default="fill",
-                    help="fill: store train, sweep thresholds over test (default); "
-                    "stream: replay test in a seeded order, storing each miss")  # fmt: skip
+                    help="holds banking77/, clinc150/ and bitext_customer_support/ "
+                    "(default: %(default)s)")  # fmt: skip
+    ev.add_argument("--mode", choices=("compare", "fill", "stream"), default="compare",
+                    help="compare: models side by side at their calibrated operating point "
+                    "(default); fill: store train in a real cache, sweep thresholds over "
+                    "test; stream: replay test in a seeded order, storing each miss")  # fmt: skip
+    ev.add_argument("--models", default=f"{comparison.SHIPPED},{comparison.STOCK}",
+                    help="compare: shipped, minilm (stock; the train extra) or model "
+                    "folders (default: %(default)s)")  # fmt: skip
+    ev.add_argument("--setting", choices=("in-domain", "lodo", "both"), default="in-domain",
+                    help="compare: in-domain, leave-one-dataset-out, or both")  # fmt: skip
+    ev.add_argument("--lodo-dir", type=Path, default=None,
+                    help="compare: holds without-banking77/, without-clinc150/ and "
+                    "without-bitext/ (costmesh cache train --data A,B --out ...)")  # fmt: skip
+    ev.add_argument("--target-false-hit-rate", type=unit, default=0.01,
+                    help="compare: false hits per served hit allowed (default 0.01)")  # fmt: skip
+    ev.add_argument("--report-wrong-hits", action="store_true",
+                    help="stream: replay again, every false hit reported")  # fmt: skip
     ev.add_argument("--thresholds", type=unit_list, default=DEFAULT_THRESHOLDS,
                     help="comma-separated sweep (default 0.80,0.82,...,0.98)")  # fmt: skip
     ev.add_argument("--threshold", type=unit,
@@ -754,8 +727,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _handle(args: argparse.Namespace, out: TextIO) -> int:
+    if args.mode == "compare":
+        return _compare(args, out)
     options = EvalOptions(
-        data=args.data,
+        data=args.data or "banking77",
+        report_wrong_hits=args.report_wrong_hits,
         data_dir=args.data_dir,
         mode=args.mode,
         thresholds=args.thresholds,
@@ -769,3 +745,21 @@ def _handle(args: argparse.Namespace, out: TextIO) -> int:
         examples=args.examples,
     )
     return asyncio.run(evaluate(options, out, sys.stderr))
+
+
+def _compare(args: argparse.Namespace, out: TextIO) -> int:
+    settings = ("in-domain", "lodo") if args.setting == "both" else (args.setting,)
+    try:
+        results = comparison.compare(
+            models=[m.strip() for m in args.models.split(",") if m.strip()],
+            settings=settings,
+            data=parse_data_sets(args.data or ",".join(DATA_SETS)),
+            data_dir=args.data_dir,
+            lodo_dir=args.lodo_dir,
+            target=args.target_false_hit_rate,
+            threads=os.cpu_count() or 1,
+        )
+    except (IntentDataError, comparison.ComparisonError, ModelError) as exc:
+        raise EvalError(str(exc)) from None
+    comparison.render(results, args.format, out, args.target_false_hit_rate)
+    return 0

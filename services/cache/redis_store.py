@@ -209,6 +209,21 @@ class RedisStore:
         self.counters[(feature, "invalidations")] += removed
         return removed, int(bumps) + 1
 
+    async def remove(self, entry: Entry) -> None:
+        await self._delete(entry.feature, [entry.entry_id])
+
+    async def bar(self, partition: str) -> float:
+        score = await self._call(self._redis.zscore(self._key("bars"), partition))
+        return float(score or 0.0)
+
+    async def raise_bar(self, partition: str, similarity: float) -> float:
+        """ZADD GT: every replica raises, none lowers, whatever the order of reports."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.zadd(self._key("bars"), {partition: similarity}, gt=True)
+        pipe.zscore(self._key("bars"), partition)
+        _, score = await self._call(pipe.execute())
+        return float(score)
+
     def entries(self, feature: str = "") -> int:
         self._reclaim_expired()
         return sum(1 for m in self._mirror.values() if not feature or m.feature == feature)

@@ -1,5 +1,12 @@
 """The cache's decisions: exact hash first, then the nearest question of the same
-partition, served only above the feature's threshold and past the guard."""
+partition, served only above the threshold and past the guard.
+
+The threshold is an operating point, not a magic number: the feature names the
+false hits per served hit it accepts (`cache_target_false_hit_rate`, default 1%) and
+the equivalence model's card gives the threshold calibrated for that budget on
+validation data. A reported wrong hit (`report_wrong_hit`) drops the entry and
+raises its partition's bar above the similarity it was served at, so the same
+mistake is not made twice there."""
 
 from __future__ import annotations
 
@@ -15,8 +22,9 @@ from services.cache.guard import refusal
 from services.cache.index import Vector
 from services.cache.keys import RequestKey
 from services.cache.store import Answer, Capacity, Entry, Store, StoreUnavailableError
+from services.common.config import ConfigError
 from services.common.embedding import Embedder, EmbeddingUnavailableError
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, NotFound
 from services.common.outages import OutageLog
 
 log = logging.getLogger(__name__)
@@ -26,6 +34,9 @@ FAIL_OPEN = (StoreUnavailableError, EmbeddingUnavailableError)
 # Candidates fetched per search: the best live one is judged, stale ones (expired
 # or invalidated since the search) are skipped.
 _CANDIDATES = 4
+DEFAULT_TARGET = 0.01  # false hits per served hit
+# How far above a reported wrong hit's similarity its partition's bar goes.
+BAR_MARGIN = 0.005
 
 
 @dataclass(frozen=True)
@@ -33,7 +44,8 @@ class FeaturePolicy:
     """How one feature is cached ([features.X] cache_* keys)."""
 
     semantic: bool = True
-    threshold: float = 0.94
+    threshold: float | None = None  # None: the model's, for target_false_hit_rate
+    target_false_hit_rate: float = DEFAULT_TARGET
     question_mode: str = "last_user"
     ttl_seconds: int = 3600
     capacity: Capacity = field(default_factory=lambda: Capacity(100_000))
@@ -51,6 +63,45 @@ class LookupResult:
     embedding_tokens: int = 0  # billed by an embeddings provider
     version: int = 0  # the namespace version looked up
     looked_up_at: float = 0.0
+    threshold: float = 0.0  # the bar the best candidate had to clear
+
+
+@dataclass(frozen=True)
+class WrongHit:
+    """What a report of a wrong answer changed."""
+
+    similarity: float  # of the reported question to the entry's (1 for an exact hit)
+    partition_threshold: float  # the bar the partition's semantic hits must clear now
+
+
+def calibrated_threshold(thresholds: dict[str, float], target: float) -> float | None:
+    """The model's threshold for the largest calibrated budget within `target`."""
+    within = [
+        (float(budget), value) for budget, value in thresholds.items() if float(budget) <= target
+    ]
+    return max(within)[1] if within else None
+
+
+def resolve_policies(
+    policies: dict[str, FeaturePolicy], embedder: Embedder | None
+) -> dict[str, FeaturePolicy]:
+    """Every semantic feature's threshold, from its budget and the model's card; a
+    model without calibration needs a threshold set by hand (measure it first)."""
+    resolved = {}
+    for name, policy in policies.items():
+        if policy.threshold is None and policy.semantic and embedder is not None:
+            calibrated = calibrated_threshold(embedder.thresholds, policy.target_false_hit_rate)
+            if calibrated is None:
+                budgets = ", ".join(sorted(embedder.thresholds)) or "none"
+                raise ConfigError(
+                    f"features.{name}.cache_target_false_hit_rate: {embedder.model} is "
+                    f"calibrated for budgets {budgets}; set cache_similarity_threshold "
+                    "(costmesh cache eval measures one)"
+                )
+            resolved[name] = replace(policy, threshold=calibrated)
+        else:
+            resolved[name] = policy
+    return resolved
 
 
 class SemanticCache:
@@ -67,7 +118,7 @@ class SemanticCache:
         self._tracer = tracer or trace.get_tracer(__name__)
         self.store = store
         self.embedder = embedder
-        self._policies = policies
+        self._policies = resolve_policies(policies, embedder)
         self._clock = clock
         self.counters: Counter[tuple[str, str]] = Counter()
         self._outage = OutageLog(log, "cache backend (lookups miss, stores dropped)")
@@ -140,33 +191,76 @@ class SemanticCache:
         max_age: int,
         threshold: float | None,
     ) -> LookupResult:
-        model = self.embedder.model if self.embedder else ""
-        partition = key.semantic_partition(version, policy.question_mode, model)
+        """The nearest live candidates in order, each past the bar and the guard in
+        turn: a candidate the guard refuses is not yet a miss if the next one passes."""
+        partition = key.semantic_partition(version, policy.question_mode, self._model())
+        bar = (policy.threshold if threshold is None else threshold) or 0.0
+        best = 0.0
+        rejection = ""
         with self._tracer.start_as_current_span("cache.search") as span:
             candidates = await self.store.nearest(partition, vector, _CANDIDATES)
-            best = None
+            span.set_attribute("costmesh.cache.candidates", len(candidates))
+            checked_bar = False
             for entry_id, similarity in candidates:
-                found = await self.store.get(entry_id)
-                if found is not None and self._fresh(found, max_age):
-                    best = (found, similarity)
+                if similarity < bar:
                     break
-            span.set_attributes(
-                {
-                    "costmesh.cache.candidates": len(candidates),
-                    "costmesh.cache.best_similarity": best[1] if best else 0.0,
-                }
-            )
-        if best is None:
-            return LookupResult("miss", vector=vector)
-        found, similarity = best
-        if similarity < (policy.threshold if threshold is None else threshold):
-            return LookupResult("miss", best_similarity=similarity, vector=vector)
-        rejection = refusal(question, found.question)
-        if rejection:
-            return LookupResult(
-                "miss", best_similarity=similarity, guard_rejection=rejection, vector=vector
-            )
-        return LookupResult("semantic", found, similarity, similarity, vector=vector)
+                found = await self.store.get(entry_id)
+                if found is None or not self._fresh(found, max_age):
+                    continue  # expired or invalidated since the search
+                best = best or similarity
+                if not checked_bar:  # a learned bar matters only once a hit is near
+                    checked_bar = True
+                    bar = max(bar, await self.store.bar(partition))
+                    if similarity < bar:
+                        break
+                why = refusal(question, found.question)
+                rejection = rejection or why
+                if not why:
+                    span.set_attribute("costmesh.cache.best_similarity", best)
+                    return LookupResult(
+                        "semantic", found, similarity, best, vector=vector, threshold=bar
+                    )
+            best = best or (candidates[0][1] if candidates else 0.0)
+            span.set_attribute("costmesh.cache.best_similarity", best)
+        return LookupResult(
+            "miss", best_similarity=best, guard_rejection=rejection, vector=vector, threshold=bar
+        )
+
+    def _model(self) -> str:
+        return self.embedder.model if self.embedder else ""
+
+    async def report_wrong_hit(self, key: RequestKey, entry_id: str) -> WrongHit:
+        """A caller found the answer served for `key` wrong: drop the entry and, for a
+        semantic hit, raise the partition's bar above the similarity it was served at.
+        NotFound when the entry is gone or is not one `key` could have been served."""
+        policy = self.policy(key)
+        try:
+            version = await self.store.version(key.feature, key.namespace)
+            entry = await self.store.get(entry_id)
+            partition = key.semantic_partition(version, policy.question_mode, self._model())
+            exact = entry_id == key.digest(version)
+            if entry is None or not (exact or entry.partition == partition):
+                raise NotFound(
+                    f"cache entry {entry_id!r} is gone (expired, evicted, invalidated or "
+                    "already reported) or never answered this request"
+                )
+            similarity = 1.0 if exact else await self._similarity(key, policy, entry)
+            await self.store.remove(entry)
+            bar = await self.store.bar(partition)
+            if not exact:
+                bar = await self.store.raise_bar(partition, min(1.0, similarity + BAR_MARGIN))
+        except FAIL_OPEN as exc:
+            self._failed(key.feature, exc)
+            raise
+        self.counters[(key.feature, "wrong_hit_reports")] += 1
+        return WrongHit(similarity, bar)
+
+    async def _similarity(self, key: RequestKey, policy: FeaturePolicy, entry: Entry) -> float:
+        """The reported question's similarity to the entry's, as a lookup measures it."""
+        if self.embedder is None:
+            return 1.0
+        embedded = await self.embedder.embed([key.question(policy.question_mode), entry.question])
+        return float(embedded.vectors[0] @ embedded.vectors[1])
 
     def _fresh(self, entry: Entry, max_age: int) -> bool:
         now = self._clock()
@@ -236,7 +330,7 @@ class SemanticCache:
         elif vector is None:
             embedded = await self.embedder.embed([question])
             vector = embedded.vectors[0] if embedded.whole(0) else None
-        model = self.embedder.model if self.embedder else ""
+        model = self._model()
         now = self._clock()
         return Entry(
             entry_id=key.digest(version),
@@ -262,6 +356,7 @@ class SemanticCache:
         names = (
             "exact_hits", "semantic_hits", "misses", "stores", "guard_rejections",
             "backend_failures", "evictions", "expirations", "invalidations", "stale_stores",
+            "wrong_hit_reports",
         )  # fmt: skip
         sources = (self.counters, self.store.counters)
         totals: dict[str, int | float] = {

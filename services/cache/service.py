@@ -20,6 +20,7 @@ from services.cache.settings import CacheSettings
 from services.cache.store import Answer, Entry, MemoryStore, Store, StoreUnavailableError
 from services.common.auth import require_role
 from services.common.config import Config
+from services.common.embedding import EmbeddingUnavailableError
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.limits import MAX_REQUEST_ID
 from services.common.server import ServiceDef
@@ -64,6 +65,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             embedding_usage=types_pb2.TokenUsage(input_tokens=result.embedding_tokens),
             namespace_version=result.version,
             looked_up_at=_timestamp(result.looked_up_at),
+            threshold=result.threshold,
         )
         if result.entry is not None:
             response.entry.CopyFrom(_to_proto(result.entry))
@@ -168,6 +170,40 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             raise Unavailable(f"cache backend unavailable: {exc}") from exc
         raise InvalidArgument("target", "set a non-empty tag or a namespace")
 
+    async def ReportWrongHit(
+        self,
+        request: cache_pb2.ReportWrongHitRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> cache_pb2.ReportWrongHitResponse:
+        require_role("service", "admin")
+        if not request.entry_id:
+            raise InvalidArgument("entry_id", "required: the entry_id of the hit")
+        key = _to_key(request.key)
+        try:
+            wrong = await self._cache.report_wrong_hit(key, request.entry_id)
+        except StoreUnavailableError as exc:
+            raise Unavailable(f"cache backend unavailable: {exc}") from exc
+        except EmbeddingUnavailableError as exc:
+            raise Unavailable(f"embeddings unavailable: {exc}") from exc
+        trace.get_current_span().set_attributes(
+            {
+                "costmesh.feature": key.feature,
+                "costmesh.cache.entry_id": request.entry_id,
+                "costmesh.cache.similarity": wrong.similarity,
+                "costmesh.cache.partition_threshold": wrong.partition_threshold,
+            }
+        )
+        log.info(
+            "wrong hit reported: feature %s entry %s at similarity %.4f; partition bar now %.4f",
+            key.feature,
+            request.entry_id,
+            wrong.similarity,
+            wrong.partition_threshold,
+        )
+        return cache_pb2.ReportWrongHitResponse(
+            similarity=wrong.similarity, partition_threshold=wrong.partition_threshold
+        )
+
     async def GetStats(
         self, request: cache_pb2.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> cache_pb2.GetStatsResponse:
@@ -187,6 +223,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             backend_failures=int(stats["backend_failures"]),
             invalidations=int(stats["invalidations"]),
             stale_stores=int(stats["stale_stores"]),
+            wrong_hit_reports=int(stats["wrong_hit_reports"]),
         )
 
 
@@ -203,6 +240,8 @@ def _trace_decision(key: RequestKey, result: LookupResult, threshold: float | No
     )
     if threshold is not None:
         span.set_attribute("costmesh.cache.threshold_override", threshold)
+    if result.threshold:
+        span.set_attribute("costmesh.cache.threshold", result.threshold)
     if result.entry is not None:
         span.set_attribute("costmesh.cache.entry_id", result.entry.entry_id)
     if result.guard_rejection:

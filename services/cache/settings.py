@@ -9,16 +9,16 @@ from pathlib import Path
 from opentelemetry import trace
 
 from services.cache.keys import QUESTION_MODES
-from services.cache.semantic import FeaturePolicy
+from services.cache.semantic import DEFAULT_TARGET, FeaturePolicy
 from services.cache.store import Capacity
 from services.common.config import Config, ConfigError
 from services.common.embedding import (
-    MINILM,
     MINILM_DIMENSIONS,
     BatchingEmbedder,
     Embedder,
+    ModelError,
     OpenAIEmbedder,
-    shared_minilm,
+    shared_encoder,
 )
 
 CACHE_MODES = ("semantic", "exact", "off")
@@ -67,7 +67,7 @@ class CacheSettings:
             ann_threshold=cache.get_int("ann_threshold", 3000, minimum=0),
             policies=policies,
             embedding_provider=provider,
-            embedding_model=cache.get_str("embedding_model", MINILM),
+            embedding_model=cache.get_str("embedding_model", ""),
             embedding_dimensions=cache.get_int(
                 "embedding_dimensions", MINILM_DIMENSIONS, minimum=1
             ),
@@ -84,13 +84,27 @@ class CacheSettings:
         if not any(p.semantic for p in self.policies.values()):
             return None
         if self.embedding_provider == "local":
-            if self.embedding_model != MINILM:
+            try:
+                model = shared_encoder(self.model_dir, self.embedding_threads)
+            except (ModelError, OSError) as exc:
+                raise ConfigError(f"cache.model_dir: {exc}") from None
+            if self.embedding_model and self.embedding_model != model.model:
                 raise ConfigError(
-                    f"cache.embedding_model: the local provider runs {MINILM} only; "
-                    "name an embeddings provider for other models"
+                    f"cache.embedding_model: unknown model version {self.embedding_model!r}; "
+                    f"the local model is {model.model!r} (leave it empty to use whichever "
+                    "model cache.model_dir holds)"
                 )
-            model = shared_minilm(self.model_dir, self.embedding_threads)
-            return BatchingEmbedder(MINILM, MINILM_DIMENSIONS, model.embed_sync, tracer=tracer)
+            return BatchingEmbedder(
+                model.model,
+                model.dimensions,
+                model.embed_sync,
+                tracer=tracer,
+                thresholds=model.thresholds,
+            )
+        if not self.embedding_model:
+            raise ConfigError(
+                f"cache.embedding_model: name the model {self.embedding_provider!r} embeds with"
+            )
         api_key = env.get(self.provider_api_key_env, "")
         if not api_key:
             raise ConfigError(
@@ -109,12 +123,19 @@ class CacheSettings:
 
 def _policy(feature: Config, default_capacity: Capacity) -> FeaturePolicy:
     mode = feature.get_choice("cache_mode", CACHE_MODES, "semantic")
-    threshold = feature.get_float("cache_similarity_threshold", 0.94)
-    if not 0 < threshold <= 1:
-        raise ConfigError(f"{feature.key_name('cache_similarity_threshold')}: must be in (0, 1]")
+    threshold = feature.get_float("cache_similarity_threshold", 0.0)
+    if not 0 <= threshold <= 1:
+        raise ConfigError(
+            f"{feature.key_name('cache_similarity_threshold')}: must be in (0, 1], "
+            "or 0 for the threshold calibrated for cache_target_false_hit_rate"
+        )
+    target = feature.get_float("cache_target_false_hit_rate", DEFAULT_TARGET)
+    if not 0 < target < 1:
+        raise ConfigError(f"{feature.key_name('cache_target_false_hit_rate')}: must be in (0, 1)")
     return FeaturePolicy(
         semantic=mode == "semantic",
-        threshold=threshold,
+        threshold=threshold or None,
+        target_false_hit_rate=target,
         question_mode=feature.get_choice("cache_question", QUESTION_MODES, "last_user"),
         ttl_seconds=feature.get_int("cache_ttl_seconds", 3600, minimum=1),
         capacity=Capacity(

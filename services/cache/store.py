@@ -98,6 +98,16 @@ class Store(Protocol):
 
     async def bump(self, feature: str, namespace: str) -> tuple[int, int]: ...
 
+    async def remove(self, entry: Entry) -> None:
+        """Drop one entry (a reported wrong answer)."""
+
+    async def bar(self, partition: str) -> float:
+        """The similarity a semantic hit of the partition must reach at least, learned
+        from reported wrong hits; 0 when none was reported."""
+
+    async def raise_bar(self, partition: str, similarity: float) -> float:
+        """Raise the partition's bar to `similarity` unless it is higher; the bar now."""
+
     def entries(self, feature: str = "") -> int: ...
 
     def memory_bytes(self, feature: str = "") -> int: ...
@@ -120,6 +130,7 @@ class MemoryStore:
         self._tags: defaultdict[tuple[str, str], set[str]] = defaultdict(set)
         self._versions: dict[tuple[str, str], int] = {}
         self._tag_invalidated: dict[tuple[str, str], float] = {}
+        self._bars: dict[str, float] = {}
         self._expiry = ExpiryQueue()
         self.counters: Counter[tuple[str, str]] = Counter()
 
@@ -185,6 +196,16 @@ class MemoryStore:
             self._remove(entry_id)
         self.counters[(feature, "invalidations")] += len(doomed)
         return len(doomed), version
+
+    async def remove(self, entry: Entry) -> None:
+        self._remove(entry.entry_id)
+
+    async def bar(self, partition: str) -> float:
+        return self._bars.get(partition, 0.0)
+
+    async def raise_bar(self, partition: str, similarity: float) -> float:
+        self._bars[partition] = max(self._bars.get(partition, 0.0), similarity)
+        return self._bars[partition]
 
     def entries(self, feature: str = "") -> int:
         return sum(len(lru) for (f, _), lru in self._lru.items() if not feature or f == feature)

@@ -38,7 +38,7 @@ from services.casestudy.evaluate import (
 from services.casestudy.progress import Progress
 from services.casestudy.workload import WorkloadError, WorkloadRequest, read_workload
 from services.common.cli_support import positive
-from services.common.embedding import shared_minilm
+from services.common.embedding import minilm_encoder
 
 CONNECT_SECONDS = 10.0
 # An experiment name is also the treatment's cache namespace: the characters both allow.
@@ -97,8 +97,8 @@ def _evaluate(args: argparse.Namespace, out: TextIO) -> int:
     requests = select(read_workload(args.workload), args.features, args.limit)
     scorer = None
     if args.scorer == "similarity":  # load the model before anything is spent
-        minilm = shared_minilm(args.model_dir, os.cpu_count() or 1)
-        scorer = SimilarityScorer(lambda texts: minilm.embed_sync(texts).vectors)
+        minilm = minilm_encoder(os.cpu_count() or 1, args.model_dir)
+        scorer = SimilarityScorer(minilm.embed_vectors)
     sys.stderr.write(
         f"costmesh eval: {len(requests)} requests in both arms of experiment {experiment} "
         f"at {args.address}\n"

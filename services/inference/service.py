@@ -74,6 +74,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             return await self._batches.get(request.batch_id, current_principal())
         raise InvalidArgument("batch_id", f"not a batch id: {request.batch_id!r}")
 
+    async def ReportWrongHit(
+        self,
+        request: inference_pb2.ReportWrongHitRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> inference_pb2.ReportWrongHitResponse:
+        return await self._path.report_wrong_hit(request, current_principal())
+
 
 def build(
     config: Config,

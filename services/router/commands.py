@@ -25,7 +25,7 @@ import numpy.typing as npt
 from costmesh.types.v1 import types_pb2
 from services.common.cli_support import unit, unit_list, write_grid
 from services.common.config import load_config
-from services.common.embedding import MINILM, shared_minilm
+from services.common.embedding import SentenceEncoder, embed_sorted, shared_encoder
 from services.inference.validation import estimate_tokens
 from services.ledger.pricing import PriceCatalog, Usage
 from services.router.artefact import TIERS, TierModel
@@ -33,7 +33,6 @@ from services.router.plans import SHIPPED_ARTEFACT, RouterSettings
 from services.router.tickets import DataError, Ticket, default_data_dir, load_tickets
 from services.router.training import (
     KnobRow,
-    embed_sorted,
     recommend,
     sweep,
     train,
@@ -76,17 +75,14 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
                         help="banking77, bitext, or .jsonl/.csv: text, tier[, label]")  # fmt: skip
     parser.add_argument("--data-dir", type=Path, default=default_data_dir())
     parser.add_argument("--model-dir", type=Path, default=None,
-                        help="where the ONNX export of the embedding model is kept")  # fmt: skip
+                        help="the embedding model's folder (default: the shipped one)")  # fmt: skip
 
 
 def _embed(
-    tickets: Sequence[Ticket], model_dir: Path | None, err: TextIO
+    tickets: Sequence[Ticket], encoder: SentenceEncoder, err: TextIO
 ) -> npt.NDArray[np.float32]:
     started = time.perf_counter()
-    minilm = shared_minilm(model_dir, os.cpu_count() or 1)
-    vectors = embed_sorted(
-        lambda texts: minilm.embed_sync(texts).vectors, [t.text for t in tickets]
-    )
+    vectors = embed_sorted(encoder.embed_vectors, [t.text for t in tickets])
     err.write(f"embedded {len(tickets)} tickets in {time.perf_counter() - started:.1f} s\n")
     return vectors
 
@@ -95,10 +91,11 @@ def _train(args: argparse.Namespace, out: TextIO) -> int:
     if not args.c > 0:
         raise DataError("--c must be positive")
     tickets = load_tickets(args.data, args.data_dir, args.seed)
-    vectors = _embed(tickets.train, args.model_dir, sys.stderr)
+    encoder = shared_encoder(args.model_dir, os.cpu_count() or 1)
+    vectors = _embed(tickets.train, encoder, sys.stderr)
     started = time.perf_counter()
     trained = train(
-        tickets.train, vectors, MINILM, f"{tickets.name} train", c=args.c, seed=args.seed
+        tickets.train, vectors, encoder.model, f"{tickets.name} train", c=args.c, seed=args.seed
     )
     version = trained.model.save(args.out)
     model = trained.model
@@ -162,12 +159,13 @@ def _eval(args: argparse.Namespace, out: TextIO) -> int:
     model = TierModel.load(args.artefact)
     seed = args.seed if args.seed is not None else int(model.meta.get("seed", 0))
     tickets = load_tickets(args.data, args.data_dir, seed)
-    if model.embedding_model != MINILM:
+    encoder = shared_encoder(args.model_dir, os.cpu_count() or 1)
+    if model.embedding_model != encoder.model:
         raise DataError(
-            f"{args.artefact}: trained on {model.embedding_model}; eval embeds with {MINILM}"
+            f"{args.artefact}: trained on {model.embedding_model}; eval embeds with {encoder.model}"
         )
     costs = _costs(args, tickets.test)
-    vectors = _embed(tickets.test, args.model_dir, sys.stderr)
+    vectors = _embed(tickets.test, encoder, sys.stderr)
     probabilities = model.tier_probabilities(vectors)
     rows = sweep(probabilities, [t.tier for t in tickets.test], args.knobs, costs.per_request)
     best = recommend(rows, args.max_complex_below)

@@ -14,7 +14,7 @@ from costmesh.router.v1 import router_pb2, router_pb2_grpc
 from costmesh.types.v1 import types_pb2
 from services.common.auth import current_principal
 from services.common.config import Config, ConfigError
-from services.common.embedding import MINILM, MINILM_DIMENSIONS, BatchingEmbedder, shared_minilm
+from services.common.embedding import BatchingEmbedder, ModelError, SentenceEncoder, shared_encoder
 from services.common.errors import InvalidArgument
 from services.common.server import ServiceDef
 from services.inference.providers import Providers
@@ -206,7 +206,8 @@ def build(
     """The router with a classifier per configured feature; refuses a bad artefact."""
     settings = RouterSettings.from_config(config)
     tracer = tracer_provider.get_tracer("costmesh.router")
-    artefacts = _artefacts(settings)  # first: it may refuse, and nothing is open yet
+    encoder = _encoder(settings)  # first: these may refuse, and nothing is open yet
+    artefacts = _artefacts(settings, encoder)
     shipped = [n for n, p in settings.plans.items() if p.classifier == "embedding"
                and p.artefact == SHIPPED_ARTEFACT]  # fmt: skip
     if shipped:
@@ -217,10 +218,13 @@ def build(
         )
     kinds = {p.classifier for p in settings.plans.values()}
     embedder = None
-    if "embedding" in kinds:
-        minilm = shared_minilm(settings.model_dir, settings.embedding_threads)
+    if encoder is not None:
         embedder = BatchingEmbedder(
-            MINILM, MINILM_DIMENSIONS, minilm.embed_sync, tracer=tracer, span_name="router.embed"
+            encoder.model,
+            encoder.dimensions,
+            encoder.embed_sync,
+            tracer=tracer,
+            span_name="router.embed",
         )
     providers = None
     if "llm" in kinds:
@@ -261,7 +265,19 @@ def build(
     )
 
 
-def _artefacts(settings: RouterSettings) -> dict[str, ArtefactFile]:
+def _encoder(settings: RouterSettings) -> SentenceEncoder | None:
+    """The embedding model, when a feature routes with the embedding classifier."""
+    if not any(p.classifier == "embedding" for p in settings.plans.values()):
+        return None
+    try:
+        return shared_encoder(settings.model_dir, settings.embedding_threads)
+    except (ModelError, OSError) as exc:
+        raise ConfigError(f"router.model_dir: {exc}") from None
+
+
+def _artefacts(
+    settings: RouterSettings, encoder: SentenceEncoder | None
+) -> dict[str, ArtefactFile]:
     """Every embedding feature's artefact, loaded once per file and checked against
     the model the router embeds with."""
     artefacts: dict[str, ArtefactFile] = {}
@@ -272,10 +288,12 @@ def _artefacts(settings: RouterSettings) -> dict[str, ArtefactFile]:
             if str(plan.artefact) not in artefacts:
                 artefacts[str(plan.artefact)] = ArtefactFile(plan.artefact, settings.reload_seconds)
             model = artefacts[str(plan.artefact)].current()
-            if (model.embedding_model, model.dimensions) != (MINILM, MINILM_DIMENSIONS):
+            assert encoder is not None  # an embedding feature has one
+            if (model.embedding_model, model.dimensions) != (encoder.model, encoder.dimensions):
                 raise ArtefactError(
                     f"{plan.artefact}: trained on {model.embedding_model} ({model.dimensions} "
-                    f"dimensions); the router embeds with {MINILM}"
+                    f"dimensions); the router embeds with {encoder.model}: retrain it with "
+                    "costmesh router train"
                 )
         except ArtefactError as exc:
             raise ConfigError(f"features.{name}.router_artefact: {exc}") from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +14,6 @@ from services.router.artefact import TIERS, Matrix, TierModel, tier_sums
 from services.router.policy import choose_tier
 from services.router.tickets import DataError, Ticket
 
-Embed = Callable[[Sequence[str]], Matrix]
 # Inverse regularisation strength: chosen on Banking77 train by cross-validation
 # (C = 1 underfits 77 intents by 4 points; above 10 nothing improves).
 DEFAULT_C = 10.0
@@ -31,15 +30,6 @@ class Trained:
     holdout_accuracy: float  # tier accuracy at the 0.5 knob, before the refit on all rows
     holdout_log_loss: float  # of the tier probabilities, after calibration
     temperature: float
-
-
-def embed_sorted(embed: Embed, texts: Sequence[str]) -> Matrix:
-    """Embeds texts of similar length together (less padding), in the caller's order."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    vectors = embed([texts[i] for i in order])
-    out = np.empty_like(vectors)
-    out[order] = vectors
-    return out
 
 
 def train(

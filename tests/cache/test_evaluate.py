@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 
 from services.cache.evaluate import (
-    OOS,
-    Example,
     FillRun,
     LabelledSet,
     Observation,
@@ -23,6 +21,7 @@ from services.cache.evaluate import (
     score,
     sweep,
 )
+from services.cache.intents import OOS, Example
 from services.cli import main
 
 STORED = (
@@ -128,10 +127,10 @@ async def test_the_recommendation_is_the_lowest_threshold_within_the_limit(
     for limit in (0.0, 0.2, 0.5):
         best = recommend(rows, limit)
         assert best is not None  # 1.0 serves exact repeats only: no false hit
-        assert best.false_hit_rate <= limit
+        assert best.precision_loss <= limit  # per served hit, not per query
         assert best.oos_hit_rate <= limit
         lower = [r for r in rows if r.threshold < best.threshold]
-        assert all(r.false_hit_rate > limit or r.oos_hit_rate > limit for r in lower)
+        assert all(r.precision_loss > limit or r.oos_hit_rate > limit for r in lower)
 
 
 async def test_a_stream_stores_misses_and_counts_false_hits_on_them() -> None:
@@ -161,7 +160,9 @@ def test_the_cli_prints_the_sweep_and_a_recommendation(
 ) -> None:
     data = _jsonl(tmp_path / "small.jsonl")
 
-    code = main(["cache", "eval", "--data", str(data), "--thresholds", "0.9,0.5,1"])
+    code = main(
+        ["cache", "eval", "--mode", "fill", "--data", str(data), "--thresholds", "0.9,0.5,1"]
+    )
     out = capsys.readouterr().out
 
     assert code == 0
@@ -173,13 +174,14 @@ def test_the_cli_prints_the_sweep_and_a_recommendation(
         "0.90",
         "1.00",
     ]
-    assert "recommended threshold: " in out
+    assert "lowest threshold within budget ON THIS SET (a diagnostic" in out
 
 
 def test_the_cli_writes_csv_for_scripts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = _jsonl(tmp_path / "small.jsonl")
 
-    code = main(["cache", "eval", "--data", str(data), "--thresholds", "0.9", "--format", "csv"])
+    argv = ["cache", "eval", "--mode", "fill", "--data", str(data), "--thresholds", "0.9"]
+    code = main([*argv, "--format", "csv"])
     out = capsys.readouterr().out.splitlines()
 
     assert code == 0
@@ -199,9 +201,42 @@ def test_the_cli_writes_csv_for_scripts(tmp_path: Path, capsys: pytest.CaptureFi
 def test_missing_data_is_one_clear_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
 ) -> None:
-    code = main(["cache", "eval", *(a.format(tmp=tmp_path) for a in args)])
+    code = main(["cache", "eval", "--mode", "fill", *(a.format(tmp=tmp_path) for a in args)])
     err = capsys.readouterr().err
 
     assert code == 2
     assert err.startswith(f"costmesh: {message.format(tmp=tmp_path)}")
     assert err.count("\n") == 1
+
+
+async def test_a_stream_that_reports_its_false_hits_stops_repeating_them() -> None:
+    # The same look-alike asked again and again at a threshold that lets it through.
+    stream = [
+        Example("What is the fee for an international transfer?", "transfer_fee"),
+        *[NEAR_DUPLICATE] * 3,
+    ]
+    async with open_cache("", "", concurrency=1) as client:
+        silent = await run_stream(client, stream, 0.3, new_namespace())
+        reported = await run_stream(client, stream, 0.3, new_namespace(), report=True)
+
+    assert score(silent.observations, 0.3).false_hits == 3
+    # The first false hit is reported: its entry goes, the bar rises above it, and
+    # the look-alike is stored as a question of its own; later asks hit it exactly.
+    assert score(reported.observations, 0.3).false_hits == 1
+    assert reported.reports == 1
+    assert silent.reports == -1
+
+
+def test_compare_mode_puts_a_model_at_its_validated_operating_point(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tiny = Path(__file__).parent / "data" / "tiny-intents.jsonl"
+
+    code = main(["cache", "eval", "--models", "minilm", "--data", str(tiny)])
+    out = capsys.readouterr().out
+
+    assert code == 0
+    assert "thresholds chosen on validation splits" in out
+    (row,) = [line for line in out.splitlines() if line.lstrip().startswith("in-domain")]
+    assert "minilm" in row
+    assert "precision (1 - false hits per served hit) against hit ratio" in out

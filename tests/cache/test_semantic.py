@@ -15,7 +15,8 @@ from services.cache.keys import RequestKey
 from services.cache.redis_store import RedisStore
 from services.cache.semantic import FeaturePolicy, SemanticCache
 from services.cache.store import Answer, Capacity, MemoryStore, Store
-from services.common.embedding import MINILM, MINILM_DIMENSIONS, BatchingEmbedder, shared_minilm
+from services.common.config import ConfigError
+from services.common.embedding import MINILM_DIMENSIONS, BatchingEmbedder, shared_encoder
 from tests.clock import Clock
 from tests.redis_server import fresh_prefix
 
@@ -53,7 +54,10 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
 
 
 def embedder() -> BatchingEmbedder:
-    return BatchingEmbedder(MINILM, MINILM_DIMENSIONS, shared_minilm(None, 1).embed_sync)
+    model = shared_encoder(None, 1)
+    return BatchingEmbedder(
+        model.model, model.dimensions, model.embed_sync, thresholds=model.thresholds
+    )
 
 
 def make_cache(
@@ -308,3 +312,97 @@ async def test_an_answer_generated_across_its_tag_invalidation_is_not_stored(
     assert stale is None
     assert fresh is not None  # generated after the invalidation: kept
     assert cache.stats()["stale_stores"] == 1
+
+
+async def test_a_reported_wrong_hit_drops_the_entry_and_raises_its_partition_bar(
+    store: Store,
+) -> None:
+    cache = make_cache(store)
+    wrong = await cache.put(key("How do I close my account?"), ANSWER, 600, ())
+    await cache.put(key("How do I reset my password?", scope="other"), ANSWER, 600, ())
+    await settle(store)
+    served = await cache.lookup(key("How can I delete my profile?"), threshold=0.3)
+    assert wrong is not None
+    assert served.outcome == "semantic"
+    assert served.entry is not None
+
+    report = await cache.report_wrong_hit(key("How can I delete my profile?"), wrong.entry_id)
+    await settle(store)
+    # A new entry as close as the wrong one was: below the raised bar now.
+    await cache.put(key("How do I close my account?"), ANSWER, 600, ())
+    await settle(store)
+    again = await cache.lookup(key("How can I delete my profile?"), threshold=0.3)
+    elsewhere = await cache.lookup(key("how can I reset my password", scope="other"))
+
+    assert report.similarity == pytest.approx(served.similarity, abs=1e-5)
+    assert report.partition_threshold > report.similarity
+    assert again.outcome == "miss"
+    assert again.threshold == report.partition_threshold
+    assert elsewhere.outcome == "semantic"  # another partition keeps its own bar
+    assert cache.stats()["wrong_hit_reports"] == 1
+
+
+async def test_a_report_of_an_entry_that_is_gone_or_not_its_own_is_not_found(
+    store: Store,
+) -> None:
+    cache = make_cache(store)
+    entry = await cache.put(key("How do I close my account?"), ANSWER, 600, ())
+    await settle(store)
+    assert entry is not None
+
+    with pytest.raises(Exception, match="gone") as other_team:
+        await cache.report_wrong_hit(key("How can I delete my profile?", team="b"), entry.entry_id)
+    await cache.report_wrong_hit(key("How do I close my account?"), entry.entry_id)
+    with pytest.raises(Exception, match="gone") as twice:
+        await cache.report_wrong_hit(key("How do I close my account?"), entry.entry_id)
+
+    assert type(other_team.value).__name__ == type(twice.value).__name__ == "NotFound"
+    # An exact hit's answer was wrong, not the equivalence: no bar to raise.
+    model = cache.embedder.model if cache.embedder else ""
+    partition = key("How do I close my account?").semantic_partition(1, "last_user", model)
+    assert await store.bar(partition) == 0.0
+    assert cache.stats()["wrong_hit_reports"] == 1
+
+
+async def test_a_candidate_the_guard_refuses_gives_way_to_the_next_one(store: Store) -> None:
+    cache = make_cache(store)
+    await cache.put(key("Where is order 10442?"), ANSWER, 600, ())
+    await cache.put(key("Can you tell me where order 10443 is?"), ANSWER, 600, ())
+    await settle(store)
+
+    looked_up = await cache.lookup(key("Where is order 10443?"), threshold=0.3)
+
+    assert looked_up.outcome == "semantic"
+    assert looked_up.entry is not None
+    assert looked_up.entry.question == "Can you tell me where order 10443 is?"
+    assert looked_up.best_similarity > looked_up.similarity  # the nearer one was refused
+
+
+def test_the_threshold_is_the_one_calibrated_for_the_feature_budget() -> None:
+    model = embedder()
+    strict = FeaturePolicy(target_false_hit_rate=0.005)
+    loose = FeaturePolicy(target_false_hit_rate=0.05)
+    between = FeaturePolicy(target_false_hit_rate=0.03)  # the largest budget within it
+    fixed = FeaturePolicy(threshold=0.9)
+    policies = {"default": strict, "loose": loose, "between": between, "fixed": fixed}
+    cache = SemanticCache(MemoryStore(MINILM_DIMENSIONS), model, policies)
+
+    def threshold(feature: str) -> float | None:
+        return cache.policy(key("q", feature=feature)).threshold
+
+    assert threshold("default") == model.thresholds["0.005"]
+    assert threshold("loose") == model.thresholds["0.05"]
+    assert threshold("between") == model.thresholds["0.02"]
+    assert threshold("fixed") == 0.9
+    assert model.thresholds["0.005"] >= model.thresholds["0.05"]
+
+
+def test_a_model_without_calibration_needs_a_threshold_set_by_hand() -> None:
+    model = embedder()
+    model.thresholds = {}
+    with pytest.raises(ConfigError, match="cache_similarity_threshold"):
+        SemanticCache(MemoryStore(MINILM_DIMENSIONS), model, {"default": FeaturePolicy()})
+    fixed = SemanticCache(
+        MemoryStore(MINILM_DIMENSIONS), model, {"default": FeaturePolicy(threshold=0.9)}
+    )
+    assert fixed.policy(key("q")).threshold == 0.9

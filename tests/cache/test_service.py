@@ -17,6 +17,7 @@ from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
 from services.cache.service import MAX_SOURCE_REQUEST_ID
+from services.cli import main
 from services.common.config import load_config
 from services.inference.simulator import OpenAISimulator
 from services.mesh import SERVICES, start_mesh
@@ -226,6 +227,8 @@ async def openai_embeddings_mesh(simulator: OpenAISimulator, tmp_path: Path) -> 
     config.write_text(
         '[cache]\nembedding_provider = "openai"\n'
         'embedding_model = "text-embedding-3-small"\nembedding_dimensions = 64\n'
+        # A model without calibration: the threshold is set by hand.
+        "[features.default]\ncache_similarity_threshold = 0.9\n"
     )
     env = mesh_env(simulator, tmp_path)
     running = await start_mesh(load_config(config, env=env), env, SERVICES, TracerProvider(), 0)
@@ -351,3 +354,107 @@ async def test_store_refuses_a_source_request_id_longer_than_a_request_id(mesh: 
     assert bad_request_fields(refused.value) == ["source_request_id"]
     assert after.outcome == types_pb2.CACHE_OUTCOME_MISS
     assert (stats.stores, stats.entries) == (1, 1)  # only the one at the bound
+
+
+async def test_a_wrong_hit_reported_to_inference_is_dropped_and_not_served_again(
+    mesh: Mesh, simulator: OpenAISimulator
+) -> None:
+    await mesh.inference.Complete(
+        user_request("How do I close my account?"), metadata=AUTH, timeout=10
+    )
+    # A low threshold for this request, so that the model serves a look-alike.
+    asked = user_request("How can I delete my profile picture?")
+    asked.cache_control.similarity_threshold = 0.3
+    wrong = await mesh.inference.Complete(asked, metadata=AUTH, timeout=10)
+    assert wrong.cache_outcome == types_pb2.CACHE_OUTCOME_SEMANTIC
+    assert wrong.cache_entry_id
+    mesh.spans.clear()
+
+    report = await mesh.inference.ReportWrongHit(
+        inference_pb2.ReportWrongHitRequest(request=asked, cache_entry_id=wrong.cache_entry_id),
+        metadata=AUTH,
+        timeout=10,
+    )
+    again = await mesh.inference.Complete(asked, metadata=AUTH, timeout=10)
+    stats = await mesh.cache.GetStats(cache_pb2.GetStatsRequest(), metadata=AUTH, timeout=5)
+
+    assert 0.3 <= report.similarity < report.partition_threshold
+    assert again.cache_outcome == types_pb2.CACHE_OUTCOME_MISS
+    assert simulator.call_count == 2
+    assert stats.wrong_hit_reports == 1
+    spans = mesh.spans.get_finished_spans()
+    (cache_span,) = [
+        s
+        for s in spans
+        if s.name.endswith("CacheService/ReportWrongHit") and s.kind == SpanKind.SERVER
+    ]
+    (front,) = [
+        s
+        for s in spans
+        if s.name.endswith("InferenceService/ReportWrongHit") and s.kind == SpanKind.SERVER
+    ]
+    assert cache_span.context.trace_id == front.context.trace_id
+    assert cache_span.attributes is not None
+    assert cache_span.attributes["costmesh.cache.entry_id"] == wrong.cache_entry_id
+    assert cache_span.attributes["costmesh.cache.partition_threshold"] == pytest.approx(
+        report.partition_threshold
+    )
+    (lookup,) = [
+        s for s in spans if s.name.endswith("CacheService/Lookup") and s.kind == SpanKind.SERVER
+    ]
+    assert lookup.attributes is not None
+    assert lookup.attributes["costmesh.cache.threshold"] == pytest.approx(
+        report.partition_threshold
+    )
+
+
+async def test_a_report_of_an_entry_that_is_gone_or_unnamed_gets_a_clear_status(
+    mesh: Mesh,
+) -> None:
+    first = await mesh.inference.Complete(user_request("Opening hours?"), metadata=AUTH, timeout=10)
+    hit = await mesh.inference.Complete(user_request("Opening hours?"), metadata=AUTH, timeout=10)
+    report = inference_pb2.ReportWrongHitRequest(
+        request=user_request("Opening hours?"), cache_entry_id=hit.cache_entry_id
+    )
+
+    exact = await mesh.inference.ReportWrongHit(report, metadata=AUTH, timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await mesh.inference.ReportWrongHit(report, metadata=AUTH, timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as unnamed:
+        await mesh.inference.ReportWrongHit(
+            inference_pb2.ReportWrongHitRequest(request=user_request("Opening hours?")),
+            metadata=AUTH,
+            timeout=10,
+        )
+    after = await mesh.inference.Complete(user_request("Opening hours?"), metadata=AUTH, timeout=10)
+
+    assert not first.cached
+    assert hit.cache_outcome == types_pb2.CACHE_OUTCOME_EXACT
+    assert exact.similarity == 1.0  # the answer was wrong, not the match: no bar to raise
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "gone" in (gone.value.details() or "")
+    assert unnamed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(unnamed.value) == ["cache_entry_id"]
+    assert after.cache_outcome == types_pb2.CACHE_OUTCOME_MISS
+
+
+async def test_the_cli_reports_a_wrong_hit(mesh: Mesh, capsys: pytest.CaptureFixture[str]) -> None:
+    await mesh.inference.Complete(
+        user_request("How do I close my account?"), metadata=AUTH, timeout=10
+    )
+    asked = user_request("How can I delete my profile picture?")
+    asked.cache_control.similarity_threshold = 0.3
+    wrong = await mesh.inference.Complete(asked, metadata=AUTH, timeout=10)
+    argv = [
+        "cache", "report-wrong-hit", "--addr", mesh.address, "--key", AUTH[0][1].split()[1],
+        "--feature", "support", "--question", "How can I delete my profile picture?",
+        "--entry", wrong.cache_entry_id,
+    ]  # fmt: skip
+
+    code = await asyncio.to_thread(main, argv)
+    again = await asyncio.to_thread(main, argv)
+
+    assert (code, again) == (0, 1)
+    captured = capsys.readouterr()
+    assert f"dropped entry {wrong.cache_entry_id}" in captured.out
+    assert "NOT_FOUND" in captured.err

@@ -34,7 +34,7 @@ from services.casestudy.evaluate import (
 )
 from services.casestudy.workload import Message, WorkloadError, WorkloadRequest
 from services.cli import main
-from services.common.embedding import MiniLM, shared_minilm
+from services.common.embedding import SentenceEncoder, minilm_encoder
 from services.inference.simulator import OpenAISimulator
 from services.inference.simulator_realism import LABEL
 from tests.conftest import DEMO_KEY, PROVIDER_KEY, ledger_rows, running_mesh
@@ -91,8 +91,8 @@ baseline_model = "judge-model"
 
 
 @functools.cache
-def minilm() -> MiniLM:
-    return shared_minilm(None, 1)
+def minilm() -> SentenceEncoder:
+    return minilm_encoder(1)
 
 
 def similarity() -> SimilarityScorer:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.embedding import MINILM, shared_minilm
+from services.common.embedding import shared_encoder
 from services.router.artefact import TierModel
 from services.router.tickets import Ticket
 from services.router.training import train
@@ -58,8 +58,9 @@ TICKETS = tuple(
 
 @pytest.fixture(scope="session")
 def trained_model() -> TierModel:
-    vectors = shared_minilm(None, 2).embed_sync([t.text for t in TICKETS]).vectors
-    return train(TICKETS, vectors, MINILM, "router tests").model
+    encoder = shared_encoder(None, 2)
+    vectors = encoder.embed_sync([t.text for t in TICKETS]).vectors
+    return train(TICKETS, vectors, encoder.model, "router tests").model
 
 
 @pytest.fixture

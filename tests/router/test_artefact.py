@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.common.embedding import shared_minilm
+from services.common.embedding import shared_encoder
 from services.router.artefact import TIERS, ArtefactError, TierModel
 from tests.router.conftest import TICKETS
 
@@ -18,7 +18,7 @@ def test_a_saved_artefact_loads_with_the_same_probabilities_and_version(
     path = tmp_path / "a.npz"
     version = trained_model.save(path)
     loaded = TierModel.load(path)
-    vectors = shared_minilm(None, 2).embed_sync(["Where is my parcel?"]).vectors
+    vectors = shared_encoder(None, 2).embed_sync(["Where is my parcel?"]).vectors
 
     assert loaded.version == version
     assert loaded.classes == trained_model.classes
@@ -30,7 +30,7 @@ def test_a_saved_artefact_loads_with_the_same_probabilities_and_version(
 
 def test_the_trained_classifier_separates_the_tiers_it_learned(trained_model: TierModel) -> None:
     probabilities = trained_model.tier_probabilities(
-        shared_minilm(None, 2)
+        shared_encoder(None, 2)
         .embed_sync(
             [
                 "What time does the store open on Saturday?",

@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from costmesh.router.v1 import router_pb2
 from costmesh.types.v1 import types_pb2
 from services.common.config import ConfigError, load_config
-from services.common.embedding import MINILM, shared_minilm
+from services.common.embedding import shared_encoder
 from services.inference.simulator import OpenAISimulator
 from services.mesh import SERVICES, start_mesh
 from services.router.artefact import TIERS, TierModel
@@ -98,13 +98,15 @@ async def test_a_simple_ticket_goes_to_the_small_model_with_the_escalation_model
 
 
 async def test_a_supplied_vector_is_used_instead_of_embedding_again(mesh: Mesh) -> None:
-    vector = shared_minilm(None, 2).embed_sync([COMPLEX]).vectors[0].tolist()
+    vector = shared_encoder(None, 2).embed_sync([COMPLEX]).vectors[0].tolist()
 
     embedded = await mesh.router.Route(route_request(COMPLEX), metadata=AUTH, timeout=10)
     embeds_without = span_names(mesh).count("router.embed")
     mesh.spans.clear()
     reused = await mesh.router.Route(
-        route_request(COMPLEX, embedding=vector, embedding_model=MINILM), metadata=AUTH, timeout=10
+        route_request(COMPLEX, embedding=vector, embedding_model=shared_encoder(None, 2).model),
+        metadata=AUTH,
+        timeout=10,
     )
     foreign = await mesh.router.Route(
         route_request(COMPLEX, embedding=vector, embedding_model="text-embedding-3-small"),
@@ -126,8 +128,10 @@ async def test_a_new_artefact_is_picked_up_and_a_broken_one_is_refused(
     relabelled = [
         Ticket(t.text, "moderate" if t.label == "recover_password" else "complex") for t in TICKETS
     ]
-    vectors = shared_minilm(None, 2).embed_sync([t.text for t in relabelled]).vectors
-    new_version = train(relabelled, vectors, MINILM, "relabelled").model.save(artefact)
+    vectors = shared_encoder(None, 2).embed_sync([t.text for t in relabelled]).vectors
+    new_version = train(
+        relabelled, vectors, shared_encoder(None, 2).model, "relabelled"
+    ).model.save(artefact)
 
     after = await mesh.router.Route(route_request(SIMPLE), metadata=AUTH, timeout=10)
     whole = artefact.read_bytes()  # noqa: ASYNC240 - a test's quick file work

@@ -193,6 +193,7 @@ class LookupResponse(_message.Message):
     EMBEDDING_USAGE_FIELD_NUMBER: _builtins.int
     NAMESPACE_VERSION_FIELD_NUMBER: _builtins.int
     LOOKED_UP_AT_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
     outcome: _types_pb2.CacheOutcome.ValueType
     """MISS, EXACT or SEMANTIC."""
     similarity: _builtins.float
@@ -202,13 +203,18 @@ class LookupResponse(_message.Message):
     best_similarity: _builtins.float
     """The closest candidate's similarity, whether or not it was served."""
     guard_rejection: _builtins.str
-    """Why the closest candidate above the threshold was refused ("negation",
-    "numbers", "entities"); empty when none was refused.
+    """Why the closest candidate above the threshold was refused ("identifiers",
+    "numbers", "polarity", "entities"); empty when none was refused.
     """
     namespace_version: _builtins.int
     """The namespace version this lookup saw. Pass it back with the Store of the answer
     generated after a miss: if the namespace was bumped meanwhile, the answer (made
     from what was just invalidated) is not stored.
+    """
+    threshold: _builtins.float
+    """The similarity a semantic hit needed: the feature's threshold (calibrated for
+    its false-hit budget, or the request's override), or the partition's bar raised
+    by reported wrong hits when that is higher. Zero when no candidate was near.
     """
     @_builtins.property
     def entry(self) -> Global___CacheEntry:
@@ -245,10 +251,11 @@ class LookupResponse(_message.Message):
         embedding_usage: _types_pb2.TokenUsage | None = ...,
         namespace_version: _builtins.int = ...,
         looked_up_at: _timestamp_pb2.Timestamp | None = ...,
+        threshold: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["embedding_usage", b"embedding_usage", "entry", b"entry", "looked_up_at", b"looked_up_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_similarity", b"best_similarity", "embedding_model", b"embedding_model", "embedding_usage", b"embedding_usage", "entry", b"entry", "guard_rejection", b"guard_rejection", "looked_up_at", b"looked_up_at", "namespace_version", b"namespace_version", "outcome", b"outcome", "query_embedding", b"query_embedding", "similarity", b"similarity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_similarity", b"best_similarity", "embedding_model", b"embedding_model", "embedding_usage", b"embedding_usage", "entry", b"entry", "guard_rejection", b"guard_rejection", "looked_up_at", b"looked_up_at", "namespace_version", b"namespace_version", "outcome", b"outcome", "query_embedding", b"query_embedding", "similarity", b"similarity", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -421,6 +428,62 @@ class InvalidateResponse(_message.Message):
 Global___InvalidateResponse: _TypeAlias = InvalidateResponse  # noqa: Y015
 
 @_typing.final
+class ReportWrongHitRequest(_message.Message):
+    """ReportWrongHitRequest names a served answer that was wrong for a request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    entry_id: _builtins.str
+    """The entry that answered it (LookupResponse.entry.entry_id)."""
+    @_builtins.property
+    def key(self) -> Global___CacheKey:
+        """The request that was answered wrongly, as it was looked up."""
+
+    def __init__(
+        self,
+        *,
+        key: Global___CacheKey | None = ...,
+        entry_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_id", b"entry_id", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportWrongHitRequest: _TypeAlias = ReportWrongHitRequest  # noqa: Y015
+
+@_typing.final
+class ReportWrongHitResponse(_message.Message):
+    """ReportWrongHitResponse says what the report changed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIMILARITY_FIELD_NUMBER: _builtins.int
+    PARTITION_THRESHOLD_FIELD_NUMBER: _builtins.int
+    similarity: _builtins.float
+    """The request's similarity to the entry's question; 1 for an exact hit."""
+    partition_threshold: _builtins.float
+    """The similarity semantic hits of the request's partition need from now on (at
+    least; the feature's threshold still applies when higher).
+    """
+    def __init__(
+        self,
+        *,
+        similarity: _builtins.float = ...,
+        partition_threshold: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["partition_threshold", b"partition_threshold", "similarity", b"similarity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportWrongHitResponse: _TypeAlias = ReportWrongHitResponse  # noqa: Y015
+
+@_typing.final
 class GetStatsRequest(_message.Message):
     """GetStatsRequest selects the counters to report."""
 
@@ -461,6 +524,7 @@ class GetStatsResponse(_message.Message):
     BACKEND_FAILURES_FIELD_NUMBER: _builtins.int
     INVALIDATIONS_FIELD_NUMBER: _builtins.int
     STALE_STORES_FIELD_NUMBER: _builtins.int
+    WRONG_HIT_REPORTS_FIELD_NUMBER: _builtins.int
     entries: _builtins.int
     """Entries currently stored."""
     exact_hits: _builtins.int
@@ -489,6 +553,8 @@ class GetStatsResponse(_message.Message):
     """Answers not stored because their namespace was bumped, or one of their tags
     invalidated, after their lookup.
     """
+    wrong_hit_reports: _builtins.int
+    """Served answers reported wrong (ReportWrongHit) and dropped."""
     def __init__(
         self,
         *,
@@ -505,10 +571,11 @@ class GetStatsResponse(_message.Message):
         backend_failures: _builtins.int = ...,
         invalidations: _builtins.int = ...,
         stale_stores: _builtins.int = ...,
+        wrong_hit_reports: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend_failures", b"backend_failures", "entries", b"entries", "evictions", b"evictions", "exact_hits", b"exact_hits", "expirations", b"expirations", "guard_rejections", b"guard_rejections", "hit_rate", b"hit_rate", "invalidations", b"invalidations", "memory_bytes", b"memory_bytes", "misses", b"misses", "semantic_hits", b"semantic_hits", "stale_stores", b"stale_stores", "stores", b"stores"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend_failures", b"backend_failures", "entries", b"entries", "evictions", b"evictions", "exact_hits", b"exact_hits", "expirations", b"expirations", "guard_rejections", b"guard_rejections", "hit_rate", b"hit_rate", "invalidations", b"invalidations", "memory_bytes", b"memory_bytes", "misses", b"misses", "semantic_hits", b"semantic_hits", "stale_stores", b"stale_stores", "stores", b"stores", "wrong_hit_reports", b"wrong_hit_reports"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -56,6 +56,11 @@ class CacheServiceStub:
                 request_serializer=costmesh_dot_cache_dot_v1_dot_cache__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=costmesh_dot_cache_dot_v1_dot_cache__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.ReportWrongHit = channel.unary_unary(
+                '/costmesh.cache.v1.CacheService/ReportWrongHit',
+                request_serializer=costmesh_dot_cache_dot_v1_dot_cache__pb2.ReportWrongHitRequest.SerializeToString,
+                response_deserializer=costmesh_dot_cache_dot_v1_dot_cache__pb2.ReportWrongHitResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServiceServicer:
@@ -92,6 +97,15 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportWrongHit(self, request, context):
+        """ReportWrongHit says an answer served from the cache was wrong for the request:
+        the entry is dropped and, for a semantic hit, the similarity that request's
+        partition needs for a hit rises above the one it was served at.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +128,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=costmesh_dot_cache_dot_v1_dot_cache__pb2.GetStatsRequest.FromString,
                     response_serializer=costmesh_dot_cache_dot_v1_dot_cache__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'ReportWrongHit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportWrongHit,
+                    request_deserializer=costmesh_dot_cache_dot_v1_dot_cache__pb2.ReportWrongHitRequest.FromString,
+                    response_serializer=costmesh_dot_cache_dot_v1_dot_cache__pb2.ReportWrongHitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,6 +245,33 @@ class CacheService:
             '/costmesh.cache.v1.CacheService/GetStats',
             costmesh_dot_cache_dot_v1_dot_cache__pb2.GetStatsRequest.SerializeToString,
             costmesh_dot_cache_dot_v1_dot_cache__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportWrongHit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/costmesh.cache.v1.CacheService/ReportWrongHit',
+            costmesh_dot_cache_dot_v1_dot_cache__pb2.ReportWrongHitRequest.SerializeToString,
+            costmesh_dot_cache_dot_v1_dot_cache__pb2.ReportWrongHitResponse.FromString,
             options,
             channel_credentials,
             insecure,

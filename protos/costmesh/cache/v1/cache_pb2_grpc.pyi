@@ -45,6 +45,11 @@ class CacheServiceStub:
     """
     GetStats: _grpc.UnaryUnaryMultiCallable[_cache_pb2.GetStatsRequest, _cache_pb2.GetStatsResponse]
     """GetStats reports hit and miss counters and the number of live entries."""
+    ReportWrongHit: _grpc.UnaryUnaryMultiCallable[_cache_pb2.ReportWrongHitRequest, _cache_pb2.ReportWrongHitResponse]
+    """ReportWrongHit says an answer served from the cache was wrong for the request:
+    the entry is dropped and, for a semantic hit, the similarity that request's
+    partition needs for a hit rises above the one it was served at.
+    """
 
 @_typing.type_check_only
 class CacheServiceAsyncStub(CacheServiceStub):
@@ -63,6 +68,11 @@ class CacheServiceAsyncStub(CacheServiceStub):
     """
     GetStats: _aio.UnaryUnaryMultiCallable[_cache_pb2.GetStatsRequest, _cache_pb2.GetStatsResponse]  # type: ignore[assignment]
     """GetStats reports hit and miss counters and the number of live entries."""
+    ReportWrongHit: _aio.UnaryUnaryMultiCallable[_cache_pb2.ReportWrongHitRequest, _cache_pb2.ReportWrongHitResponse]  # type: ignore[assignment]
+    """ReportWrongHit says an answer served from the cache was wrong for the request:
+    the entry is dropped and, for a semantic hit, the similarity that request's
+    partition needs for a hit rises above the one it was served at.
+    """
 
 class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
     """CacheService answers repeated questions without a provider call. The inference
@@ -102,5 +112,16 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cache_pb2.GetStatsResponse, _abc.Awaitable[_cache_pb2.GetStatsResponse]]:
         """GetStats reports hit and miss counters and the number of live entries."""
+
+    @_abc_1.abstractmethod
+    def ReportWrongHit(
+        self,
+        request: _cache_pb2.ReportWrongHitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_pb2.ReportWrongHitResponse, _abc.Awaitable[_cache_pb2.ReportWrongHitResponse]]:
+        """ReportWrongHit says an answer served from the cache was wrong for the request:
+        the entry is dropped and, for a semantic hit, the similarity that request's
+        partition needs for a hit rises above the one it was served at.
+        """
 
 def add_CacheServiceServicer_to_server(servicer: CacheServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

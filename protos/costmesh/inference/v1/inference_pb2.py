@@ -25,35 +25,39 @@ _sym_db = _symbol_database.Default()
 from costmesh.types.v1 import types_pb2 as costmesh_dot_types_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%costmesh/inference/v1/inference.proto\x12\x15\x63ostmesh.inference.v1\x1a\x1d\x63ostmesh/types/v1/types.proto\"\xa8\x01\n\x0c\x43\x61\x63heControl\x12\x10\n\x08no_cache\x18\x01 \x01(\x08\x12\x10\n\x08no_store\x18\x02 \x01(\x08\x12\x17\n\x0fmax_age_seconds\x18\x03 \x01(\x03\x12!\n\x14similarity_threshold\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tnamespace\x18\x05 \x01(\t\x12\x0c\n\x04tags\x18\x06 \x03(\tB\x17\n\x15_similarity_threshold\"\xb4\x02\n\x0f\x43ompleteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x02 \x01(\t\x12\x30\n\x08messages\x18\x03 \x03(\x0b\x32\x1e.costmesh.types.v1.ChatMessage\x12\r\n\x05model\x18\x04 \x01(\t\x12\x33\n\x06params\x18\x05 \x01(\x0b\x32#.costmesh.types.v1.GenerationParams\x12:\n\rcache_control\x18\x06 \x01(\x0b\x32#.costmesh.inference.v1.CacheControl\x12\x11\n\tscope_key\x18\x07 \x01(\t\x12\x12\n\nexperiment\x18\x08 \x01(\t\x12#\n\x03\x61rm\x18\t \x01(\x0e\x32\x16.costmesh.types.v1.Arm\"\xc6\x04\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\x12\x36\n\rcache_outcome\x18\x06 \x01(\x0e\x32\x1f.costmesh.types.v1.CacheOutcome\x12,\n\x05usage\x18\x07 \x01(\x0b\x32\x1d.costmesh.types.v1.TokenUsage\x12\x15\n\rcost_nano_usd\x18\x08 \x01(\x03\x12\x10\n\x08trace_id\x18\t \x01(\t\x12%\n\x04tier\x18\n \x01(\x0e\x32\x17.costmesh.types.v1.Tier\x12\x15\n\rfinish_reason\x18\x0b \x01(\t\x12\x14\n\x0c\x63ost_pending\x18\x0c \x01(\x08\x12\x11\n\tescalated\x18\r \x01(\x08\x12\x16\n\x0e\x65scalated_from\x18\x0e \x01(\t\x12\x17\n\nconfidence\x18\x0f \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x0croute_reason\x18\x10 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x11 \x01(\x05\x12\x10\n\x08\x66\x61llback\x18\x12 \x01(\x08\x12\x12\n\ndowngraded\x18\x13 \x01(\x08\x12\x12\n\nexperiment\x18\x14 \x01(\t\x12#\n\x03\x61rm\x18\x15 \x01(\x0e\x32\x16.costmesh.types.v1.Arm\x12\x1f\n\x17\x63\x61\x63he_source_request_id\x18\x16 \x01(\tB\r\n\x0b_confidence\"P\n\x15StreamCompleteRequest\x12\x37\n\x07request\x18\x01 \x01(\x0b\x32&.costmesh.inference.v1.CompleteRequest\"a\n\x16StreamCompleteResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x38\n\x07summary\x18\x02 \x01(\x0b\x32\'.costmesh.inference.v1.CompleteResponse\"\x8f\x01\n\x12SubmitBatchRequest\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x38\n\x08requests\x18\x02 \x03(\x0b\x32&.costmesh.inference.v1.CompleteRequest\x12.\n\x04mode\x18\x03 \x01(\x0e\x32 .costmesh.inference.v1.BatchMode\"\'\n\x13SubmitBatchResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"#\n\x0fGetBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"\x87\x02\n\x10GetBatchResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x11\n\tcompleted\x18\x04 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x03\x12\x38\n\x07results\x18\x06 \x03(\x0b\x32\'.costmesh.inference.v1.CompleteResponse\x12.\n\x04mode\x18\x07 \x01(\x0e\x32 .costmesh.inference.v1.BatchMode\x12\x35\n\x08\x66\x61ilures\x18\x08 \x03(\x0b\x32#.costmesh.inference.v1.BatchFailure\"A\n\x0c\x42\x61tchFailure\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*V\n\tBatchMode\x12\x1a\n\x16\x42\x41TCH_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42\x41TCH_MODE_PROVIDER\x10\x01\x12\x14\n\x10\x42\x41TCH_MODE_QUEUE\x10\x02\x32\xa3\x03\n\x10InferenceService\x12[\n\x08\x43omplete\x12&.costmesh.inference.v1.CompleteRequest\x1a\'.costmesh.inference.v1.CompleteResponse\x12o\n\x0eStreamComplete\x12,.costmesh.inference.v1.StreamCompleteRequest\x1a-.costmesh.inference.v1.StreamCompleteResponse0\x01\x12\x64\n\x0bSubmitBatch\x12).costmesh.inference.v1.SubmitBatchRequest\x1a*.costmesh.inference.v1.SubmitBatchResponse\x12[\n\x08GetBatch\x12&.costmesh.inference.v1.GetBatchRequest\x1a\'.costmesh.inference.v1.GetBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%costmesh/inference/v1/inference.proto\x12\x15\x63ostmesh.inference.v1\x1a\x1d\x63ostmesh/types/v1/types.proto\"h\n\x15ReportWrongHitRequest\x12\x37\n\x07request\x18\x01 \x01(\x0b\x32&.costmesh.inference.v1.CompleteRequest\x12\x16\n\x0e\x63\x61\x63he_entry_id\x18\x02 \x01(\t\"I\n\x16ReportWrongHitResponse\x12\x12\n\nsimilarity\x18\x01 \x01(\x01\x12\x1b\n\x13partition_threshold\x18\x02 \x01(\x01\"\xa8\x01\n\x0c\x43\x61\x63heControl\x12\x10\n\x08no_cache\x18\x01 \x01(\x08\x12\x10\n\x08no_store\x18\x02 \x01(\x08\x12\x17\n\x0fmax_age_seconds\x18\x03 \x01(\x03\x12!\n\x14similarity_threshold\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tnamespace\x18\x05 \x01(\t\x12\x0c\n\x04tags\x18\x06 \x03(\tB\x17\n\x15_similarity_threshold\"\xb4\x02\n\x0f\x43ompleteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x02 \x01(\t\x12\x30\n\x08messages\x18\x03 \x03(\x0b\x32\x1e.costmesh.types.v1.ChatMessage\x12\r\n\x05model\x18\x04 \x01(\t\x12\x33\n\x06params\x18\x05 \x01(\x0b\x32#.costmesh.types.v1.GenerationParams\x12:\n\rcache_control\x18\x06 \x01(\x0b\x32#.costmesh.inference.v1.CacheControl\x12\x11\n\tscope_key\x18\x07 \x01(\t\x12\x12\n\nexperiment\x18\x08 \x01(\t\x12#\n\x03\x61rm\x18\t \x01(\x0e\x32\x16.costmesh.types.v1.Arm\"\xde\x04\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\x12\x36\n\rcache_outcome\x18\x06 \x01(\x0e\x32\x1f.costmesh.types.v1.CacheOutcome\x12,\n\x05usage\x18\x07 \x01(\x0b\x32\x1d.costmesh.types.v1.TokenUsage\x12\x15\n\rcost_nano_usd\x18\x08 \x01(\x03\x12\x10\n\x08trace_id\x18\t \x01(\t\x12%\n\x04tier\x18\n \x01(\x0e\x32\x17.costmesh.types.v1.Tier\x12\x15\n\rfinish_reason\x18\x0b \x01(\t\x12\x14\n\x0c\x63ost_pending\x18\x0c \x01(\x08\x12\x11\n\tescalated\x18\r \x01(\x08\x12\x16\n\x0e\x65scalated_from\x18\x0e \x01(\t\x12\x17\n\nconfidence\x18\x0f \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x0croute_reason\x18\x10 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x11 \x01(\x05\x12\x10\n\x08\x66\x61llback\x18\x12 \x01(\x08\x12\x12\n\ndowngraded\x18\x13 \x01(\x08\x12\x12\n\nexperiment\x18\x14 \x01(\t\x12#\n\x03\x61rm\x18\x15 \x01(\x0e\x32\x16.costmesh.types.v1.Arm\x12\x1f\n\x17\x63\x61\x63he_source_request_id\x18\x16 \x01(\t\x12\x16\n\x0e\x63\x61\x63he_entry_id\x18\x17 \x01(\tB\r\n\x0b_confidence\"P\n\x15StreamCompleteRequest\x12\x37\n\x07request\x18\x01 \x01(\x0b\x32&.costmesh.inference.v1.CompleteRequest\"a\n\x16StreamCompleteResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12\x38\n\x07summary\x18\x02 \x01(\x0b\x32\'.costmesh.inference.v1.CompleteResponse\"\x8f\x01\n\x12SubmitBatchRequest\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x38\n\x08requests\x18\x02 \x03(\x0b\x32&.costmesh.inference.v1.CompleteRequest\x12.\n\x04mode\x18\x03 \x01(\x0e\x32 .costmesh.inference.v1.BatchMode\"\'\n\x13SubmitBatchResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"#\n\x0fGetBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"\x87\x02\n\x10GetBatchResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x11\n\tcompleted\x18\x04 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x03\x12\x38\n\x07results\x18\x06 \x03(\x0b\x32\'.costmesh.inference.v1.CompleteResponse\x12.\n\x04mode\x18\x07 \x01(\x0e\x32 .costmesh.inference.v1.BatchMode\x12\x35\n\x08\x66\x61ilures\x18\x08 \x03(\x0b\x32#.costmesh.inference.v1.BatchFailure\"A\n\x0c\x42\x61tchFailure\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*V\n\tBatchMode\x12\x1a\n\x16\x42\x41TCH_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42\x41TCH_MODE_PROVIDER\x10\x01\x12\x14\n\x10\x42\x41TCH_MODE_QUEUE\x10\x02\x32\x92\x04\n\x10InferenceService\x12[\n\x08\x43omplete\x12&.costmesh.inference.v1.CompleteRequest\x1a\'.costmesh.inference.v1.CompleteResponse\x12o\n\x0eStreamComplete\x12,.costmesh.inference.v1.StreamCompleteRequest\x1a-.costmesh.inference.v1.StreamCompleteResponse0\x01\x12\x64\n\x0bSubmitBatch\x12).costmesh.inference.v1.SubmitBatchRequest\x1a*.costmesh.inference.v1.SubmitBatchResponse\x12[\n\x08GetBatch\x12&.costmesh.inference.v1.GetBatchRequest\x1a\'.costmesh.inference.v1.GetBatchResponse\x12m\n\x0eReportWrongHit\x12,.costmesh.inference.v1.ReportWrongHitRequest\x1a-.costmesh.inference.v1.ReportWrongHitResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'costmesh.inference.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BATCHMODE']._serialized_start=1900
-  _globals['_BATCHMODE']._serialized_end=1986
-  _globals['_CACHECONTROL']._serialized_start=96
-  _globals['_CACHECONTROL']._serialized_end=264
-  _globals['_COMPLETEREQUEST']._serialized_start=267
-  _globals['_COMPLETEREQUEST']._serialized_end=575
-  _globals['_COMPLETERESPONSE']._serialized_start=578
-  _globals['_COMPLETERESPONSE']._serialized_end=1160
-  _globals['_STREAMCOMPLETEREQUEST']._serialized_start=1162
-  _globals['_STREAMCOMPLETEREQUEST']._serialized_end=1242
-  _globals['_STREAMCOMPLETERESPONSE']._serialized_start=1244
-  _globals['_STREAMCOMPLETERESPONSE']._serialized_end=1341
-  _globals['_SUBMITBATCHREQUEST']._serialized_start=1344
-  _globals['_SUBMITBATCHREQUEST']._serialized_end=1487
-  _globals['_SUBMITBATCHRESPONSE']._serialized_start=1489
-  _globals['_SUBMITBATCHRESPONSE']._serialized_end=1528
-  _globals['_GETBATCHREQUEST']._serialized_start=1530
-  _globals['_GETBATCHREQUEST']._serialized_end=1565
-  _globals['_GETBATCHRESPONSE']._serialized_start=1568
-  _globals['_GETBATCHRESPONSE']._serialized_end=1831
-  _globals['_BATCHFAILURE']._serialized_start=1833
-  _globals['_BATCHFAILURE']._serialized_end=1898
-  _globals['_INFERENCESERVICE']._serialized_start=1989
-  _globals['_INFERENCESERVICE']._serialized_end=2408
+  _globals['_BATCHMODE']._serialized_start=2105
+  _globals['_BATCHMODE']._serialized_end=2191
+  _globals['_REPORTWRONGHITREQUEST']._serialized_start=95
+  _globals['_REPORTWRONGHITREQUEST']._serialized_end=199
+  _globals['_REPORTWRONGHITRESPONSE']._serialized_start=201
+  _globals['_REPORTWRONGHITRESPONSE']._serialized_end=274
+  _globals['_CACHECONTROL']._serialized_start=277
+  _globals['_CACHECONTROL']._serialized_end=445
+  _globals['_COMPLETEREQUEST']._serialized_start=448
+  _globals['_COMPLETEREQUEST']._serialized_end=756
+  _globals['_COMPLETERESPONSE']._serialized_start=759
+  _globals['_COMPLETERESPONSE']._serialized_end=1365
+  _globals['_STREAMCOMPLETEREQUEST']._serialized_start=1367
+  _globals['_STREAMCOMPLETEREQUEST']._serialized_end=1447
+  _globals['_STREAMCOMPLETERESPONSE']._serialized_start=1449
+  _globals['_STREAMCOMPLETERESPONSE']._serialized_end=1546
+  _globals['_SUBMITBATCHREQUEST']._serialized_start=1549
+  _globals['_SUBMITBATCHREQUEST']._serialized_end=1692
+  _globals['_SUBMITBATCHRESPONSE']._serialized_start=1694
+  _globals['_SUBMITBATCHRESPONSE']._serialized_end=1733
+  _globals['_GETBATCHREQUEST']._serialized_start=1735
+  _globals['_GETBATCHREQUEST']._serialized_end=1770
+  _globals['_GETBATCHRESPONSE']._serialized_start=1773
+  _globals['_GETBATCHRESPONSE']._serialized_end=2036
+  _globals['_BATCHFAILURE']._serialized_start=2038
+  _globals['_BATCHFAILURE']._serialized_end=2103
+  _globals['_INFERENCESERVICE']._serialized_start=2194
+  _globals['_INFERENCESERVICE']._serialized_end=2724
 # @@protoc_insertion_point(module_scope)

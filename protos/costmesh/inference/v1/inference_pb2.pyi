@@ -45,6 +45,62 @@ BATCH_MODE_QUEUE: BatchMode.ValueType  # 2
 Global___BatchMode: _TypeAlias = BatchMode  # noqa: Y015
 
 @_typing.final
+class ReportWrongHitRequest(_message.Message):
+    """ReportWrongHitRequest names a cached answer that was wrong."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    CACHE_ENTRY_ID_FIELD_NUMBER: _builtins.int
+    cache_entry_id: _builtins.str
+    """The reply's cache_entry_id."""
+    @_builtins.property
+    def request(self) -> Global___CompleteRequest:
+        """The request that was answered, as it was sent to Complete."""
+
+    def __init__(
+        self,
+        *,
+        request: Global___CompleteRequest | None = ...,
+        cache_entry_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_entry_id", b"cache_entry_id", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportWrongHitRequest: _TypeAlias = ReportWrongHitRequest  # noqa: Y015
+
+@_typing.final
+class ReportWrongHitResponse(_message.Message):
+    """ReportWrongHitResponse says what the report changed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIMILARITY_FIELD_NUMBER: _builtins.int
+    PARTITION_THRESHOLD_FIELD_NUMBER: _builtins.int
+    similarity: _builtins.float
+    """The request's similarity to the question the entry was stored for; 1 for an
+    exact hit.
+    """
+    partition_threshold: _builtins.float
+    """The similarity later semantic hits in the request's partition need at least."""
+    def __init__(
+        self,
+        *,
+        similarity: _builtins.float = ...,
+        partition_threshold: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["partition_threshold", b"partition_threshold", "similarity", b"similarity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportWrongHitResponse: _TypeAlias = ReportWrongHitResponse  # noqa: Y015
+
+@_typing.final
 class CacheControl(_message.Message):
     """CacheControl lets a caller opt out of caching for one request."""
 
@@ -186,6 +242,7 @@ class CompleteResponse(_message.Message):
     EXPERIMENT_FIELD_NUMBER: _builtins.int
     ARM_FIELD_NUMBER: _builtins.int
     CACHE_SOURCE_REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CACHE_ENTRY_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request id the call was recorded under."""
     content: _builtins.str
@@ -234,6 +291,10 @@ class CompleteResponse(_message.Message):
     """The arm it ran in (control: the baseline policy)."""
     cache_source_request_id: _builtins.str
     """For a cache hit, the request id of the call whose answer was reused."""
+    cache_entry_id: _builtins.str
+    """For a cache hit, the entry that answered: pass it to ReportWrongHit when the
+    answer was wrong for this request.
+    """
     @_builtins.property
     def usage(self) -> _types_pb2.TokenUsage:
         """Tokens the model that answered billed; zero for a cache hit. Overhead calls
@@ -266,10 +327,11 @@ class CompleteResponse(_message.Message):
         experiment: _builtins.str = ...,
         arm: _types_pb2.Arm.ValueType = ...,
         cache_source_request_id: _builtins.str = ...,
+        cache_entry_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "confidence", b"confidence", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "arm", b"arm", "attempts", b"attempts", "cache_outcome", b"cache_outcome", "cache_source_request_id", b"cache_source_request_id", "cached", b"cached", "confidence", b"confidence", "content", b"content", "cost_nano_usd", b"cost_nano_usd", "cost_pending", b"cost_pending", "downgraded", b"downgraded", "escalated", b"escalated", "escalated_from", b"escalated_from", "experiment", b"experiment", "fallback", b"fallback", "finish_reason", b"finish_reason", "model", b"model", "provider", b"provider", "request_id", b"request_id", "route_reason", b"route_reason", "tier", b"tier", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_confidence", b"_confidence", "arm", b"arm", "attempts", b"attempts", "cache_entry_id", b"cache_entry_id", "cache_outcome", b"cache_outcome", "cache_source_request_id", b"cache_source_request_id", "cached", b"cached", "confidence", b"confidence", "content", b"content", "cost_nano_usd", b"cost_nano_usd", "cost_pending", b"cost_pending", "downgraded", b"downgraded", "escalated", b"escalated", "escalated_from", b"escalated_from", "experiment", b"experiment", "fallback", b"fallback", "finish_reason", b"finish_reason", "model", b"model", "provider", b"provider", "request_id", b"request_id", "route_reason", b"route_reason", "tier", b"tier", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__confidence: _TypeAlias = _typing.Literal["confidence"]  # noqa: Y015
     _WhichOneofArgType__confidence: _TypeAlias = _typing.Literal["_confidence", b"_confidence"]  # noqa: Y015

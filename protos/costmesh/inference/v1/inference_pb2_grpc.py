@@ -57,6 +57,11 @@ class InferenceServiceStub:
                 request_serializer=costmesh_dot_inference_dot_v1_dot_inference__pb2.GetBatchRequest.SerializeToString,
                 response_deserializer=costmesh_dot_inference_dot_v1_dot_inference__pb2.GetBatchResponse.FromString,
                 _registered_method=True)
+        self.ReportWrongHit = channel.unary_unary(
+                '/costmesh.inference.v1.InferenceService/ReportWrongHit',
+                request_serializer=costmesh_dot_inference_dot_v1_dot_inference__pb2.ReportWrongHitRequest.SerializeToString,
+                response_deserializer=costmesh_dot_inference_dot_v1_dot_inference__pb2.ReportWrongHitResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -93,6 +98,15 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportWrongHit(self, request, context):
+        """ReportWrongHit says an answer Complete served from the cache was wrong for the
+        request: the cache drops it and asks more similarity of later semantic hits in
+        the request's partition (the same team, feature, scope and conversation).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +129,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetBatch,
                     request_deserializer=costmesh_dot_inference_dot_v1_dot_inference__pb2.GetBatchRequest.FromString,
                     response_serializer=costmesh_dot_inference_dot_v1_dot_inference__pb2.GetBatchResponse.SerializeToString,
+            ),
+            'ReportWrongHit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportWrongHit,
+                    request_deserializer=costmesh_dot_inference_dot_v1_dot_inference__pb2.ReportWrongHitRequest.FromString,
+                    response_serializer=costmesh_dot_inference_dot_v1_dot_inference__pb2.ReportWrongHitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -228,6 +247,33 @@ class InferenceService:
             '/costmesh.inference.v1.InferenceService/GetBatch',
             costmesh_dot_inference_dot_v1_dot_inference__pb2.GetBatchRequest.SerializeToString,
             costmesh_dot_inference_dot_v1_dot_inference__pb2.GetBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportWrongHit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/costmesh.inference.v1.InferenceService/ReportWrongHit',
+            costmesh_dot_inference_dot_v1_dot_inference__pb2.ReportWrongHitRequest.SerializeToString,
+            costmesh_dot_inference_dot_v1_dot_inference__pb2.ReportWrongHitResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,11 @@ class InferenceServiceStub:
     """SubmitBatch sends many requests through the provider's discounted batch API."""
     GetBatch: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetBatchRequest, _inference_pb2.GetBatchResponse]
     """GetBatch reports the status and results of a submitted batch."""
+    ReportWrongHit: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ReportWrongHitRequest, _inference_pb2.ReportWrongHitResponse]
+    """ReportWrongHit says an answer Complete served from the cache was wrong for the
+    request: the cache drops it and asks more similarity of later semantic hits in
+    the request's partition (the same team, feature, scope and conversation).
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -61,6 +66,11 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """SubmitBatch sends many requests through the provider's discounted batch API."""
     GetBatch: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetBatchRequest, _inference_pb2.GetBatchResponse]  # type: ignore[assignment]
     """GetBatch reports the status and results of a submitted batch."""
+    ReportWrongHit: _aio.UnaryUnaryMultiCallable[_inference_pb2.ReportWrongHitRequest, _inference_pb2.ReportWrongHitResponse]  # type: ignore[assignment]
+    """ReportWrongHit says an answer Complete served from the cache was wrong for the
+    request: the cache drops it and asks more similarity of later semantic hits in
+    the request's partition (the same team, feature, scope and conversation).
+    """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """InferenceService is the front door of the mesh and the only service that talks to
@@ -99,5 +109,16 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.GetBatchResponse, _abc.Awaitable[_inference_pb2.GetBatchResponse]]:
         """GetBatch reports the status and results of a submitted batch."""
+
+    @_abc_1.abstractmethod
+    def ReportWrongHit(
+        self,
+        request: _inference_pb2.ReportWrongHitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.ReportWrongHitResponse, _abc.Awaitable[_inference_pb2.ReportWrongHitResponse]]:
+        """ReportWrongHit says an answer Complete served from the cache was wrong for the
+        request: the cache drops it and asks more similarity of later semantic hits in
+        the request's partition (the same team, feature, scope and conversation).
+        """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
