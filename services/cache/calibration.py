@@ -144,14 +144,14 @@ def curve(
 
 
 def calibrate(embed: Embed, sets: Sequence[IntentSet]) -> dict[str, float]:
-    """Per false-hit budget, the strictest of the thresholds each validation split
-    needs (stored: its train split; looked up: its validation split): the budget
-    then holds on every data set the model was trained on, not just on average."""
-    judged = []
+    """Per false-hit budget, the threshold the validation splits allow together
+    (stored: each set's train split; looked up: its validation split), as one mixed
+    stream of traffic. The strictest set alone would be Banking77, whose intents
+    include pairs worded identically ("Has my top up gone through?" is
+    pending_top_up, "Has my top-up gone through?" top_up_reverted): no threshold
+    below 1 keeps its false hits under 1%, and the default would serve nothing."""
+    judged: list[Judged] = []
     for s in sets:
         stored = unique(s.train)
-        judged.append(judge(embed, stored, semantic_queries(stored, s.validation)))
-    return {
-        f"{target:g}": round(max(operating_threshold(j, target) for j in judged), 4)
-        for target in TARGETS
-    }
+        judged += judge(embed, stored, semantic_queries(stored, s.validation))
+    return {f"{target:g}": round(operating_threshold(judged, target), 4) for target in TARGETS}

@@ -190,7 +190,7 @@ def render(results: Sequence[Result], fmt: str, out: TextIO, target: float) -> N
             r.setting,
             r.data,
             r.model,
-            f"{r.threshold:.4f}",
+            f"{r.threshold:.4f}" if r.threshold < 1 else "none",
             str(r.point.queries),
             str(r.point.hits),
             str(r.point.false_hits),
@@ -223,3 +223,8 @@ def render(results: Sequence[Result], fmt: str, out: TextIO, target: float) -> N
     ]
     write_grid(out, curve_header, curve_rows, fmt)
     out.write("\ncells: precision % / hit ratio % of queries\n")
+    if any(r.threshold >= 1 for r in results):
+        out.write(
+            "threshold none: no threshold kept the validation split within the budget "
+            "(with fewer than 1/budget hits none can): exact repeats only\n"
+        )

@@ -247,7 +247,12 @@ class Memory:
         if response.outcome in _HITS:
             entry = response.entry
             label = self.labels.get(entry.entry_id, UNKNOWN)
-            return Observation(query, served=Match(entry.question, label, response.similarity))
+            served = Match(entry.question, label, response.similarity)
+            if not response.guard_rejection:
+                return Observation(query, served=served)
+            # A nearer candidate was refused before this one was served.
+            refused = self._nearest(response)
+            return Observation(query, served, refused, response.guard_rejection)
         if response.guard_rejection:
             refused = self._nearest(response)
             return Observation(query, refused=refused, rejection=response.guard_rejection)

@@ -59,7 +59,8 @@ _OPPOSITES = (
     ("allow", "block"), ("allowed", "blocked"), ("upgrade", "downgrade"),
     ("incoming", "outgoing"), ("inbound", "outbound"), ("first", "last"),
     ("private", "public"), ("online", "offline"), ("connect", "disconnect"),
-    ("install", "uninstall"), ("join", "leave"), ("win", "lose"),
+    ("install", "uninstall"), ("join", "leave"), ("win", "lose"), ("next", "last"),
+    ("next", "previous"), ("pause", "resume"),
     # Whose: "change my name" is not "change your name" (measured: clinc150).
     ("my", "your"), ("me", "you"), ("mine", "yours"), ("myself", "yourself"),
 )  # fmt: skip
@@ -97,6 +98,8 @@ _FILLER = frozenset(
     }
 )  # fmt: skip
 _SCOPE = 4  # tokens after a negation searched for the word it negates
+# "From annual to monthly" is not "from monthly to annual".
+_DIRECTION = re.compile(r"(\w+) (?:to|into|->) (\w+)")
 _OPPOSITE = frozenset(_OPPOSITES) | frozenset((b, a) for a, b in _OPPOSITES)
 
 
@@ -170,6 +173,12 @@ def _starts_sentence(text: str, token: str) -> bool:
     return not before or before[-1] in ".?!:;\"'(\n"
 
 
+def _swapped(query: str, candidate: str) -> bool:
+    """The same two words on either side of "to", in the other order."""
+    pairs = {(a.lower(), b.lower()) for a, b in _DIRECTION.findall(query)}
+    return any((b.lower(), a.lower()) in pairs for a, b in _DIRECTION.findall(candidate))
+
+
 def refusal(query: str, candidate: str) -> str:
     """Why `candidate` must not answer `query` ("identifiers", "numbers", "polarity",
     "entities"), or ""."""
@@ -180,6 +189,8 @@ def refusal(query: str, candidate: str) -> str:
         return "numbers"
     # Negated on one side, asked about un-negated on the other.
     if (q.negated - c.negated) & c.stems or (c.negated - q.negated) & q.stems:
+        return "polarity"
+    if _swapped(query, candidate):
         return "polarity"
     only_query, only_candidate = q.words - c.words, c.words - q.words
     if any((w, x) in _OPPOSITE for w in only_query for x in only_candidate):

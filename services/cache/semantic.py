@@ -218,7 +218,13 @@ class SemanticCache:
                 if not why:
                     span.set_attribute("costmesh.cache.best_similarity", best)
                     return LookupResult(
-                        "semantic", found, similarity, best, vector=vector, threshold=bar
+                        "semantic",
+                        found,
+                        similarity,
+                        best,
+                        guard_rejection=rejection,  # why a nearer candidate was passed over
+                        vector=vector,
+                        threshold=bar,
                     )
             best = best or (candidates[0][1] if candidates else 0.0)
             span.set_attribute("costmesh.cache.best_similarity", best)

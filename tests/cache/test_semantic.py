@@ -367,15 +367,17 @@ async def test_a_report_of_an_entry_that_is_gone_or_not_its_own_is_not_found(
 async def test_a_candidate_the_guard_refuses_gives_way_to_the_next_one(store: Store) -> None:
     cache = make_cache(store)
     await cache.put(key("Where is order 10442?"), ANSWER, 600, ())
-    await cache.put(key("Can you tell me where order 10443 is?"), ANSWER, 600, ())
+    farther = "I would like to know where my order 10443 is at the moment"
+    await cache.put(key(farther), ANSWER, 600, ())
     await settle(store)
 
     looked_up = await cache.lookup(key("Where is order 10443?"), threshold=0.3)
 
     assert looked_up.outcome == "semantic"
     assert looked_up.entry is not None
-    assert looked_up.entry.question == "Can you tell me where order 10443 is?"
+    assert looked_up.entry.question == farther
     assert looked_up.best_similarity > looked_up.similarity  # the nearer one was refused
+    assert looked_up.guard_rejection == "numbers"
 
 
 def test_the_threshold_is_the_one_calibrated_for_the_feature_budget() -> None:
