@@ -187,15 +187,18 @@ def refusal(query: str, candidate: str) -> str:
         return "identifiers"
     if q.numbers != c.numbers:
         return "numbers"
-    # Negated on one side, asked about un-negated on the other.
-    if (q.negated - c.negated) & c.stems or (c.negated - q.negated) & q.stems:
-        return "polarity"
-    if _swapped(query, candidate):
-        return "polarity"
-    only_query, only_candidate = q.words - c.words, c.words - q.words
-    if any((w, x) in _OPPOSITE for w in only_query for x in only_candidate):
+    if _opposed(q, c) or _swapped(query, candidate):
         return "polarity"
     # Both name something, and each names what the other lacks even in lower case.
     if q.names - c.words and c.names - q.words:
         return "entities"
     return ""
+
+
+def _opposed(q: _Features, c: _Features) -> bool:
+    """Negated on one side and asked about un-negated on the other, or an opposite
+    word on each side."""
+    if (q.negated - c.negated) & c.stems or (c.negated - q.negated) & q.stems:
+        return True
+    only_query, only_candidate = q.words - c.words, c.words - q.words
+    return any((w, x) in _OPPOSITE for w in only_query for x in only_candidate)
