@@ -16,7 +16,7 @@ from costmesh.types.v1 import types_pb2
 from services.cache import evaluate
 from services.cache.intents import default_data_dir, parse_data_sets
 from services.common.cli_support import count
-from services.common.embedding import read_card
+from services.common.embedding import minilm_dir, read_card
 
 SHIPPED_DATA = "banking77,clinc150,bitext"
 
@@ -67,6 +67,7 @@ def _train(args: argparse.Namespace, out: TextIO) -> int:
 
     if args.calibrate_only:
         return _recalibrate(args.out, args.data_dir, out)
+    minilm_dir()  # a plain install says which extra it lacks, not a traceback
     options = TrainOptions(
         data_sets=parse_data_sets(args.data),
         data_dir=args.data_dir,
