@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 # What the cache survives: an unreachable Redis or embeddings provider costs hits.
 FAIL_OPEN = (StoreUnavailableError, EmbeddingUnavailableError)
-# Candidates fetched per search: the best live one is judged, stale ones (expired
-# or invalidated since the search) are skipped.
+# Candidates fetched per search: live ones above the threshold are judged by the
+# guard in turn; stale ones (expired or invalidated since the search) are skipped.
 _CANDIDATES = 4
 DEFAULT_TARGET = 0.01  # false hits per served hit
 # How far above a reported wrong hit's similarity its partition's bar goes.
