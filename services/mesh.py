@@ -13,6 +13,7 @@ from services.common.auth import KeyTable, new_key
 from services.common.channels import Channels
 from services.common.config import Config, ConfigError
 from services.common.edge import EdgeInterceptor
+from services.common.in_process import InProcessServer
 from services.common.server import RunningServer, ServiceDef, create_server
 from services.inference import service as inference_service
 from services.ledger import service as ledger_service
@@ -203,17 +204,24 @@ async def start_mesh(
     _refuse_demo_key_off_loopback(config, host)
     service_key = _service_key(config, env, names)
     keys = KeyTable.from_config(config.section("auth"), service_key)
-    channels = Channels(
-        service_key, tracer_provider, config.section("peers").get_float("timeout_seconds", 5.0)
-    )
     interceptors = [*telemetry.server_interceptors(tracer_provider), EdgeInterceptor(keys)]
+    # Peers in this process are called directly: the in-process server makes its own
+    # server spans, so it takes only the edge (authentication and error statuses).
+    hops = "inference" in names and any(p in names for p in PEERS)
+    local = InProcessServer([EdgeInterceptor(keys)], tracer_provider) if hops else None
+    channels = Channels(
+        service_key,
+        tracer_provider,
+        config.section("peers").get_float("timeout_seconds", 5.0),
+        local,
+    )
     try:
         running = await create_server(
             host,
             configured_port if port is None else port,
             _build_services(config, env, names, channels, tracer_provider),
             interceptors,
-            internal="inference" in names and any(p in names for p in PEERS),
+            local=local,
         )
     except BaseException:
         await channels.close()

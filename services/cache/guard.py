@@ -23,6 +23,7 @@ both sides of that trade.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -113,7 +114,10 @@ class _Features:
     names: frozenset[str]
 
 
+@functools.lru_cache(maxsize=16384)
 def _features(text: str) -> _Features:
+    """Cached: a look-up judges one question against up to four stored ones, and the
+    same stored questions come up again and again."""
     tokens = _WORD.findall(text)
     plain = [t.lower().translate(_APOSTROPHES) for t in tokens]
     identifiers = frozenset(

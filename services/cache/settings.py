@@ -71,7 +71,7 @@ class CacheSettings:
             embedding_dimensions=cache.get_int(
                 "embedding_dimensions", MINILM_DIMENSIONS, minimum=1
             ),
-            embedding_threads=cache.get_int("embedding_threads", 2, minimum=1),
+            embedding_threads=cache.get_int("embedding_threads", 1, minimum=1),
             model_dir=Path(model_dir) if model_dir else None,
             provider_base_url=base_url,
             provider_api_key_env=api_key_env,

@@ -8,6 +8,7 @@ import grpc
 from opentelemetry import trace
 
 from services.common import telemetry
+from services.common.in_process import IN_PROCESS, InProcessServer
 
 # Only UNAVAILABLE is retried: the call never reached a servicer, so a retry cannot
 # duplicate work. Everything else is the caller's decision. Backoff stays short: a
@@ -34,14 +35,24 @@ class Channels:
     """Owns the channels to peers; callers always pass `timeout` and `metadata`."""
 
     def __init__(
-        self, service_key: str, provider: trace.TracerProvider, timeout_seconds: float
+        self,
+        service_key: str,
+        provider: trace.TracerProvider,
+        timeout_seconds: float,
+        local: InProcessServer | None = None,
     ) -> None:
         self._provider = provider
+        self._local = local
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {service_key}"),)
         self.timeout = timeout_seconds
 
     def get(self, address: str) -> grpc.aio.Channel:
+        """A channel to `address`; IN_PROCESS reaches this process's services directly."""
+        if address == IN_PROCESS:
+            if self._local is None:
+                raise ValueError("no services run in this process")
+            return self._local.channel()  # type: ignore[return-value]
         channel = self._channels.get(address)
         if channel is None:
             channel = grpc.aio.insecure_channel(

@@ -12,6 +12,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.in_process import IN_PROCESS, InProcessServer
+
 log = logging.getLogger(__name__)
 
 
@@ -43,10 +45,9 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     services: Sequence[ServiceDef]
-    # A loopback-only server with the same services, for calls between services of
-    # this process: it outlives the public one during shutdown, so that calls
-    # being drained can still reach their peers.
-    internal: grpc.aio.Server | None = None
+    # The same services for calls between services of this process, without a
+    # socket: they still answer while the public server drains during shutdown.
+    local: InProcessServer | None = None
     # Run after every service has stopped, e.g. closing client channels they used.
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -62,8 +63,6 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await _stop_each([s for s in reversed(self.services) if s.calls_peers])
-        if self.internal is not None:
-            await self.internal.stop(grace)
         await _stop_each([s for s in reversed(self.services) if not s.calls_peers])
         for cleanup in self.cleanups:
             await cleanup()
@@ -94,21 +93,18 @@ async def create_server(
     port: int,
     build_services: Callable[[str], Awaitable[Sequence[ServiceDef]]],
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-    internal: bool = False,
+    local: InProcessServer | None = None,
 ) -> RunningServer:
     """Bind first (port 0 picks a free one), then build the services knowing the
-    address at which they reach each other (the internal server's, when asked for).
+    address at which they reach each other: IN_PROCESS when `local` is given (the
+    services are registered on it too), else this server's own.
     If anything fails on the way, whatever was opened is closed again."""
     server = _new_server(interceptors)
     bound = _bind(server, f"{host}:{port}")
-    internal_server = _new_server(interceptors) if internal else None
-    running = RunningServer(server, bound, health.aio.HealthServicer(), [], internal_server)
+    running = RunningServer(server, bound, health.aio.HealthServicer(), [], local)
     try:
-        if internal_server is not None:
-            local = f"127.0.0.1:{_bind(internal_server, '127.0.0.1:0')}"
-        else:
-            local = f"{_dial_host(host)}:{bound}"
-        running.services = await build_services(local)
+        address = IN_PROCESS if local is not None else f"{_dial_host(host)}:{bound}"
+        running.services = await build_services(address)
         await _start(running)
     except BaseException:
         await _abandon(running)
@@ -120,9 +116,7 @@ async def _abandon(running: RunningServer) -> None:
     """Undo a start that failed. grpc releases a bound port only when a started server
     stops, so the servers are started (with nothing registered yet, or the services
     already stopping) just to be stopped."""
-    for server in (running.server, running.internal):
-        if server is not None:
-            await server.start()  # harmless when it already runs
+    await running.server.start()  # harmless when it already runs
     await running.stop(grace=0)
 
 
@@ -130,14 +124,12 @@ async def _start(running: RunningServer) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(running.health, running.server)
     for service in running.services:
         service.register(running.server)
-        if running.internal is not None:
-            service.register(running.internal)
+        if running.local is not None:
+            service.register(running.local)  # type: ignore[arg-type]
     names = [s.name for s in running.services]
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], running.server
     )
-    if running.internal is not None:
-        await running.internal.start()
     await running.server.start()
     for service in running.services:
         await service.start()

@@ -323,8 +323,13 @@ class Providers:
         with trace.use_span(span, end_on_exit=True):
             try:
                 async with asyncio.timeout(time_limit):
-                    response = await client.chat.completions.create(
-                        **_request(call, time_limit), logprobs=call.logprobs or None
+                    # The SDK's generic post: the body is already plain JSON, so the
+                    # per-call walk that checks typed parameters (1.5 ms) is skipped.
+                    response = await client.post(
+                        "/chat/completions",
+                        cast_to=ChatCompletion,
+                        body=_body(call),
+                        options={"timeout": time_limit},
                     )
             except (openai.OpenAIError, TimeoutError) as exc:
                 raise _failed(span, exc, call.model) from exc
@@ -377,6 +382,24 @@ def _request(call: ChatCall, time_limit: float) -> dict[str, Any]:
         "response_format": openai.omit if call.response_format is None else call.response_format,
         "timeout": time_limit,
     }
+
+
+def _body(call: ChatCall) -> dict[str, Any]:
+    """A non-streamed chat request as JSON, with only the fields that are set."""
+    body: dict[str, Any] = {
+        "model": call.model,
+        "messages": _to_openai(call.messages),
+        "max_tokens": call.max_tokens,
+    }
+    optional = {
+        "temperature": call.temperature,
+        "top_p": call.top_p,
+        "stop": call.stop or None,
+        "response_format": call.response_format,
+        "logprobs": call.logprobs or None,
+    }
+    body.update((k, v) for k, v in optional.items() if v is not None)
+    return body
 
 
 def _to_openai(messages: Sequence[types_pb2.ChatMessage]) -> list[ChatCompletionMessageParam]:

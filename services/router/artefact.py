@@ -14,6 +14,7 @@ which training run decided.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -150,9 +151,16 @@ def tier_sums(
     class_probabilities: npt.NDArray[np.floating], class_tiers: tuple[str, ...]
 ) -> Probabilities:
     """Fold per-class probabilities into the three tiers, each within [0, 1]."""
-    fold = np.array([[t == tier for tier in TIERS] for t in class_tiers], dtype=np.float64)
-    sums: Probabilities = np.clip(class_probabilities.astype(np.float64) @ fold, 0.0, 1.0)
+    sums: Probabilities = np.clip(
+        class_probabilities.astype(np.float64) @ _fold(class_tiers), 0.0, 1.0
+    )
     return sums
+
+
+@functools.lru_cache(maxsize=16)
+def _fold(class_tiers: tuple[str, ...]) -> npt.NDArray[np.float64]:
+    """Which tier each class belongs to, as a matrix: built once per artefact."""
+    return np.array([[t == tier for tier in TIERS] for t in class_tiers], dtype=np.float64)
 
 
 def _digest(arrays: dict[str, Any]) -> str:

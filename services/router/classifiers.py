@@ -24,7 +24,7 @@ from costmesh.types.v1 import types_pb2
 from services.common.embedding import Embedder
 from services.common.errors import ServiceError
 from services.inference.providers import ChatCall, Providers
-from services.router.artefact import TIERS, ArtefactError, TierModel
+from services.router.artefact import TIERS, ArtefactError, TierModel, tier_sums
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,8 @@ class EmbeddingClassifier:
             row = (await self._embedder.embed([question])).vectors
         else:
             row = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-        probabilities = tuple(float(p) for p in model.tier_probabilities(row)[0])
         classes = model.class_probabilities(row)[0]
+        probabilities = tuple(float(p) for p in tier_sums(classes[np.newaxis], model.class_tiers)[0])
         best = int(np.argmax(classes))
         explanation = (
             f"embedding classifier {model.version}: nearest class {model.classes[best]!r} "

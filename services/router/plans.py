@@ -60,7 +60,7 @@ class RouterSettings:
             reload_seconds,
             router.get_int("calibration_window", 2000, minimum=1),
             Path(model_dir) if model_dir else None,
-            router.get_int("embedding_threads", 2, minimum=1),
+            router.get_int("embedding_threads", 1, minimum=1),
         )
 
 
