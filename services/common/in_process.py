@@ -159,7 +159,9 @@ class _UnaryUnary:
                 async with asyncio.timeout(timeout):
                     response = await handler.unary_unary(_copy(request), context)
             except TimeoutError:
-                raise _deadline_exceeded() from None
+                late = _deadline_exceeded()
+                _record_status(span, late.code(), late.details() or "")
+                raise late from None
             except grpc.aio.AioRpcError as exc:
                 _record_status(span, exc.code(), exc.details() or "")
                 raise
@@ -194,7 +196,9 @@ class _UnaryStream:
                     async for response in handler.unary_stream(request, context):
                         yield _copy(response)
             except TimeoutError:
-                raise _deadline_exceeded() from None
+                late = _deadline_exceeded()
+                _record_status(span, late.code(), late.details() or "")
+                raise late from None
             except grpc.aio.AioRpcError as exc:
                 _record_status(span, exc.code(), exc.details() or "")
                 raise
