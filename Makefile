@@ -81,7 +81,7 @@ router-artefact: $(STAMP)
 
 ## Rebuild the case study's workload that ships with costmesh (Bitext's held-out tickets).
 workload: $(STAMP)
-	$(BIN)/costmesh workload generate --requests 1200 --seed 0 --out services/casestudy/support-workload.jsonl.gz
+	$(BIN)/costmesh workload generate --requests 1200 --seed 0 --out costmesh_tools/casestudy/support-workload.jsonl.gz
 
 clean:
 	rm -rf $(VENV) node_modules .costmesh costmesh-demo .test-artifacts

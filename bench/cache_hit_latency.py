@@ -30,7 +30,7 @@ async def _start_mesh(data_dir: str) -> tuple[asyncio.subprocess.Process, str]:
     env = {**os.environ, "COSTMESH_DATA_DIR": data_dir, "COSTMESH_LOG_LEVEL": "WARNING"}
     env.pop("OPENAI_API_KEY", None)
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", "serve", "--port", "0",
+        sys.executable, "-m", "costmesh_tools.cli", "serve", "--port", "0",
         env=env, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert process.stdout is not None

@@ -32,8 +32,8 @@ from opentelemetry.trace import format_trace_id
 
 from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from costmesh.types.v1 import types_pb2
+from costmesh_simulator import OpenAISimulator
 from services.common.config import load_config
-from services.inference.simulator import OpenAISimulator
 from services.mesh import SERVICES, start_mesh
 
 KEY = (("authorization", "Bearer cm-demo-admin-key"),)

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.common.embedding import minilm_dir, minilm_encoder, shared_encoder
+from costmesh_tools.cache.stock import minilm_dir, minilm_encoder
+from services.common.embedding import shared_encoder
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "banking77"
 Embed = Callable[[Sequence[str]], object]

@@ -25,11 +25,18 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from services.cache import calibration
-from services.cache.intents import DATA_SETS, IntentSet, default_data_dir, load_intents, unique
-from services.cache.pairs import batches, nearest_intents, triplets
-from services.cache.training import BATCH, SCALE, labelled
-from services.common.embedding import SentenceEncoder, embed_sorted, minilm_encoder
+from costmesh_tools.cache import calibration
+from costmesh_tools.cache.intents import (
+    DATA_SETS,
+    IntentSet,
+    default_data_dir,
+    load_intents,
+    unique,
+)
+from costmesh_tools.cache.pairs import batches, nearest_intents, triplets
+from costmesh_tools.cache.stock import minilm_encoder
+from costmesh_tools.cache.training import BATCH, SCALE, labelled
+from services.common.embedding import SentenceEncoder, embed_sorted
 
 Matrix = npt.NDArray[np.float32]
 

@@ -70,7 +70,7 @@ general_settings:
 
 PROVIDER_SCRIPT = """
 import sys, threading
-from services.inference.simulator import OpenAISimulator
+from costmesh_simulator import OpenAISimulator
 sim = OpenAISimulator(api_key=sys.argv[1])
 print(sim.start(), flush=True)
 threading.Event().wait()
@@ -125,7 +125,16 @@ async def _costmesh(provider: str, data_dir: str, feature: str) -> AsyncIterator
     config = Path(data_dir) / "bench.toml"
     config.write_text(COSTMESH_CONFIG.format(data_dir=data_dir, provider=provider))
     env = {**os.environ, "OPENAI_API_KEY": PROVIDER_KEY, "COSTMESH_LOG_LEVEL": "WARNING"}
-    argv = (sys.executable, "-m", "services.cli", "serve", "--port", "0", "--config", str(config))
+    argv = (
+        sys.executable,
+        "-m",
+        "costmesh_tools.cli",
+        "serve",
+        "--port",
+        "0",
+        "--config",
+        str(config),
+    )
     async with _process(*argv, env=env, ready="costmesh: serving") as (pid, line):
         address = line.rsplit(" ", 1)[1]
         async with grpc.aio.insecure_channel(address) as channel:
@@ -135,7 +144,9 @@ async def _costmesh(provider: str, data_dir: str, feature: str) -> AsyncIterator
             async def ask(i: int) -> bool:
                 request = inference_pb2.CompleteRequest(
                     feature=feature,
-                    messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=_question(i))],
+                    messages=[
+                        types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=_question(i))
+                    ],
                 )
                 reply = await stub.Complete(request, metadata=metadata, timeout=30)
                 return reply.cached
@@ -173,7 +184,9 @@ async def _litellm(command: str, provider: str, data_dir: str) -> AsyncIterator[
             await client.close()
 
 
-async def _run(gateway: Gateway, numbers: list[int], callers: int) -> tuple[list[float], float, float]:
+async def _run(
+    gateway: Gateway, numbers: list[int], callers: int
+) -> tuple[list[float], float, float]:
     """Latencies, CPU seconds and wall seconds of asking `numbers` with `callers` at once."""
     latencies: list[float] = []
     queue = iter(numbers)
@@ -223,15 +236,11 @@ async def main_async(calls: int, rounds: int, litellm: str | None) -> None:
                     folder = Path(data_dir) / feature
                     folder.mkdir()
                     gateways.append(
-                        await stack.enter_async_context(
-                            _costmesh(provider, str(folder), feature)
-                        )
+                        await stack.enter_async_context(_costmesh(provider, str(folder), feature))
                     )
                 if litellm:
                     gateways.append(
-                        await stack.enter_async_context(
-                            _litellm(litellm, provider, data_dir)
-                        )
+                        await stack.enter_async_context(_litellm(litellm, provider, data_dir))
                     )
                 results: dict[str, defaultdict[str, list[float]]] = {
                     g.name: defaultdict(list) for g in gateways
@@ -256,7 +265,7 @@ def _print(results: dict[str, defaultdict[str, list[float]]]) -> None:
         for name in names:
             cell = f"{medians[name][measure]:.1f}"
             if reference and name != reference and medians[reference][measure]:
-                cell += f" ({medians[name][measure] / medians[reference][measure]:.2f}×)"
+                cell += f" ({medians[name][measure] / medians[reference][measure]:.2f}x)"
             cells.append(cell)
         print(f"| {measure} | " + " | ".join(cells) + " |")
     print(json.dumps({n: dict(results[n]) for n in names}), file=sys.stderr)

@@ -34,7 +34,7 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "banking
 async def _start_router() -> tuple[asyncio.subprocess.Process, str]:
     env = {**os.environ, "COSTMESH_LOG_LEVEL": "WARNING", "COSTMESH_SERVICE_KEY": "bench-key"}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", "serve", "router", "--port", "0",
+        sys.executable, "-m", "costmesh_tools.cli", "serve", "router", "--port", "0",
         env=env, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert process.stdout is not None

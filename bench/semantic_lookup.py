@@ -55,7 +55,7 @@ async def _start_cache(data_dir: str, entries: int) -> tuple[asyncio.subprocess.
         "COSTMESH_LOG_LEVEL": "WARNING",
     }
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", "serve", "cache", "--port", "0",
+        sys.executable, "-m", "costmesh_tools.cli", "serve", "cache", "--port", "0",
         env=env, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert process.stdout is not None

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from opentelemetry.sdk.trace import TracerProvider
 
+from costmesh_simulator.stand_in import StandIns, start_stand_ins
 from services.cache import service as cache_service
 from services.common import telemetry
 from services.common.auth import KeyTable, new_key
@@ -14,10 +15,10 @@ from services.common.channels import Channels
 from services.common.config import Config, ConfigError
 from services.common.edge import EdgeInterceptor
 from services.common.in_process import InProcessServer
+from services.common.pricing import PRICE_KEYS
 from services.common.server import RunningServer, ServiceDef, create_server
 from services.inference import service as inference_service
 from services.ledger import service as ledger_service
-from services.ledger.pricing import PRICE_KEYS
 from services.router import service as router_service
 
 log = logging.getLogger(__name__)
@@ -149,8 +150,10 @@ def _build_services(
     config: Config,
     env: Mapping[str, str],
     names: Sequence[str],
+    *,
     channels: Channels,
     tracer_provider: TracerProvider,
+    stand_ins: Mapping[str, str],
 ) -> Callable[[str], Awaitable[list[ServiceDef]]]:
     """What create_server calls once it knows where the services reach each other."""
 
@@ -158,20 +161,16 @@ def _build_services(
         if name == "cache":
             return cache_service.build(config, env, tracer_provider)
         if name == "router":
-            return router_service.build(
-                config, env, tracer_provider, simulator_allowed=set(names) == set(SERVICES)
-            )
+            return router_service.build(config, env, tracer_provider, stand_ins=stand_ins)
         if name == "ledger":
             return ledger_service.build(config)
-        # The simulator is for the one-process demo only: a split deployment that
-        # lost its key must fail loudly, not answer placeholders.
         return inference_service.build(
             config,
             env,
             channels,
             _peer_addresses(config, names, local),
             tracer_provider,
-            simulator_allowed=set(names) == set(SERVICES),
+            stand_ins=stand_ins,
         )
 
     async def build(local: str) -> list[ServiceDef]:
@@ -215,16 +214,36 @@ async def start_mesh(
         config.section("peers").get_float("timeout_seconds", 5.0),
         local,
     )
+    # The simulator is for the one-process demo only: a split deployment that lost
+    # its key must fail loudly, not answer placeholders.
+    one_process = set(names) == set(SERVICES)
+    stand_ins = start_stand_ins(config, env) if one_process else StandIns()
     try:
         running = await create_server(
             host,
             configured_port if port is None else port,
-            _build_services(config, env, names, channels, tracer_provider),
+            _build_services(
+                config,
+                env,
+                names,
+                channels=channels,
+                tracer_provider=tracer_provider,
+                stand_ins=stand_ins.base_urls,
+            ),
             interceptors,
             local=local,
         )
     except BaseException:
         await channels.close()
+        stand_ins.stop()
         raise
     running.cleanups.append(channels.close)
+    running.cleanups.append(_stopper(stand_ins))
     return running
+
+
+def _stopper(stand_ins: StandIns) -> Callable[[], Awaitable[None]]:
+    async def stop() -> None:
+        stand_ins.stop()
+
+    return stop

@@ -19,9 +19,9 @@ from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh.router.v1 import router_pb2_grpc
 from costmesh.types.v1 import types_pb2
+from costmesh_simulator import OpenAISimulator
 from services.common.config import load_config
 from services.common.server import RunningServer
-from services.inference.simulator import OpenAISimulator
 from services.mesh import SERVICES, start_mesh
 
 DEMO_KEY = "cm-demo-admin-key"

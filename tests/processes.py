@@ -12,7 +12,7 @@ async def start_service(
     """`costmesh serve <service> --port 0`; returns the process and its address once
     it prints the line saying it serves."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", "serve", service, "--port", "0",
+        sys.executable, "-m", "costmesh_tools.cli", "serve", service, "--port", "0",
         env=env, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert process.stdout is not None

@@ -13,7 +13,7 @@ import pytest
 
 async def _serve(args: list[str], env: dict[str, str]) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", "serve", *args,
+        sys.executable, "-m", "costmesh_tools.cli", "serve", *args,
         env={**os.environ, **env}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     async with asyncio.timeout(60):

@@ -25,9 +25,9 @@ import pytest
 import yaml
 from opentelemetry.sdk import environment_variables as otel_env
 
-import services.cli
+import costmesh_tools.cli
+from costmesh_tools.cli import _parser
 from services.cache import service as cache_service
-from services.cli import _parser
 from services.common import telemetry
 from services.common.config import API_KEYS_ENV, CONFIG_ENV, ENV_OVERRIDES, ConfigError, load_config
 from services.inference import service as inference_service
@@ -175,7 +175,7 @@ def _known_variables() -> set[str]:
     if "OTLPSpanExporter()" in telemetry_source:
         # Built without arguments, the OTLP exporter reads its own OTEL_EXPORTER_OTLP_* variables.
         known |= {n for n in dir(otel_env) if n.startswith("OTEL_EXPORTER_OTLP_")}
-    assert "COSTMESH_LOG_LEVEL" in inspect.getsource(services.cli)
+    assert "COSTMESH_LOG_LEVEL" in inspect.getsource(costmesh_tools.cli)
     known.add("COSTMESH_LOG_LEVEL")
     return known
 
@@ -331,7 +331,7 @@ def running_mesh(tmp_path: Path) -> Iterator[int]:
     with (
         log.open("w") as stderr,
         subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "serve", "all", "--port", "0"],
+            [sys.executable, "-m", "costmesh_tools.cli", "serve", "all", "--port", "0"],
             cwd=tmp_path,
             env=env,
             stdout=subprocess.PIPE,
@@ -452,7 +452,7 @@ def test_dockerfile_installs_the_package_and_runs_its_console_script() -> None:
     assert len(entrypoint) == 1
     assert entrypoint[0] in scripts
     module, _, attr = scripts[entrypoint[0]].partition(":")
-    assert getattr(import_module(module), attr) is services.cli.main
+    assert getattr(import_module(module), attr) is costmesh_tools.cli.main
     args = _parser().parse_args(_docker_args(instructions, "CMD"))
     assert args.command == "serve"
     users = [rest for kw, rest in instructions if kw == "USER"]

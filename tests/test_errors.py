@@ -9,7 +9,7 @@ from google.rpc import error_details_pb2, status_pb2
 from costmesh.inference.v1 import inference_pb2
 from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
-from services.inference.simulator import OpenAISimulator
+from costmesh_simulator import OpenAISimulator
 from tests.conftest import AUTH, Mesh, user_request
 
 

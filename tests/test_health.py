@@ -10,7 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from services.inference.simulator import OpenAISimulator
+from costmesh_simulator import OpenAISimulator
 from tests.conftest import AUTH, Mesh, user_request
 
 FULL_NAMES = [

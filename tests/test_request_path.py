@@ -13,8 +13,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from costmesh.inference.v1 import inference_pb2_grpc
 from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
+from costmesh_simulator import OpenAISimulator, count_tokens
 from services.common.config import load_config
-from services.inference.simulator import OpenAISimulator, count_tokens
 from services.mesh import SERVICES, start_mesh
 from tests.conftest import AUTH, Mesh, mesh_env, user_request
 

@@ -15,8 +15,8 @@ from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
 
 from costmesh.inference.v1 import inference_pb2_grpc
 from costmesh.types.v1 import types_pb2
+from costmesh_simulator import OpenAISimulator
 from services.common import telemetry
-from services.inference.simulator import OpenAISimulator
 from tests.conftest import AUTH, PROVIDER_KEY, Mesh, user_request
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.processes import start_service

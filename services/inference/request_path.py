@@ -33,6 +33,7 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.outages import OutageLog
+from services.common.pricing import PriceCatalog, Usage
 from services.common.telemetry import current_trace_id
 from services.inference import experiments
 from services.inference.budgets import OverBudgetError, Reservation, TeamBudgets
@@ -46,7 +47,6 @@ from services.inference.escalation import (
 from services.inference.idempotency import IdempotencyStore
 from services.inference.outbox import UsageOutbox
 from services.inference.peers import Deadline, Peers
-from services.inference.providers import ChatCall, Completion, Providers
 from services.inference.settings import InferenceSettings
 from services.inference.validation import (
     check_context_window,
@@ -54,7 +54,7 @@ from services.inference.validation import (
     openai_response_format,
     validate,
 )
-from services.ledger.pricing import PriceCatalog, Usage
+from services.providers.client import ChatCall, Completion, Providers
 
 log = logging.getLogger(__name__)
 # Only answers the provider finished are stored (the cache refuses others too).

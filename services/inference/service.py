@@ -18,16 +18,16 @@ from services.common.auth import current_principal
 from services.common.channels import Channels
 from services.common.config import Config
 from services.common.errors import InvalidArgument
+from services.common.pricing import PriceCatalog
 from services.common.server import ServiceDef
 from services.inference import batches, queue
 from services.inference.budgets import TeamBudgets
 from services.inference.idempotency import IdempotencyStore
 from services.inference.outbox import UsageOutbox
 from services.inference.peers import LedgerPeer, Peers
-from services.inference.providers import Providers
 from services.inference.request_path import CompletionPath
 from services.inference.settings import InferenceSettings
-from services.ledger.pricing import PriceCatalog
+from services.providers.client import Providers
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "costmesh.inference.v1.InferenceService"
@@ -89,13 +89,13 @@ def build(
     addresses: Mapping[str, str],
     tracer_provider: trace.TracerProvider,
     *,
-    simulator_allowed: bool = False,
+    stand_ins: Mapping[str, str] | None = None,
 ) -> ServiceDef:
     """The front door, talking to peers at `addresses` (cache, router, ledger)."""
     settings = InferenceSettings.from_config(config)
     tracer = tracer_provider.get_tracer("costmesh.inference")
     # First, since it may refuse (a missing key): nothing else is open yet.
-    providers = Providers(settings, env, tracer, simulator_allowed)
+    providers = Providers(settings.calls, env, tracer, stand_ins or {})
     ledger = LedgerPeer(
         ledger_pb2_grpc.LedgerServiceStub(channels.get(addresses["ledger"])),
         channels.metadata,

@@ -14,7 +14,7 @@ from services.common import limits as shared
 from services.common.errors import InvalidArgument
 from services.inference import experiments
 from services.inference.settings import FeatureLimits, InferenceSettings
-from services.inference.tokens import count_prompt_tokens
+from services.providers.tokens import count_prompt_tokens
 
 MAX_REQUEST_ID = shared.MAX_REQUEST_ID
 MAX_SCOPE_KEY = 256

@@ -9,7 +9,7 @@ from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.limits import MAX_REQUEST_ID
-from services.ledger.pricing import PriceCatalog, Usage
+from services.common.pricing import PriceCatalog, Usage
 from services.ledger.rows import UsageRow
 
 MAX_ID = MAX_REQUEST_ID

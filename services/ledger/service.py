@@ -17,8 +17,8 @@ from costmesh.types.v1 import types_pb2
 from services.common.auth import Principal, require_role
 from services.common.config import Config
 from services.common.errors import InvalidArgument, PermissionDenied
+from services.common.pricing import PriceCatalog
 from services.common.server import ServiceDef
-from services.ledger.pricing import PriceCatalog
 from services.ledger.records import PROBABILITY_FIELDS, to_row
 from services.ledger.rows import END_OF_TIME_US, SpendTotal, UsageRow, UsageStore
 from services.ledger.stores import open_store

@@ -23,7 +23,7 @@ import numpy as np
 from costmesh.types.v1 import types_pb2
 from services.common.embedding import Embedder
 from services.common.errors import ServiceError
-from services.inference.providers import ChatCall, Providers
+from services.providers.client import ChatCall, Providers
 from services.router.artefact import TIERS, ArtefactError, TierModel, tier_sums
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,9 @@ class EmbeddingClassifier:
         else:
             row = np.asarray(vector, dtype=np.float32).reshape(1, -1)
         classes = model.class_probabilities(row)[0]
-        probabilities = tuple(float(p) for p in tier_sums(classes[np.newaxis], model.class_tiers)[0])
+        probabilities = tuple(
+            float(p) for p in tier_sums(classes[np.newaxis], model.class_tiers)[0]
+        )
         best = int(np.argmax(classes))
         explanation = (
             f"embedding classifier {model.version}: nearest class {model.classes[best]!r} "

@@ -17,8 +17,8 @@ from services.common.config import Config, ConfigError
 from services.common.embedding import BatchingEmbedder, ModelError, SentenceEncoder, shared_encoder
 from services.common.errors import InvalidArgument
 from services.common.server import ServiceDef
-from services.inference.providers import Providers
-from services.inference.settings import InferenceSettings
+from services.providers.client import Providers
+from services.providers.settings import ProviderSettings
 from services.router.artefact import TIERS, ArtefactError
 from services.router.classifiers import (
     ArtefactFile,
@@ -201,7 +201,7 @@ def build(
     env: Mapping[str, str],
     tracer_provider: trace.TracerProvider,
     *,
-    simulator_allowed: bool = False,
+    stand_ins: Mapping[str, str] | None = None,
 ) -> ServiceDef:
     """The router with a classifier per configured feature; refuses a bad artefact."""
     settings = RouterSettings.from_config(config)
@@ -228,7 +228,7 @@ def build(
         )
     providers = None
     if "llm" in kinds:
-        providers = Providers(InferenceSettings.from_config(config), env, tracer, simulator_allowed)
+        providers = Providers(ProviderSettings.from_config(config), env, tracer, stand_ins or {})
     features = {}
     for name, plan in settings.plans.items():
         classifier: Classifier

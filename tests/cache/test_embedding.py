@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
+from costmesh_tools.cache.stock import minilm_dir, minilm_encoder
 from services.common.auth import new_key
 from services.common.config import ConfigError, load_config
 from services.common.embedding import (
@@ -25,8 +26,6 @@ from services.common.embedding import (
     Embeddings,
     ModelError,
     SentenceEncoder,
-    minilm_dir,
-    minilm_encoder,
     shared_encoder,
 )
 from services.mesh import start_mesh

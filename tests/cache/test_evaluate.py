@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.cache.evaluate import (
+from costmesh_tools.cache.evaluate import (
     FillRun,
     LabelledSet,
     Observation,
@@ -21,8 +21,8 @@ from services.cache.evaluate import (
     score,
     sweep,
 )
-from services.cache.intents import OOS, Example
-from services.cli import main
+from costmesh_tools.cache.intents import OOS, Example
+from costmesh_tools.cli import main
 
 STORED = (
     Example("How can I reset my password?", "password_reset"),

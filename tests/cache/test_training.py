@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.cache.calibration import TARGETS
-from services.cli import main
+from costmesh_tools.cache.calibration import TARGETS
+from costmesh_tools.cli import main
 from services.common.embedding import SentenceEncoder, read_card
 
 # Six intents of ten questions each: enough for every step, small enough for seconds.

@@ -8,10 +8,10 @@ import random
 import numpy as np
 import pytest
 
-from services.cache.calibration import Judged, operating_threshold
+from costmesh_tools.cache.calibration import Judged, operating_threshold
+from costmesh_tools.cache.intents import OOS, Example, IntentDataError, parse_data_sets
+from costmesh_tools.cache.pairs import batches, nearest_intents, rule_negative, triplets
 from services.cache.guard import refusal
-from services.cache.intents import OOS, Example, IntentDataError, parse_data_sets
-from services.cache.pairs import batches, nearest_intents, rule_negative, triplets
 
 
 @pytest.mark.parametrize(

@@ -18,13 +18,16 @@ import pytest
 
 from costmesh.inference.v1 import inference_pb2
 from costmesh.types.v1 import types_pb2
-from services.casestudy import eval_commands
-from services.casestudy.arms import request_id
-from services.casestudy.eval_commands import select
-from services.casestudy.eval_judge import grade_score, judge_messages, parse_grade
-from services.casestudy.eval_report import simulated_banner, verdict
-from services.casestudy.eval_runs import EvalAbortError, check_arm
-from services.casestudy.evaluate import (
+from costmesh_simulator import OpenAISimulator
+from costmesh_simulator.realism import LABEL
+from costmesh_tools.cache.stock import minilm_encoder
+from costmesh_tools.casestudy import eval_commands
+from costmesh_tools.casestudy.arms import request_id
+from costmesh_tools.casestudy.eval_commands import select
+from costmesh_tools.casestudy.eval_judge import grade_score, judge_messages, parse_grade
+from costmesh_tools.casestudy.eval_report import simulated_banner, verdict
+from costmesh_tools.casestudy.eval_runs import EvalAbortError, check_arm
+from costmesh_tools.casestudy.evaluate import (
     Answer,
     NothingToCompareError,
     Pair,
@@ -32,11 +35,9 @@ from services.casestudy.evaluate import (
     compare,
     strip_label,
 )
-from services.casestudy.workload import Message, WorkloadError, WorkloadRequest
-from services.cli import main
-from services.common.embedding import SentenceEncoder, minilm_encoder
-from services.inference.simulator import OpenAISimulator
-from services.inference.simulator_realism import LABEL
+from costmesh_tools.casestudy.workload import Message, WorkloadError, WorkloadRequest
+from costmesh_tools.cli import main
+from services.common.embedding import SentenceEncoder
 from tests.conftest import DEMO_KEY, PROVIDER_KEY, ledger_rows, running_mesh
 
 # (question, reference): distinct tasks, so a wrong answer is far from the right one.

@@ -18,12 +18,17 @@ import pytest
 from costmesh.inference.v1 import inference_pb2
 from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
-from services.casestudy import arms, replay
-from services.casestudy.report import build_report
-from services.casestudy.support_workload import bundled_workload_path
-from services.casestudy.workload import Message, WorkloadRequest, read_workload, write_workload
-from services.cli import main
-from services.inference.simulator import OpenAISimulator
+from costmesh_simulator import OpenAISimulator
+from costmesh_tools.casestudy import arms, replay
+from costmesh_tools.casestudy.report import build_report
+from costmesh_tools.casestudy.support_workload import bundled_workload_path
+from costmesh_tools.casestudy.workload import (
+    Message,
+    WorkloadRequest,
+    read_workload,
+    write_workload,
+)
+from costmesh_tools.cli import main
 from tests.conftest import AUTH, Mesh, ledger_rows, running_mesh
 
 CONTROL, TREATMENT = types_pb2.ARM_CONTROL, types_pb2.ARM_TREATMENT

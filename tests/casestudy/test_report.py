@@ -13,16 +13,16 @@ import pytest
 
 from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
-from services.casestudy.quality import Truth
-from services.casestudy.report import (
+from costmesh_tools.casestudy.quality import Truth
+from costmesh_tools.casestudy.report import (
     SIMULATED_NOTICE,
     ArmStats,
     EmptyReportError,
     SavingsReport,
     build_report,
 )
-from services.casestudy.report_charts import AFTER, BEFORE, CACHE_COLOUR
-from services.casestudy.report_render import (
+from costmesh_tools.casestudy.report_charts import AFTER, BEFORE, CACHE_COLOUR
+from costmesh_tools.casestudy.report_render import (
     CSV_HEADER,
     WIDTH,
     render_csv,

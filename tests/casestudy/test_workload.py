@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from costmesh.types.v1 import types_pb2
-from services.casestudy.support_workload import (
+from costmesh_tools.casestudy.support_workload import (
     BUNDLED_REQUESTS,
     BUNDLED_SEED,
     FEATURES,
@@ -21,7 +21,7 @@ from services.casestudy.support_workload import (
     bundled_workload_path,
     generate,
 )
-from services.casestudy.workload import (
+from costmesh_tools.casestudy.workload import (
     Message,
     WorkloadError,
     WorkloadRequest,
@@ -29,10 +29,10 @@ from services.casestudy.workload import (
     read_workload,
     write_workload,
 )
-from services.cli import main
+from costmesh_tools.cli import main
+from costmesh_tools.router.tickets import default_data_dir, load_tickets
 from services.router.artefact import TierModel
 from services.router.plans import SHIPPED_ARTEFACT
-from services.router.tickets import default_data_dir, load_tickets
 
 UTC = datetime.UTC
 GOOD = {

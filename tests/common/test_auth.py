@@ -14,10 +14,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from costmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from costmesh.inference.v1 import inference_pb2_grpc
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
-from services.cli import main
+from costmesh_simulator import OpenAISimulator
+from costmesh_tools.cli import main
 from services.common.auth import KeyTable
 from services.common.config import Config, load_config
-from services.inference.simulator import OpenAISimulator
 from services.mesh import SERVICES, start_mesh
 from tests.conftest import AUTH, mesh_env, read_your_writes, user_request
 

@@ -27,7 +27,7 @@ async def channel(request: pytest.FixtureRequest, mesh: Mesh) -> AsyncIterator[g
         yield mesh.channel
     else:
         assert mesh.running.local is not None, "one-process mesh calls its peers in process"
-        yield mesh.running.local.channel()  # type: ignore[misc]
+        yield mesh.running.local.channel()
 
 
 async def test_a_stored_answer_comes_back_the_same_either_way(channel: grpc.aio.Channel) -> None:
@@ -109,7 +109,7 @@ async def test_a_server_stream_streams_either_way(channel: grpc.aio.Channel, mes
 
 async def test_an_in_process_call_is_the_callees_server_span(mesh: Mesh) -> None:
     assert mesh.running.local is not None
-    cache = cache_pb2_grpc.CacheServiceStub(mesh.running.local.channel())  # type: ignore[arg-type]
+    cache = cache_pb2_grpc.CacheServiceStub(mesh.running.local.channel())
     mesh.spans.clear()
 
     with pytest.raises(grpc.aio.AioRpcError):

@@ -18,9 +18,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from costmesh.inference.v1 import inference_pb2
 from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
+from costmesh_simulator import OpenAISimulator
 from services.common.auth import hash_key
 from services.common.config import load_config
-from services.inference.simulator import OpenAISimulator
 from services.mesh import start_mesh
 from tests.conftest import (
     AUTH,

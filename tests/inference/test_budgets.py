@@ -12,10 +12,10 @@ import pytest
 
 from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
+from costmesh_simulator import OpenAISimulator
 from services.common.config import load_config
+from services.common.pricing import PriceCatalog
 from services.inference.budgets import OverBudgetError, TeamBudgets, TeamLimits
-from services.inference.simulator import OpenAISimulator
-from services.ledger.pricing import PriceCatalog
 from tests.clock import Clock
 from tests.conftest import AUTH, Mesh, running_mesh, user_request
 

@@ -15,8 +15,8 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from costmesh_simulator import OpenAISimulator
 from services.common.config import load_config
-from services.inference.simulator import OpenAISimulator
 from services.mesh import start_mesh
 from tests.conftest import AUTH, PROVIDER_KEY, mesh_env, user_request
 from tests.postgres import fresh_schema

@@ -12,10 +12,10 @@ import pytest
 
 from costmesh.inference.v1 import inference_pb2
 from costmesh.types.v1 import types_pb2
+from costmesh_simulator import OpenAISimulator
 from services.common.config import ConfigError, load_config
 from services.inference import experiments
 from services.inference.settings import InferenceSettings
-from services.inference.simulator import OpenAISimulator
 from tests.conftest import AUTH, Mesh, bad_request_fields, ledger_rows, running_mesh, user_request
 
 CONFIG = """

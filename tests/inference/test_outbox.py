@@ -15,10 +15,10 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from costmesh.inference.v1 import inference_pb2_grpc
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from costmesh_simulator import OpenAISimulator
 from services.common.config import Config, load_config
 from services.common.server import RunningServer
 from services.inference.outbox import RefusedError, UsageOutbox
-from services.inference.simulator import OpenAISimulator
 from services.mesh import start_mesh
 from tests.conftest import AUTH, mesh_env, user_request
 from tests.postgres import fresh_schema

@@ -24,12 +24,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from costmesh.inference.v1 import inference_pb2
 from costmesh.ledger.v1 import ledger_pb2
+from costmesh_simulator import OpenAISimulator
 from services.common.auth import Principal, hash_key
 from services.common.config import ConfigError, load_config
 from services.common.errors import NotFound, ResourceExhausted, Unavailable
 from services.inference import queue
 from services.inference.queue import MicroBatchQueue
-from services.inference.simulator import OpenAISimulator
 from services.mesh import DEMO_KEY_DIGEST
 from tests.conftest import AUTH, Mesh, bad_request_fields, running_mesh, user_request
 from tests.redis_server import fresh_prefix

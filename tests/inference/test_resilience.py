@@ -15,10 +15,10 @@ import pytest
 from opentelemetry.trace import StatusCode
 
 from costmesh.ledger.v1 import ledger_pb2
+from costmesh_simulator import OpenAISimulator
 from services.common.config import ConfigError, load_config
-from services.inference.resilience import Cooldowns, RetryPolicy, retry_after, retryable
 from services.inference.settings import InferenceSettings
-from services.inference.simulator import OpenAISimulator
+from services.providers.resilience import Cooldowns, RetryPolicy, retry_after, retryable
 from tests.clock import Clock
 from tests.conftest import AUTH, Mesh, running_mesh, user_request
 

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 
-from services.inference.simulator import OpenAISimulator, count_tokens
+from costmesh_simulator import OpenAISimulator, count_tokens
 
 MODEL = "gpt-4o-mini"
 

@@ -13,7 +13,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionTokenLogprob
 
-from services.inference.simulator import OpenAISimulator, count_tokens
+from costmesh_simulator import OpenAISimulator, count_tokens
 
 SMALL, LARGE = "gpt-4o-mini", "gpt-4o"
 RATE = (

@@ -22,14 +22,14 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from costmesh.inference.v1 import inference_pb2_grpc
 from costmesh.types.v1 import types_pb2
+from costmesh_simulator import OpenAISimulator
+from costmesh_simulator.knowledge import KnowledgeError
+from costmesh_simulator.realism import LABEL, PROFILES, WRONG_RATES
+from costmesh_simulator.texts import DEFLECTIONS
+from costmesh_simulator.wire import RATING_SUFFIX
 from services.common.config import ConfigError, load_config
-from services.inference.simulator import OpenAISimulator
-from services.inference.simulator_knowledge import KnowledgeError
-from services.inference.simulator_realism import LABEL, PROFILES, WRONG_RATES
-from services.inference.simulator_texts import DEFLECTIONS
-from services.inference.simulator_wire import RATING_SUFFIX
-from services.inference.tokens import count_prompt_tokens, count_text_tokens
 from services.mesh import SERVICES, start_mesh
+from services.providers.tokens import count_prompt_tokens, count_text_tokens
 from tests.conftest import AUTH, user_request
 
 SMALL, STRONG = "gpt-4o-mini", "gpt-4o"

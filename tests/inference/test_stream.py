@@ -11,7 +11,7 @@ import pytest
 
 from costmesh.inference.v1 import inference_pb2
 from costmesh.types.v1 import types_pb2
-from services.inference.simulator import OpenAISimulator, count_tokens
+from costmesh_simulator import OpenAISimulator, count_tokens
 from tests.conftest import AUTH, Mesh, ledger_rows, running_mesh, user_request
 
 CONFIG = """

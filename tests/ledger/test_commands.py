@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import pytest
 
-from services.cli import main
+from costmesh_tools.cli import main
 from tests.conftest import AUTH, DEMO_KEY, Mesh, user_request
 
 

@@ -6,8 +6,8 @@ from decimal import Decimal
 
 import pytest
 
-from services.cli import main
-from services.ledger.economics import fine_tune, self_host
+from costmesh_tools.cli import main
+from costmesh_tools.ledger.economics import fine_tune, self_host
 
 A100 = Decimal("2.50")
 PER_REQUEST = Decimal("0.0003")  # $23,328 a month at 30 requests a second

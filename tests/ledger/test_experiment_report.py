@@ -16,9 +16,9 @@ from google.protobuf import timestamp_pb2
 
 from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
-from services.cli import main
+from costmesh_simulator import OpenAISimulator
+from costmesh_tools.cli import main
 from services.common.auth import hash_key
-from services.inference.simulator import OpenAISimulator
 from tests.conftest import DEMO_KEY, Mesh, running_mesh
 
 WRITER = (("authorization", "Bearer cm-test-writer"),)

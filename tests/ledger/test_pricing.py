@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.common.config import ConfigError, load_config
-from services.ledger.pricing import ModelPrice, PriceCatalog, Usage
+from services.common.pricing import ModelPrice, PriceCatalog, Usage
 
 NOW = datetime(2026, 11, 26, tzinfo=UTC)
 

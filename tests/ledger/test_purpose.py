@@ -14,7 +14,7 @@ import pytest
 
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh.types.v1 import types_pb2
-from services.cli import main
+from costmesh_tools.cli import main
 from tests.conftest import bad_request_fields
 from tests.ledger.conftest import SERVICE, SERVICE_KEY, export_all, record_all, usage_record
 

@@ -11,7 +11,7 @@ from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
 from services.common.config import load_config
 from services.common.errors import FailedPrecondition, InvalidArgument
-from services.ledger.pricing import PriceCatalog
+from services.common.pricing import PriceCatalog
 from services.ledger.records import to_row
 
 CATALOG = PriceCatalog.from_config(load_config(env={}).section("models"), "v")

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from costmesh_tools.router.tickets import Ticket
+from costmesh_tools.router.training import train
 from services.common.embedding import shared_encoder
 from services.router.artefact import TierModel
-from services.router.tickets import Ticket
-from services.router.training import train
 
 TICKETS = tuple(
     Ticket(text, tier, intent)

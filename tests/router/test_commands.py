@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.cli import main
+from costmesh_tools.cli import main
 from services.router.artefact import TierModel
 from tests.router.conftest import TICKETS
 

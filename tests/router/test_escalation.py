@@ -10,8 +10,8 @@ import pytest
 
 from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
+from costmesh_simulator import OpenAISimulator
 from services.inference.escalation import CONFIDENCE_INSTRUCTION, MIN_OBSERVED
-from services.inference.simulator import OpenAISimulator
 from tests.conftest import AUTH, Mesh, ledger_rows, running_mesh, user_request
 
 SIMPLE = "What time does the shop open?"  # the test artefact's simple tier: gpt-4o-mini

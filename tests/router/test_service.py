@@ -11,13 +11,13 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from costmesh.router.v1 import router_pb2
 from costmesh.types.v1 import types_pb2
+from costmesh_simulator import OpenAISimulator
+from costmesh_tools.router.tickets import Ticket
+from costmesh_tools.router.training import train
 from services.common.config import ConfigError, load_config
 from services.common.embedding import shared_encoder
-from services.inference.simulator import OpenAISimulator
 from services.mesh import SERVICES, start_mesh
 from services.router.artefact import TIERS, TierModel
-from services.router.tickets import Ticket
-from services.router.training import train
 from tests.conftest import AUTH, Mesh, mesh_env, running_mesh
 from tests.router.conftest import TICKETS
 

@@ -1,0 +1,1 @@
+"""`costmesh cache ...`: train, calibrate and evaluate the equivalence model."""

@@ -1,0 +1,257 @@
+"""The quality gate's arithmetic: score answers against reference answers, then compare
+the treatment arm (cache, routing, budgets) with the control arm (the baseline model).
+
+Two scorers, both giving a score in [0, 1] per answer:
+
+- similarity (offline, the default): cosine similarity of the answer and the reference,
+  embedded with the all-MiniLM-L6-v2 model the cache ships, below zero counted as zero;
+- judge: an LLM grades the answer against the reference on a fixed 1-5 rubric
+  (eval_judge); grade N scores (N - 1) / 4, so the worst grade is 0 as with similarity.
+  A reply that does not follow the format scores nothing and is counted.
+
+A comparison is paired: each request is answered in both arms and the two scores sit
+side by side. A request whose control answer failed or could not be scored says
+nothing about the treatment and is left out (and counted); a treatment that failed to
+answer scores 0, since the caller got no answer. The drop is relative to control:
+(control mean - treatment mean) / control mean, with a percentile bootstrap interval
+over the requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from costmesh_simulator.realism import LABEL
+from costmesh_tools.casestudy.eval_judge import grade_score
+from costmesh_tools.casestudy.workload import WorkloadRequest
+
+DEFAULT_MARGIN = 0.05
+# A verdict needs most requests scored in both arms: beyond this share left out, the
+# mean says too little about the rest.
+UNSCORED_LIMIT = 0.10
+BOOTSTRAP_SAMPLES = 2000
+CONFIDENCE = 0.95
+
+Vectors = npt.NDArray[np.float32]
+
+
+class NothingToCompareError(ValueError):
+    """No request was answered and scored in the control arm (the CLI exits 2)."""
+
+
+def strip_label(answer: str) -> str:
+    """The answer without the simulated provider's label, which no reference carries."""
+    return answer.removeprefix(LABEL).strip()
+
+
+class SimilarityScorer:
+    """Cosine similarity to the reference answer, all-MiniLM-L6-v2 by default.
+
+    The model reads 256 tokens of each text: a longer answer is judged by its start.
+    """
+
+    name = "similarity"
+
+    def __init__(self, embed: Callable[[Sequence[str]], Vectors]) -> None:
+        self._embed = embed  # unit-length rows, one per text
+
+    def score(self, answers: Sequence[str], references: Sequence[str]) -> list[float]:
+        """One score per (answer, reference): an empty answer scores 0."""
+        texts = sorted({*answers, *references} - {""})
+        rows = {text: i for i, text in enumerate(texts)}
+        vectors = self._embed(texts) if texts else np.empty((0, 0), dtype=np.float32)
+        scores = []
+        for answer, reference in zip(answers, references, strict=True):
+            if not answer or not reference:
+                scores.append(0.0)
+                continue
+            cosine = float(np.dot(vectors[rows[answer]], vectors[rows[reference]]))
+            scores.append(min(max(cosine, 0.0), 1.0))
+        return scores
+
+
+@dataclass
+class Answer:
+    """One arm's answer to one request, then its score."""
+
+    content: str = ""
+    error: str = ""  # the gRPC status when the call failed
+    model: str = ""
+    cached: bool = False
+    cost_nano_usd: int = 0
+    simulated: bool = False  # the reply carried the local simulator's label
+    score: float | None = None  # None: not scored (failed, or the judge's reply unparseable)
+    grade: int | None = None  # the judge's 1-5 grade
+    judge_reply: str = ""
+    judge_error: str = ""  # the gRPC status when the judge's call failed
+    judge_cost_nano_usd: int = 0
+
+
+@dataclass
+class Pair:
+    """A request answered in both arms."""
+
+    request: WorkloadRequest
+    control: Answer
+    treatment: Answer
+
+    @property
+    def answers(self) -> tuple[Answer, Answer]:
+        return self.control, self.treatment
+
+    @property
+    def scores(self) -> tuple[float, float] | None:
+        """(control, treatment) scores, or None when the pair is left out."""
+        if self.control.score is None:
+            return None
+        if self.treatment.error:
+            return self.control.score, 0.0
+        if self.treatment.score is None:
+            return None
+        return self.control.score, self.treatment.score
+
+
+def score_by_similarity(pairs: Sequence[Pair], scorer: SimilarityScorer) -> None:
+    """Scores every answer given (in place) by its similarity to the reference."""
+    answered = [(a, p.request.reference or "") for p in pairs for a in p.answers if not a.error]
+    scores = scorer.score([a.content for a, _ in answered], [r for _, r in answered])
+    for (answer, _), score in zip(answered, scores, strict=True):
+        answer.score = score
+
+
+def score_by_grades(pairs: Sequence[Pair]) -> None:
+    """Scores every answer the judge graded (in place); the others stay unscored."""
+    for answer in (a for p in pairs for a in p.answers):
+        answer.score = None if answer.grade is None else grade_score(answer.grade)
+
+
+@dataclass(frozen=True)
+class Group:
+    """The two arms' scores over a feature's requests, or over all of them."""
+
+    name: str
+    requests: int  # compared: answered and scored in both arms
+    control: float
+    treatment: float
+    drop: float  # relative to control; negative when the treatment does better
+    drop_low: float  # the confidence interval of the drop
+    drop_high: float
+
+    def over(self, margin: float) -> bool:
+        # Float noise must not fail a drop of exactly the margin (1 - 0.95 > 0.05).
+        return self.drop > margin + 1e-9
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The gate's verdict and everything it was reached from."""
+
+    margin: float
+    overall: Group
+    features: tuple[Group, ...]
+    pairs: int
+    left_out: int  # control failed or unscored, or the treatment's answer unscored
+    control_errors: int
+    treatment_errors: int
+    unparseable: int  # judge replies that did not follow the format, both arms
+    judge_errors: int  # judge calls that failed, both arms
+
+    @property
+    def passed(self) -> bool:
+        return not self.reasons
+
+    @property
+    def features_over(self) -> tuple[Group, ...]:
+        """The features whose own drop is beyond the margin."""
+        return tuple(g for g in self.features if g.over(self.margin))
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why the gate fails; empty when it passes."""
+        reasons = []
+        if self.left_out > UNSCORED_LIMIT * self.pairs:
+            reasons.append(
+                f"{self.left_out} of {self.pairs} requests could not be compared "
+                f"(at most {UNSCORED_LIMIT:.0%} may be)"
+            )
+        if self.overall.over(self.margin):
+            below = ", ".join(f"{g.name} ({g.drop:.1%})" for g in self.features_over)
+            # Two decimals: a drop just over the margin must not print as the margin.
+            reasons.append(
+                f"treatment scores {self.overall.drop:.2%} below control, more than the "
+                f"{self.margin:.2%} margin" + (f"; features below it: {below}" if below else "")
+            )
+        return reasons
+
+
+def compare(pairs: Sequence[Pair], margin: float, seed: int = 0) -> Comparison:
+    """Per-feature and overall means per arm and the treatment's drop; NothingToCompare
+    when no request could be compared."""
+    compared = [(p, s) for p in pairs if (s := p.scores) is not None]
+    if not compared:
+        raise NothingToCompareError(_nothing_why(pairs))
+    rng = np.random.default_rng(seed)
+    features = sorted({p.request.feature for p, _ in compared})
+    groups = tuple(
+        _group(f, [s for p, s in compared if p.request.feature == f], rng) for f in features
+    )
+    answers = [a for p in pairs for a in p.answers]
+    return Comparison(
+        margin=margin,
+        overall=_group("all", [s for _, s in compared], rng),
+        features=groups,
+        pairs=len(pairs),
+        left_out=len(pairs) - len(compared),
+        control_errors=sum(1 for p in pairs if p.control.error),
+        treatment_errors=sum(1 for p in pairs if p.treatment.error),
+        unparseable=sum(1 for a in answers if a.judge_reply and a.grade is None),
+        judge_errors=sum(1 for a in answers if a.judge_error),
+    )
+
+
+def _nothing_why(pairs: Sequence[Pair]) -> str:
+    errors = [p.control.error for p in pairs if p.control.error]
+    if errors:
+        return f"every control request failed ({_most_common(errors)})"
+    unparseable = sum(1 for p in pairs if p.control.judge_reply and p.control.grade is None)
+    judge_errors = [p.control.judge_error for p in pairs if p.control.judge_error]
+    why = f"judge replies unparseable: {unparseable}, judge calls failed: {len(judge_errors)}"
+    if judge_errors:
+        why += f", {_most_common(judge_errors)}"
+    return f"no control answer could be scored ({why})"
+
+
+def _most_common(errors: Sequence[str]) -> str:
+    common = max(set(errors), key=errors.count)
+    return f"{errors.count(common)} with {common}"
+
+
+def _group(name: str, scores: Sequence[tuple[float, float]], rng: np.random.Generator) -> Group:
+    values = np.array(scores, dtype=np.float64)
+    control, treatment = values[:, 0], values[:, 1]
+    draws = rng.integers(0, len(values), size=(BOOTSTRAP_SAMPLES, len(values)))
+    drops = _drop(control[draws].mean(axis=1), treatment[draws].mean(axis=1))
+    tail = (1 - CONFIDENCE) / 2 * 100
+    low, high = np.percentile(drops, [tail, 100 - tail])
+    return Group(
+        name=name,
+        requests=len(values),
+        control=float(control.mean()),
+        treatment=float(treatment.mean()),
+        drop=float(_drop(np.array([control.mean()]), np.array([treatment.mean()]))[0]),
+        drop_low=float(low),
+        drop_high=float(high),
+    )
+
+
+def _drop(
+    control: npt.NDArray[np.float64], treatment: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """(control - treatment) / control; 0 where control is 0 (nothing can score below it)."""
+    safe = np.where(control > 0, control, 1.0)
+    result: npt.NDArray[np.float64] = np.where(control > 0, (control - treatment) / safe, 0.0)
+    return result

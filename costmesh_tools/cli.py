@@ -1,0 +1,140 @@
+"""The `costmesh` command: serve the mesh (or one service of it) and make API keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+import grpc
+from opentelemetry import trace
+
+from costmesh_tools.cache import commands as cache_commands
+from costmesh_tools.casestudy import eval_commands, replay_commands, workload_commands
+from costmesh_tools.ledger import commands as ledger_commands
+from costmesh_tools.router import commands as router_commands
+from services.common import telemetry
+from services.common.auth import ROLES, hash_key, new_key
+from services.common.config import ConfigError, load_config
+from services.common.server import serve
+from services.mesh import SERVICES, start_mesh
+
+log = logging.getLogger("costmesh")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="costmesh", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="run the mesh, or one service of it")
+    serve_cmd.add_argument(
+        "service",
+        nargs="?",
+        default="all",
+        choices=("all", *SERVICES),
+        help="which service to run (default: all four in one process)",
+    )
+    serve_cmd.add_argument("--port", type=int, help="port to listen on (0 picks a free one)")
+    serve_cmd.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve_cmd.add_argument("--config", help="TOML file merged over the embedded defaults")
+    keys_cmd = commands.add_parser("keys", help="API key tools")
+    keys_sub = keys_cmd.add_subparsers(dest="keys_command", required=True)
+    new_cmd = keys_sub.add_parser("new", help="make a key and print its config entry")
+    new_cmd.add_argument("--team", required=True)
+    new_cmd.add_argument("--role", choices=ROLES, default="member")
+    new_cmd.set_defaults(handler=_new_key)
+    ledger_commands.register(commands)
+    cache_commands.register(commands)
+    router_commands.register(commands)
+    workload_commands.register(commands)
+    eval_commands.register(commands)
+    replay_commands.register(commands)
+    return parser
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    if args.host:
+        env["COSTMESH_HOST"] = args.host
+    config = load_config(args.config, env)
+    names = list(SERVICES) if args.service == "all" else [args.service]
+    provider = telemetry.setup_tracing(
+        "costmesh" if args.service == "all" else f"costmesh-{args.service}", env
+    )
+    trace.set_tracer_provider(provider)
+    running = await start_mesh(config, env, names, provider, port=args.port)
+    host = config.section("server").get_str("host")
+    # One machine-readable line: scripts and tests wait for it to learn the port.
+    print(f"costmesh: serving {args.service} on {host}:{running.port}", flush=True)
+    try:
+        await serve(running, config.section("server").get_float("grace_seconds"))
+    finally:
+        provider.shutdown()
+    return 0
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """A client command (ledger, cache, router): errors as one line and an exit code."""
+    try:
+        return int(args.handler(args, sys.stdout))
+    except grpc.RpcError as exc:
+        print(f"costmesh: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except (ValueError, ArithmeticError) as exc:
+        print(f"costmesh: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file that cannot be written, a ledger that never caught up
+        print(f"costmesh: {exc}", file=sys.stderr)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse has printed why
+        return int(exc.code or 0)
+    level = os.environ.get("COSTMESH_LOG_LEVEL", "INFO").upper()
+    if not isinstance(logging.getLevelName(level), int):
+        print(
+            f"costmesh: configuration error: COSTMESH_LOG_LEVEL: unknown level {level!r}",
+            file=sys.stderr,
+        )
+        return 2
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # The openai SDK's HTTP client logs every request at INFO: too much for a service.
+    for noisy in ("httpx", "httpx2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command != "serve":
+        return _run_command(args)
+    return _run_serve(args)
+
+
+def _new_key(args: argparse.Namespace, out: TextIO) -> int:
+    key = new_key()
+    out.write(f"key (give it to the team; it is not stored): {key}\n")
+    out.write(f'[[auth.keys]]\nteam = "{args.team}"\nrole = "{args.role}"\n')
+    out.write(f'sha256 = "{hash_key(key)}"\n')
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_serve(args))
+    except ConfigError as exc:
+        print(f"costmesh: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"costmesh: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

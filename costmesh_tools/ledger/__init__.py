@@ -1,0 +1,1 @@
+"""`costmesh ledger ...`: reports, exports and economics from the ledger."""

@@ -1,0 +1,299 @@
+"""`costmesh ledger report|export` (chargeback, or an experiment's arms compared, from a
+running ledger) and `costmesh economics self-host|fine-tune`."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import TextIO
+
+import grpc
+
+from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from costmesh.types.v1 import types_pb2
+from costmesh_simulator.stand_in import model_tiers
+from costmesh_tools.casestudy.report import EmptyReportError, SavingsReport, build_report
+from costmesh_tools.casestudy.report_render import render_csv, render_html, render_terminal
+from costmesh_tools.cli_support import decimal as _decimal
+from costmesh_tools.cli_support import positive_decimal, usd, write_grid
+from costmesh_tools.ledger.economics import fine_tune, self_host
+from services.common.config import load_config
+from services.providers.client import SIMULATED
+
+_BY = {name.removeprefix("GROUP_BY_").lower(): value for name, value in ledger_pb2.GroupBy.items()}
+_BY.pop("unspecified")
+_DEFAULT_BY = "team,feature"
+# An experiment's rows spanning less than this say no daily volume (a replay's).
+_MIN_SPAN_SECONDS = 3_600
+_RENDER: dict[str, Callable[[SavingsReport], str]] = {
+    "table": render_terminal,
+    "csv": render_csv,
+    "html": render_html,
+}
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the `ledger` and `economics` commands to the costmesh parser."""
+    ledger = commands.add_parser("ledger", help="chargeback reports from a running ledger")
+    sub = ledger.add_subparsers(dest="ledger_command", required=True)
+    report = sub.add_parser(
+        "report",
+        help="spend, savings, cache hit rate and model mix; or an experiment's arms compared",
+    )
+    _connection(report)
+    report.add_argument("--by", help=f"one or two of: {', '.join(_BY)} (default {_DEFAULT_BY})")
+    report.add_argument(
+        "--format", choices=tuple(_RENDER), default="table", help="html: --experiment only"
+    )
+    report.add_argument("--out", type=Path, metavar="PATH", help="write the report to this file")
+    experiment = report.add_argument_group("experiments")
+    experiment.add_argument(
+        "--experiment", default="", metavar="NAME", help="compare its control and treatment arms"
+    )
+    experiment.add_argument(
+        "--requests-per-day",
+        type=positive_decimal,
+        metavar="N",
+        help="the daily volume to project costs at (default: what the rows span)",
+    )
+    experiment.add_argument(
+        "--config", metavar="PATH", help="mesh TOML over the embedded defaults (the models' tiers)"
+    )
+    report.set_defaults(handler=_report)
+    export = sub.add_parser("export", help="every usage record of the period, as CSV")
+    _connection(export)
+    export.set_defaults(handler=_export)
+
+    economics = commands.add_parser("economics", help="self-hosting and fine-tuning arithmetic")
+    esub = economics.add_subparsers(dest="economics_command", required=True)
+    host = esub.add_parser("self-host", help="GPU cost against API prices, and the breakeven")
+    for flag in ("--gpu-usd-per-hour", "--gpu-requests-per-second", "--requests-per-second",
+                 "--api-usd-per-request"):  # fmt: skip
+        host.add_argument(flag, type=_decimal, required=True)
+    host.set_defaults(handler=_self_host)
+    tune = esub.add_parser("fine-tune", help="training cost paid back by a per-request saving")
+    for flag in ("--training-usd", "--saving-usd-per-request", "--requests-per-day"):
+        tune.add_argument(flag, type=_decimal, required=True)
+    tune.set_defaults(handler=_fine_tune)
+
+
+def _connection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--addr", default="127.0.0.1:50051", help="the mesh or the ledger")
+    parser.add_argument("--key", default=os.environ.get("COSTMESH_API_KEY", ""),
+                        help="API key (default: $COSTMESH_API_KEY)")  # fmt: skip
+    parser.add_argument("--from", dest="start", type=date.fromisoformat, help="first day (UTC)")
+    parser.add_argument("--to", dest="end", type=date.fromisoformat, help="last day, included")
+    parser.add_argument("--team", default="", help="only this team")
+
+
+def _limit(request: ledger_pb2.QuerySpendRequest | ledger_pb2.ExportUsageRequest,
+           args: argparse.Namespace) -> None:  # fmt: skip
+    """--from and --to as the request's time range; the last day is included."""
+    if args.start is not None:
+        request.start_time.FromDatetime(datetime.combine(args.start, time(), tzinfo=UTC))
+    if args.end is not None:
+        end = datetime.combine(args.end, time(), tzinfo=UTC) + timedelta(days=1)
+        request.end_time.FromDatetime(end)
+
+
+def _stub(
+    args: argparse.Namespace,
+) -> tuple[ledger_pb2_grpc.LedgerServiceStub, tuple[tuple[str, str]]]:
+    channel = grpc.insecure_channel(args.addr)
+    return ledger_pb2_grpc.LedgerServiceStub(channel), (("authorization", f"Bearer {args.key}"),)
+
+
+def _report(args: argparse.Namespace, out: TextIO) -> int:
+    """The report goes to --out only once it is whole: a failure leaves no file."""
+    problem = _report_problem(args)
+    if problem:
+        print(f"costmesh: {problem}", file=sys.stderr)
+        return 2
+    text = io.StringIO()
+    code = (_experiment_report if args.experiment else _spend_report)(args, text)
+    if code == 0 and args.out is not None:
+        args.out.write_text(text.getvalue(), encoding="utf-8")
+        out.write(f"wrote the {args.format} report to {args.out}\n")
+    elif code == 0:
+        out.write(text.getvalue())
+    return code
+
+
+def _report_problem(args: argparse.Namespace) -> str:
+    """Options that do not go together, as one line; empty when they do."""
+    if args.experiment:
+        return "--by does not apply to --experiment reports" if args.by is not None else ""
+    dims = _dimensions(args)
+    if not 1 <= len(dims) <= 2 or any(d not in _BY for d in dims):
+        return f"--by takes one or two of {', '.join(_BY)}"
+    experiment_only = {
+        "--format html": args.format == "html",
+        "--requests-per-day": args.requests_per_day is not None,
+        "--config": args.config is not None,
+    }
+    given = [flag for flag, used in experiment_only.items() if used]
+    return f"{given[0]} needs --experiment" if given else ""
+
+
+def _experiment_report(args: argparse.Namespace, out: TextIO) -> int:
+    """The experiment's rows, compared by the case study's savings report."""
+    tiers = model_tiers(load_config(args.config, dict(os.environ)))
+    stub, metadata = _stub(args)
+    request = ledger_pb2.ExportUsageRequest(team=args.team, experiment=args.experiment)
+    _limit(request, args)
+    records = [item.record for item in stub.ExportUsage(request, metadata=metadata, timeout=3600)]
+    if args.requests_per_day is None and records and _span_seconds(records) < _MIN_SPAN_SECONDS:
+        print(
+            f"costmesh: experiment {args.experiment!r}: its rows span less than an hour (a "
+            "replay's rows are compressed in time): give --requests-per-day to project costs",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        report = build_report(
+            records,
+            model_tiers=tiers,
+            requests_per_day=args.requests_per_day,
+            simulated=any(r.provider == SIMULATED for r in records),
+        )
+    except EmptyReportError as exc:
+        print(f"costmesh: experiment {args.experiment!r}: {exc}", file=sys.stderr)
+        return 1
+    out.write(_RENDER[args.format](report))
+    return 0
+
+
+def _span_seconds(records: list[ledger_pb2.UsageRecord]) -> float:
+    times = [r.time.seconds + r.time.nanos / 1e9 for r in records]
+    return max(times) - min(times)
+
+
+def _dimensions(args: argparse.Namespace) -> list[str]:
+    return [d.strip() for d in (args.by or _DEFAULT_BY).split(",") if d.strip()]
+
+
+def _spend_report(args: argparse.Namespace, out: TextIO) -> int:
+    dims = _dimensions(args)
+    stub, metadata = _stub(args)
+    request = ledger_pb2.QuerySpendRequest(group_by=_BY[dims[0]], team=args.team)
+    if len(dims) == 2:
+        request.then_by = _BY[dims[1]]
+    _limit(request, args)
+    spend = stub.QuerySpend(request, metadata=metadata, timeout=30)
+    by_model = ledger_pb2.QuerySpendRequest(group_by=ledger_pb2.GROUP_BY_MODEL, team=args.team)
+    _limit(by_model, args)
+    mix = stub.QuerySpend(by_model, metadata=metadata, timeout=30)
+    _print_rows(out, args.format, dims, spend)
+    if args.format == "table":
+        out.write("\nmodel mix\n")
+        _print_rows(out, "table", ["model"], mix)
+    return 0
+
+
+def _print_rows(
+    out: TextIO, fmt: str, dims: Sequence[str], spend: ledger_pb2.QuerySpendResponse
+) -> None:
+    header = [*dims, "calls", "cost_usd", "without_costmesh_usd", "savings_usd", "savings_pct",
+              "cache_hit_pct", "escalation_pct", "cost_share_pct"]  # fmt: skip
+    lines = [_line(r, dims, spend.total_cost_nano_usd, fmt) for r in spend.rows]
+    total = ledger_pb2.SpendRow(
+        key="TOTAL",
+        calls=sum(r.calls for r in spend.rows),
+        cost_nano_usd=spend.total_cost_nano_usd,
+        counterfactual_cost_nano_usd=spend.total_counterfactual_cost_nano_usd,
+        savings_nano_usd=spend.total_savings_nano_usd,
+        cached_calls=sum(r.cached_calls for r in spend.rows),
+        escalated_calls=sum(r.escalated_calls for r in spend.rows),
+    )
+    lines.append(_line(total, dims, spend.total_cost_nano_usd, fmt))
+    if fmt == "csv":
+        writer = csv.writer(out)
+        writer.writerow(header)
+        writer.writerows(lines)
+        return
+    write_grid(out, header, lines, "table")
+
+
+def _line(row: ledger_pb2.SpendRow, dims: Sequence[str], total: int, fmt: str) -> list[str]:
+    keys = [row.key, row.second_key][: len(dims)]
+    exact = fmt == "csv"
+    return [
+        *keys,
+        str(row.calls),
+        usd(row.cost_nano_usd, exact),
+        usd(row.counterfactual_cost_nano_usd, exact),
+        usd(row.savings_nano_usd, exact),
+        _pct(row.savings_nano_usd, row.counterfactual_cost_nano_usd),
+        _pct(row.cached_calls, row.calls),
+        _pct(row.escalated_calls, row.calls),
+        _pct(row.cost_nano_usd, total),
+    ]
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{Decimal(100) * part / whole:.1f}" if whole else "-"
+
+
+def _export(args: argparse.Namespace, out: TextIO) -> int:
+    stub, metadata = _stub(args)
+    request = ledger_pb2.ExportUsageRequest(team=args.team)
+    _limit(request, args)
+    writer = csv.writer(out)
+    writer.writerow(_EXPORT_HEADER)
+    for item in stub.ExportUsage(request, metadata=metadata, timeout=3600):
+        writer.writerow(_export_line(item.record))
+    return 0
+
+
+_EXPORT_HEADER = [
+    "time", "request_id", "client_request_id", "trace_id", "team", "feature", "model",
+    "provider", "tier", "input_tokens", "cached_input_tokens", "output_tokens", "cache_outcome",
+    "escalated", "batch", "latency_ms", "cost_nano_usd", "counterfactual_cost_nano_usd",
+    "price_version", "purpose", "route_reason", "p_simple", "p_moderate", "p_complex",
+]  # fmt: skip
+_PROBABILITY_TIERS = (types_pb2.TIER_SIMPLE, types_pb2.TIER_MODERATE, types_pb2.TIER_COMPLEX)
+
+
+def _export_line(r: ledger_pb2.UsageRecord) -> Iterable[object]:
+    probabilities = {p.tier: p.probability for p in r.route_probabilities}
+    return [
+        r.time.ToDatetime(UTC).isoformat(), r.request_id, r.client_request_id, r.trace_id,
+        r.team, r.feature, r.model, r.provider, _name(types_pb2.Tier.Name(r.tier), "TIER_"),
+        r.usage.input_tokens, r.usage.cached_input_tokens, r.usage.output_tokens,
+        _name(types_pb2.CacheOutcome.Name(r.cache_outcome), "CACHE_OUTCOME_"),
+        int(r.escalated), int(r.batch), r.latency_ms, r.cost_nano_usd,
+        r.counterfactual_cost_nano_usd, r.price_version,
+        _name(ledger_pb2.CallPurpose.Name(r.purpose), "CALL_PURPOSE_"), r.route_reason,
+        *(probabilities.get(tier, 0.0) for tier in _PROBABILITY_TIERS),
+    ]  # fmt: skip
+
+
+def _name(enum_name: str, prefix: str) -> str:
+    return enum_name.removeprefix(prefix).lower()
+
+
+def _self_host(args: argparse.Namespace, out: TextIO) -> int:
+    v = self_host(args.gpu_usd_per_hour, args.gpu_requests_per_second,
+                  args.requests_per_second, args.api_usd_per_request)  # fmt: skip
+    out.write(
+        f"self-hosting: ${v.self_host_usd_per_month:,.2f} a month ({v.gpus} GPU, "
+        f"{v.utilisation * 100:.0f}% used)\n"
+        f"API: ${v.api_usd_per_month:,.2f} a month\n"
+        f"the API costs {v.api_over_self_host:.1f}x self-hosting; breakeven at "
+        f"{v.breakeven_requests_per_second:.2f} requests/s\n"
+    )
+    return 0
+
+
+def _fine_tune(args: argparse.Namespace, out: TextIO) -> int:
+    v = fine_tune(args.training_usd, args.saving_usd_per_request, args.requests_per_day)
+    payback = "never" if v.payback_days is None else f"in {v.payback_days:.1f} days"
+    out.write(f"saves ${v.saving_usd_per_month:,.2f} a month; pays back {payback}\n")
+    return 0

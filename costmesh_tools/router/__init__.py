@@ -1,0 +1,1 @@
+"""`costmesh router ...`: train and evaluate the tier classifier."""
