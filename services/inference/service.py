@@ -21,12 +21,17 @@ from services.common.errors import InvalidArgument
 from services.common.pricing import PriceCatalog
 from services.common.server import ServiceDef
 from services.inference import batches, queue
+from services.inference.admission import Admission
+from services.inference.answering import Answering
 from services.inference.budgets import TeamBudgets
+from services.inference.cache_port import CachePort
 from services.inference.idempotency import IdempotencyStore
 from services.inference.outbox import UsageOutbox
 from services.inference.peers import LedgerPeer, Peers
 from services.inference.request_path import CompletionPath
+from services.inference.router_port import RouterPort
 from services.inference.settings import InferenceSettings
+from services.inference.usage_recording import UsageRecorder
 from services.providers.client import Providers
 
 log = logging.getLogger(__name__)
@@ -141,8 +146,16 @@ def build(
     outbox = UsageOutbox(
         settings.outbox_path, ledger.send, settings.outbox_retry_seconds, delivered, parked
     )
+    admission = Admission(settings, budgets)
     path = CompletionPath(
-        settings, peers, providers, outbox, idempotency, budgets=budgets, prices=prices
+        settings,
+        cache=CachePort(peers.cache, peers.metadata, peers.timeout),
+        router=RouterPort(peers.router, peers.metadata, peers.timeout, settings),
+        admission=admission,
+        answering=Answering(settings, providers, admission),
+        recorder=UsageRecorder(settings, prices, outbox, admission, peers.timeout),
+        idempotency=idempotency,
+        peer_timeout=peers.timeout,
     )
     provider_batches = batches.ProviderBatches(settings, providers, peers, outbox, tracer=tracer)
     micro_batches = queue.MicroBatchQueue(

@@ -1,0 +1,165 @@
+"""Every billed call of a request becomes a ledger row, through the outbox: the answer's
+row with the route decision behind it, and one row per overhead (a classification, an
+escalated first attempt, an embedding). The reply's cost is priced here with the
+catalog the ledger uses."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+from costmesh.cache.v1 import cache_pb2
+from costmesh.inference.v1 import inference_pb2
+from costmesh.ledger.v1 import ledger_pb2
+from costmesh.types.v1 import types_pb2
+from services.common.pricing import PriceCatalog, Usage
+from services.inference.admission import Admission
+from services.inference.call import Call, Overhead, overhead
+from services.inference.outbox import UsageOutbox
+from services.inference.settings import InferenceSettings
+
+# The ledger keeps a route reason of at most this many characters; a longer one (an
+# intent name from someone's training data) is cut rather than lose the row.
+MAX_ROUTE_REASON = 1000
+
+
+class UsageRecorder:
+    def __init__(
+        self,
+        settings: InferenceSettings,
+        prices: PriceCatalog,
+        outbox: UsageOutbox,
+        admission: Admission,
+        timeout: float,
+    ) -> None:
+        self._settings = settings
+        self._prices = prices
+        self._outbox = outbox
+        self._admission = admission
+        self._timeout = timeout
+
+    async def record(
+        self,
+        call: Call,
+        response: inference_pb2.CompleteResponse,
+        baseline_usage: types_pb2.TokenUsage,
+        looked_up: cache_pb2.LookupResponse | None,
+    ) -> None:
+        """The answer's row, then its overhead's, as one unit."""
+        await self._answer_row(call, response, baseline_usage)
+        await self.record_overhead(call, response, looked_up)
+
+    async def record_overhead(
+        self,
+        call: Call,
+        response: inference_pb2.CompleteResponse,
+        looked_up: cache_pb2.LookupResponse | None,
+    ) -> None:
+        """What was paid for on the way, also when the call failed."""
+        if looked_up is not None and looked_up.embedding_usage.input_tokens:
+            call.overhead.append(
+                overhead(
+                    self._settings,
+                    looked_up.embedding_model,
+                    looked_up.embedding_usage,
+                    ledger_pb2.CALL_PURPOSE_CACHE_EMBEDDING,
+                )
+            )
+        for paid in call.overhead:
+            await self._overhead_row(call, paid, response)
+        call.overhead.clear()
+
+    async def settled(self) -> None:
+        """Every row recorded so far has been offered to the ledger."""
+        await self._outbox.settled()
+
+    async def _answer_row(
+        self,
+        call: Call,
+        response: inference_pb2.CompleteResponse,
+        baseline_usage: types_pb2.TokenUsage,
+    ) -> None:
+        await self._deliver(
+            call,
+            response,
+            request_id=call.usage_id,
+            model=response.model,
+            provider=response.provider,
+            tier=response.tier,
+            usage=response.usage,
+            baseline_usage=baseline_usage,
+            cache_outcome=response.cache_outcome,
+            escalated=response.escalated,
+            latency_ms=int((time.monotonic() - call.started) * 1000),
+            purpose=ledger_pb2.CALL_PURPOSE_ANSWER,
+            route_probabilities=[
+                types_pb2.TierProbability(tier=p.tier, probability=min(max(p.probability, 0), 1))
+                for p in call.route.probabilities
+            ],
+            route_reason=call.route.reason[:MAX_ROUTE_REASON],
+            cache_source_request_id=response.cache_source_request_id,
+        )
+
+    async def _overhead_row(
+        self, call: Call, paid: Overhead, response: inference_pb2.CompleteResponse
+    ) -> None:
+        await self._deliver(
+            call,
+            response,
+            request_id=uuid.uuid4().hex,
+            model=paid.model,
+            provider=paid.provider,
+            tier=call.route.tier,
+            usage=paid.usage,
+            baseline_usage=types_pb2.TokenUsage(),
+            purpose=paid.purpose,
+        )
+
+    async def _deliver(
+        self, call: Call, response: inference_pb2.CompleteResponse, **fields: Any
+    ) -> None:
+        """One ledger row of this call, through the outbox; its cost adds to the reply's.
+
+        The row is on disk before the reply leaves, so it cannot be lost, and the
+        ledger gets it moments later in the background. A model this process has no
+        price for leaves the reply `cost_pending`.
+        """
+        now = timestamp_pb2.Timestamp()
+        now.GetCurrentTime()
+        record = ledger_pb2.UsageRecord(
+            client_request_id=call.request.request_id,
+            trace_id=response.trace_id,
+            time=now,
+            team=call.principal.team,
+            feature=call.request.feature,
+            baseline_model=self._settings.features[call.request.feature].baseline_model,
+            status=ledger_pb2.CALL_STATUS_OK,
+            experiment=call.assignment.experiment,
+            arm=call.assignment.arm,
+            **fields,
+        )
+        cost = self._price(record)
+        if cost is None:
+            response.cost_pending = True
+        else:
+            response.cost_nano_usd += cost
+        # Counted on the way only once on disk: a record the outbox could not keep
+        # was sent directly (or lost), and never acknowledged later.
+        if await self._outbox.enqueue(record, self._timeout) and cost:
+            self._admission.on_the_way(record.team, record.request_id, cost)
+
+    def _price(self, record: ledger_pb2.UsageRecord) -> int | None:
+        """The row's cost as the ledger will price it; None for an unpriced model."""
+        usage = Usage(
+            record.usage.input_tokens, record.usage.cached_input_tokens, record.usage.output_tokens
+        )
+        if usage.input_tokens == usage.output_tokens == 0:
+            return 0
+        if not self._prices.knows(record.model):
+            return None
+        when = record.time.ToDatetime(tzinfo=UTC)
+        return self._prices.cost(record.model, usage, when, batch=record.batch).cost_nano_usd
