@@ -45,6 +45,7 @@ from costmesh.types.v1 import types_pb2
 from services.common.auth import Principal
 from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.common.sqlite import open_database
+from services.inference.batch_requests import BatchRules, check_batch
 from services.inference.outbox import UsageOutbox
 from services.inference.peers import Peers
 from services.inference.settings import InferenceSettings
@@ -52,7 +53,6 @@ from services.inference.validation import (
     check_context_window,
     estimate_tokens,
     openai_response_format,
-    validate,
 )
 from services.providers.client import Providers
 from services.providers.resilience import retry_after, retryable
@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 PREFIX = "batch_"
 MODE = inference_pb2.BATCH_MODE_PROVIDER
 MAX_REQUESTS = 50_000
+RULES = BatchRules(max_requests=MAX_REQUESTS, feature_required=True, experiments=False)
 # OpenAI takes input files up to 200 MB; a part is cut below that, with room to spare.
 MAX_FILE_BYTES = 190 * 1024 * 1024
 ENDPOINT: Final = "/v1/chat/completions"
@@ -499,38 +500,8 @@ class ProviderBatches:
     def _checked(
         self, batch: inference_pb2.SubmitBatchRequest
     ) -> list[tuple[inference_pb2.CompleteRequest, int]]:
-        """Each request with the batch's feature filled in and its max_tokens; the first
-        invalid one refuses the whole batch, naming `requests[i].<field>`."""
-        if not batch.feature:
-            raise InvalidArgument("feature", "required")
-        if batch.feature not in self._settings.features:
-            raise InvalidArgument("feature", f"unknown feature {batch.feature!r}")
-        if not batch.requests:
-            raise InvalidArgument("requests", "at least one request is required")
-        if len(batch.requests) > MAX_REQUESTS:
-            raise InvalidArgument("requests", f"at most {MAX_REQUESTS} requests per batch")
-        seen: dict[str, int] = {}
-        checked = []
-        for i, original in enumerate(batch.requests):
-            where = f"requests[{i}]"
-            if not original.request_id:
-                raise InvalidArgument(f"{where}.request_id", "required: unique within the batch")
-            if original.request_id in seen:
-                raise InvalidArgument(
-                    f"{where}.request_id",
-                    f"{original.request_id!r} is also requests[{seen[original.request_id]}]",
-                )
-            seen[original.request_id] = i
-            if original.feature and original.feature != batch.feature:
-                raise InvalidArgument(f"{where}.feature", "must be empty or the batch's feature")
-            _check_outside_experiments(where, original)
-            request = inference_pb2.CompleteRequest()
-            request.CopyFrom(original)
-            request.feature = batch.feature
-            with _naming(where):
-                _, max_tokens = validate(request, self._settings)
-            checked.append((request, max_tokens))
-        return checked
+        """Each request with the batch's feature filled in and its max_tokens."""
+        return [(c.request, c.max_tokens) for c in check_batch(batch, self._settings, RULES)]
 
     async def _route_all(
         self, requests: Sequence[tuple[inference_pb2.CompleteRequest, int]]
@@ -931,14 +902,6 @@ class ProviderBatches:
 
     def _label(self, provider: str) -> str:
         return self._providers.client(provider)[1]
-
-
-def _check_outside_experiments(where: str, request: inference_pb2.CompleteRequest) -> None:
-    """Provider batches run outside experiments: their fields are refused, not dropped."""
-    if request.experiment:
-        raise InvalidArgument(f"{where}.experiment", "not supported in provider batches")
-    if request.arm:
-        raise InvalidArgument(f"{where}.arm", "not supported in provider batches")
 
 
 def _status(parts: Sequence[Part]) -> str:

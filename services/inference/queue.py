@@ -64,15 +64,14 @@ from costmesh.inference.v1 import inference_pb2
 from services.common.auth import Principal
 from services.common.config import Config, ConfigError
 from services.common.errors import (
-    InvalidArgument,
     NotFound,
     ResourceExhausted,
     ServiceError,
     Unavailable,
 )
 from services.common.outages import OutageLog
+from services.inference.batch_requests import BatchRules, check_batch
 from services.inference.settings import InferenceSettings
-from services.inference.validation import MAX_REQUEST_ID, validate
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +82,9 @@ Answer = Callable[
 Outcome = inference_pb2.CompleteResponse | inference_pb2.BatchFailure
 
 MAX_REQUESTS = 10_000  # per SubmitBatch
+RULES = BatchRules(max_requests=MAX_REQUESTS, feature_required=False, experiments=True)
 MAX_WAITING = 100_000  # requests queued and not yet answered, over all batches
 _BATCH_ID = re.compile(rf"{PREFIX}[0-9a-f]{{32}}")
-# The request path gets f"{batch_id}:{caller's id}" as request_id (see _Item), which
-# must fit the mesh's request_id limit.
-MAX_CALLER_ID = MAX_REQUEST_ID - len(PREFIX) - 32 - 1
 _MAX_LINKS = 64  # submitting traces linked from one queue.batch span
 _GROUP = "costmesh"
 _BLOCK_MS = 1000  # longest blocking read, so a stopping consumer notices soon
@@ -254,7 +251,7 @@ class MicroBatchQueue:
     async def submit(
         self, request: inference_pb2.SubmitBatchRequest, principal: Principal
     ) -> inference_pb2.SubmitBatchResponse:
-        checked = self._check(request)
+        checked = [(c.caller_id, c.request) for c in check_batch(request, self._inference, RULES)]
         batch_id = PREFIX + uuid.uuid4().hex
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier)
@@ -306,61 +303,6 @@ class MicroBatchQueue:
         else:
             reply.status = "queued"
         return reply
-
-    def _check(
-        self, request: inference_pb2.SubmitBatchRequest
-    ) -> list[tuple[str, inference_pb2.CompleteRequest]]:
-        """(caller's id, request with its feature filled) of a valid batch, else the
-        first problem as INVALID_ARGUMENT naming the field."""
-        count = len(request.requests)
-        if count == 0:
-            raise InvalidArgument("requests", "at least one request is required")
-        if count > MAX_REQUESTS:
-            raise InvalidArgument("requests", f"at most {MAX_REQUESTS} requests, got {count}")
-        if request.feature and request.feature not in self._inference.features:
-            raise InvalidArgument("feature", f"unknown feature {request.feature!r}")
-        seen: dict[str, int] = {}
-        checked = []
-        for i, original in enumerate(request.requests):
-            caller_id = original.request_id
-            if caller_id in seen:
-                raise InvalidArgument(
-                    f"requests[{i}].request_id",
-                    f"{caller_id!r} is also requests[{seen[caller_id]}]'s; ids must be unique",
-                )
-            seen[caller_id] = i
-            checked.append(
-                (caller_id, self._check_one(f"requests[{i}]", original, request.feature))
-            )
-        return checked
-
-    def _check_one(
-        self, name: str, original: inference_pb2.CompleteRequest, feature: str
-    ) -> inference_pb2.CompleteRequest:
-        """The request with the batch's feature filled in, if it is valid."""
-        if not original.request_id:
-            raise InvalidArgument(f"{name}.request_id", "required: results are matched by it")
-        if len(original.request_id) > MAX_CALLER_ID:
-            raise InvalidArgument(
-                f"{name}.request_id", f"at most {MAX_CALLER_ID} characters in a batch"
-            )
-        if feature and original.feature and original.feature != feature:
-            raise InvalidArgument(
-                f"{name}.feature",
-                f"{original.feature!r} differs from the batch's feature {feature!r};"
-                " leave it empty or make it the same",
-            )
-        complete = inference_pb2.CompleteRequest()
-        complete.CopyFrom(original)
-        complete.feature = complete.feature or feature
-        if not complete.feature:
-            raise InvalidArgument(f"{name}.feature", "required, here or in the batch's feature")
-        try:
-            validate(complete, self._inference)
-        except InvalidArgument as exc:
-            field_name, description = exc.field_violations[0]
-            raise InvalidArgument(f"{name}.{field_name}", description) from None
-        return complete
 
     # -- the consumer --------------------------------------------------------------
 

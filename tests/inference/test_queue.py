@@ -29,6 +29,7 @@ from services.common.auth import Principal, hash_key
 from services.common.config import ConfigError, load_config
 from services.common.errors import NotFound, ResourceExhausted, Unavailable
 from services.inference import queue
+from services.inference.batch_requests import MAX_CALLER_ID
 from services.inference.queue import MicroBatchQueue
 from services.mesh import DEMO_KEY_DIGEST
 from tests.conftest import AUTH, Mesh, bad_request_fields, running_mesh, user_request
@@ -211,7 +212,10 @@ async def test_a_bad_batch_is_refused_naming_the_field_and_nothing_is_queued(
         for field, batch in [
             *BAD_BATCHES.items(),
             ("requests", batch_of(queue.MAX_REQUESTS + 1)),
-            ("requests[0].request_id", batch_of(1, request_id="x" * (queue.MAX_CALLER_ID + 1))),
+            (
+                "requests[0].request_id",
+                batch_of(1, request_id="x" * (MAX_CALLER_ID + 1)),
+            ),
         ]:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await mesh.inference.SubmitBatch(batch, metadata=AUTH, timeout=30)
