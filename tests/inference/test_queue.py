@@ -315,16 +315,16 @@ async def test_an_answer_whose_ack_was_lost_is_replayed_without_billing_twice(
     """A consumer that answered a request and stopped before storing and acking it:
     the next one answers it again, and the mesh's idempotency (the batch-unique
     request_id) serves the first answer instead of paying and billing again."""
-    finish = queue._RedisBackend.finish
+    finish = queue.RedisBackend.finish
     lost = asyncio.Event()
 
-    async def lose_the_first(self: queue._RedisBackend, item: object, outcome: object) -> None:
+    async def lose_the_first(self: queue.RedisBackend, item: object, outcome: object) -> None:
         if not lost.is_set():
             lost.set()
             raise redis.exceptions.ConnectionError("simulated crash before the ack")
         await finish(self, item, outcome)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(queue._RedisBackend, "finish", lose_the_first)
+    monkeypatch.setattr(queue.RedisBackend, "finish", lose_the_first)
     config = redis_backend.toml(concurrency=1)
     async with running_mesh(simulator, tmp_path, config) as mesh:
         submitted = await mesh.inference.SubmitBatch(
