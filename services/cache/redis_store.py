@@ -27,13 +27,11 @@ Keys, under the configured prefix P:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -41,7 +39,18 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.cache.index import ExpiryQueue, PartitionedIndex, Vector
-from services.cache.store import Answer, Capacity, Entry, StoreUnavailableError
+from services.cache.redis_codec import (
+    Mirrored,
+    entry_from,
+    entry_meta,
+    event_order,
+    glob_escape,
+    hash_field,
+    mirror_meta,
+    short_hash,
+    vector_bytes,
+)
+from services.cache.store import Capacity, Entry, StoreUnavailableError
 from services.common.outages import OutageLog
 
 log = logging.getLogger(__name__)
@@ -49,18 +58,6 @@ _FOLLOW_BLOCK_MS = 1000
 _ENTRY_ID = re.compile(r"[0-9a-f]{64}")  # a SHA-256 hex digest (keys.py)
 _RECONNECT_SECONDS = 0.5
 _GAP_CHECK_SECONDS = 2.0
-
-
-@dataclass
-class _Mirrored:
-    """What a replica keeps of an entry: enough to search and account for it."""
-
-    partition: str
-    feature: str
-    namespace: str
-    expires_at: float
-    nbytes: int
-    tags: tuple[str, ...]
 
 
 class RedisStore:
@@ -89,7 +86,7 @@ class RedisStore:
             socket_connect_timeout=timeout,
             protocol=2,
         )
-        self._mirror: dict[str, _Mirrored] = {}
+        self._mirror: dict[str, Mirrored] = {}
         self._index = PartitionedIndex(dimensions, ann_threshold)
         self._expiry = ExpiryQueue()
         self._last_event = b"0-0"
@@ -127,8 +124,8 @@ class RedisStore:
     async def caught_up(self) -> None:
         """Wait until the mirror has applied every event written so far."""
         last = await self._call(self._redis.xrevrange(self._key("events"), count=1))
-        target = _event_order(last[0][0]) if last else (0, 0)
-        while not self._synced.is_set() or _event_order(self._last_event) < target:
+        target = event_order(last[0][0]) if last else (0, 0)
+        while not self._synced.is_set() or event_order(self._last_event) < target:
             self._progress.clear()
             await self._progress.wait()
 
@@ -136,7 +133,7 @@ class RedisStore:
 
     async def version(self, feature: str, namespace: str) -> int:
         bumps = await self._call(
-            self._redis.hget(self._key("versions"), _field(feature, namespace))
+            self._redis.hget(self._key("versions"), hash_field(feature, namespace))
         )
         return int(bumps or 0) + 1
 
@@ -144,7 +141,7 @@ class RedisStore:
         meta = await self._call(self._redis.hget(self._entry_key(entry_id), "m"))
         if meta is None:
             return None
-        return _entry(entry_id, json.loads(meta))
+        return entry_from(entry_id, json.loads(meta))
 
     async def nearest(self, partition: str, vector: Vector, k: int) -> list[tuple[str, float]]:
         self._reclaim_expired()
@@ -160,11 +157,11 @@ class RedisStore:
     async def put(self, entry: Entry, capacity: Capacity) -> None:
         ns_key = self._ns_key(entry.feature, entry.namespace)
         expires_ms = int(entry.expires_at * 1000)
-        meta = _meta(entry)
+        meta = entry_meta(entry)
         pipe = self._redis.pipeline(transaction=True)
         entry_key = self._entry_key(entry.entry_id)
         pipe.delete(entry_key)
-        pipe.hset(entry_key, mapping={"m": meta, "v": _vector_bytes(entry.vector)})
+        pipe.hset(entry_key, mapping={"m": meta, "v": vector_bytes(entry.vector)})
         pipe.pexpireat(entry_key, expires_ms)
         pipe.zadd(ns_key, {entry.entry_id: time.time()})
         for tag in entry.tags:
@@ -184,7 +181,7 @@ class RedisStore:
         pipe = self._redis.pipeline(transaction=True)  # read and drop the set at once
         pipe.smembers(tag_key)
         pipe.delete(tag_key)
-        pipe.hset(self._key("tag_invalidated"), _field(feature, tag), time.time())
+        pipe.hset(self._key("tag_invalidated"), hash_field(feature, tag), time.time())
         members, _, _ = await self._call(pipe.execute())
         removed = await self._delete(feature, [i.decode() for i in members])
         self.counters[(feature, "invalidations")] += removed
@@ -193,7 +190,7 @@ class RedisStore:
     async def tag_invalidated_after(self, feature: str, tags: tuple[str, ...], when: float) -> bool:
         if not tags:
             return False
-        fields = [_field(feature, tag) for tag in tags]
+        fields = [hash_field(feature, tag) for tag in tags]
         times = await self._call(self._redis.hmget(self._key("tag_invalidated"), fields))
         return any(t is not None and float(t) > when for t in times)
 
@@ -201,7 +198,7 @@ class RedisStore:
         """Every replica's lookups use the new version at once; old entries are reclaimed."""
         ns_key = self._ns_key(feature, namespace)
         pipe = self._redis.pipeline(transaction=True)
-        pipe.hincrby(self._key("versions"), _field(feature, namespace), 1)
+        pipe.hincrby(self._key("versions"), hash_field(feature, namespace), 1)
         pipe.zrange(ns_key, 0, -1)
         pipe.delete(ns_key)
         bumps, members, _ = await self._call(pipe.execute())
@@ -307,7 +304,7 @@ class RedisStore:
             return False
         self._gap_checked = now
         first: Any = await self._follower.xrange(self._key("events"), count=1)
-        return not first or _event_order(first[0][0]) > _event_order(self._last_event)
+        return not first or event_order(first[0][0]) > event_order(self._last_event)
 
     async def _rebuild(self) -> None:
         last: Any = await self._follower.xrevrange(self._key("events"), count=1)
@@ -315,7 +312,7 @@ class RedisStore:
         self._mirror.clear()
         self._index.clear()
         self._expiry.clear()
-        pattern = _glob_escape(self._prefix) + ":e:*"
+        pattern = glob_escape(self._prefix) + ":e:*"
         async for key in self._follower.scan_iter(match=pattern, count=1000):
             entry_id = key.decode()[len(self._entry_key("")) :]
             if not _ENTRY_ID.fullmatch(entry_id):
@@ -337,7 +334,7 @@ class RedisStore:
         self._mirror_remove(entry_id)
         if meta["expires_at"] <= time.time():
             return
-        item = _Mirrored(
+        item = Mirrored(
             meta["partition"],
             meta["feature"],
             meta["namespace"],
@@ -377,8 +374,8 @@ class RedisStore:
         return {
             "op": "put",
             "id": entry.entry_id,
-            "m": _mirror_meta(entry),
-            "v": _vector_bytes(entry.vector),
+            "m": mirror_meta(entry),
+            "v": vector_bytes(entry.vector),
         }
 
     async def _call(self, awaitable: Any) -> Any:
@@ -394,71 +391,7 @@ class RedisStore:
         return f"{self._prefix}:e:{entry_id}"
 
     def _ns_key(self, feature: str, namespace: str) -> str:
-        return f"{self._prefix}:ns:{_short_hash(_field(feature, namespace))}"
+        return f"{self._prefix}:ns:{short_hash(hash_field(feature, namespace))}"
 
     def _tag_key(self, feature: str, tag: str) -> str:
-        return f"{self._prefix}:tag:{_short_hash(_field(feature, tag))}"
-
-
-def _field(*parts: str) -> str:
-    return json.dumps(parts, ensure_ascii=False)
-
-
-def _glob_escape(text: str) -> str:
-    """SCAN patterns are globs: a prefix with * ? [ or \\ must match only itself."""
-    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
-
-
-def _event_order(event_id: bytes) -> tuple[int, int]:
-    milliseconds, sequence = event_id.split(b"-")
-    return int(milliseconds), int(sequence)
-
-
-def _short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def _vector_bytes(vector: Vector | None) -> bytes:
-    return b"" if vector is None else np.asarray(vector, dtype=np.float32).tobytes()
-
-
-def _mirror_fields(entry: Entry) -> dict[str, Any]:
-    """What replicas need of an entry to mirror it: no question, no answer."""
-    return {
-        "feature": entry.feature,
-        "namespace": entry.namespace,
-        "partition": entry.partition,
-        "expires_at": entry.expires_at,
-        "tags": list(entry.tags),
-        "nbytes": entry.nbytes,
-    }
-
-
-def _mirror_meta(entry: Entry) -> str:
-    return json.dumps(_mirror_fields(entry), ensure_ascii=False)
-
-
-def _meta(entry: Entry) -> str:
-    whole = _mirror_fields(entry) | {
-        "question": entry.question,
-        "answer": asdict(entry.answer),
-        "created_at": entry.created_at,
-        "source_request_id": entry.source_request_id,
-    }
-    return json.dumps(whole, ensure_ascii=False)
-
-
-def _entry(entry_id: str, meta: dict[str, Any]) -> Entry:
-    """The entry as lookups need it; its vector stays in Redis and the mirror."""
-    return Entry(
-        entry_id=entry_id,
-        feature=meta["feature"],
-        namespace=meta["namespace"],
-        partition=meta["partition"],
-        question=meta["question"],
-        answer=Answer(**meta["answer"]),
-        created_at=meta["created_at"],
-        expires_at=meta["expires_at"],
-        tags=tuple(meta["tags"]),
-        source_request_id=meta.get("source_request_id", ""),  # absent: stored before it
-    )
+        return f"{self._prefix}:tag:{short_hash(hash_field(feature, tag))}"

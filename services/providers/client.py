@@ -5,22 +5,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
 
 import openai
-from openai import AsyncStream
-from openai.types import CompletionUsage
-from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
-from openai.types.chat.completion_create_params import ResponseFormat
+from openai.types.chat import ChatCompletion
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from costmesh.types.v1 import types_pb2
 from services.common.config import ConfigError
 from services.common.errors import (
     DeadlineExceeded,
@@ -31,36 +25,23 @@ from services.common.errors import (
 )
 from services.providers.resilience import Cooldowns, retry_after, retryable, wrong_deployment
 from services.providers.settings import ProviderInfo, ProviderSettings
-from services.providers.tokens import count_prompt_tokens, count_text_tokens
+from services.providers.streaming import ChatStream
+from services.providers.wire import (
+    ChatCall,
+    Completion,
+    chat_body,
+    completion_from,
+    finish_span,
+    request_fields,
+)
 
 log = logging.getLogger(__name__)
+# What callers use of the package comes from here.
+__all__ = ["SIMULATED", "ChatCall", "ChatStream", "Completion", "Providers"]
 SIMULATED = "simulated"
 T = TypeVar("T")
 # One try at one deployment: (call, time limit, attempt number, is a fallback).
 _Attempt = Callable[["ChatCall", float, int, bool], Awaitable[T]]
-_ROLES = {
-    types_pb2.ROLE_SYSTEM: "system",
-    types_pb2.ROLE_USER: "user",
-    types_pb2.ROLE_ASSISTANT: "assistant",
-}
-
-
-@dataclass(frozen=True)
-class Completion:
-    content: str
-    finish_reason: str
-    model: str
-    provider: str
-    input_tokens: int
-    cached_input_tokens: int
-    output_tokens: int
-    usage_estimated: bool = False
-    # Log-probability of each answer token, when the call asked for them.
-    token_logprobs: tuple[float, ...] = ()
-    # The catalog model that answered (a fallback's, when it did), and the tries.
-    served_model: str = ""
-    attempts: int = 1
-    fallback: bool = False
 
 
 class _AttemptFailedError(Exception):
@@ -81,21 +62,6 @@ class _AttemptFailedError(Exception):
         self.retry = retry
         self.next_deployment = next_deployment
         self.retry_after = retry_after
-
-
-@dataclass(frozen=True)
-class ChatCall:
-    """One provider request, already validated and budgeted."""
-
-    model: str
-    messages: Sequence[types_pb2.ChatMessage]
-    max_tokens: int
-    temperature: float | None
-    top_p: float | None
-    stop: list[str]
-    logprobs: bool = False
-    # OpenAI's response_format object, passed through; None for free text.
-    response_format: ResponseFormat | None = None
 
 
 class Providers:
@@ -278,7 +244,7 @@ class Providers:
         try:
             async with asyncio.timeout(time_limit):
                 stream = await client.chat.completions.create(
-                    **_request(call, time_limit),
+                    **request_fields(call, time_limit),
                     stream=True,
                     stream_options={"include_usage": True},
                 )
@@ -303,7 +269,7 @@ class Providers:
                     response = await client.post(
                         "/chat/completions",
                         cast_to=ChatCompletion,
-                        body=_body(call),
+                        body=chat_body(call),
                         options={"timeout": time_limit},
                     )
             except (openai.OpenAIError, TimeoutError) as exc:
@@ -311,75 +277,13 @@ class Providers:
             except asyncio.CancelledError:  # the caller gave up: the request is abandoned
                 span.set_status(Status(StatusCode.ERROR, "cancelled"))
                 raise
-            completion = _completion(response, call, label)
-            _finish_span(span, completion)
+            completion = completion_from(response, call, label)
+            finish_span(span, completion)
             return completion
 
     async def close(self) -> None:
         for client, _ in self._clients.values():
             await client.close()
-
-
-def _completion(response: ChatCompletion, call: ChatCall, label: str) -> Completion:
-    """Our view of a provider answer. A server that reports no usage is billed on an
-    estimate (and says so) rather than for free."""
-    choice = response.choices[0]
-    content = choice.message.content or ""
-    usage = response.usage
-    details = usage.prompt_tokens_details if usage else None
-    tokens = choice.logprobs.content if choice.logprobs and choice.logprobs.content else []
-    return Completion(
-        content=content,
-        finish_reason=choice.finish_reason or "",
-        model=response.model or call.model,
-        provider=label,
-        input_tokens=usage.prompt_tokens
-        if usage
-        else count_prompt_tokens(call.messages, call.model),
-        cached_input_tokens=(details.cached_tokens or 0) if details else 0,
-        output_tokens=usage.completion_tokens if usage else math.ceil(len(content) / 4),
-        usage_estimated=usage is None,
-        token_logprobs=tuple(t.logprob for t in tokens),
-    )
-
-
-def _request(call: ChatCall, time_limit: float) -> dict[str, Any]:
-    """What every chat request sends, streamed or not."""
-    return {
-        "model": call.model,
-        "messages": _to_openai(call.messages),
-        "max_tokens": call.max_tokens,
-        "temperature": call.temperature,
-        "top_p": call.top_p,
-        "stop": call.stop or None,
-        "response_format": openai.omit if call.response_format is None else call.response_format,
-        "timeout": time_limit,
-    }
-
-
-def _body(call: ChatCall) -> dict[str, Any]:
-    """A non-streamed chat request as JSON, with only the fields that are set."""
-    body: dict[str, Any] = {
-        "model": call.model,
-        "messages": _to_openai(call.messages),
-        "max_tokens": call.max_tokens,
-    }
-    optional = {
-        "temperature": call.temperature,
-        "top_p": call.top_p,
-        "stop": call.stop or None,
-        "response_format": call.response_format,
-        "logprobs": call.logprobs or None,
-    }
-    body.update((k, v) for k, v in optional.items() if v is not None)
-    return body
-
-
-def _to_openai(messages: Sequence[types_pb2.ChatMessage]) -> list[ChatCompletionMessageParam]:
-    return [
-        cast("ChatCompletionMessageParam", {"role": _ROLES[m.role], "content": m.content})
-        for m in messages
-    ]
 
 
 def _translate(exc: openai.OpenAIError | TimeoutError, model: str) -> ServiceError:
@@ -420,96 +324,3 @@ def _failed(
         retry_after=retry_after(exc),
         timed_out=isinstance(exc, openai.APITimeoutError | TimeoutError),
     )
-
-
-def _finish_span(span: Span, completion: Completion) -> None:
-    if completion.usage_estimated:
-        log.warning(
-            "provider %s reported no usage for %s; billing an estimate",
-            completion.provider,
-            completion.model,
-        )
-    span.set_attributes(
-        {
-            "gen_ai.response.model": completion.model,
-            "gen_ai.response.finish_reasons": [completion.finish_reason],
-            "gen_ai.usage.input_tokens": completion.input_tokens,
-            "gen_ai.usage.output_tokens": completion.output_tokens,
-            "costmesh.usage.estimated": completion.usage_estimated,
-        }
-    )
-
-
-class ChatStream:
-    """An open streamed answer: its text as it comes, then what it cost.
-
-    Usage comes from the final chunk (stream_options.include_usage). A stream cut
-    short (the caller cancelled) has none: it is billed on an estimate of what was
-    produced, the prompt and the text so far counted with the model's tokenizer.
-    """
-
-    def __init__(
-        self,
-        stream: AsyncStream[ChatCompletionChunk],
-        call: ChatCall,
-        label: str,
-        span: Span,
-    ) -> None:
-        self._stream = stream
-        self._call = call
-        self._label = label
-        self._span = span
-        self._text: list[str] = []
-        self._finish_reason = ""
-        self._model = call.model
-        self._usage: CompletionUsage | None = None
-        self.served_model = call.model
-        self.attempts = 1
-        self.fallback = False
-
-    async def deltas(self) -> AsyncIterator[str]:
-        async for chunk in self._stream:
-            self._model = chunk.model or self._model
-            if chunk.usage is not None:
-                self._usage = chunk.usage
-            for choice in chunk.choices:
-                if choice.finish_reason:
-                    self._finish_reason = choice.finish_reason
-                if choice.delta.content:
-                    self._text.append(choice.delta.content)
-                    yield choice.delta.content
-
-    def completion(self) -> Completion:
-        content = "".join(self._text)
-        usage = self._usage
-        details = usage.prompt_tokens_details if usage else None
-        return Completion(
-            content=content,
-            finish_reason=self._finish_reason,
-            model=self._model,
-            provider=self._label,
-            input_tokens=(
-                usage.prompt_tokens
-                if usage
-                else count_prompt_tokens(self._call.messages, self._call.model)
-            ),
-            cached_input_tokens=(details.cached_tokens or 0) if details else 0,
-            output_tokens=(
-                usage.completion_tokens if usage else count_text_tokens(content, self._call.model)
-            ),
-            usage_estimated=usage is None,
-            served_model=self.served_model,
-            attempts=self.attempts,
-            fallback=self.fallback,
-        )
-
-    async def close(self) -> Completion:
-        """Stop the provider (closing the connection ends its generation) and end the span."""
-        try:
-            await self._stream.close()
-        finally:
-            completion = self.completion()
-            _finish_span(self._span, completion)
-            self._span.set_attribute("costmesh.stream.finished", bool(self._finish_reason))
-            self._span.end()
-        return completion
