@@ -26,6 +26,7 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from services.common.config import ConfigError
 
@@ -44,8 +45,13 @@ def setup_tracing(
     """
     env = os.environ if env is None else env
     name = env.get("OTEL_SERVICE_NAME") or default_service_name
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}))
-    for exporter in exporters_from_env(env):
+    exporters = exporters_from_env(env)
+    # Spans nobody exports are not recorded: their ids still flow (the reply's and
+    # the ledger's trace_id, propagation to peers), their cost does not.
+    provider = TracerProvider(
+        resource=Resource.create({SERVICE_NAME: name}), sampler=None if exporters else ALWAYS_OFF
+    )
+    for exporter in exporters:
         # Console output is for people watching: print each span as it ends.
         if isinstance(exporter, ConsoleSpanExporter):
             provider.add_span_processor(SimpleSpanProcessor(exporter))

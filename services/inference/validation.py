@@ -14,7 +14,7 @@ from services.common import limits as shared
 from services.common.errors import InvalidArgument
 from services.inference import experiments
 from services.inference.settings import FeatureLimits, InferenceSettings
-from services.providers.tokens import count_prompt_tokens
+from services.providers.tokens import count_prompt_tokens, prompt_tokens_at_most
 
 MAX_REQUEST_ID = shared.MAX_REQUEST_ID
 MAX_SCOPE_KEY = 256
@@ -61,6 +61,8 @@ def validate(
     if request.arm == types_pb2.ARM_CONTROL and not (request.model or limits.baseline_model):
         raise InvalidArgument("arm", f"feature {request.feature!r} has no baseline_model to run")
     max_tokens = _validate_params(request.params, limits)
+    if prompt_tokens_at_most(request.messages) <= limits.max_input_tokens:
+        return limits, max_tokens  # fits without counting (most prompts: no tokenising)
     prompt_tokens = estimate_tokens(request.messages)
     if prompt_tokens > limits.max_input_tokens:
         raise InvalidArgument(

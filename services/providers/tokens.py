@@ -46,6 +46,12 @@ def count_prompt_tokens(messages: Sequence[types_pb2.ChatMessage], model: str = 
     return REPLY_PRIMING + sum(PER_MESSAGE + len(encoding.encode(m.content)) for m in messages)
 
 
+def prompt_tokens_at_most(messages: Sequence[types_pb2.ChatMessage]) -> int:
+    """A bound on count_prompt_tokens without tokenising: a byte-level BPE token is at
+    least one byte, so a prompt whose bytes fit a cap fits it in tokens too."""
+    return REPLY_PRIMING + sum(PER_MESSAGE + len(m.content.encode()) for m in messages)
+
+
 def count_text_tokens(text: str, model: str = "") -> int:
     """Tokens of generated text, for an answer whose usage the provider never sent."""
     return len(encoding_for(model or DEFAULT_ENCODING).encode(text))

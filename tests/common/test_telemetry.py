@@ -40,3 +40,15 @@ def test_exporters_follow_otel_traces_exporter(env: dict[str, str], expected: li
 def test_an_unknown_exporter_is_a_configuration_error() -> None:
     with pytest.raises(ConfigError, match="OTEL_TRACES_EXPORTER: unsupported exporter 'zipkin'"):
         setup_tracing("costmesh", {"OTEL_TRACES_EXPORTER": "zipkin"})
+
+
+def test_spans_nobody_exports_are_not_recorded_but_keep_their_trace_ids() -> None:
+    silent = setup_tracing("costmesh", {}).get_tracer("t")
+    exported = setup_tracing("costmesh", {"OTEL_TRACES_EXPORTER": "console"}).get_tracer("t")
+
+    with silent.start_as_current_span("call") as parent, silent.start_span("hop") as child:
+        assert not parent.is_recording()
+        assert parent.get_span_context().trace_id != 0  # the reply's trace_id
+        assert child.get_span_context().trace_id == parent.get_span_context().trace_id
+    with exported.start_span("call") as span:
+        assert span.is_recording()

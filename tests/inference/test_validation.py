@@ -1,0 +1,55 @@
+"""The prompt cap (features.X.max_input_tokens) counts tokens, not characters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from costmesh.inference.v1 import inference_pb2
+from costmesh.types.v1 import types_pb2
+from services.common.config import load_config
+from services.common.errors import InvalidArgument
+from services.inference.settings import InferenceSettings
+from services.inference.validation import validate
+from services.providers.tokens import count_prompt_tokens, prompt_tokens_at_most
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> InferenceSettings:
+    config = tmp_path / "cap.toml"
+    config.write_text("[features.short]\nmax_input_tokens = 50\n")
+    return InferenceSettings.from_config(load_config(config, env={}))
+
+
+def _request(text: str) -> inference_pb2.CompleteRequest:
+    return inference_pb2.CompleteRequest(
+        feature="short", messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=text)]
+    )
+
+
+def test_a_prompt_longer_in_bytes_than_the_cap_but_within_it_in_tokens_passes(
+    settings: InferenceSettings,
+) -> None:
+    request = _request("hello " * 20)  # 120 bytes, about 20 tokens
+    assert prompt_tokens_at_most(request.messages) > 50 >= count_prompt_tokens(request.messages)
+
+    _, max_tokens = validate(request, settings)
+
+    assert max_tokens == 512
+
+
+def test_a_prompt_over_the_cap_in_tokens_is_refused_naming_messages(
+    settings: InferenceSettings,
+) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        validate(_request("word " * 100), settings)
+
+    assert refused.value.field_violations[0][0] == "messages"
+    assert "at most 50" in str(refused.value)
+
+
+@pytest.mark.parametrize("text", ["plain words", "naïve café ☕ — 東京", "🙂" * 30, ""])
+def test_the_cheap_bound_is_never_below_the_count(text: str) -> None:
+    messages = [types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=text)] * 2
+    assert prompt_tokens_at_most(messages) >= count_prompt_tokens(messages)
