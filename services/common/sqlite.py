@@ -1,9 +1,15 @@
-"""Opening the SQLite files the embedded defaults keep (ledger, outbox, replay store)."""
+"""Opening the SQLite files the embedded defaults keep (ledger, outbox, replay store),
+and committing concurrent writes to them together."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 
 def open_database(path: str | Path, synchronous: str = "NORMAL") -> sqlite3.Connection:
@@ -21,3 +27,35 @@ def open_database(path: str | Path, synchronous: str = "NORMAL") -> sqlite3.Conn
     except (sqlite3.Error, OSError) as exc:
         raise OSError(f"cannot open database {path}: {exc}") from exc
     return db
+
+
+class GroupCommit(Generic[T]):
+    """Writes from concurrent callers in one transaction (group commit): each caller
+    returns once the commit that holds its write is done, or gets its error. A lone
+    caller costs what a write of its own would; under load, one commit serves many."""
+
+    def __init__(self, write_all: Callable[[list[T]], None]) -> None:
+        self._write_all = write_all  # runs in a worker thread, as one transaction
+        self._waiting: list[tuple[T, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def write(self, item: T) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._drain())
+        await future
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                await asyncio.to_thread(self._write_all, [item for item, _ in batch])
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():  # a caller cancelled meanwhile hears nothing
+                        future.set_exception(exc)
+            else:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(None)

@@ -21,7 +21,7 @@ from google.protobuf import text_format
 
 from costmesh.ledger.v1 import ledger_pb2
 from services.common.outages import OutageLog
-from services.common.sqlite import open_database
+from services.common.sqlite import GroupCommit, open_database
 
 log = logging.getLogger(__name__)
 # Sends records to the ledger within a time limit in seconds; raises when it cannot.
@@ -74,6 +74,9 @@ class UsageOutbox:
             " record BLOB NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (team, request_id));"
         )
         self._lock = threading.Lock()
+        # Inserts and deletes of concurrent calls share commits (one thread hop each).
+        self._inserts: GroupCommit[ledger_pb2.UsageRecord] = GroupCommit(self._put_all)
+        self._deletes: GroupCommit[ledger_pb2.UsageRecord] = GroupCommit(self._delete)
         self._send = send
         self._retry_seconds = retry_seconds
         self._on_delivered = on_delivered
@@ -131,7 +134,7 @@ class UsageOutbox:
 
     async def _persist(self, record: ledger_pb2.UsageRecord) -> bool:
         try:
-            await asyncio.to_thread(self._put, record)
+            await self._inserts.write(record)
         except sqlite3.Error:
             # Disk full or broken: still try the ledger directly, and if that fails
             # too the "usage LOST" log line is the only copy of this usage.
@@ -154,7 +157,7 @@ class UsageOutbox:
         try:
             result = await self._send_now(record, time_limit, persisted)
             if result is not None and persisted:
-                await asyncio.to_thread(self._delete, [record])
+                await self._deletes.write(record)
                 self._done.add(key)
             return result
         finally:
@@ -275,12 +278,18 @@ class UsageOutbox:
                 self._outage.failed(f"{_brief(exc)}; {self.pending_count()} pending")
             await asyncio.sleep(self._retry_seconds)
 
-    def _put(self, record: ledger_pb2.UsageRecord) -> None:
+    def _put_all(self, records: Sequence[ledger_pb2.UsageRecord]) -> None:
         with self._lock:
-            self._db.execute(
-                "INSERT OR IGNORE INTO outbox (team, request_id, record) VALUES (?, ?, ?)",
-                (record.team, record.request_id, record.SerializeToString()),
-            )
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO outbox (team, request_id, record) VALUES (?, ?, ?)",
+                    [(r.team, r.request_id, r.SerializeToString()) for r in records],
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def _park(self, record: ledger_pb2.UsageRecord, reason: str) -> None:
         log.error("ledger rejected usage %s (%s); parked in dead_letter", record.request_id, reason)

@@ -324,13 +324,12 @@ async def test_while_the_ledger_is_down_records_are_left_to_the_flusher(tmp_path
 async def test_a_failed_outbox_write_sends_the_record_directly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ledger = FakeLedger()
-    outbox = ledger.outbox(tmp_path / "o.sqlite3")
-
-    def full_disk(record: ledger_pb2.UsageRecord) -> None:
+    def full_disk(self: UsageOutbox, records: Sequence[ledger_pb2.UsageRecord]) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(outbox, "_put", full_disk)
+    monkeypatch.setattr(UsageOutbox, "_put_all", full_disk)
+    ledger = FakeLedger()
+    outbox = ledger.outbox(tmp_path / "o.sqlite3")
     kept = await outbox.enqueue(_usage("direct"), 5)
     await outbox.settled()
     ledger.down = True
