@@ -13,6 +13,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY protos/ protos/
 COPY services/ services/
+COPY costmesh_tools/ costmesh_tools/
+COPY costmesh_simulator/ costmesh_simulator/
 RUN pip install --no-cache-dir . \
     && groupadd --system --gid 10001 costmesh \
     && useradd --system --uid 10001 --gid costmesh --no-create-home \

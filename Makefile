@@ -56,6 +56,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/route_latency.py
 	$(BIN)/python bench/dispatch.py overhead
 	$(BIN)/python bench/dispatch.py flaky
+	$(BIN)/python bench/gateway.py
+	$(BIN)/python bench/embedding_cpu.py threads
 
 ## Retrain the cache's equivalence model that ships with costmesh (about 20 minutes on
 ## 2 cores; Banking77, CLINC150 and Bitext beside the checkout), then the router

@@ -440,6 +440,14 @@ def test_dockerfile_installs_the_package_and_runs_its_console_script() -> None:
         for src in shlex.split(rest)[:-1]
     }
     assert {"pyproject.toml", pyproject["project"]["readme"], "protos", "services"} <= copied
+    # Every package the install would find beside protos/ is in the image.
+    include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {
+        p.name
+        for p in ROOT.iterdir()
+        if (p / "__init__.py").is_file() and any(fnmatch.fnmatch(p.name, i) for i in include)
+    }
+    assert packages <= copied, f"packages left out of the image: {sorted(packages - copied)}"
     missing = sorted(src for src in copied if not (ROOT / src).exists())
     assert not missing, f"COPY names files the build context lacks: {missing}"
     assert any(
