@@ -44,9 +44,11 @@ def _texts(split: str) -> list[str]:
         return [row["text"] for row in csv.DictReader(fh)]
 
 
-async def _start_cache(data_dir: str, entries: int) -> tuple[asyncio.subprocess.Process, str]:
+async def _start_cache(
+    data_dir: str, entries: int, threads: int
+) -> tuple[asyncio.subprocess.Process, str]:
     config = Path(data_dir) / "bench.toml"
-    config.write_text(f"[cache]\nmax_entries = {entries * 2}\n")
+    config.write_text(f"[cache]\nmax_entries = {entries * 2}\nembedding_threads = {threads}\n")
     env = {
         **os.environ,
         "COSTMESH_DATA_DIR": data_dir,
@@ -147,10 +149,10 @@ def _report(name: str, latencies: list[float], throughput: float) -> None:
     )
 
 
-async def _run(entries: int, lookups: int, concurrency: int) -> None:
+async def _run(entries: int, lookups: int, concurrency: int, threads: int) -> None:
     queries = _texts("test")[:lookups]
     with tempfile.TemporaryDirectory() as data_dir:
-        process, address = await _start_cache(data_dir, entries)
+        process, address = await _start_cache(data_dir, entries, threads)
         try:
             async with grpc.aio.insecure_channel(address) as channel:
                 stub = cache_pb2_grpc.CacheServiceStub(channel)
@@ -194,8 +196,9 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=100_000)
     parser.add_argument("--lookups", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="cache.embedding_threads")
     args = parser.parse_args()
-    asyncio.run(_run(args.entries, args.lookups, args.concurrency))
+    asyncio.run(_run(args.entries, args.lookups, args.concurrency, args.threads))
 
 
 if __name__ == "__main__":

@@ -187,26 +187,39 @@ class _UnaryStream:
     async def _stream(
         self,
         request: Message,
-        timeout: float | None,  # noqa: ASYNC109 - applied with asyncio.timeout below
+        timeout: float | None,  # noqa: ASYNC109 - applied to each wait for the callee
         metadata: tuple[tuple[str, str], ...],
     ) -> AsyncIterator[Message]:
+        """The callee's messages as they come. The deadline bounds each wait for the
+        callee, never the caller's own work between messages (a timeout around a
+        yield would cancel the caller), and the span is current only in the callee."""
         handler = await self._server.handler(self._method)
         deadline = None if timeout is None else time.monotonic() + timeout
-        context = _Context(metadata, deadline)
         span = self._server.span(self._method)
-        with trace.use_span(span, end_on_exit=True, record_exception=False):
-            try:
-                async with asyncio.timeout(timeout):
-                    async for response in handler.unary_stream(request, context):
-                        yield _copy(response)
-            except TimeoutError:
-                late = _deadline_exceeded()
-                _record_status(span, late.code(), late.details() or "")
-                raise late from None
-            except grpc.aio.AioRpcError as exc:
-                _record_status(span, exc.code(), exc.details() or "")
-                raise
-            _record_status(span, grpc.StatusCode.OK)
+        with trace.use_span(span, end_on_exit=False):
+            stream = handler.unary_stream(request, _Context(metadata, deadline)).__aiter__()
+        code, details = grpc.StatusCode.OK, ""
+        try:
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                try:
+                    with trace.use_span(span, end_on_exit=False, record_exception=False):
+                        async with asyncio.timeout(left):
+                            response = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    late = _deadline_exceeded()
+                    code, details = late.code(), late.details() or ""
+                    raise late from None
+                except grpc.aio.AioRpcError as exc:
+                    code, details = exc.code(), exc.details() or ""
+                    raise
+                yield _copy(response)
+        finally:
+            await stream.aclose()
+            _record_status(span, code, details)
+            span.end()
 
 
 def _deadline_exceeded() -> grpc.aio.AioRpcError:
