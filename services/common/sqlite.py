@@ -51,6 +51,11 @@ class GroupCommit(Generic[T]):
             batch, self._waiting = self._waiting, []
             try:
                 await asyncio.to_thread(self._write_all, [item for item, _ in batch])
+            except asyncio.CancelledError:
+                for _, future in [*batch, *self._waiting]:
+                    future.cancel()  # nobody is left to write them: their callers must hear
+                self._waiting = []
+                raise
             except Exception as exc:
                 for _, future in batch:
                     if not future.done():  # a caller cancelled meanwhile hears nothing
