@@ -40,10 +40,14 @@ def encoding_for(model: str) -> bpe_openai.Encoding:
         return bpe_openai.get_encoding(name)
 
 
+# bpe-openai refuses to encode a text of a million characters or more.
+_CHUNK = 500_000
+
+
 def count_prompt_tokens(messages: Sequence[types_pb2.ChatMessage], model: str = "") -> int:
     """Prompt tokens of a chat request as the provider will count them."""
     encoding = encoding_for(model or DEFAULT_ENCODING)
-    return REPLY_PRIMING + sum(PER_MESSAGE + len(encoding.encode(m.content)) for m in messages)
+    return REPLY_PRIMING + sum(PER_MESSAGE + _count(encoding, m.content) for m in messages)
 
 
 def prompt_tokens_at_most(messages: Sequence[types_pb2.ChatMessage]) -> int:
@@ -54,4 +58,17 @@ def prompt_tokens_at_most(messages: Sequence[types_pb2.ChatMessage]) -> int:
 
 def count_text_tokens(text: str, model: str = "") -> int:
     """Tokens of generated text, for an answer whose usage the provider never sent."""
-    return len(encoding_for(model or DEFAULT_ENCODING).encode(text))
+    return _count(encoding_for(model or DEFAULT_ENCODING), text)
+
+
+def _count(encoding: bpe_openai.Encoding, text: str) -> int:
+    """Tokens of `text`; a very long one is counted in pieces cut after whitespace,
+    where a token boundary falls anyway (a piece with none is cut where it is)."""
+    count, start = 0, 0
+    while len(text) - start > _CHUNK:
+        cut = start + _CHUNK
+        space = text.rfind(" ", start + _CHUNK // 2, cut)
+        cut = space + 1 if space > 0 else cut
+        count += len(encoding.encode(text[start:cut]))
+        start = cut
+    return count + len(encoding.encode(text[start:]))

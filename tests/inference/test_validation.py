@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,14 @@ def test_a_prompt_over_the_cap_in_tokens_is_refused_naming_messages(
 def test_the_cheap_bound_is_never_below_the_count(text: str) -> None:
     messages = [types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=text)] * 2
     assert prompt_tokens_at_most(messages) >= count_prompt_tokens(messages)
+
+
+def test_a_message_of_a_million_characters_is_refused_as_too_long_not_an_error(
+    settings: InferenceSettings,
+) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        validate(_request("word " * 200_000), settings)
+
+    assert refused.value.field_violations[0][0] == "messages"
+    counted = int(re.search(r"about (\d+) tokens", str(refused.value)).group(1))  # type: ignore[union-attr]
+    assert 199_000 < counted < 201_000  # "word " is one token: counted in pieces, near enough
