@@ -68,6 +68,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> inference_pb2.SubmitBatchResponse:
         if request.mode == inference_pb2.BATCH_MODE_QUEUE:
             return await self._queue.submit(request, current_principal())
+        if request.mode not in (inference_pb2.BATCH_MODE_UNSPECIFIED, batches.MODE):
+            raise InvalidArgument("mode", f"unknown batch mode {request.mode}")
         return await self._batches.submit(request, current_principal())
 
     async def GetBatch(

@@ -28,6 +28,8 @@ def estimate_tokens(messages: Sequence[types_pb2.ChatMessage], model: str = "") 
 
 
 MAX_NAME = 128  # characters of a cache namespace or tag
+# OpenAI documents 5 levels for strict schemas; deeper ones only cost the parser.
+MAX_SCHEMA_DEPTH = 64
 MAX_TAGS = 32
 _NAME = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_NAME}}}")
 
@@ -160,8 +162,25 @@ def _validate_response_format(fmt: types_pb2.ResponseFormat) -> None:
         raise InvalidArgument(
             "params.response_format.json_schema", f"not JSON: {exc.msg}"
         ) from None
+    except RecursionError:  # nested deeper than Python's parser goes
+        schema = None
+    if schema is None or _depth(schema) > MAX_SCHEMA_DEPTH:
+        raise InvalidArgument(
+            "params.response_format.json_schema", f"nested deeper than {MAX_SCHEMA_DEPTH} levels"
+        )
     if not isinstance(schema, dict):
         raise InvalidArgument("params.response_format.json_schema", "must be a JSON object")
+
+
+def _depth(value: object) -> int:
+    """How deeply objects and arrays nest in a parsed JSON value (without recursing)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            todo += [(v, level + 1) for v in (item.values() if isinstance(item, dict) else item)]
+    return deepest
 
 
 def openai_response_format(fmt: types_pb2.ResponseFormat) -> ResponseFormat | None:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import grpc
+import numpy as np
 from opentelemetry import trace
 
 from costmesh.router.v1 import router_pb2, router_pb2_grpc
@@ -164,6 +165,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         feature = self._features.get(request.feature)
         if feature is None:
             raise InvalidArgument("feature", f"unknown feature {request.feature!r}")
+        if request.embedding and not np.isfinite(np.asarray(request.embedding)).all():
+            raise InvalidArgument("embedding", "must be finite numbers (a unit vector)")
         has_question = any(m.role == types_pb2.ROLE_USER for m in request.messages)
         if not has_question and not request.requested_model:
             raise InvalidArgument("messages", "at least one user message is required")

@@ -274,6 +274,12 @@ def _unknown_feature() -> inference_pb2.SubmitBatchRequest:
     return request
 
 
+def _with_mode(mode: int) -> inference_pb2.SubmitBatchRequest:
+    batch = batch_of(QUESTIONS[:1])
+    batch.mode = mode  # type: ignore[assignment]  # a number newer than this build knows
+    return batch
+
+
 BAD_BATCHES = [
     ("duplicate id", batch_of(QUESTIONS, ["a", "b", "a"]), "requests[2].request_id"),
     ("missing id", batch_of(QUESTIONS, ["", "b", "c"]), "requests[0].request_id"),
@@ -283,6 +289,7 @@ BAD_BATCHES = [
     ("experiment", _with_experiment("experiment"), "requests[1].experiment"),
     ("arm", _with_experiment("arm"), "requests[1].arm"),
     ("no requests", inference_pb2.SubmitBatchRequest(feature="nightly"), "requests"),
+    ("unknown mode", _with_mode(42), "mode"),
 ]
 
 

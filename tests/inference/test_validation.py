@@ -65,3 +65,16 @@ def test_a_message_of_a_million_characters_is_refused_as_too_long_not_an_error(
     assert refused.value.field_violations[0][0] == "messages"
     counted = int(re.search(r"about (\d+) tokens", str(refused.value)).group(1))  # type: ignore[union-attr]
     assert 199_000 < counted < 201_000  # "word " is one token: counted in pieces, near enough
+
+
+def test_a_json_schema_nested_past_the_limit_is_refused(settings: InferenceSettings) -> None:
+    request = _request("Give me the order as JSON")
+    request.params.response_format.type = types_pb2.ResponseFormat.TYPE_JSON_SCHEMA
+    request.params.response_format.schema_name = "order"
+    for depth in (1_000, 65):
+        request.params.response_format.json_schema = '{"a":' * depth + "1" + "}" * depth
+        with pytest.raises(InvalidArgument) as refused:
+            validate(request, settings)
+        assert refused.value.field_violations[0][0] == "params.response_format.json_schema"
+    request.params.response_format.json_schema = '{"a":' * 64 + "1" + "}" * 64
+    validate(request, settings)  # at the limit: fine

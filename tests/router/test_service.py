@@ -267,3 +267,20 @@ async def test_escalation_without_a_model_to_escalate_to_is_a_configuration_erro
 
     with pytest.raises(ConfigError, match=r"features\.x\.escalation_model: self_rating"):
         await start_mesh(load_config(config, env=env), env, SERVICES, TracerProvider(), port=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+async def test_a_vector_that_is_not_finite_is_refused_not_routed(mesh: Mesh, bad: float) -> None:
+    vector = [0.0] * 383 + [bad]
+    request = router_pb2.RouteRequest(
+        feature="support",
+        messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content="Where is my card?")],
+        embedding=vector,
+        embedding_model=shared_encoder(None, 1).model,
+    )
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await mesh.router.Route(request, metadata=AUTH, timeout=10)
+
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (refused.value.details() or "").startswith("embedding")

@@ -14,7 +14,7 @@ happen, the ledger ignores a repeat, so every answer is billed exactly once, at 
 batch price. Failed lines are not billed (providers do not charge for them).
 """
 
-from services.inference.batches.jobs import MAX_REQUESTS, PREFIX, RULES
+from services.inference.batches.jobs import MAX_REQUESTS, MODE, PREFIX, RULES
 from services.inference.batches.provider_batches import ProviderBatches
 
-__all__ = ["MAX_REQUESTS", "PREFIX", "RULES", "ProviderBatches"]
+__all__ = ["MAX_REQUESTS", "MODE", "PREFIX", "RULES", "ProviderBatches"]
