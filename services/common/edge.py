@@ -38,6 +38,8 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         # Handlers are namedtuples: swap in the wrapped behaviour, keep the serializers.
         # Every kind is wrapped, so a future streaming RPC cannot skip authentication.
         fields: Any = handler
+        if fields.request_deserializer is not None:
+            fields = fields._replace(request_deserializer=_lenient(fields.request_deserializer))
         if fields.unary_unary is not None:
             return fields._replace(unary_unary=self._wrap_unary(fields.unary_unary, method))  # type: ignore[no-any-return]
         if fields.stream_unary is not None:
@@ -57,6 +59,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             try:
                 token = self._authenticate(context)
                 try:
+                    _check_readable(request)
                     return await behavior(request, context)
                 finally:
                     auth.reset_current(token)
@@ -74,6 +77,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             try:
                 token = self._authenticate(context)
                 try:
+                    _check_readable(request)
                     async for response in behavior(request, context):
                         yield response
                 finally:
@@ -85,6 +89,29 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                 await _abort(context, exc, method)
 
         return stream
+
+
+class _Unreadable:
+    """A request whose bytes are not its message (malformed, or strings that are not
+    UTF-8): the handler answers INVALID_ARGUMENT instead of grpc's UNKNOWN."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def read(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError, or whatever a deserializer may raise
+            return _Unreadable(str(exc) or type(exc).__name__)
+
+    return read
+
+
+def _check_readable(request: Any) -> None:
+    if isinstance(request, _Unreadable):
+        raise errors.InvalidArgument("request", f"not a valid message: {request.reason}")
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, method: str) -> None:

@@ -12,6 +12,7 @@ from costmesh.inference.v1 import inference_pb2
 from costmesh.types.v1 import types_pb2
 from services.common import limits as shared
 from services.common.errors import InvalidArgument
+from services.common.limits import check_printable
 from services.inference import experiments
 from services.inference.settings import FeatureLimits, InferenceSettings
 from services.providers.tokens import count_prompt_tokens, prompt_tokens_at_most
@@ -32,13 +33,6 @@ MAX_NAME = 128  # characters of a cache namespace or tag
 MAX_SCHEMA_DEPTH = 64
 MAX_TAGS = 32
 _NAME = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_NAME}}}")
-
-
-def check_printable(field: str, value: str) -> None:
-    """Ids and labels go to the ledger (PostgreSQL cannot store NUL) and into logs:
-    control characters are refused before anything is spent."""
-    if not value.isprintable():
-        raise InvalidArgument(field, "must not contain control characters")
 
 
 def validate(

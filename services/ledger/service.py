@@ -17,6 +17,7 @@ from costmesh.types.v1 import types_pb2
 from services.common.auth import Principal, require_role
 from services.common.config import Config
 from services.common.errors import InvalidArgument, PermissionDenied
+from services.common.limits import check_printable
 from services.common.pricing import PriceCatalog
 from services.common.server import ServiceDef
 from services.ledger.records import PROBABILITY_FIELDS, to_row
@@ -86,6 +87,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self, request: ledger_pb2.QuerySpendRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ledger_pb2.QuerySpendResponse:
         team = _visible_team(require_role("member", "admin", "service"), request.team)
+        _check_filters(request, "team", "feature", "experiment")
         groups = _groups(request)
         start_us, end_us = _range(request, "start_time", "end_time")
         totals = await asyncio.to_thread(
@@ -112,12 +114,20 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self, request: ledger_pb2.ExportUsageRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[ledger_pb2.ExportUsageResponse]:
         team = _visible_team(require_role("member", "admin", "service"), request.team)
+        _check_filters(request, "team", "experiment")
         start_us, end_us = _range(request, "start_time", "end_time")
         pages = self._store.export(start_us, end_us, team=team, experiment=request.experiment)
         no_more: list[UsageRow] = []
         while page := await asyncio.to_thread(next, pages, no_more):
             for row in page:
                 yield ledger_pb2.ExportUsageResponse(record=_to_record(row))
+
+
+def _check_filters(request: Any, *fields: str) -> None:
+    """A filter with a NUL or another control character matches no row, and PostgreSQL
+    cannot even compare with one: refused, naming the field."""
+    for field in fields:
+        check_printable(field, getattr(request, field))
 
 
 def _groups(request: ledger_pb2.QuerySpendRequest) -> tuple[str, ...]:

@@ -172,3 +172,24 @@ async def test_a_far_end_time_is_clamped_with_or_without_an_experiment(
     reply = await stub.QuerySpend(request, metadata=SERVICE, timeout=5)
 
     assert reply.total_cost_nano_usd > 0
+
+
+async def test_a_filter_with_a_nul_is_refused_on_every_backend(ledger_server: Ledger) -> None:
+    stub, _ = ledger_server
+    await record_all(stub, *ROWS)
+    refused = []
+    for call in (
+        _spend(stub, MEMBER, experiment="tri\x00al"),
+        _spend(stub, SERVICE, feature="tickets\x00"),
+        export_all(stub, MEMBER, experiment="\x00"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        refused.append((caught.value.code(), (caught.value.details() or "").split(":")[0]))
+
+    assert refused == [
+        (grpc.StatusCode.INVALID_ARGUMENT, "experiment"),
+        (grpc.StatusCode.INVALID_ARGUMENT, "feature"),
+        (grpc.StatusCode.INVALID_ARGUMENT, "experiment"),
+    ]
+    assert len(await export_all(stub, MEMBER, experiment="trial")) == 2  # the rest still answers
