@@ -266,8 +266,11 @@ class OpenAISimulator:
         knowledge: Knowledge | str | Path | None = None,
         seed: int = 0,
         model_tiers: Mapping[str, str] | None = None,
+        keep_requests: bool = True,
     ) -> None:
-        """realistic=True answers like a model would (simulator_realism): latencies times
+        """keep_requests=False keeps no request bodies (`requests` stays empty): for a
+        long-running stand-in, whose memory must not grow with every call.
+        realistic=True answers like a model would (simulator_realism): latencies times
         `latency_scale` (0: instant), a `knowledge` file's reference answers, wrong ones
         from models whose tier (`model_tiers`, else gpt-4o's) is not complex, all seeded.
         ValueError names a wrong argument (and a knowledge file's bad line)."""
@@ -297,6 +300,7 @@ class OpenAISimulator:
         self._latency = 0.0
         self._report_usage = True
         self._requests: list[dict[str, Any]] = []
+        self._keep_requests = keep_requests
         self._call_count = 0
         self._scripts: dict[str, tuple[str, float | None]] = {}
         self._batch_store = BatchStore(self._answer)
@@ -544,6 +548,8 @@ class OpenAISimulator:
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
 
     def _record(self, body: dict[str, Any]) -> None:
+        if not self._keep_requests:
+            return
         with self._lock:
             self._requests.append(copy.deepcopy(body))
 

@@ -115,6 +115,7 @@ def start_stand_ins(config: Config, env: Mapping[str, str]) -> StandIns:
         knowledge=settings.knowledge,
         seed=settings.seed,
         model_tiers=settings.model_tiers,
+        keep_requests=False,  # it runs as long as the mesh: no memory per call
     )
     simulator.set_batch_auto_complete(DEMO_BATCH_SECONDS)
     base_url = simulator.start()
