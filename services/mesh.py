@@ -50,7 +50,7 @@ _KNOWN_KEYS = {
         "outbox", "outbox_retry_seconds", "provider_timeout_seconds",
         "idempotency", "idempotency_ttl_seconds", "batch_store", "batch_poll_seconds",
         "max_attempts", "retry_base_seconds", "retry_max_seconds", "attempt_timeout_seconds",
-        "cooldown_failures", "cooldown_seconds",
+        "cooldown_failures", "cooldown_seconds", "cooldown_first_seconds",
     },
     "queue": {
         "backend", "redis_url", "redis_prefix", "max_batch", "max_wait_ms", "concurrency",

@@ -80,7 +80,11 @@ class Providers:
         self._settings = settings
         self._tracer = tracer
         self._stand_ins = stand_ins
-        self._cooldowns = Cooldowns(settings.cooldown_failures, settings.cooldown_seconds)
+        self._cooldowns = Cooldowns(
+            settings.cooldown_failures,
+            settings.cooldown_seconds,
+            first_seconds=settings.cooldown_first_seconds,
+        )
         self._rng = random.Random()
         self._clients: dict[str, tuple[openai.AsyncOpenAI, str]] = {}
         for name, info in settings.providers.items():
@@ -211,7 +215,7 @@ class Providers:
             return None, True
         if self._cooldowns.failed(model):
             log.warning("%s keeps failing: cooled down for %gs", model,
-                        self._settings.cooldown_seconds)  # fmt: skip
+                        self._cooldowns.cooled_for(model))  # fmt: skip
             return None, False
         if not failed.retry or attempt == self._settings.retry.max_attempts:
             return None, False

@@ -81,16 +81,22 @@ class RetryPolicy:
 class _Health:
     failures: int = 0
     cold_until: float = 0.0
+    cooled_for: float = 0.0  # the length of the last cool-down
     trial: bool = False  # a cooled-down deployment's one trial call is under way
 
 
 @dataclass
 class Cooldowns:
-    """Per deployment: consecutive failures, and until when it is skipped."""
+    """Per deployment: consecutive failures, and until when it is skipped.
+
+    The first cool-down is short (`first_seconds`) and each failed trial call doubles
+    it, up to `seconds`: a deployment that is back is found within seconds of its
+    return, one that stays down is tried ever more rarely."""
 
     failures: int = 5
     seconds: float = 30.0
     clock: Callable[[], float] = time.monotonic
+    first_seconds: float = 1.0
     _health: dict[str, _Health] = field(default_factory=dict)
 
     def available(self, model: str) -> bool:
@@ -109,9 +115,16 @@ class Cooldowns:
         health.failures += 1
         health.trial = False
         if health.failures >= self.failures:
-            health.cold_until = self.clock() + self.seconds
+            longer = 2 * health.cooled_for if health.cooled_for else self.first_seconds
+            health.cooled_for = min(longer, self.seconds)
+            health.cold_until = self.clock() + health.cooled_for
             return True
         return False
+
+    def cooled_for(self, model: str) -> float:
+        """The length of the deployment's current (or last) cool-down, in seconds."""
+        health = self._health.get(model)
+        return health.cooled_for if health is not None else 0.0
 
     def succeeded(self, model: str) -> None:
         self._health.pop(model, None)

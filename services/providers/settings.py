@@ -37,6 +37,7 @@ class ProviderSettings:
     attempt_timeout_seconds: float = 30.0
     cooldown_failures: int = 5
     cooldown_seconds: float = 30.0
+    cooldown_first_seconds: float = 1.0
 
     @classmethod
     def from_config(cls, config: Config) -> ProviderSettings:
@@ -57,6 +58,7 @@ class ProviderSettings:
             "retry_base_seconds",
             "retry_max_seconds",
             "cooldown_seconds",
+            "cooldown_first_seconds",
         ):
             if key in inference.names() and not inference.get_float(key) > 0:
                 raise ConfigError(f"inference.{key}: must be positive")
@@ -72,6 +74,7 @@ class ProviderSettings:
             attempt_timeout_seconds=inference.get_float("attempt_timeout_seconds", 30.0),
             cooldown_failures=inference.get_int("cooldown_failures", 5, minimum=1),
             cooldown_seconds=inference.get_float("cooldown_seconds", 30.0),
+            cooldown_first_seconds=inference.get_float("cooldown_first_seconds", 1.0),
         )
 
 

@@ -28,6 +28,7 @@ max_attempts = 3
 retry_base_seconds = 0.01
 retry_max_seconds = 0.05
 cooldown_failures = 3
+cooldown_first_seconds = 600
 cooldown_seconds = 600
 
 # A deployment that refuses every connection (the discard port).
@@ -202,6 +203,37 @@ async def test_the_callers_deadline_ends_the_provider_call(
     (chat,) = [s for s in mesh.spans.get_finished_spans() if s.name == "chat gpt-4o-mini"]
     # Cut by our own deadline or by the caller's cancellation, whichever came first.
     assert chat.status.status_code == StatusCode.ERROR
+
+
+def test_cool_downs_start_short_and_double_while_trial_calls_fail() -> None:
+    clock = Clock()
+    cooldowns = Cooldowns(failures=2, seconds=30, clock=clock, first_seconds=1)
+    cooldowns.failed("m")
+    cooldowns.failed("m")
+    lengths = []
+    for _ in range(7):  # the deployment stays down: every trial call fails
+        lengths.append(cooldowns.cooled_for("m"))
+        clock.now += cooldowns.cooled_for("m")
+        assert cooldowns.available("m")
+        cooldowns.failed("m")
+
+    assert lengths == [1, 2, 4, 8, 16, 30, 30]
+
+
+def test_a_provider_back_from_a_ten_second_outage_is_used_again_within_seconds() -> None:
+    clock = Clock()
+    cooldowns = Cooldowns(failures=5, seconds=30, clock=clock, first_seconds=1)
+    back_at, first_success = clock.now + 10, None
+    while first_success is None:  # a caller every 100 ms
+        if cooldowns.available("m"):
+            if clock.now < back_at:
+                cooldowns.failed("m")
+            else:
+                cooldowns.succeeded("m")
+                first_success = clock.now
+        clock.now += 0.1
+
+    assert first_success - back_at < 8  # with a fixed 30 s cool-down it was over 20
 
 
 def test_a_trial_call_that_ends_neither_way_lets_the_next_one_through() -> None:
