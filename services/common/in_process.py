@@ -11,6 +11,7 @@ still shows as the callee's server span in the trace.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, NamedTuple, cast
@@ -190,24 +191,29 @@ class _UnaryStream:
         timeout: float | None,  # noqa: ASYNC109 - applied to each wait for the callee
         metadata: tuple[tuple[str, str], ...],
     ) -> AsyncIterator[Message]:
-        """The callee's messages as they come. The deadline bounds each wait for the
-        callee, never the caller's own work between messages (a timeout around a
-        yield would cancel the caller), and the span is current only in the callee."""
+        """The callee's messages as they come. The callee runs in a context of its own
+        (as it would in a server): what it sets, such as the principal its edge
+        authenticated, never leaks into the caller between messages. The deadline
+        bounds each wait for the callee, never the caller's own work between messages
+        (a timeout around a yield would cancel the caller)."""
         handler = await self._server.handler(self._method)
         deadline = None if timeout is None else time.monotonic() + timeout
         span = self._server.span(self._method)
-        with trace.use_span(span, end_on_exit=False):
-            stream = handler.unary_stream(request, _Context(metadata, deadline)).__aiter__()
+        callee = contextvars.copy_context()
+        stream = handler.unary_stream(request, _Context(metadata, deadline)).__aiter__()
+
+        async def step() -> Message | None:
+            """The callee's next message, None at its end."""
+            with trace.use_span(span, end_on_exit=False, record_exception=False):
+                return cast(Message | None, await anext(stream, None))
+
         code, details = grpc.StatusCode.OK, ""
         try:
             while True:
                 left = None if deadline is None else deadline - time.monotonic()
                 try:
-                    with trace.use_span(span, end_on_exit=False, record_exception=False):
-                        async with asyncio.timeout(left):
-                            response = await anext(stream)
-                except StopAsyncIteration:
-                    break
+                    async with asyncio.timeout(left):
+                        response = await asyncio.create_task(step(), context=callee)
                 except TimeoutError:
                     late = _deadline_exceeded()
                     code, details = late.code(), late.details() or ""
@@ -215,9 +221,11 @@ class _UnaryStream:
                 except grpc.aio.AioRpcError as exc:
                     code, details = exc.code(), exc.details() or ""
                     raise
+                if response is None:
+                    break
                 yield _copy(response)
         finally:
-            await stream.aclose()
+            await asyncio.create_task(stream.aclose(), context=callee)
             _record_status(span, code, details)
             span.end()
 

@@ -4,8 +4,9 @@ and committing concurrent writes to them together."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -27,6 +28,21 @@ def open_database(path: str | Path, synchronous: str = "NORMAL") -> sqlite3.Conn
     except (sqlite3.Error, OSError) as exc:
         raise OSError(f"cannot open database {path}: {exc}") from exc
     return db
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT; anything that fails, COMMIT included, is rolled
+    back, so the connection never stays inside a transaction that later writes would
+    trip over ("cannot start a transaction within a transaction")."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):  # nothing open: already rolled back
+            db.execute("ROLLBACK")
+        raise
 
 
 class GroupCommit(Generic[T]):

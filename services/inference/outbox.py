@@ -21,7 +21,7 @@ from google.protobuf import text_format
 
 from costmesh.ledger.v1 import ledger_pb2
 from services.common.outages import OutageLog
-from services.common.sqlite import GroupCommit, open_database
+from services.common.sqlite import GroupCommit, open_database, transaction
 
 log = logging.getLogger(__name__)
 # Sends records to the ledger within a time limit in seconds; raises when it cannot.
@@ -279,32 +279,24 @@ class UsageOutbox:
             await asyncio.sleep(self._retry_seconds)
 
     def _put_all(self, records: Sequence[ledger_pb2.UsageRecord]) -> None:
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                self._db.executemany(
-                    "INSERT OR IGNORE INTO outbox (team, request_id, record) VALUES (?, ?, ?)",
-                    [(r.team, r.request_id, r.SerializeToString()) for r in records],
-                )
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._lock, transaction(self._db) as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO outbox (team, request_id, record) VALUES (?, ?, ?)",
+                [(r.team, r.request_id, r.SerializeToString()) for r in records],
+            )
 
     def _park(self, record: ledger_pb2.UsageRecord, reason: str) -> None:
         log.error("ledger rejected usage %s (%s); parked in dead_letter", record.request_id, reason)
-        with self._lock:
-            self._db.execute("BEGIN")
-            self._db.execute(
+        with self._lock, transaction(self._db) as db:
+            db.execute(
                 "INSERT OR REPLACE INTO dead_letter (team, request_id, record, reason)"
                 " VALUES (?, ?, ?, ?)",
                 (record.team, record.request_id, record.SerializeToString(), reason),
             )
-            self._db.execute(
+            db.execute(
                 "DELETE FROM outbox WHERE team = ? AND request_id = ?",
                 (record.team, record.request_id),
             )
-            self._db.execute("COMMIT")
         if self._on_parked is not None:
             self._on_parked([record])
 
@@ -317,8 +309,8 @@ class UsageOutbox:
         return [(int(rowid), ledger_pb2.UsageRecord.FromString(blob)) for rowid, blob in rows]
 
     def _delete(self, records: Sequence[ledger_pb2.UsageRecord]) -> None:
-        with self._lock:
-            self._db.executemany(
+        with self._lock, transaction(self._db) as db:
+            db.executemany(
                 "DELETE FROM outbox WHERE team = ? AND request_id = ?",
                 [(r.team, r.request_id) for r in records],
             )

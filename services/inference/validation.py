@@ -150,6 +150,7 @@ def _validate_response_format(fmt: types_pb2.ResponseFormat) -> None:
         raise InvalidArgument(
             "params.response_format.schema_name", "letters, digits, _ and -, 1 to 64 characters"
         )
+    too_deep = False
     try:
         schema = json.loads(fmt.json_schema)
     except json.JSONDecodeError as exc:
@@ -157,8 +158,8 @@ def _validate_response_format(fmt: types_pb2.ResponseFormat) -> None:
             "params.response_format.json_schema", f"not JSON: {exc.msg}"
         ) from None
     except RecursionError:  # nested deeper than Python's parser goes
-        schema = None
-    if schema is None or _depth(schema) > MAX_SCHEMA_DEPTH:
+        schema, too_deep = None, True
+    if too_deep or _depth(schema) > MAX_SCHEMA_DEPTH:
         raise InvalidArgument(
             "params.response_format.json_schema", f"nested deeper than {MAX_SCHEMA_DEPTH} levels"
         )

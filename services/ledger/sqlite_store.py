@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from services.common.sqlite import open_database
+from services.common.sqlite import open_database, transaction
 from services.ledger.rows import MIGRATIONS, SpendTotal, UsageRow
 from services.ledger.sql import Sql, rollup_increments
 
@@ -42,24 +42,18 @@ class SqliteUsageStore:
 
     def record(self, rows: Sequence[UsageRow]) -> list[tuple[int, bool]]:
         results: list[tuple[int, bool]] = []
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                inserted = []
-                for row in rows:
-                    if self._db.execute(_SQL.insert(), row.values()).rowcount == 1:
-                        inserted.append(row)
-                        results.append((row.cost_nano_usd, False))
-                    else:
-                        existing = (row.team, row.request_id)
-                        (cost,) = self._db.execute(_SQL.existing_cost(), existing).fetchone()
-                        results.append((int(cost), True))
-                for increment in rollup_increments(inserted):
-                    self._db.execute(_SQL.rollup_upsert(), increment)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._lock, transaction(self._db) as db:
+            inserted = []
+            for row in rows:
+                if db.execute(_SQL.insert(), row.values()).rowcount == 1:
+                    inserted.append(row)
+                    results.append((row.cost_nano_usd, False))
+                else:
+                    existing = (row.team, row.request_id)
+                    (cost,) = db.execute(_SQL.existing_cost(), existing).fetchone()
+                    results.append((int(cost), True))
+            for increment in rollup_increments(inserted):
+                db.execute(_SQL.rollup_upsert(), increment)
         return results
 
     def spend(

@@ -110,16 +110,21 @@ class Cooldowns:
         return True
 
     def failed(self, model: str) -> bool:
-        """Count a failure; True when it (re)starts a cool-down."""
+        """Count a failure; True when it (re)starts a cool-down. Only a failed trial
+        call (or a failure once the cool-down is over) lengthens it: calls that were
+        already in flight when the deployment went down fail together, and count once."""
         health = self._health.setdefault(model, _Health())
         health.failures += 1
-        health.trial = False
-        if health.failures >= self.failures:
-            longer = 2 * health.cooled_for if health.cooled_for else self.first_seconds
-            health.cooled_for = min(longer, self.seconds)
-            health.cold_until = self.clock() + health.cooled_for
-            return True
-        return False
+        was_trial, health.trial = health.trial, False
+        if health.failures < self.failures:
+            return False
+        now = self.clock()
+        if now < health.cold_until and not was_trial:
+            return False  # already cooling down
+        longer = 2 * health.cooled_for if health.cooled_for else self.first_seconds
+        health.cooled_for = min(longer, self.seconds)
+        health.cold_until = now + health.cooled_for
+        return True
 
     def cooled_for(self, model: str) -> float:
         """The length of the deployment's current (or last) cool-down, in seconds."""

@@ -40,8 +40,9 @@ def encoding_for(model: str) -> bpe_openai.Encoding:
         return bpe_openai.get_encoding(name)
 
 
-# bpe-openai refuses to encode a text of a million characters or more.
-_CHUNK = 500_000
+# bpe-openai refuses a text of a million characters or more, or one of more than
+# 200,000 tokens: a piece of 40,000 characters is at most 160,000 bytes, so tokens.
+_CHUNK = 40_000
 
 
 def count_prompt_tokens(messages: Sequence[types_pb2.ChatMessage], model: str = "") -> int:

@@ -14,6 +14,7 @@ from costmesh.inference.v1 import inference_pb2_grpc
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh.router.v1 import router_pb2, router_pb2_grpc
 from costmesh.types.v1 import types_pb2
+from services.common import auth
 from tests.cache.test_service import answer_for
 from tests.conftest import AUTH, Mesh, bad_request_fields, user_request
 
@@ -126,3 +127,25 @@ async def test_an_in_process_call_is_the_callees_server_span(mesh: Mesh) -> None
     assert span.attributes["rpc.service"] == "costmesh.cache.v1.CacheService"
     assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert not span.status.is_ok
+
+
+async def test_an_in_process_stream_leaves_the_callers_principal_alone(mesh: Mesh) -> None:
+    for question in ("Where is my refund?", "How do I close my account?"):
+        await mesh.inference.Complete(user_request(question), metadata=AUTH, timeout=10)
+    await mesh.running.settled()
+    assert mesh.running.local is not None
+    ledger = ledger_pb2_grpc.LedgerServiceStub(mesh.running.local.channel())
+    caller = auth.Principal("demo", "member")
+    token = auth.set_current(caller)
+    try:
+        seen = []
+        stream = ledger.ExportUsage(ledger_pb2.ExportUsageRequest(), metadata=AUTH, timeout=5)
+        async for _ in stream:
+            seen.append(auth.current_principal())  # between messages: still the caller
+            break
+        after = auth.current_principal()
+    finally:
+        auth.reset_current(token)
+
+    assert seen == [caller]
+    assert after == caller

@@ -220,6 +220,18 @@ def test_cool_downs_start_short_and_double_while_trial_calls_fail() -> None:
     assert lengths == [1, 2, 4, 8, 16, 30, 30]
 
 
+def test_calls_failing_together_start_one_short_cool_down_not_a_long_one() -> None:
+    clock = Clock()
+    cooldowns = Cooldowns(failures=5, seconds=30, clock=clock, first_seconds=1)
+
+    for _ in range(10):  # calls in flight when the deployment went down, all failing
+        cooldowns.failed("m")
+
+    assert cooldowns.cooled_for("m") == 1
+    clock.now += 1
+    assert cooldowns.available("m")  # the trial call comes after 1 s, not 30
+
+
 def test_a_provider_back_from_a_ten_second_outage_is_used_again_within_seconds() -> None:
     clock = Clock()
     cooldowns = Cooldowns(failures=5, seconds=30, clock=clock, first_seconds=1)

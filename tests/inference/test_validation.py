@@ -67,6 +67,27 @@ def test_a_message_of_a_million_characters_is_refused_as_too_long_not_an_error(
     assert 199_000 < counted < 201_000  # "word " is one token: counted in pieces, near enough
 
 
+def test_dense_text_is_counted_however_many_tokens_it_makes() -> None:
+    # Japanese packs about 0.75 tokens per character: 300,000 characters are more
+    # tokens than the tokenizer takes in one piece (200,000).
+    text = "日本語のテキスト" * 37_500
+    messages = [types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=text)]
+
+    assert count_prompt_tokens(messages) > 200_000
+
+
+def test_a_json_schema_that_is_not_an_object_is_refused_as_such(
+    settings: InferenceSettings,
+) -> None:
+    request = _request("Give me the order as JSON")
+    request.params.response_format.type = types_pb2.ResponseFormat.TYPE_JSON_SCHEMA
+    request.params.response_format.schema_name = "order"
+    request.params.response_format.json_schema = "null"
+
+    with pytest.raises(InvalidArgument, match="must be a JSON object"):
+        validate(request, settings)
+
+
 def test_a_json_schema_nested_past_the_limit_is_refused(settings: InferenceSettings) -> None:
     request = _request("Give me the order as JSON")
     request.params.response_format.type = types_pb2.ResponseFormat.TYPE_JSON_SCHEMA

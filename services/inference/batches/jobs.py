@@ -15,7 +15,7 @@ from costmesh.inference.v1 import inference_pb2
 from costmesh.ledger.v1 import ledger_pb2
 from costmesh.router.v1 import router_pb2
 from costmesh.types.v1 import types_pb2
-from services.common.sqlite import open_database
+from services.common.sqlite import open_database, transaction
 from services.inference.batch_requests import BatchRules
 
 PREFIX = "batch_"
@@ -152,14 +152,8 @@ class JobStore:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._lock, transaction(self._db) as db:
+            yield db
 
     def create(self, job: Job, plans: Sequence[PartPlan]) -> None:
         """The job, its parts (not yet sent) and its requests, in one transaction."""
