@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve_cmd.add_argument("--port", type=int, help="port to listen on (0 picks a free one)")
     serve_cmd.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve_cmd.add_argument(
+        "--http-port",
+        type=int,
+        help="port of the OpenAI-compatible HTTP front door (default 8080; 0: off)",
+    )
     serve_cmd.add_argument("--config", help="TOML file merged over the embedded defaults")
     keys_cmd = commands.add_parser("keys", help="API key tools")
     keys_sub = keys_cmd.add_subparsers(dest="keys_command", required=True)
@@ -59,6 +64,8 @@ async def _serve(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if args.host:
         env["COSTMESH_HOST"] = args.host
+    if args.http_port is not None:
+        env["COSTMESH_HTTP_PORT"] = str(args.http_port)
     config = load_config(args.config, env)
     names = list(SERVICES) if args.service == "all" else [args.service]
     provider = telemetry.setup_tracing(
@@ -68,7 +75,12 @@ async def _serve(args: argparse.Namespace) -> int:
     running = await start_mesh(config, env, names, provider, port=args.port)
     host = config.section("server").get_str("host")
     # One machine-readable line: scripts and tests wait for it to learn the port.
-    print(f"costmesh: serving {args.service} on {host}:{running.port}", flush=True)
+    http = (
+        f"; OpenAI-compatible HTTP on http://{host}:{running.http_port}/v1"
+        if running.http_port
+        else ""
+    )
+    print(f"costmesh: serving {args.service} on {host}:{running.port}{http}", flush=True)
     try:
         await serve(running, config.section("server").get_float("grace_seconds"))
     finally:

@@ -17,6 +17,8 @@ from services.common.edge import EdgeInterceptor
 from services.common.in_process import InProcessServer
 from services.common.pricing import PRICE_KEYS
 from services.common.server import RunningServer, ServiceDef, create_server
+from services.front_door.app import FrontDoor
+from services.front_door.server import start_http
 from services.inference import service as inference_service
 from services.ledger import service as ledger_service
 from services.router import service as router_service
@@ -34,7 +36,7 @@ _KNOWN_KEYS = {
         "ledger", "cache", "features", "inference", "router", "queue", "teams", "simulator",
     },
     "simulator": {"realistic", "latency_scale", "knowledge", "seed"},
-    "server": {"host", "port", "grace_seconds", "data_dir"},
+    "server": {"host", "port", "http_port", "grace_seconds", "data_dir"},
     "peers": {"cache", "router", "ledger", "timeout_seconds"},
     "auth": {"service_key_env", "keys"},
     "ledger": {"database", "price_version"},
@@ -136,8 +138,9 @@ def _check_server(config: Config) -> tuple[str, int]:
     """The configured listen host and port, after checking every server.* value."""
     server = config.section("server")
     port = server.get_int("port", minimum=0)
-    if port > 65535:
-        raise ConfigError(f"server.port: must be at most 65535, got {port}")
+    for name, value in (("port", port), ("http_port", server.get_int("http_port", 0, minimum=0))):
+        if value > 65535:
+            raise ConfigError(f"server.{name}: must be at most 65535, got {value}")
     if server.get_float("grace_seconds") < 0:
         raise ConfigError("server.grace_seconds: must not be negative")
     timeout = config.section("peers").get_float("timeout_seconds", 5.0)
@@ -193,8 +196,13 @@ async def start_mesh(
     names: Sequence[str],
     tracer_provider: TracerProvider,
     port: int | None = None,
+    *,
+    http_port: int | None = None,
 ) -> RunningServer:
-    """Start the named services in one gRPC server; port None means server.port."""
+    """Start the named services in one gRPC server; port None means server.port.
+    Where inference runs, the HTTP front door too, on http_port: None means
+    server.http_port (where 0 turns the door off); a number is bound as given, 0
+    picking a free port, as `port` does."""
     unknown = [n for n in names if n not in SERVICES]
     if unknown or not names:
         raise ConfigError(f"services: expected some of {', '.join(SERVICES)}, got {list(names)}")
@@ -206,8 +214,14 @@ async def start_mesh(
     interceptors = [*telemetry.server_interceptors(tracer_provider), EdgeInterceptor(keys)]
     # Peers in this process are called directly: the in-process server makes its own
     # server spans, so it takes only the edge (authentication and error statuses).
+    if http_port is None:
+        configured = config.section("server").get_int("http_port", 0)
+        http_port = configured if configured > 0 else None
+    front_door = "inference" in names and http_port is not None
     hops = "inference" in names and any(p in names for p in PEERS)
-    local = InProcessServer([EdgeInterceptor(keys)], tracer_provider) if hops else None
+    local = (
+        InProcessServer([EdgeInterceptor(keys)], tracer_provider) if hops or front_door else None
+    )
     channels = Channels(
         service_key,
         tracer_provider,
@@ -239,7 +253,42 @@ async def start_mesh(
         raise
     running.cleanups.append(channels.close)
     running.cleanups.append(_stopper(stand_ins))
+    if front_door and local is not None and http_port is not None:
+        try:
+            await _open_front_door(
+                running,
+                config,
+                keys=keys,
+                local=local,
+                host=host,
+                port=http_port,
+                tracer_provider=tracer_provider,
+            )
+        except BaseException:
+            await running.stop(grace=0)
+            raise
     return running
+
+
+async def _open_front_door(
+    running: RunningServer,
+    config: Config,
+    *,
+    keys: KeyTable,
+    local: InProcessServer,
+    host: str,
+    port: int,
+    tracer_provider: TracerProvider,
+) -> None:
+    door = FrontDoor(
+        local.channel(),
+        config.section("models").names(),
+        keys.lookup,
+        tracer_provider.get_tracer("costmesh.front_door"),
+    )
+    http = await start_http(door.app, host, port)
+    running.doors.append(http.stop)
+    running.http_port = http.port
 
 
 def _stopper(stand_ins: StandIns) -> Callable[[], Awaitable[None]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ from costmesh_simulator import OpenAISimulator
 from services.common.config import load_config
 from services.common.server import RunningServer
 from services.mesh import SERVICES, start_mesh
+
+# Meshes the suite starts (in this process or as `costmesh serve`) open no HTTP front
+# door unless a test asks for one on a port of its own: 8080 is shared by every test.
+os.environ.setdefault("COSTMESH_HTTP_PORT", "0")
 
 DEMO_KEY = "cm-demo-admin-key"
 AUTH = (("authorization", f"Bearer {DEMO_KEY}"),)
@@ -98,12 +103,13 @@ def mesh_env(simulator: OpenAISimulator, data_dir: Path) -> dict[str, str]:
         "OPENAI_API_KEY": PROVIDER_KEY,
         "OPENAI_BASE_URL": simulator.base_url,
         "COSTMESH_DATA_DIR": str(data_dir),
+        "COSTMESH_HTTP_PORT": "0",  # the front door's own tests open it on a free port
     }
 
 
 @asynccontextmanager
 async def running_mesh(
-    simulator: OpenAISimulator, tmp_path: Path, config_text: str = ""
+    simulator: OpenAISimulator, tmp_path: Path, config_text: str = "", *, http: bool = False
 ) -> AsyncIterator[Mesh]:
     """The whole mesh in this process, with `config_text` (TOML) merged over the
     embedded defaults and every span recorded."""
@@ -115,7 +121,9 @@ async def running_mesh(
     if config_text:
         config = tmp_path / "mesh.toml"
         config.write_text(config_text)
-    running = await start_mesh(load_config(config, env=env), env, SERVICES, provider, port=0)
+    running = await start_mesh(
+        load_config(config, env=env), env, SERVICES, provider, port=0, http_port=0 if http else None
+    )
     address = f"127.0.0.1:{running.port}"
     channel = grpc.aio.insecure_channel(address, interceptors=read_your_writes(running))
     try:

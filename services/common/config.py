@@ -15,6 +15,7 @@ from typing import Any
 ENV_OVERRIDES: dict[str, str] = {
     "COSTMESH_HOST": "server.host",
     "COSTMESH_PORT": "server.port",
+    "COSTMESH_HTTP_PORT": "server.http_port",
     "COSTMESH_GRACE_SECONDS": "server.grace_seconds",
     "COSTMESH_DATA_DIR": "server.data_dir",
     "CACHE_ADDR": "peers.cache",

@@ -50,6 +50,9 @@ class RunningServer:
     local: InProcessServer | None = None
     # Run after every service has stopped, e.g. closing client channels they used.
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Other doors into the same services (the HTTP front door), closed first.
+    doors: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    http_port: int = 0
 
     async def settled(self) -> None:
         """Every hosted service has handed on the work it accepted so far."""
@@ -58,6 +61,8 @@ class RunningServer:
 
     async def stop(self, grace: float) -> None:
         """NOT_SERVING first so balancers drain, then let in-flight calls finish."""
+        for door in self.doors:
+            await door()
         for service in self.services:
             await self.health.set(service.name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.enter_graceful_shutdown()

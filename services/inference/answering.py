@@ -190,4 +190,5 @@ def _chat_call(
         stop=list(params.stop),
         logprobs=logprobs,
         response_format=openai_response_format(params.response_format),
+        seed=params.seed if params.HasField("seed") else None,
     )

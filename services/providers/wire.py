@@ -56,6 +56,7 @@ class ChatCall:
     logprobs: bool = False
     # OpenAI's response_format object, passed through; None for free text.
     response_format: ResponseFormat | None = None
+    seed: int | None = None
 
 
 def completion_from(response: ChatCompletion, call: ChatCall, label: str) -> Completion:
@@ -90,6 +91,7 @@ def request_fields(call: ChatCall, time_limit: float) -> dict[str, Any]:
         "temperature": call.temperature,
         "top_p": call.top_p,
         "stop": call.stop or None,
+        "seed": call.seed,
         "response_format": openai.omit if call.response_format is None else call.response_format,
         "timeout": time_limit,
     }
@@ -108,6 +110,7 @@ def chat_body(call: ChatCall) -> dict[str, Any]:
         "stop": call.stop or None,
         "response_format": call.response_format,
         "logprobs": call.logprobs or None,
+        "seed": call.seed,
     }
     body.update((k, v) for k, v in optional.items() if v is not None)
     return body

@@ -24,31 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63ostmesh/types/v1/types.proto\x12\x11\x63ostmesh.types.v1\"E\n\x0b\x43hatMessage\x12%\n\x04role\x18\x01 \x01(\x0e\x32\x17.costmesh.types.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xcc\x01\n\x10GenerationParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12:\n\x0fresponse_format\x18\x05 \x01(\x0b\x32!.costmesh.types.v1.ResponseFormatB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_p\"\xca\x01\n\x0eResponseFormat\x12\x34\n\x04type\x18\x01 \x01(\x0e\x32&.costmesh.types.v1.ResponseFormat.Type\x12\x13\n\x0bschema_name\x18\x02 \x01(\t\x12\x13\n\x0bjson_schema\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"H\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10TYPE_JSON_OBJECT\x10\x01\x12\x14\n\x10TYPE_JSON_SCHEMA\x10\x02\"V\n\nTokenUsage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x02 \x01(\x03\x12\x15\n\routput_tokens\x18\x03 \x01(\x03\"M\n\x0fTierProbability\x12%\n\x04tier\x18\x01 \x01(\x0e\x32\x17.costmesh.types.v1.Tier\x12\x13\n\x0bprobability\x18\x02 \x01(\x01*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*R\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_SIMPLE\x10\x01\x12\x11\n\rTIER_MODERATE\x10\x02\x12\x10\n\x0cTIER_COMPLEX\x10\x03*\x94\x01\n\x0c\x43\x61\x63heOutcome\x12\x1d\n\x19\x43\x41\x43HE_OUTCOME_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41\x43HE_OUTCOME_MISS\x10\x01\x12\x17\n\x13\x43\x41\x43HE_OUTCOME_EXACT\x10\x02\x12\x1a\n\x16\x43\x41\x43HE_OUTCOME_SEMANTIC\x10\x03\x12\x18\n\x14\x43\x41\x43HE_OUTCOME_BYPASS\x10\x04*>\n\x03\x41rm\x12\x13\n\x0f\x41RM_UNSPECIFIED\x10\x00\x12\x11\n\rARM_TREATMENT\x10\x01\x12\x0f\n\x0b\x41RM_CONTROL\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63ostmesh/types/v1/types.proto\x12\x11\x63ostmesh.types.v1\"E\n\x0b\x43hatMessage\x12%\n\x04role\x18\x01 \x01(\x0e\x32\x17.costmesh.types.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe8\x01\n\x10GenerationParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12:\n\x0fresponse_format\x18\x05 \x01(\x0b\x32!.costmesh.types.v1.ResponseFormat\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x03\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xca\x01\n\x0eResponseFormat\x12\x34\n\x04type\x18\x01 \x01(\x0e\x32&.costmesh.types.v1.ResponseFormat.Type\x12\x13\n\x0bschema_name\x18\x02 \x01(\t\x12\x13\n\x0bjson_schema\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"H\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10TYPE_JSON_OBJECT\x10\x01\x12\x14\n\x10TYPE_JSON_SCHEMA\x10\x02\"V\n\nTokenUsage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x02 \x01(\x03\x12\x15\n\routput_tokens\x18\x03 \x01(\x03\"M\n\x0fTierProbability\x12%\n\x04tier\x18\x01 \x01(\x0e\x32\x17.costmesh.types.v1.Tier\x12\x13\n\x0bprobability\x18\x02 \x01(\x01*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*R\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_SIMPLE\x10\x01\x12\x11\n\rTIER_MODERATE\x10\x02\x12\x10\n\x0cTIER_COMPLEX\x10\x03*\x94\x01\n\x0c\x43\x61\x63heOutcome\x12\x1d\n\x19\x43\x41\x43HE_OUTCOME_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41\x43HE_OUTCOME_MISS\x10\x01\x12\x17\n\x13\x43\x41\x43HE_OUTCOME_EXACT\x10\x02\x12\x1a\n\x16\x43\x41\x43HE_OUTCOME_SEMANTIC\x10\x03\x12\x18\n\x14\x43\x41\x43HE_OUTCOME_BYPASS\x10\x04*>\n\x03\x41rm\x12\x13\n\x0f\x41RM_UNSPECIFIED\x10\x00\x12\x11\n\rARM_TREATMENT\x10\x01\x12\x0f\n\x0b\x41RM_CONTROL\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'costmesh.types.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=702
-  _globals['_ROLE']._serialized_end=782
-  _globals['_TIER']._serialized_start=784
-  _globals['_TIER']._serialized_end=866
-  _globals['_CACHEOUTCOME']._serialized_start=869
-  _globals['_CACHEOUTCOME']._serialized_end=1017
-  _globals['_ARM']._serialized_start=1019
-  _globals['_ARM']._serialized_end=1081
+  _globals['_ROLE']._serialized_start=730
+  _globals['_ROLE']._serialized_end=810
+  _globals['_TIER']._serialized_start=812
+  _globals['_TIER']._serialized_end=894
+  _globals['_CACHEOUTCOME']._serialized_start=897
+  _globals['_CACHEOUTCOME']._serialized_end=1045
+  _globals['_ARM']._serialized_start=1047
+  _globals['_ARM']._serialized_end=1109
   _globals['_CHATMESSAGE']._serialized_start=52
   _globals['_CHATMESSAGE']._serialized_end=121
   _globals['_GENERATIONPARAMS']._serialized_start=124
-  _globals['_GENERATIONPARAMS']._serialized_end=328
-  _globals['_RESPONSEFORMAT']._serialized_start=331
-  _globals['_RESPONSEFORMAT']._serialized_end=533
-  _globals['_RESPONSEFORMAT_TYPE']._serialized_start=461
-  _globals['_RESPONSEFORMAT_TYPE']._serialized_end=533
-  _globals['_TOKENUSAGE']._serialized_start=535
-  _globals['_TOKENUSAGE']._serialized_end=621
-  _globals['_TIERPROBABILITY']._serialized_start=623
-  _globals['_TIERPROBABILITY']._serialized_end=700
+  _globals['_GENERATIONPARAMS']._serialized_end=356
+  _globals['_RESPONSEFORMAT']._serialized_start=359
+  _globals['_RESPONSEFORMAT']._serialized_end=561
+  _globals['_RESPONSEFORMAT_TYPE']._serialized_start=489
+  _globals['_RESPONSEFORMAT_TYPE']._serialized_end=561
+  _globals['_TOKENUSAGE']._serialized_start=563
+  _globals['_TOKENUSAGE']._serialized_end=649
+  _globals['_TIERPROBABILITY']._serialized_start=651
+  _globals['_TIERPROBABILITY']._serialized_end=728
 # @@protoc_insertion_point(module_scope)

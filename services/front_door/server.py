@@ -1,0 +1,57 @@
+"""The front door's HTTP server: uvicorn, in the mesh's own event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass
+
+import uvicorn
+
+
+@dataclass
+class RunningHttp:
+    """A started HTTP server and the port it bound."""
+
+    server: uvicorn.Server
+    loop_task: asyncio.Task[None]
+    sock: socket.socket
+    port: int
+
+    async def stop(self) -> None:
+        """Stop accepting, give open requests the grace uvicorn allows, then close."""
+        self.server.should_exit = True
+        await self.loop_task
+        await self.server.shutdown(sockets=[self.sock])
+
+
+async def start_http(app: object, host: str, port: int) -> RunningHttp:
+    """Bind `host:port` (0 picks a free port) and serve `app` until stopped.
+
+    uvicorn's own `serve()` would take over SIGINT and SIGTERM; the mesh owns them
+    (graceful shutdown of gRPC first), so the server's steps are run one by one."""
+    bare = host.strip("[]")
+    sock = socket.socket(socket.AF_INET6 if ":" in bare else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((bare, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port} (HTTP front door): {exc}") from exc
+    config = uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=5,
+    )
+    config.load()
+    server = uvicorn.Server(config)
+    server.lifespan = config.lifespan_class(config)
+    await server.startup(sockets=[sock])
+    if server.should_exit:  # startup failed and logged why
+        sock.close()
+        raise OSError(f"the HTTP front door could not start on {host}:{port}")
+    loop_task = asyncio.ensure_future(server.main_loop())
+    return RunningHttp(server, loop_task, sock, int(sock.getsockname()[1]))
