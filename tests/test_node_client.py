@@ -16,10 +16,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "tests" / "node" / "client.mjs"
 
 
-def _node_or_skip() -> str:
+def node_or_skip(package: str = "@grpc/grpc-js") -> str:
+    """Node's path, when it and `package` are installed (in CI they must be)."""
     node = shutil.which("node")
     missing = None if node else "node is not installed"
-    if node and not (ROOT / "node_modules" / "@grpc" / "grpc-js").is_dir():
+    if node and not (ROOT / "node_modules" / package).is_dir():
         missing = "node_modules missing: run `npm ci`"
     if missing:
         if os.environ.get("CI") == "true":
@@ -30,7 +31,7 @@ def _node_or_skip() -> str:
 
 
 async def test_node_client_completes_hits_the_cache_and_reads_spend(mesh: Mesh) -> None:
-    node = _node_or_skip()
+    node = node_or_skip()
     process = await asyncio.create_subprocess_exec(
         node,
         str(CLIENT),

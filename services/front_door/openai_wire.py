@@ -214,11 +214,8 @@ def _text(message: dict[str, Any], param: str) -> str:
 
 def _params(body: dict[str, Any]) -> types_pb2.GenerationParams:
     params = types_pb2.GenerationParams()
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    limit = _max_tokens(body)
     if limit is not None:
-        name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit < 2**31:
-            raise invalid(name, "must be a positive integer")
         params.max_tokens = limit
     for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
         value = body.get(name)
@@ -227,20 +224,37 @@ def _params(body: dict[str, Any]) -> types_pb2.GenerationParams:
         if not _number(value) or not low <= value <= high:
             raise invalid(name, f"must be a number from {low:g} to {high:g}")
         setattr(params, name, float(value))
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        params.stop.append(stop)
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        params.stop.extend(stop)
-    elif stop is not None:
-        raise invalid("stop", "must be a string or an array of strings")
+    params.stop.extend(_stop(body.get("stop")))
     seed = body.get("seed")
     if seed is not None:
-        if not isinstance(seed, int) or isinstance(seed, bool) or not -(2**63) <= seed < 2**63:
+        if not _integer(seed) or not -(2**63) <= seed < 2**63:
             raise invalid("seed", "must be an integer")
         params.seed = seed
     _response_format(body.get("response_format"), params.response_format)
     return params
+
+
+def _max_tokens(body: dict[str, Any]) -> int | None:
+    """max_completion_tokens, or the older max_tokens."""
+    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    limit = body.get(name)
+    if limit is not None and (not _integer(limit) or not 1 <= limit < 2**31):
+        raise invalid(name, "must be a positive integer")
+    return limit
+
+
+def _stop(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return value
+    raise invalid("stop", "must be a string or an array of strings")
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _number(value: Any) -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,10 +12,12 @@ import httpx2 as httpx
 import openai
 import pytest
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
 from opentelemetry.trace import SpanKind
 
 from costmesh_simulator import OpenAISimulator
 from tests.conftest import DEMO_KEY, Mesh, ledger_rows, running_mesh
+from tests.test_node_client import ROOT, node_or_skip
 
 CONFIG = """
 [features.capped]
@@ -58,7 +62,7 @@ async def sdk(mesh: Mesh) -> AsyncIterator[AsyncOpenAI]:
         yield opened
 
 
-def ask(text: str) -> list[dict[str, str]]:
+def ask(text: str) -> list[ChatCompletionMessageParam]:
     return [{"role": "user", "content": text}]
 
 
@@ -76,7 +80,8 @@ async def test_a_chat_call_is_answered_billed_cached_and_labelled(
     assert first.choices[0].message.content
     assert first.choices[0].finish_reason == "stop"
     assert first.model == "gpt-4o-mini"
-    assert first.usage is not None and first.usage.prompt_tokens > 0
+    assert first.usage is not None
+    assert first.usage.prompt_tokens > 0
     assert first.usage.total_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
     assert headers["x-costmesh-cached"] == "false"
     assert int(headers["x-costmesh-cost-nano-usd"]) > 0
@@ -141,9 +146,12 @@ async def test_a_stream_arrives_in_chunks_with_usage_and_the_costmesh_summary(
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert len({c.id for c in chunks}) == 1
     last = chunks[-1]
-    assert last.choices == [] and last.usage is not None and last.usage.completion_tokens > 0
+    assert last.choices == []
+    assert last.usage is not None
+    assert last.usage.completion_tokens > 0
     summary = (last.model_extra or {})["costmesh"]
-    assert summary["cached"] == "false" and int(summary["cost-nano-usd"]) > 0
+    assert summary["cached"] == "false"
+    assert int(summary["cost-nano-usd"]) > 0
 
     whole = await sdk.chat.completions.create(
         model="auto",
@@ -181,7 +189,7 @@ async def test_costmesh_controls_come_from_headers_or_metadata(
 
 
 @pytest.mark.parametrize(
-    ("fields", "error", "param"),
+    "case",
     [
         ({"model": "no-such-model"}, openai.NotFoundError, "model"),
         ({"temperature": 5}, openai.BadRequestError, "temperature"),
@@ -199,10 +207,9 @@ async def test_bad_requests_get_openai_errors_naming_the_parameter(
     mesh: Mesh,
     sdk: AsyncOpenAI,
     simulator: OpenAISimulator,
-    fields: dict[str, object],
-    error: type,
-    param: str,
+    case: tuple[dict[str, object], type[openai.APIStatusError], str],
 ) -> None:
+    fields, error, param = case
     request: dict[str, object] = {"model": "auto", "messages": ask("hello"), **fields}
     with pytest.raises(error) as caught:
         await sdk.chat.completions.create(**request)  # type: ignore[call-overload]
@@ -224,7 +231,8 @@ async def test_keys_and_budgets_answer_with_openai_status_codes(mesh: Mesh) -> N
             await poor.chat.completions.create(
                 model="auto", messages=ask("Explain the refund policy in detail")
             )
-    assert isinstance(over.value.body, dict) and "budget" in over.value.body["message"]
+    assert isinstance(over.value.body, dict)
+    assert "budget" in over.value.body["message"]
 
 
 async def test_models_lists_auto_and_every_configured_model(sdk: AsyncOpenAI) -> None:
@@ -271,4 +279,29 @@ async def test_the_http_span_parents_the_call_and_continues_the_callers_trace(
     assert http.attributes["costmesh.transport"] == "http"
     assert http.attributes["http.response.status_code"] == 200
     assert format(http.context.trace_id, "032x") == caller_trace
-    assert complete.parent is not None and complete.parent.span_id == http.context.span_id
+    assert complete.parent is not None
+    assert complete.parent.span_id == http.context.span_id
+
+
+async def test_the_node_openai_sdk_chats_streams_and_reads_errors(mesh: Mesh) -> None:
+    node = node_or_skip("openai")
+    process = await asyncio.create_subprocess_exec(
+        node,
+        str(ROOT / "tests" / "node" / "openai_sdk.mjs"),
+        env={**os.environ, "COSTMESH_BASE_URL": base_url(mesh), "COSTMESH_API_KEY": DEMO_KEY},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    seen = json.loads(out)
+
+    assert seen["first"]["cached"] == "false"
+    assert int(seen["first"]["cost"]) > 0
+    assert seen["second"]["cached"] == "true"
+    assert seen["second"]["cost"] == "0"
+    assert seen["second"]["content"] == seen["first"]["content"]
+    assert len(seen["stream"]["pieces"]) > 1
+    assert seen["stream"]["usage"]["completion_tokens"] > 0
+    assert seen["missing"] == {"status": 404, "param": "model", "code": "model_not_found"}
