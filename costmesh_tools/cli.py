@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 import grpc
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 
 from costmesh_tools.cache import commands as cache_commands
 from costmesh_tools.casestudy import eval_commands, replay_commands, workload_commands
@@ -20,6 +20,7 @@ from costmesh_tools.router import commands as router_commands
 from services.common import telemetry
 from services.common.auth import ROLES, hash_key, new_key
 from services.common.config import ConfigError, load_config
+from services.common.metrics import setup_metrics
 from services.common.server import serve
 from services.mesh import SERVICES, start_mesh
 
@@ -72,7 +73,14 @@ async def _serve(args: argparse.Namespace) -> int:
         "costmesh" if args.service == "all" else f"costmesh-{args.service}", env
     )
     trace.set_tracer_provider(provider)
-    running = await start_mesh(config, env, names, provider, port=args.port)
+    metering = setup_metrics(
+        "costmesh" if args.service == "all" else f"costmesh-{args.service}", env
+    )
+    metrics.set_meter_provider(metering.provider)
+    http_port = config.section("server").get_int("http_port", 0, minimum=0)
+    running = await start_mesh(
+        config, env, names, provider, port=args.port, http_port=http_port or None, metering=metering
+    )
     host = config.section("server").get_str("host")
     # One machine-readable line: scripts and tests wait for it to learn the port.
     http = (
@@ -85,6 +93,7 @@ async def _serve(args: argparse.Namespace) -> int:
         await serve(running, config.section("server").get_float("grace_seconds"))
     finally:
         provider.shutdown()
+        metering.shutdown()
     return 0
 
 

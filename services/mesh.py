@@ -15,6 +15,7 @@ from services.common.channels import Channels
 from services.common.config import Config, ConfigError
 from services.common.edge import EdgeInterceptor
 from services.common.in_process import InProcessServer
+from services.common.metrics import Metering
 from services.common.pricing import PRICE_KEYS
 from services.common.server import RunningServer, ServiceDef, create_server
 from services.front_door.app import FrontDoor
@@ -198,11 +199,12 @@ async def start_mesh(
     port: int | None = None,
     *,
     http_port: int | None = None,
+    metering: Metering | None = None,
 ) -> RunningServer:
     """Start the named services in one gRPC server; port None means server.port.
-    Where inference runs, the HTTP front door too, on http_port: None means
-    server.http_port (where 0 turns the door off); a number is bound as given, 0
-    picking a free port, as `port` does."""
+    With `http_port` (0 picks a free port) an HTTP server too: `metering`'s /metrics,
+    and the OpenAI-compatible API where inference runs. `costmesh serve` opens it on
+    server.http_port; embedded meshes (evaluations, replays, tests) open none."""
     unknown = [n for n in names if n not in SERVICES]
     if unknown or not names:
         raise ConfigError(f"services: expected some of {', '.join(SERVICES)}, got {list(names)}")
@@ -214,13 +216,10 @@ async def start_mesh(
     interceptors = [*telemetry.server_interceptors(tracer_provider), EdgeInterceptor(keys)]
     # Peers in this process are called directly: the in-process server makes its own
     # server spans, so it takes only the edge (authentication and error statuses).
-    if http_port is None:
-        configured = config.section("server").get_int("http_port", 0)
-        http_port = configured if configured > 0 else None
-    front_door = "inference" in names and http_port is not None
     hops = "inference" in names and any(p in names for p in PEERS)
+    chat_door = "inference" in names and http_port is not None
     local = (
-        InProcessServer([EdgeInterceptor(keys)], tracer_provider) if hops or front_door else None
+        InProcessServer([EdgeInterceptor(keys)], tracer_provider) if hops or chat_door else None
     )
     channels = Channels(
         service_key,
@@ -253,16 +252,18 @@ async def start_mesh(
         raise
     running.cleanups.append(channels.close)
     running.cleanups.append(_stopper(stand_ins))
-    if front_door and local is not None and http_port is not None:
+    if http_port is not None:
         try:
             await _open_front_door(
                 running,
                 config,
                 keys=keys,
                 local=local,
+                chat=chat_door,
                 host=host,
                 port=http_port,
                 tracer_provider=tracer_provider,
+                metering=metering,
             )
         except BaseException:
             await running.stop(grace=0)
@@ -275,16 +276,20 @@ async def _open_front_door(
     config: Config,
     *,
     keys: KeyTable,
-    local: InProcessServer,
+    local: InProcessServer | None,
+    chat: bool,
     host: str,
     port: int,
     tracer_provider: TracerProvider,
+    metering: Metering | None,
 ) -> None:
+    """The OpenAI-compatible door where inference runs, /metrics in every process."""
     door = FrontDoor(
-        local.channel(),
+        local.channel() if chat and local is not None else None,
         config.section("models").names(),
         keys.lookup,
         tracer_provider.get_tracer("costmesh.front_door"),
+        metrics=metering.exposition if metering else None,
     )
     http = await start_http(door.app, host, port)
     running.doors.append(http.stop)

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from opentelemetry import metrics
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -22,12 +23,17 @@ from costmesh.router.v1 import router_pb2_grpc
 from costmesh.types.v1 import types_pb2
 from costmesh_simulator import OpenAISimulator
 from services.common.config import load_config
+from services.common.metrics import setup_metrics
 from services.common.server import RunningServer
 from services.mesh import SERVICES, start_mesh
 
-# Meshes the suite starts (in this process or as `costmesh serve`) open no HTTP front
-# door unless a test asks for one on a port of its own: 8080 is shared by every test.
+# `costmesh serve` processes the suite starts open no HTTP port unless a test asks
+# for one of its own: 8080 would be shared by every one of them.
 os.environ.setdefault("COSTMESH_HTTP_PORT", "0")
+# One meter provider for the session, as `costmesh serve` installs one per process:
+# tests read what their own calls added (their own feature or team names).
+METERING = setup_metrics("costmesh-tests", {})
+metrics.set_meter_provider(METERING.provider)
 
 DEMO_KEY = "cm-demo-admin-key"
 AUTH = (("authorization", f"Bearer {DEMO_KEY}"),)
@@ -103,7 +109,6 @@ def mesh_env(simulator: OpenAISimulator, data_dir: Path) -> dict[str, str]:
         "OPENAI_API_KEY": PROVIDER_KEY,
         "OPENAI_BASE_URL": simulator.base_url,
         "COSTMESH_DATA_DIR": str(data_dir),
-        "COSTMESH_HTTP_PORT": "0",  # the front door's own tests open it on a free port
     }
 
 
@@ -122,7 +127,13 @@ async def running_mesh(
         config = tmp_path / "mesh.toml"
         config.write_text(config_text)
     running = await start_mesh(
-        load_config(config, env=env), env, SERVICES, provider, port=0, http_port=0 if http else None
+        load_config(config, env=env),
+        env,
+        SERVICES,
+        provider,
+        port=0,
+        http_port=0 if http else None,
+        metering=METERING,
     )
     address = f"127.0.0.1:{running.port}"
     channel = grpc.aio.insecure_channel(address, interceptors=read_your_writes(running))

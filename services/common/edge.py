@@ -5,17 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 from google.rpc import status_pb2
+from opentelemetry import metrics
 
 from services.common import auth, errors
 
 log = logging.getLogger(__name__)
 # Health and reflection must answer without a key (load balancers and grpcurl).
 _OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+# Every costmesh call, by service, method and status (OpenTelemetry RPC conventions):
+# rate, errors and latency of each service, on either transport.
+_DURATION = metrics.get_meter("costmesh.edge").create_histogram(
+    "rpc.server.duration", unit="s", description="Duration of costmesh RPCs, by status"
+)
 
 
 class EdgeInterceptor(grpc.aio.ServerInterceptor):
@@ -56,6 +63,8 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         self, behavior: Callable[..., Awaitable[Any]], method: str
     ) -> Callable[..., Awaitable[Any]]:
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
             try:
                 token = self._authenticate(context)
                 try:
@@ -63,8 +72,13 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                     return await behavior(request, context)
                 finally:
                     auth.reset_current(token)
-            except Exception as exc:
+            except BaseException as exc:
+                code = _code_of(exc)
+                if not isinstance(exc, Exception):
+                    raise
                 await _abort(context, exc, method)
+            finally:
+                _record(method, code, started)
 
         return unary
 
@@ -74,6 +88,8 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         async def stream(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
             try:
                 token = self._authenticate(context)
                 try:
@@ -85,10 +101,38 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                     # where the token cannot be reset; that context ends anyway.
                     with contextlib.suppress(ValueError):
                         auth.reset_current(token)
-            except Exception as exc:
+            except BaseException as exc:
+                code = _code_of(exc)
+                if not isinstance(exc, Exception):
+                    raise
                 await _abort(context, exc, method)
+            finally:
+                _record(method, code, started)
 
         return stream
+
+
+def _code_of(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, errors.ServiceError):
+        return exc.code
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return grpc.StatusCode.CANCELLED
+    if isinstance(exc, grpc.aio.AbortError):
+        return grpc.StatusCode.UNKNOWN
+    return grpc.StatusCode.INTERNAL
+
+
+def _record(method: str, code: grpc.StatusCode, started: float) -> None:
+    service, _, name = method.lstrip("/").partition("/")
+    _DURATION.record(
+        time.perf_counter() - started,
+        {
+            "rpc.system": "grpc",
+            "rpc.service": service,
+            "rpc.method": name,
+            "rpc.grpc.status_code": code.value[0],
+        },
+    )
 
 
 class _Unreadable:

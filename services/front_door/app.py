@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common.auth import Principal
+from services.common.metrics import PROMETHEUS_CONTENT_TYPE
 from services.front_door import openai_wire as wire
 from services.front_door.openai_wire import WireError
 
@@ -46,26 +47,37 @@ _ERRORS = {
 
 
 class FrontDoor:
-    """The ASGI application; `channel` reaches this process's inference service."""
+    """The ASGI application; `channel` reaches this process's inference service (None
+    in a process without it: /metrics only)."""
 
     def __init__(
         self,
-        channel: grpc.aio.Channel,
+        channel: grpc.aio.Channel | None,
         models: Sequence[str],
         authenticate: Callable[[str], Principal | None],
         tracer: trace.Tracer,
+        *,
+        metrics: Callable[[], bytes] | None = None,
     ) -> None:
-        self._inference = inference_pb2_grpc.InferenceServiceStub(channel)
+        """`metrics`: the process's metrics in Prometheus's text format, served at
+        GET /metrics without a key, as Prometheus scrapes."""
+        self._inference = inference_pb2_grpc.InferenceServiceStub(channel) if channel else None
         self._models = frozenset(models)
         self._listed = [wire.AUTO_MODEL, *sorted(models)]
         self._authenticate = authenticate
         self._tracer = tracer
-        self.app = Starlette(
-            routes=[
+        self._metrics = metrics
+        routes = []
+        if channel is not None:
+            routes += [
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
                 Route("/v1/models", self._list_models, methods=["GET"]),
                 Route("/v1/models/{model:path}", self._get_model, methods=["GET"]),
-            ],
+            ]
+        if metrics is not None:
+            routes.append(Route("/metrics", self._scrape, methods=["GET"]))
+        self.app = Starlette(
+            routes=routes,
             exception_handlers={404: _not_found, 405: _not_allowed},
         )
 
@@ -97,6 +109,7 @@ class FrontDoor:
     async def _complete(
         self, call: wire.ChatCall, metadata: tuple[tuple[str, str], ...]
     ) -> Response:
+        assert self._inference is not None  # the route exists only with it
         reply = await self._inference.Complete(
             call.request, metadata=metadata, timeout=CALL_TIMEOUT_SECONDS
         )
@@ -110,6 +123,7 @@ class FrontDoor:
     ) -> Response:
         """The first piece is awaited before answering, so a refused request gets its
         HTTP status; a failure after that arrives as an `error` event, as OpenAI sends."""
+        assert self._inference is not None  # the route exists only with it
         stream = self._inference.StreamComplete(
             inference_pb2.StreamCompleteRequest(request=call.request),
             metadata=metadata,
@@ -190,6 +204,10 @@ class FrontDoor:
         except WireError as exc:
             return _error(exc)
         return JSONResponse(_model(name))
+
+    async def _scrape(self, request: Request) -> Response:
+        assert self._metrics is not None  # the route exists only with it
+        return Response(self._metrics(), media_type=PROMETHEUS_CONTENT_TYPE)
 
     def _check_key(self, request: Request) -> None:
         if self._authenticate(_bearer(request)) is None:

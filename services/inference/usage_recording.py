@@ -11,6 +11,7 @@ from datetime import UTC
 from typing import Any
 
 from google.protobuf import timestamp_pb2
+from opentelemetry import metrics
 
 from costmesh.cache.v1 import cache_pb2
 from costmesh.inference.v1 import inference_pb2
@@ -25,6 +26,35 @@ from services.inference.settings import InferenceSettings
 # The ledger keeps a route reason of at most this many characters; a longer one (an
 # intent name from someone's training data) is cut rather than lose the row.
 MAX_ROUTE_REASON = 1000
+
+_METER = metrics.get_meter("costmesh.inference")
+_REQUESTS = _METER.create_counter(
+    "costmesh.requests",
+    unit="{request}",
+    description="Answered requests, by team, feature, cache outcome, tier and model",
+)
+_COST = _METER.create_counter(
+    "costmesh.cost",
+    unit="nano_usd",
+    description="What calls cost (answers and overhead), in nano-USD, by team, feature and model",
+)
+_BASELINE_COST = _METER.create_counter(
+    "costmesh.cost.baseline",
+    unit="nano_usd",
+    description="What the answered requests would have cost on the feature's baseline "
+    "model with no cache, in nano-USD (the counterfactual savings are measured against)",
+)
+_ESCALATIONS = _METER.create_counter(
+    "costmesh.escalations",
+    unit="{request}",
+    description="Answers replaced by a stronger model's, by feature and first model",
+)
+_OUTCOMES = {
+    types_pb2.CACHE_OUTCOME_MISS: "miss",
+    types_pb2.CACHE_OUTCOME_EXACT: "exact",
+    types_pb2.CACHE_OUTCOME_SEMANTIC: "semantic",
+    types_pb2.CACHE_OUTCOME_BYPASS: "bypass",
+}
 
 
 class UsageRecorder:
@@ -147,10 +177,37 @@ class UsageRecorder:
             response.cost_pending = True
         else:
             response.cost_nano_usd += cost
+        self._count(record, cost)
         # Counted on the way only once on disk: a record the outbox could not keep
         # was sent directly (or lost), and never acknowledged later.
         if await self._outbox.enqueue(record, self._timeout) and cost:
             self._admission.on_the_way(record.team, record.request_id, cost)
+
+    def _count(self, record: ledger_pb2.UsageRecord, cost: int | None) -> None:
+        """The row in the metrics: cost always; requests, baseline and escalation for
+        the answer's row."""
+        who = {"costmesh.team": record.team, "costmesh.feature": record.feature}
+        if cost:
+            _COST.add(cost, {**who, "gen_ai.request.model": record.model})
+        if record.purpose != ledger_pb2.CALL_PURPOSE_ANSWER:
+            return
+        _REQUESTS.add(
+            1,
+            {
+                **who,
+                "costmesh.cache.outcome": _OUTCOMES.get(record.cache_outcome, "none"),
+                "costmesh.tier": types_pb2.Tier.Name(record.tier).removeprefix("TIER_").lower(),
+                "gen_ai.request.model": record.model,
+            },
+        )
+        baseline = ledger_pb2.UsageRecord(
+            model=record.baseline_model, usage=record.baseline_usage, time=record.time
+        )
+        baseline_cost = self._price(baseline) if record.baseline_model else None
+        if baseline_cost:
+            _BASELINE_COST.add(baseline_cost, who)
+        if record.escalated:
+            _ESCALATIONS.add(1, who)
 
     def _price(self, record: ledger_pb2.UsageRecord) -> int | None:
         """The row's cost as the ledger will price it; None for an unpriced model."""

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import openai
 from openai.types.chat import ChatCompletion
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from services.common.config import ConfigError
@@ -32,10 +32,25 @@ from services.providers.wire import (
     chat_body,
     completion_from,
     finish_span,
+    record_call,
     request_fields,
 )
 
 log = logging.getLogger(__name__)
+_METER = metrics.get_meter("costmesh.providers")
+_RETRIES = _METER.create_counter(
+    "costmesh.provider.retries", unit="{retry}", description="Tries after a failed one, by model"
+)
+_FALLBACKS = _METER.create_counter(
+    "costmesh.provider.fallbacks",
+    unit="{call}",
+    description="Calls a fallback model answered, by planned and answering model",
+)
+_COOLDOWNS = _METER.create_counter(
+    "costmesh.provider.cooldowns",
+    unit="{cooldown}",
+    description="Times a model was cooled down after repeated failures",
+)
 # What callers use of the package comes from here.
 __all__ = ["SIMULATED", "ChatCall", "ChatStream", "Completion", "Providers"]
 SIMULATED = "simulated"
@@ -183,7 +198,7 @@ class Providers:
                 except BaseException:  # cancelled: a trial call must not stay taken
                     self._cooldowns.release(model)
                     raise
-                self._cooldowns.succeeded(model)
+                self._succeeded(call.model, model)
                 return result, model, attempts
         if (
             failure is None or out_of_time
@@ -194,6 +209,11 @@ class Providers:
                 reason="PROVIDER_TIMEOUT",
             )
         raise failure
+
+    def _succeeded(self, planned: str, model: str) -> None:
+        self._cooldowns.succeeded(model)
+        if model != planned:
+            _FALLBACKS.add(1, {"gen_ai.request.model": planned, "costmesh.fallback_model": model})
 
     def _retry_delay(
         self,
@@ -214,6 +234,7 @@ class Providers:
             self._cooldowns.release(model)
             return None, True
         if self._cooldowns.failed(model):
+            _COOLDOWNS.add(1, {"gen_ai.request.model": model})
             log.warning("%s keeps failing: cooled down for %gs", model,
                         self._cooldowns.cooled_for(model))  # fmt: skip
             return None, False
@@ -222,6 +243,7 @@ class Providers:
         delay = self._settings.retry.delay(attempt, failed.retry_after, self._rng)
         if time.monotonic() + delay >= deadline:
             return None, True
+        _RETRIES.add(1, {"gen_ai.request.model": model})
         return delay, False
 
     def _start_span(self, call: ChatCall, label: str, attempt: int, fallback: bool) -> Span:
@@ -245,6 +267,7 @@ class Providers:
         client, label = self._clients[self._settings.models[call.model].provider]
         span = self._start_span(call, label, attempt, fallback)
         span.set_attribute("gen_ai.request.stream", True)
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(time_limit):
                 stream = await client.chat.completions.create(
@@ -253,11 +276,12 @@ class Providers:
                     stream_options={"include_usage": True},
                 )
         except (openai.OpenAIError, TimeoutError) as exc:
+            record_call(call, label, time.perf_counter() - started, None, type(exc).__name__)
             raise _failed(span, exc, call.model, end=True) from exc
         except BaseException:
             span.end()
             raise
-        return ChatStream(stream, call, label, span)
+        return ChatStream(stream, call, label, span, started)
 
     async def _attempt(
         self, call: ChatCall, time_limit: float, attempt: int, fallback: bool
@@ -265,6 +289,7 @@ class Providers:
         """One try at one deployment, as a gen_ai client span."""
         client, label = self._clients[self._settings.models[call.model].provider]
         span = self._start_span(call, label, attempt, fallback)
+        started = time.perf_counter()
         with trace.use_span(span, end_on_exit=True):
             try:
                 async with asyncio.timeout(time_limit):
@@ -277,11 +302,13 @@ class Providers:
                         options={"timeout": time_limit},
                     )
             except (openai.OpenAIError, TimeoutError) as exc:
+                record_call(call, label, time.perf_counter() - started, None, type(exc).__name__)
                 raise _failed(span, exc, call.model) from exc
             except asyncio.CancelledError:  # the caller gave up: the request is abandoned
                 span.set_status(Status(StatusCode.ERROR, "cancelled"))
                 raise
             completion = completion_from(response, call, label)
+            record_call(call, label, time.perf_counter() - started, completion)
             finish_span(span, completion)
             return completion
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 from openai import AsyncStream
@@ -10,7 +11,7 @@ from openai.types.chat import ChatCompletionChunk
 from opentelemetry.trace import Span
 
 from services.providers.tokens import count_prompt_tokens, count_text_tokens
-from services.providers.wire import ChatCall, Completion, finish_span
+from services.providers.wire import ChatCall, Completion, finish_span, record_call
 
 
 class ChatStream:
@@ -27,8 +28,10 @@ class ChatStream:
         call: ChatCall,
         label: str,
         span: Span,
+        started: float,
     ) -> None:
         self._stream = stream
+        self._started = started
         self._call = call
         self._label = label
         self._span = span
@@ -82,6 +85,7 @@ class ChatStream:
             await self._stream.close()
         finally:
             completion = self.completion()
+            record_call(self._call, self._label, time.perf_counter() - self._started, completion)
             finish_span(self._span, completion)
             self._span.set_attribute("costmesh.stream.finished", bool(self._finish_reason))
             self._span.end()

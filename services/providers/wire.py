@@ -11,6 +11,7 @@ from typing import Any, cast
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 from openai.types.chat.completion_create_params import ResponseFormat
+from opentelemetry import metrics
 from opentelemetry.trace import Span
 
 from costmesh.types.v1 import types_pb2
@@ -121,6 +122,40 @@ def to_openai(messages: Sequence[types_pb2.ChatMessage]) -> list[ChatCompletionM
         cast("ChatCompletionMessageParam", {"role": ROLES[m.role], "content": m.content})
         for m in messages
     ]
+
+
+_METER = metrics.get_meter("costmesh.providers")
+# The GenAI client conventions, with their advised buckets.
+_TOKENS = _METER.create_histogram(
+    "gen_ai.client.token.usage",
+    unit="{token}",
+    description="Tokens a provider billed per call, by type (input, output)",
+    explicit_bucket_boundaries_advisory=[4.0**i for i in range(14)],
+)
+_DURATION = _METER.create_histogram(
+    "gen_ai.client.operation.duration",
+    unit="s",
+    description="Duration of each provider call (every try, retries and fallbacks included)",
+    explicit_bucket_boundaries_advisory=[0.01 * 2**i for i in range(14)],
+)
+
+
+def record_call(
+    call: ChatCall, label: str, seconds: float, completion: Completion | None, error: str = ""
+) -> None:
+    """One try at a provider, as the GenAI metrics count it."""
+    attributes = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": label,
+        "gen_ai.request.model": call.model,
+    }
+    if error:
+        attributes["error.type"] = error
+    if completion is not None:
+        attributes["gen_ai.response.model"] = completion.model
+        _TOKENS.record(completion.input_tokens, {**attributes, "gen_ai.token.type": "input"})
+        _TOKENS.record(completion.output_tokens, {**attributes, "gen_ai.token.type": "output"})
+    _DURATION.record(seconds, attributes)
 
 
 def finish_span(span: Span, completion: Completion) -> None:
