@@ -83,12 +83,11 @@ async def _serve(args: argparse.Namespace) -> int:
     )
     host = config.section("server").get_str("host")
     # One machine-readable line: scripts and tests wait for it to learn the port.
-    http = (
-        f"; OpenAI-compatible HTTP on http://{host}:{running.http_port}/v1"
-        if running.http_port
-        else ""
-    )
-    print(f"costmesh: serving {args.service} on {host}:{running.port}{http}", flush=True)
+    print(f"costmesh: serving {args.service} on {host}:{running.port}", flush=True)
+    if running.http_port:
+        where = f"http://{host}:{running.http_port}"
+        api = f"OpenAI-compatible API at {where}/v1, " if "inference" in names else ""
+        print(f"costmesh: {api}metrics at {where}/metrics", flush=True)
     try:
         await serve(running, config.section("server").get_float("grace_seconds"))
     finally:

@@ -331,7 +331,17 @@ def running_mesh(tmp_path: Path) -> Iterator[int]:
     with (
         log.open("w") as stderr,
         subprocess.Popen(
-            [sys.executable, "-m", "costmesh_tools.cli", "serve", "all", "--port", "0"],
+            [
+                sys.executable,
+                "-m",
+                "costmesh_tools.cli",
+                "serve",
+                "all",
+                "--port",
+                "0",
+                "--http-port",
+                "0",
+            ],  # fmt: skip
             cwd=tmp_path,
             env=env,
             stdout=subprocess.PIPE,
