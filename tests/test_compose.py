@@ -341,7 +341,7 @@ def running_mesh(tmp_path: Path) -> Iterator[int]:
                 "0",
                 "--http-port",
                 "0",
-            ],  # fmt: skip
+            ],
             cwd=tmp_path,
             env=env,
             stdout=subprocess.PIPE,
