@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 import httpx2 as httpx
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from costmesh.types.v1 import types_pb2
@@ -85,7 +86,8 @@ async def _run(calls: int, rounds: int) -> None:
                     feature="support",
                     messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=QUESTION)],
                 )
-                body = {"model": "auto", "messages": [{"role": "user", "content": QUESTION}]}
+                messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": QUESTION}]
+                body = {"model": "auto", "messages": messages}
                 headers = {"authorization": f"Bearer {KEY}", "x-costmesh-feature": "support"}
 
                 async def miss() -> None:
@@ -106,8 +108,8 @@ async def _run(calls: int, rounds: int) -> None:
                 async def via_sdk() -> None:
                     await sdk.chat.completions.create(
                         model="auto",
-                        messages=body["messages"],
-                        extra_headers={"x-costmesh-feature": "support"},  # type: ignore[arg-type]
+                        messages=messages,
+                        extra_headers={"x-costmesh-feature": "support"},
                     )
 
                 await miss()
