@@ -84,6 +84,7 @@ def judge(
     stored: Sequence[Example],
     queries: Sequence[Example],
     candidates: int = 4,
+    *,
     verify: Verify | None = None,
     floor: float = 0.0,
 ) -> list[Judged]:
@@ -168,7 +169,7 @@ def curve(
 
 
 def calibrate(
-    embed: Embed, sets: Sequence[IntentSet], verify: Verify | None = None, floor: float = 0.0
+    embed: Embed, sets: Sequence[IntentSet], *, verify: Verify | None = None, floor: float = 0.0
 ) -> dict[str, float]:
     """Per false-hit budget, the threshold the validation splits allow together
     (stored: each set's train split; looked up: its validation split), as one mixed
