@@ -4,30 +4,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-import grpc
-from opentelemetry import metrics, trace
-
-from costmesh_tools.cache import commands as cache_commands
-from costmesh_tools.casestudy import eval_commands, replay_commands, workload_commands
-from costmesh_tools.ledger import commands as ledger_commands
-from costmesh_tools.router import commands as router_commands
-from services.common import telemetry
+from services import SERVICES
 from services.common.auth import ROLES, hash_key, new_key
 from services.common.config import ConfigError, load_config
-from services.common.metrics import setup_metrics
-from services.common.server import serve
-from services.mesh import SERVICES, start_mesh
 
 log = logging.getLogger("costmesh")
+# Each client command's module, imported only when that command is named: `costmesh
+# --help` (or another command's) does not load the mesh, the models or the SDKs.
+_COMMANDS = {
+    "ledger": ("costmesh_tools.ledger.commands", "chargeback reports from a running ledger"),
+    "economics": ("costmesh_tools.ledger.commands", "self-hosting and fine-tuning arithmetic"),
+    "cache": ("costmesh_tools.cache.commands", "semantic cache tools"),
+    "router": ("costmesh_tools.router.commands", "train and evaluate the complexity router"),
+    "workload": ("costmesh_tools.casestudy.workload_commands",
+                 "build and inspect recorded workloads"),
+    "eval": ("costmesh_tools.casestudy.eval_commands",
+             "the quality gate: treatment against control"),
+    "replay": ("costmesh_tools.casestudy.replay_commands",
+               "replay a workload under the baseline and the optimised policy"),
+    "demo": ("costmesh_tools.casestudy.replay_commands",
+             "start the mesh in process and replay the bundled support workload"),
+}  # fmt: skip
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="costmesh", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="run the mesh, or one service of it")
@@ -52,16 +59,23 @@ def _parser() -> argparse.ArgumentParser:
     new_cmd.add_argument("--team", required=True)
     new_cmd.add_argument("--role", choices=ROLES, default="member")
     new_cmd.set_defaults(handler=_new_key)
-    ledger_commands.register(commands)
-    cache_commands.register(commands)
-    router_commands.register(commands)
-    workload_commands.register(commands)
-    eval_commands.register(commands)
-    replay_commands.register(commands)
+    named = next((a for a in argv if not a.startswith("-")), "")
+    if named in _COMMANDS:
+        importlib.import_module(_COMMANDS[named][0]).register(commands)
+    for name, (_, about) in _COMMANDS.items():
+        if name not in commands.choices:  # listed by --help; loaded when named
+            commands.add_parser(name, help=about)
     return parser
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from opentelemetry import metrics, trace  # noqa: PLC0415 - the mesh loads when it runs
+
+    from services.common import telemetry  # noqa: PLC0415
+    from services.common.metrics import setup_metrics  # noqa: PLC0415
+    from services.common.server import serve  # noqa: PLC0415
+    from services.mesh import start_mesh  # noqa: PLC0415
+
     env = dict(os.environ)
     if args.host:
         env["COSTMESH_HOST"] = args.host
@@ -98,6 +112,8 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def _run_command(args: argparse.Namespace) -> int:
     """A client command (ledger, cache, router): errors as one line and an exit code."""
+    import grpc  # noqa: PLC0415
+
     try:
         return int(args.handler(args, sys.stdout))
     except grpc.RpcError as exc:
@@ -113,7 +129,7 @@ def _run_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = _parser().parse_args(argv)
+        args = _parser(sys.argv[1:] if argv is None else argv).parse_args(argv)
     except SystemExit as exc:  # argparse has printed why
         return int(exc.code or 0)
     level = os.environ.get("COSTMESH_LOG_LEVEL", "INFO").upper()

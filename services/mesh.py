@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from opentelemetry.sdk.trace import TracerProvider
 
 from costmesh_simulator.stand_in import StandIns, start_stand_ins
+from services import SERVICES
 from services.cache import service as cache_service
 from services.common import telemetry
 from services.common.auth import KeyTable, new_key
@@ -25,7 +26,6 @@ from services.ledger import service as ledger_service
 from services.router import service as router_service
 
 log = logging.getLogger(__name__)
-SERVICES = ("cache", "router", "ledger", "inference")
 PEERS = ("cache", "router", "ledger")
 
 
@@ -218,9 +218,7 @@ async def start_mesh(
     # server spans, so it takes only the edge (authentication and error statuses).
     hops = "inference" in names and any(p in names for p in PEERS)
     chat_door = "inference" in names and http_port is not None
-    local = (
-        InProcessServer([EdgeInterceptor(keys)], tracer_provider) if hops or chat_door else None
-    )
+    local = InProcessServer([EdgeInterceptor(keys)], tracer_provider) if hops or chat_door else None
     channels = Channels(
         service_key,
         tracer_provider,

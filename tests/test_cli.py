@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -66,3 +67,30 @@ async def test_an_unopenable_ledger_file_is_a_clear_error(tmp_path: Path) -> Non
     assert code == 1
     assert f"cannot open database {tmp_path / 'ledger.sqlite3'}" in err
     assert "Traceback" not in err
+
+
+HEAVY = ("openai", "bpe_openai", "services.mesh", "onnxruntime", "torch")
+HELP_COMMANDS = [
+    [], ["serve"], ["keys", "new"], ["ledger", "report"], ["ledger", "export"], ["economics"],
+    ["cache", "train"], ["cache", "eval"], ["router", "eval"], ["workload"], ["eval"],
+    ["replay"], ["demo"],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", HELP_COMMANDS, ids=lambda c: " ".join(c) or "costmesh")
+def test_help_loads_none_of_the_heavy_modules(command: list[str]) -> None:
+    """`--help` answers at once: it loads neither the mesh, the SDK, the tokenizers nor
+    a model runtime (together about 4 s)."""
+    probe = (
+        "import sys, contextlib, io\n"
+        "from costmesh_tools import cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        f"    code = cli.main({[*command, '--help']!r})\n"
+        "assert code == 0 and 'usage: costmesh' in out.getvalue(), out.getvalue()\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

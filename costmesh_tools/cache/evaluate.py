@@ -53,7 +53,6 @@ from costmesh_tools.cli_support import count, positive, unit, unit_list, write_g
 from services.common.auth import new_key
 from services.common.config import load_config
 from services.common.embedding import ModelError
-from services.mesh import start_mesh
 
 DEFAULT_THRESHOLDS = tuple(round(0.80 + 0.02 * i, 2) for i in range(10))
 FORMATS = ("table", "csv", "markdown")
@@ -191,6 +190,8 @@ async def _address(target: str, api_key: str) -> AsyncIterator[tuple[str, str]]:
     service_key = new_key()  # only this process knows it: nobody else can call in
     env = {config.section("auth").get_str("service_key_env"): service_key}
     provider = TracerProvider()  # no exporter: an evaluation's spans go nowhere
+    from services.mesh import start_mesh  # noqa: PLC0415 - `cache eval --help` stays light
+
     running = await start_mesh(config, env, ["cache"], provider, port=0)
     try:
         yield f"{config.section('server').get_str('host')}:{running.port}", service_key

@@ -15,10 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
-from costmesh_simulator.stand_in import model_tiers
 from costmesh_tools.casestudy import replay
 from costmesh_tools.casestudy.progress import Progress
 from costmesh_tools.casestudy.report import SavingsReport, build_report
@@ -26,9 +23,9 @@ from costmesh_tools.casestudy.report_render import render_csv, render_html, rend
 from costmesh_tools.casestudy.support_workload import bundled_workload_path
 from costmesh_tools.casestudy.workload import WorkloadRequest, read_workload
 from costmesh_tools.cli_support import positive, positive_decimal
+from services import SERVICES
 from services.common.config import Config, load_config
 from services.inference.experiments import MAX_EXPERIMENT_NAME
-from services.mesh import SERVICES, start_mesh
 
 DEMO_KEY = "cm-demo-admin-key"
 # The case's platform: 50,000 tickets a day, about four LLM calls each.
@@ -124,6 +121,11 @@ async def _demo_run(
 ) -> Replayed:
     """The whole mesh in this process on the embedded defaults, its provider the
     realistic simulator that knows the workload's questions."""
+    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415 - `--help` stays light
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter  # noqa: PLC0415
+
+    from services.mesh import start_mesh  # noqa: PLC0415
+
     with tempfile.TemporaryDirectory() as data_dir, traces.open("w") as trace_file:
         overrides = Path(data_dir) / "demo.toml"
         overrides.write_text(
@@ -238,6 +240,8 @@ def _speed(text: str) -> float:
 
 
 def _model_tiers(config: Config) -> Mapping[str, str]:
+    from costmesh_simulator.stand_in import model_tiers  # noqa: PLC0415 - loads the simulator
+
     return model_tiers(config)
 
 

@@ -18,14 +18,12 @@ import grpc
 
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh.types.v1 import types_pb2
-from costmesh_simulator.stand_in import model_tiers
 from costmesh_tools.casestudy.report import EmptyReportError, SavingsReport, build_report
 from costmesh_tools.casestudy.report_render import render_csv, render_html, render_terminal
 from costmesh_tools.cli_support import decimal as _decimal
 from costmesh_tools.cli_support import positive_decimal, usd, write_grid
 from costmesh_tools.ledger.economics import fine_tune, self_host
 from services.common.config import load_config
-from services.providers.client import SIMULATED
 
 _BY = {name.removeprefix("GROUP_BY_").lower(): value for name, value in ledger_pb2.GroupBy.items()}
 _BY.pop("unspecified")
@@ -144,6 +142,9 @@ def _report_problem(args: argparse.Namespace) -> str:
 
 def _experiment_report(args: argparse.Namespace, out: TextIO) -> int:
     """The experiment's rows, compared by the case study's savings report."""
+    from costmesh_simulator.stand_in import model_tiers  # noqa: PLC0415 - `--help` stays light
+    from services.providers.client import SIMULATED  # noqa: PLC0415
+
     tiers = model_tiers(load_config(args.config, dict(os.environ)))
     stub, metadata = _stub(args)
     request = ledger_pb2.ExportUsageRequest(team=args.team, experiment=args.experiment)

@@ -34,7 +34,6 @@ from costmesh_tools.router.training import (
 from services.common.config import load_config
 from services.common.embedding import SentenceEncoder, embed_sorted, shared_encoder
 from services.common.pricing import PriceCatalog, Usage
-from services.inference.validation import estimate_tokens
 from services.router.artefact import TIERS, TierModel
 from services.router.plans import SHIPPED_ARTEFACT, RouterSettings
 
@@ -121,6 +120,8 @@ class _Costs:
 
 
 def _costs(args: argparse.Namespace, tickets: Sequence[Ticket]) -> _Costs:
+    from services.inference.validation import estimate_tokens  # noqa: PLC0415 - the SDK's types
+
     config = load_config(args.config, dict(os.environ))
     settings = RouterSettings.from_config(config)
     plan = settings.plans.get(args.feature)

@@ -23,7 +23,8 @@ from services.common.errors import (
     ServiceError,
     Unavailable,
 )
-from services.providers.resilience import Cooldowns, retry_after, retryable, wrong_deployment
+from services.providers.failures import retry_after, retryable, wrong_deployment
+from services.providers.resilience import Cooldowns
 from services.providers.settings import ProviderInfo, ProviderSettings
 from services.providers.streaming import ChatStream
 from services.providers.wire import (

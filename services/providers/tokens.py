@@ -11,12 +11,11 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from costmesh.types.v1 import types_pb2
 
-with warnings.catch_warnings():
-    # bpe-openai 0.1.4 reads its vocabularies with a deprecated importlib call.
-    warnings.simplefilter("ignore", DeprecationWarning)
+if TYPE_CHECKING:
     import bpe_openai
 
 DEFAULT_ENCODING = "o200k_base"
@@ -27,17 +26,31 @@ REPLY_PRIMING = 3
 
 
 @functools.cache
+def _package() -> Any:
+    """bpe_openai, imported on the first count: importing it builds its tokenizers
+    (0.6 s), which a command that never counts (`costmesh --help`) should not pay."""
+    with warnings.catch_warnings():
+        # bpe-openai 0.1.4 reads its vocabularies with a deprecated importlib call.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import bpe_openai  # noqa: PLC0415
+
+    return bpe_openai
+
+
+@functools.cache
 def encoding_for(model: str) -> bpe_openai.Encoding:
     """The model's encoding; models the package does not know (self-hosted ones) are
     counted with o200k_base, which is close for modern BPE vocabularies."""
+    package = _package()
     try:
-        name = bpe_openai.encoding_name_for_model(model)
+        name = package.encoding_name_for_model(model)
     except KeyError:
         name = DEFAULT_ENCODING
     with warnings.catch_warnings():
         # bpe-openai 0.1.4 reads its vocabularies with a deprecated importlib call.
         warnings.simplefilter("ignore", DeprecationWarning)
-        return bpe_openai.get_encoding(name)
+        encoding: bpe_openai.Encoding = package.get_encoding(name)
+        return encoding
 
 
 # bpe-openai refuses a text of a million characters or more, or one of more than

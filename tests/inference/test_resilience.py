@@ -18,7 +18,8 @@ from costmesh.ledger.v1 import ledger_pb2
 from costmesh_simulator import OpenAISimulator
 from services.common.config import ConfigError, load_config
 from services.inference.settings import InferenceSettings
-from services.providers.resilience import Cooldowns, RetryPolicy, retry_after, retryable
+from services.providers.failures import retry_after, retryable
+from services.providers.resilience import Cooldowns, RetryPolicy
 from tests.clock import Clock
 from tests.conftest import AUTH, Mesh, running_mesh, user_request
 

@@ -47,7 +47,7 @@ from services.inference.validation import (
     check_context_window,
     estimate_tokens,
 )
-from services.providers.resilience import retry_after, retryable
+from services.providers.failures import retry_after, retryable
 
 log = logging.getLogger(__name__)
 
