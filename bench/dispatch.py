@@ -33,8 +33,9 @@ from opentelemetry.trace import format_trace_id
 from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from costmesh.types.v1 import types_pb2
 from costmesh_simulator import OpenAISimulator
+from services import SERVICES
 from services.common.config import load_config
-from services.mesh import SERVICES, start_mesh
+from services.mesh import start_mesh
 
 KEY = (("authorization", "Bearer cm-demo-admin-key"),)
 PROVIDER_KEY = "sk-bench"

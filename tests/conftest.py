@@ -22,10 +22,11 @@ from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh.router.v1 import router_pb2_grpc
 from costmesh.types.v1 import types_pb2
 from costmesh_simulator import OpenAISimulator
+from services import SERVICES
 from services.common.config import load_config
 from services.common.metrics import setup_metrics
 from services.common.server import RunningServer
-from services.mesh import SERVICES, start_mesh
+from services.mesh import start_mesh
 
 # `costmesh serve` processes the suite starts open no HTTP port unless a test asks
 # for one of its own: 8080 would be shared by every one of them.

@@ -27,12 +27,13 @@ from opentelemetry.sdk import environment_variables as otel_env
 
 import costmesh_tools.cli
 from costmesh_tools.cli import _parser
+from services import SERVICES
 from services.cache import service as cache_service
 from services.common import telemetry
 from services.common.config import API_KEYS_ENV, CONFIG_ENV, ENV_OVERRIDES, ConfigError, load_config
 from services.inference import service as inference_service
 from services.ledger import service as ledger_service
-from services.mesh import PEERS, SERVICES, _peer_addresses, _service_key
+from services.mesh import PEERS, _peer_addresses, _service_key
 from services.router import service as router_service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,7 +107,8 @@ def _resolved_environment(svc: Mapping[str, Any], host: Mapping[str, str]) -> di
 def _serve_args(svc: Mapping[str, Any]) -> Any:
     command = svc["command"]
     assert isinstance(command, list), f"command must be an exec-form list, got {command!r}"
-    return _parser().parse_args([str(a) for a in command])
+    argv = [str(a) for a in command]
+    return _parser(argv).parse_args(argv)
 
 
 def _listen_port(svc: Mapping[str, Any]) -> int:
@@ -471,7 +473,8 @@ def test_dockerfile_installs_the_package_and_runs_its_console_script() -> None:
     assert entrypoint[0] in scripts
     module, _, attr = scripts[entrypoint[0]].partition(":")
     assert getattr(import_module(module), attr) is costmesh_tools.cli.main
-    args = _parser().parse_args(_docker_args(instructions, "CMD"))
+    command = _docker_args(instructions, "CMD")
+    args = _parser(command).parse_args(command)
     assert args.command == "serve"
     users = [rest for kw, rest in instructions if kw == "USER"]
     assert users, "the image must not run as root"

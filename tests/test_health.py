@@ -8,7 +8,7 @@ import sqlite3
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from costmesh_simulator import OpenAISimulator
 from tests.conftest import AUTH, Mesh, user_request
@@ -39,14 +39,24 @@ async def test_health_of_an_unknown_service_is_not_found(mesh: Mesh) -> None:
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_reflection_lists_every_service_without_a_key(mesh: Mesh) -> None:
-    stub = reflection_pb2_grpc.ServerReflectionStub(mesh.channel)
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+async def test_reflection_lists_every_service_without_a_key(mesh: Mesh, version: str) -> None:
+    """Under v1 (what grpcurl and current tools ask first) and v1alpha (older ones)."""
+    call = mesh.channel.stream_stream(
+        f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
     request = reflection_pb2.ServerReflectionRequest(list_services="")
     names: set[str] = set()
-    async for reply in stub.ServerReflectionInfo(iter([request]), timeout=5):
+    async for reply in call(iter([request]), timeout=5):
         names |= {s.name for s in reply.list_services_response.service}
     assert set(FULL_NAMES) <= names
-    assert "grpc.health.v1.Health" in names
+    assert {"grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"} <= names
+
+    described = reflection_pb2.ServerReflectionRequest(file_containing_symbol=FULL_NAMES[3])
+    async for reply in call(iter([described]), timeout=5):
+        assert reply.file_descriptor_response.file_descriptor_proto
 
 
 async def test_shutdown_drains_in_flight_calls_and_reports_not_serving(

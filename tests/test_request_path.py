@@ -14,8 +14,9 @@ from costmesh.inference.v1 import inference_pb2_grpc
 from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
 from costmesh_simulator import OpenAISimulator, count_tokens
+from services import SERVICES
 from services.common.config import load_config
-from services.mesh import SERVICES, start_mesh
+from services.mesh import start_mesh
 from tests.conftest import AUTH, Mesh, mesh_env, user_request
 
 # Published prices of the seed models, in nano-USD per token.

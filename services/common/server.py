@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from services.common import reflection
 from services.common.in_process import IN_PROCESS, InProcessServer
 
 log = logging.getLogger(__name__)
@@ -132,9 +132,7 @@ async def _start(running: RunningServer) -> None:
         if running.local is not None:
             service.register(running.local)  # type: ignore[arg-type]
     names = [s.name for s in running.services]
-    reflection.enable_server_reflection(
-        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], running.server
-    )
+    reflection.enable([*names, health.SERVICE_NAME], running.server)
     await running.server.start()
     for service in running.services:
         await service.start()

@@ -21,13 +21,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from costmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from costmesh.types.v1 import types_pb2
 from costmesh_simulator import OpenAISimulator
+from services import SERVICES
 from services.cache.redis_store import RedisStore
 from services.cache.service import MAX_SOURCE_REQUEST_ID
 from services.cache.store import Answer, Capacity, Entry
 from services.common.config import load_config
 from services.common.embedding import MINILM_DIMENSIONS, normalise
 from services.common.server import RunningServer
-from services.mesh import SERVICES, start_mesh
+from services.mesh import start_mesh
 from tests.conftest import AUTH, Mesh, bad_request_fields, mesh_env, user_request
 from tests.redis_server import PrivateRedis, fresh_prefix
 

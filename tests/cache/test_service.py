@@ -18,9 +18,10 @@ from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
 from costmesh_simulator import OpenAISimulator
 from costmesh_tools.cli import main
+from services import SERVICES
 from services.cache.service import MAX_SOURCE_REQUEST_ID
 from services.common.config import load_config
-from services.mesh import SERVICES, start_mesh
+from services.mesh import start_mesh
 from tests.conftest import AUTH, Mesh, bad_request_fields, mesh_env, read_your_writes, user_request
 
 

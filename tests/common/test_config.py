@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
+from services import SERVICES
 from services.common.config import ConfigError, load_config
 from services.inference.settings import InferenceSettings
-from services.mesh import SERVICES, start_mesh
+from services.mesh import start_mesh
 
 
 def test_embedded_defaults_run_with_no_file_and_no_environment() -> None:

@@ -17,9 +17,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from costmesh.inference.v1 import inference_pb2_grpc
 from costmesh.types.v1 import types_pb2
 from costmesh_simulator import OpenAISimulator
+from services import SERVICES
 from services.common.config import ConfigError, load_config
 from services.inference.validation import estimate_tokens
-from services.mesh import SERVICES, start_mesh
+from services.mesh import start_mesh
 from tests.conftest import AUTH, Mesh, mesh_env, user_request
 
 MeshWithout = Callable[[str], AbstractAsyncContextManager[tuple[str, InMemorySpanExporter]]]

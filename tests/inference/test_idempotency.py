@@ -13,10 +13,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh_simulator import OpenAISimulator
+from services import SERVICES
 from services.common.auth import hash_key
 from services.common.config import load_config
 from services.inference.idempotency import IdempotencyStore
-from services.mesh import SERVICES, start_mesh
+from services.mesh import start_mesh
 from tests.conftest import AUTH, mesh_env, user_request
 
 KEYS = {"team-a": "cm-key-of-team-a", "team-b": "cm-key-of-team-b"}

@@ -27,8 +27,9 @@ from costmesh_simulator.knowledge import KnowledgeError
 from costmesh_simulator.realism import LABEL, PROFILES, WRONG_RATES
 from costmesh_simulator.texts import DEFLECTIONS
 from costmesh_simulator.wire import RATING_SUFFIX
+from services import SERVICES
 from services.common.config import ConfigError, load_config
-from services.mesh import SERVICES, start_mesh
+from services.mesh import start_mesh
 from services.providers.tokens import count_prompt_tokens, count_text_tokens
 from tests.conftest import AUTH, user_request
 

@@ -11,8 +11,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from costmesh.inference.v1 import inference_pb2_grpc
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh_simulator import OpenAISimulator
+from services import SERVICES
 from services.common.config import load_config
-from services.mesh import SERVICES, start_mesh
+from services.mesh import start_mesh
 from tests.conftest import AUTH, mesh_env, read_your_writes, user_request
 from tests.postgres import fresh_schema
 

@@ -14,9 +14,10 @@ from costmesh.types.v1 import types_pb2
 from costmesh_simulator import OpenAISimulator
 from costmesh_tools.router.tickets import Ticket
 from costmesh_tools.router.training import train
+from services import SERVICES
 from services.common.config import ConfigError, load_config
 from services.common.embedding import shared_encoder
-from services.mesh import SERVICES, start_mesh
+from services.mesh import start_mesh
 from services.router.artefact import TIERS, TierModel
 from tests.conftest import AUTH, Mesh, mesh_env, running_mesh
 from tests.router.conftest import TICKETS
