@@ -23,8 +23,6 @@ from services.common.embedding import embed_sorted
 
 Matrix = npt.NDArray[np.float32]
 Embed = Callable[[Sequence[str]], Matrix]
-# P(same question) of a question against each of its candidates (a PairVerifier).
-Verify = Callable[[str, Sequence[str]], list[float]]
 _CHUNK = 1024
 TARGETS = (0.005, 0.01, 0.02, 0.05)  # false hits per served hit a model is calibrated for
 
@@ -36,7 +34,7 @@ class Judged:
 
     query: Example
     candidate: Example
-    similarity: float  # the score the threshold applies to: cosine, or P(same) when verified
+    similarity: float
     refused: str  # why the guard refused every candidate; "" when one passed
 
     @property
@@ -80,17 +78,9 @@ def semantic_queries(stored: Sequence[Example], queries: Sequence[Example]) -> l
 
 
 def judge(
-    embed: Embed,
-    stored: Sequence[Example],
-    queries: Sequence[Example],
-    candidates: int = 4,
-    *,
-    verify: Verify | None = None,
-    floor: float = 0.0,
+    embed: Embed, stored: Sequence[Example], queries: Sequence[Example], candidates: int = 4
 ) -> list[Judged]:
-    """What the cache would serve each query (`candidates` as SemanticCache fetches).
-    With `verify`, the candidates the guard passes at cosine `floor` or more are
-    scored by the verifier and the most probable one is served at its probability."""
+    """What the cache would serve each query (`candidates` as SemanticCache fetches)."""
     matrix = embed_sorted(embed, [e.text for e in stored])
     asked = embed_sorted(embed, [q.text for q in queries])
     k = min(candidates, len(stored))
@@ -101,25 +91,10 @@ def judge(
         for row, indices in enumerate(top.tolist()):
             query = queries[start + row]
             ranked = sorted(indices, key=lambda i: -scores[row, i])
-            near = [(stored[i], float(scores[row, i])) for i in ranked]
-            if verify is None:
-                judged.append(_first_served(query, near))
-            else:
-                judged.append(_verified(query, near, verify, floor))
+            judged.append(
+                _first_served(query, [(stored[i], float(scores[row, i])) for i in ranked])
+            )
     return judged
-
-
-def _verified(
-    query: Example, ranked: Sequence[tuple[Example, float]], verify: Verify, floor: float
-) -> Judged:
-    passed = [
-        c for c, similarity in ranked if similarity >= floor and not refusal(query.text, c.text)
-    ]
-    if not passed:
-        return Judged(query, ranked[0][0], 0.0, "no candidate past the guard and floor")
-    scores = verify(query.text, [c.text for c in passed])
-    best = max(range(len(passed)), key=lambda i: scores[i])
-    return Judged(query, passed[best], scores[best], "")
 
 
 def _first_served(query: Example, ranked: Sequence[tuple[Example, float]]) -> Judged:
@@ -168,9 +143,7 @@ def curve(
     return [point(judged, t, stored_labels) for t in sorted(thresholds)]
 
 
-def calibrate(
-    embed: Embed, sets: Sequence[IntentSet], *, verify: Verify | None = None, floor: float = 0.0
-) -> dict[str, float]:
+def calibrate(embed: Embed, sets: Sequence[IntentSet]) -> dict[str, float]:
     """Per false-hit budget, the threshold the validation splits allow together
     (stored: each set's train split; looked up: its validation split), as one mixed
     stream of traffic. The strictest set alone would be Banking77, whose intents
@@ -180,7 +153,5 @@ def calibrate(
     judged: list[Judged] = []
     for s in sets:
         stored = unique(s.train)
-        judged += judge(
-            embed, stored, semantic_queries(stored, s.validation), verify=verify, floor=floor
-        )
+        judged += judge(embed, stored, semantic_queries(stored, s.validation))
     return {f"{target:g}": round(operating_threshold(judged, target), 4) for target in TARGETS}

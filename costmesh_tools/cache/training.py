@@ -245,11 +245,11 @@ def _export(model: Any, path: Path, *, quantise: bool) -> None:
             dynamo=False,
         )
     if quantise:
-        shrink(plain, path)
+        _shrink(plain, path)
         plain.unlink()
 
 
-def shrink(plain: Path, path: Path) -> None:
+def _shrink(plain: Path, path: Path) -> None:
     """Int8 embedding tables and float16 matrix weights, computed in float32.
 
     Fully dynamic int8 (activations too) would be smaller still, but it scales each
