@@ -143,7 +143,9 @@ def curve(
     return [point(judged, t, stored_labels) for t in sorted(thresholds)]
 
 
-def calibrate(embed: Embed, sets: Sequence[IntentSet]) -> dict[str, float]:
+def calibrate(
+    embed: Embed, sets: Sequence[IntentSet], targets: Sequence[float] = TARGETS
+) -> dict[str, float]:
     """Per false-hit budget, the threshold the validation splits allow together
     (stored: each set's train split; looked up: its validation split), as one mixed
     stream of traffic. The strictest set alone would be Banking77, whose intents
@@ -154,4 +156,4 @@ def calibrate(embed: Embed, sets: Sequence[IntentSet]) -> dict[str, float]:
     for s in sets:
         stored = unique(s.train)
         judged += judge(embed, stored, semantic_queries(stored, s.validation))
-    return {f"{target:g}": round(operating_threshold(judged, target), 4) for target in TARGETS}
+    return {f"{target:g}": round(operating_threshold(judged, target), 4) for target in targets}

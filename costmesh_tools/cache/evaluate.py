@@ -712,6 +712,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ev.add_argument("--lodo-dir", type=Path, default=None,
                     help="compare: holds without-banking77/, without-clinc150/ and "
                     "without-bitext/ (costmesh cache train --data A,B --out ...)")  # fmt: skip
+    ev.add_argument("--calibrate-on-data", action="store_true",
+                    help="compare: thresholds from the --data sets' own validation splits "
+                    "for every model (the card's ignored): the threshold for your own "
+                    "labelled questions, e.g. --data own.jsonl")  # fmt: skip
     ev.add_argument("--target-false-hit-rate", type=unit, default=0.01,
                     help="compare: false hits per served hit allowed (default 0.01)")  # fmt: skip
     ev.add_argument("--report-wrong-hits", action="store_true",
@@ -764,6 +768,7 @@ def _compare(args: argparse.Namespace, out: TextIO) -> int:
             lodo_dir=args.lodo_dir,
             target=args.target_false_hit_rate,
             threads=os.cpu_count() or 1,
+            own_calibration=args.calibrate_on_data,
         )
     except (IntentDataError, comparison.ComparisonError, ModelError) as exc:
         raise EvalError(str(exc)) from None

@@ -45,6 +45,7 @@ async def start_http(app: object, host: str, port: int) -> RunningHttp:
         raise OSError(f"cannot listen on {host}:{port} (HTTP front door): {exc}") from exc
     config = uvicorn.Config(
         app,  # type: ignore[arg-type]
+        http="httptools",  # a C parser (a dependency): h11 costs about 1 ms a call more
         lifespan="off",
         log_config=None,
         access_log=False,

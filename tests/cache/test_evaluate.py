@@ -242,3 +242,26 @@ def test_compare_mode_puts_a_model_at_its_validated_operating_point(
     # Six validation questions cannot show 1% false hits per hit: nothing qualifies.
     assert row.split()[2:4] == ["minilm", "none"]
     assert "precision (1 - false hits per served hit) against hit ratio" in out
+
+
+def test_compare_can_calibrate_every_model_on_your_own_labelled_questions(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tiny = Path(__file__).parent / "data" / "tiny-intents.jsonl"
+    argv = ["cache", "eval", "--models", "shipped", "--data", str(tiny),
+            "--target-false-hit-rate", "0.5"]  # fmt: skip
+
+    assert main(argv) == 0
+    carded = capsys.readouterr().out
+    assert main([*argv, "--calibrate-on-data"]) == 0
+    own = capsys.readouterr().out
+
+    # The shipped model was not trained on these questions: without the option it is
+    # not measured on them at all; with it, at the threshold their validation allows.
+    assert not any(line.lstrip().startswith("in-domain") for line in carded.splitlines())
+    row = next(line for line in own.splitlines() if line.lstrip().startswith("own calibration"))
+    model, threshold, queries, hits = row.split()[3:7]
+    assert model == "shipped"
+    assert 0 < float(threshold) < 1
+    assert int(queries) > 0
+    assert int(hits) > 0
