@@ -17,11 +17,11 @@ from typing import TextIO
 import grpc
 
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
-from costmesh.types.v1 import types_pb2
 from costmesh_tools.casestudy.report import EmptyReportError, SavingsReport, build_report
 from costmesh_tools.casestudy.report_render import render_csv, render_html, render_terminal
 from costmesh_tools.cli_support import decimal as _decimal
 from costmesh_tools.cli_support import positive_decimal, usd, write_grid
+from costmesh_tools.ledger import export
 from costmesh_tools.ledger.economics import fine_tune, self_host
 from services.common.config import load_config
 
@@ -65,9 +65,24 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--config", metavar="PATH", help="mesh TOML over the embedded defaults (the models' tiers)"
     )
     report.set_defaults(handler=_report)
-    export = sub.add_parser("export", help="every usage record of the period, as CSV")
-    _connection(export)
-    export.set_defaults(handler=_export)
+    export_cmd = sub.add_parser(
+        "export", help="every usage record of the period, as CSV or a FinOps FOCUS feed"
+    )
+    _connection(export_cmd)
+    export_cmd.add_argument(
+        "--format",
+        choices=export.FORMATS,
+        default="csv",
+        help="csv: every ledger field; focus: FOCUS 1.x column names "
+        "(BilledCost, ChargePeriodStart, SubAccountId = team, Tags, ...)",
+    )
+    export_cmd.add_argument(
+        "--out",
+        type=Path,
+        metavar="PATH",
+        help="write here (whole, or nothing on failure) instead of stdout",
+    )
+    export_cmd.set_defaults(handler=_export)
 
     economics = commands.add_parser("economics", help="self-hosting and fine-tuning arithmetic")
     esub = economics.add_subparsers(dest="economics_command", required=True)
@@ -191,6 +206,8 @@ def _spend_report(args: argparse.Namespace, out: TextIO) -> int:
     by_model = ledger_pb2.QuerySpendRequest(group_by=ledger_pb2.GROUP_BY_MODEL, team=args.team)
     _limit(by_model, args)
     mix = stub.QuerySpend(by_model, metadata=metadata, timeout=30)
+    if not spend.rows:
+        print(f"costmesh: no usage rows {_period(args)}", file=sys.stderr)
     _print_rows(out, args.format, dims, spend)
     if args.format == "table":
         out.write("\nmodel mix\n")
@@ -243,37 +260,47 @@ def _pct(part: int, whole: int) -> str:
 
 
 def _export(args: argparse.Namespace, out: TextIO) -> int:
+    """Rows as they stream. The header waits for the first row and --out is written
+    whole or not at all, so a refused or failed export leaves nothing behind."""
     stub, metadata = _stub(args)
     request = ledger_pb2.ExportUsageRequest(team=args.team)
     _limit(request, args)
-    writer = csv.writer(out)
-    writer.writerow(_EXPORT_HEADER)
-    for item in stub.ExportUsage(request, metadata=metadata, timeout=3600):
-        writer.writerow(_export_line(item.record))
+    rows = stub.ExportUsage(request, metadata=metadata, timeout=3600)
+    if args.out is None:
+        written = _write_export(rows, args.format, out)
+    else:
+        partial = args.out.with_name(f".{args.out.name}.partial")
+        try:
+            with partial.open("w", newline="", encoding="utf-8") as file:
+                written = _write_export(rows, args.format, file)
+            partial.replace(args.out)
+        finally:
+            partial.unlink(missing_ok=True)
+        print(f"costmesh: wrote {written} rows to {args.out}", file=sys.stderr)
+    if not written:
+        print(f"costmesh: no usage rows {_period(args)}", file=sys.stderr)
     return 0
 
 
-_EXPORT_HEADER = [
-    "time", "request_id", "client_request_id", "trace_id", "team", "feature", "model",
-    "provider", "tier", "input_tokens", "cached_input_tokens", "output_tokens", "cache_outcome",
-    "escalated", "batch", "latency_ms", "cost_nano_usd", "counterfactual_cost_nano_usd",
-    "price_version", "purpose", "route_reason", "p_simple", "p_moderate", "p_complex",
-]  # fmt: skip
-_PROBABILITY_TIERS = (types_pb2.TIER_SIMPLE, types_pb2.TIER_MODERATE, types_pb2.TIER_COMPLEX)
+def _write_export(rows: Iterable[ledger_pb2.ExportUsageResponse], fmt: str, out: TextIO) -> int:
+    writer = csv.writer(out)
+    written = 0
+    for item in rows:
+        if not written:
+            writer.writerow(export.header(fmt))
+        writer.writerow(export.line(item.record, fmt))
+        written += 1
+    if not written:
+        writer.writerow(export.header(fmt))  # a valid, empty feed
+    return written
 
 
-def _export_line(r: ledger_pb2.UsageRecord) -> Iterable[object]:
-    probabilities = {p.tier: p.probability for p in r.route_probabilities}
-    return [
-        r.time.ToDatetime(UTC).isoformat(), r.request_id, r.client_request_id, r.trace_id,
-        r.team, r.feature, r.model, r.provider, _name(types_pb2.Tier.Name(r.tier), "TIER_"),
-        r.usage.input_tokens, r.usage.cached_input_tokens, r.usage.output_tokens,
-        _name(types_pb2.CacheOutcome.Name(r.cache_outcome), "CACHE_OUTCOME_"),
-        int(r.escalated), int(r.batch), r.latency_ms, r.cost_nano_usd,
-        r.counterfactual_cost_nano_usd, r.price_version,
-        _name(ledger_pb2.CallPurpose.Name(r.purpose), "CALL_PURPOSE_"), r.route_reason,
-        *(probabilities.get(tier, 0.0) for tier in _PROBABILITY_TIERS),
-    ]  # fmt: skip
+def _period(args: argparse.Namespace) -> str:
+    """The filter in words, for a result with no rows."""
+    start = args.start.isoformat() if args.start else "the first"
+    end = args.end.isoformat() if args.end else "now"
+    team = f" for team {args.team!r}" if args.team else ""
+    return f"between {start} and {end}{team} (UTC days; --from/--to and --team choose)"
 
 
 def _name(enum_name: str, prefix: str) -> str:

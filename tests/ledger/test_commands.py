@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import json
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +83,87 @@ async def test_a_bad_key_is_one_line_and_exit_1(
 
     assert code == 1
     assert "costmesh: UNAUTHENTICATED: authorization: unknown API key" in capsys.readouterr().err
+
+
+async def test_export_carries_every_ledger_field(
+    mesh: Mesh, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await _calls(mesh)
+
+    code, out = await _run(["ledger", "export", "--addr", mesh.address, "--key", DEMO_KEY], capsys)
+
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0
+    assert {r["status"] for r in rows} == {"ok"}
+    assert {r["baseline_model"] for r in rows} == {"gpt-4o"}
+    hit = rows[1]
+    assert hit["cache_source_request_id"] == rows[0]["request_id"]
+    # A hit costs nothing and counts, against the baseline, what its answer cost then.
+    assert hit["counterfactual_cost_nano_usd"] == rows[0]["counterfactual_cost_nano_usd"]
+    assert {"baseline_input_tokens", "baseline_output_tokens"} <= set(hit)
+    assert {"experiment", "arm"} <= set(rows[0])
+
+
+async def test_a_focus_feed_sums_to_the_ledger_in_dollars_with_team_tags(
+    mesh: Mesh, capsys: pytest.CaptureFixture[str]
+) -> None:
+    costs = await _calls(mesh)
+
+    code, out = await _run(
+        ["ledger", "export", "--addr", mesh.address, "--key", DEMO_KEY, "--format", "focus"],
+        capsys,
+    )
+
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0
+    assert sum(Decimal(r["BilledCost"]) for r in rows) == Decimal(sum(costs)) / 10**9
+    assert {r["BillingCurrency"] for r in rows} == {"USD"}
+    assert {r["SubAccountId"] for r in rows} == {"demo"}
+    first = rows[0]
+    assert first["BilledCost"] == first["EffectiveCost"] == first["ListCost"]
+    assert first["ChargePeriodStart"].endswith("Z")
+    assert first["BillingPeriodStart"] <= first["ChargePeriodStart"] < first["BillingPeriodEnd"]
+    assert json.loads(first["Tags"]) == {
+        "costmesh/team": "demo", "costmesh/feature": "support", "costmesh/tier": "moderate",
+        "costmesh/cache_outcome": "miss", "costmesh/purpose": "answer",
+    }  # fmt: skip
+    assert int(first["ConsumedQuantity"]) > 0
+    assert first["ConsumedUnit"] == "Tokens"
+
+
+async def test_an_export_that_fails_writes_nothing(
+    mesh: Mesh, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    await _calls(mesh)
+    target = tmp_path / "usage.csv"
+    base = ["ledger", "export", "--addr", mesh.address, "--out", str(target)]
+
+    refused, out = await _run([*base, "--key", "wrong"], capsys)
+    assert refused == 1
+    assert out == ""
+    assert not target.exists()
+    assert not (tmp_path / ".usage.csv.partial").exists()
+
+    code, _ = await _run([*base, "--key", DEMO_KEY], capsys)
+    assert code == 0
+    assert len(target.read_text().splitlines()) == 4  # the header and three rows
+
+
+async def test_an_empty_period_says_so_instead_of_printing_zeros(
+    mesh: Mesh, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await _calls(mesh)
+    period = ["--from", "2020-01-01", "--to", "2020-01-31"]
+
+    code = await asyncio.to_thread(
+        main, ["ledger", "report", "--addr", mesh.address, "--key", DEMO_KEY, *period]
+    )
+    report_err = capsys.readouterr().err
+    exported = await asyncio.to_thread(
+        main, ["ledger", "export", "--addr", mesh.address, "--key", DEMO_KEY, "--team", "x"]
+    )
+    export_err = capsys.readouterr().err
+
+    assert code == exported == 0
+    assert "no usage rows between 2020-01-01 and 2020-01-31" in report_err
+    assert "no usage rows between the first and now for team 'x'" in export_err
