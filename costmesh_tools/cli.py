@@ -91,18 +91,19 @@ async def _serve(args: argparse.Namespace) -> int:
         "costmesh" if args.service == "all" else f"costmesh-{args.service}", env
     )
     metrics.set_meter_provider(metering.provider)
-    http_port = config.section("server").get_int("http_port", 0, minimum=0)
-    running = await start_mesh(
-        config, env, names, provider, port=args.port, http_port=http_port or None, metering=metering
-    )
-    host = config.section("server").get_str("host")
-    # One machine-readable line: scripts and tests wait for it to learn the port.
-    print(f"costmesh: serving {args.service} on {host}:{running.port}", flush=True)
-    if running.http_port:
-        where = f"http://{host}:{running.http_port}"
-        api = f"OpenAI-compatible API at {where}/v1, " if "inference" in names else ""
-        print(f"costmesh: {api}metrics at {where}/metrics", flush=True)
     try:
+        http_port = config.section("server").get_int("http_port", 0, minimum=0)
+        running = await start_mesh(
+            config, env, names, provider, port=args.port, http_port=http_port or None,
+            metering=metering,
+        )  # fmt: skip
+        host = config.section("server").get_str("host")
+        # One machine-readable line: scripts and tests wait for it to learn the port.
+        print(f"costmesh: serving {args.service} on {host}:{running.port}", flush=True)
+        if running.http_port:
+            where = f"http://{host}:{running.http_port}"
+            api = f"OpenAI-compatible API at {where}/v1, " if "inference" in names else ""
+            print(f"costmesh: {api}metrics at {where}/metrics", flush=True)
         await serve(running, config.section("server").get_float("grace_seconds"))
     finally:
         provider.shutdown()

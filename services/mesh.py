@@ -289,7 +289,8 @@ async def _open_front_door(
         tracer_provider.get_tracer("costmesh.front_door"),
         metrics=metering.exposition if metering else None,
     )
-    http = await start_http(door.app, host, port)
+    grace = config.section("server").get_float("grace_seconds")
+    http = await start_http(door.app, host, port, grace)
     running.doors.append(http.stop)
     running.http_port = http.port
 

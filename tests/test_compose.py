@@ -29,7 +29,7 @@ import costmesh_tools.cli
 from costmesh_tools.cli import _parser
 from services import SERVICES
 from services.cache import service as cache_service
-from services.common import telemetry
+from services.common import metrics, telemetry
 from services.common.config import API_KEYS_ENV, CONFIG_ENV, ENV_OVERRIDES, ConfigError, load_config
 from services.inference import service as inference_service
 from services.ledger import service as ledger_service
@@ -172,7 +172,7 @@ def _known_variables() -> set[str]:
     known = {*ENV_OVERRIDES, CONFIG_ENV, API_KEYS_ENV}
     known.add(config.section("auth").get_str("service_key_env"))
     known |= {providers.section(name).get_str("api_key_env") for name in providers.names()}
-    telemetry_source = inspect.getsource(telemetry)
+    telemetry_source = inspect.getsource(telemetry) + inspect.getsource(metrics)
     known |= set(re.findall(r"\bOTEL_[A-Z_]*[A-Z]\b", telemetry_source))
     if "OTLPSpanExporter()" in telemetry_source:
         # Built without arguments, the OTLP exporter reads its own OTEL_EXPORTER_OTLP_* variables.

@@ -73,7 +73,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                 finally:
                     auth.reset_current(token)
             except BaseException as exc:
-                code = _code_of(exc)
+                code = _code_of(exc, context)
                 if not isinstance(exc, Exception):
                     raise
                 await _abort(context, exc, method)
@@ -102,7 +102,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                     with contextlib.suppress(ValueError):
                         auth.reset_current(token)
             except BaseException as exc:
-                code = _code_of(exc)
+                code = _code_of(exc, context)
                 if not isinstance(exc, Exception):
                     raise
                 await _abort(context, exc, method)
@@ -112,13 +112,19 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         return stream
 
 
-def _code_of(exc: BaseException) -> grpc.StatusCode:
+def _code_of(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    """The status the caller sees, as the metrics count it."""
     if isinstance(exc, errors.ServiceError):
         return exc.code
     if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        return grpc.StatusCode.CANCELLED
+        left = context.time_remaining()
+        # Cancelled by its own deadline, the caller sees DEADLINE_EXCEEDED.
+        late = left is not None and left <= 0
+        return grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
     if isinstance(exc, grpc.aio.AbortError):
-        return grpc.StatusCode.UNKNOWN
+        aborted = getattr(context, "code", None)
+        code = aborted() if callable(aborted) else None
+        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
     return grpc.StatusCode.INTERNAL
 
 

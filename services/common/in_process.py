@@ -225,9 +225,11 @@ class _UnaryStream:
                     break
                 yield _copy(response)
         finally:
-            await asyncio.create_task(stream.aclose(), context=callee)
-            _record_status(span, code, details)
-            span.end()
+            try:  # a caller cancelled while it waits is cancelled here again: end the span anyway
+                await asyncio.shield(asyncio.create_task(stream.aclose(), context=callee))
+            finally:
+                _record_status(span, code, details)
+                span.end()
 
 
 def _deadline_exceeded() -> grpc.aio.AioRpcError:

@@ -60,17 +60,23 @@ class RunningServer:
             await service.settle()
 
     async def stop(self, grace: float) -> None:
-        """NOT_SERVING first so balancers drain, then let in-flight calls finish."""
-        for door in self.doors:
-            await door()
+        """NOT_SERVING first so balancers drain, then let in-flight calls finish, on
+        gRPC and the other doors alike, before the services stop."""
         for service in self.services:
             await self.health.set(service.name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await asyncio.gather(self.server.stop(grace), *(_close(door) for door in self.doors))
         await _stop_each([s for s in reversed(self.services) if s.calls_peers])
         await _stop_each([s for s in reversed(self.services) if not s.calls_peers])
         for cleanup in self.cleanups:
             await cleanup()
+
+
+async def _close(door: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await door()
+    except Exception:  # the services behind it must stop all the same
+        log.exception("closing a door (the HTTP front door) failed")
 
 
 async def _stop_each(services: Sequence[ServiceDef]) -> None:

@@ -7,6 +7,7 @@ only translates (services/front_door/openai_wire.py) and adds its own SERVER spa
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -29,6 +30,9 @@ from services.front_door.openai_wire import WireError
 
 # A call's deadline inside the mesh: the provider timeout and retries fit well within.
 CALL_TIMEOUT_SECONDS = 600.0
+# The largest request body read: the mesh refuses a message of a million characters
+# anyway, and an unbounded read would let any caller exhaust memory.
+MAX_BODY_BYTES = 16 * 1024 * 1024
 # gRPC status -> (HTTP status, OpenAI error type, OpenAI error code)
 _ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", "invalid_value"),
@@ -87,7 +91,7 @@ class FrontDoor:
         streaming = False
         with trace.use_span(span, end_on_exit=False):
             try:
-                key = _bearer(request)
+                key = self._check_key(request)  # before the body is read: strangers cost nothing
                 call = wire.parse_chat(await _json(request), request.headers, self._models)
                 metadata = (("authorization", f"Bearer {key}"),)
                 if call.stream:
@@ -144,11 +148,20 @@ class FrontDoor:
         pieces: AsyncIterator[inference_pb2.StreamCompleteResponse],
         span: trace.Span,
     ) -> AsyncIterator[bytes]:
+        failed = False
         try:
             async for event in self._chunks(call, first, pieces):
+                failed = failed or event.startswith(b'data: {"error"')
                 yield event
         finally:
-            _finish_span(span, 200)
+            close = getattr(pieces, "aclose", None)
+            try:
+                if close is not None:
+                    await asyncio.shield(close())
+            finally:
+                if failed:  # the status was sent (200); the stream itself failed
+                    span.set_status(Status(StatusCode.ERROR, "stream failed"))
+                _finish_span(span, 200)
 
     async def _chunks(
         self,
@@ -209,10 +222,12 @@ class FrontDoor:
         assert self._metrics is not None  # the route exists only with it
         return Response(self._metrics(), media_type=PROMETHEUS_CONTENT_TYPE)
 
-    def _check_key(self, request: Request) -> None:
-        if self._authenticate(_bearer(request)) is None:
+    def _check_key(self, request: Request) -> str:
+        key = _bearer(request)
+        if self._authenticate(key) is None:
             raise WireError(401, "Incorrect API key provided", code="invalid_api_key",
                             kind="authentication_error")  # fmt: skip
+        return key
 
     def _server_span(self, request: Request) -> trace.Span:
         return self._tracer.start_span(
@@ -247,10 +262,23 @@ def _bearer(request: Request) -> str:
 
 
 async def _json(request: Request) -> Any:
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large()
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > MAX_BODY_BYTES:
+            raise _too_large()
     try:
-        return json.loads(await request.body())
+        return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise WireError(400, f"the request body is not valid JSON: {exc}") from None
+
+
+def _too_large() -> WireError:
+    return WireError(413, f"the request body is over {MAX_BODY_BYTES // (1024 * 1024)} MiB",
+                     code="request_too_large")  # fmt: skip
 
 
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> WireError:

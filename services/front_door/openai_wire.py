@@ -296,7 +296,7 @@ def _cache_control(controls: Mapping[str, str]) -> inference_pb2.CacheControl:
     )
     age = controls.get("cache-max-age", "")
     if age:
-        if not age.isdigit():
+        if not (age.isascii() and age.isdigit() and int(age) < 2**63):
             raise invalid("x-costmesh-cache-max-age", "must be whole seconds")
         control.max_age_seconds = int(age)
     threshold = controls.get("cache-threshold", "")

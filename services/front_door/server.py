@@ -25,8 +25,9 @@ class RunningHttp:
         await self.server.shutdown(sockets=[self.sock])
 
 
-async def start_http(app: object, host: str, port: int) -> RunningHttp:
-    """Bind `host:port` (0 picks a free port) and serve `app` until stopped.
+async def start_http(app: object, host: str, port: int, grace: float = 5.0) -> RunningHttp:
+    """Bind `host:port` (0 picks a free port) and serve `app` until stopped; on stop,
+    open requests (streams too) get `grace` seconds to finish.
 
     uvicorn's own `serve()` would take over SIGINT and SIGTERM; the mesh owns them
     (graceful shutdown of gRPC first), so the server's steps are run one by one."""
@@ -50,14 +51,15 @@ async def start_http(app: object, host: str, port: int) -> RunningHttp:
         log_config=None,
         access_log=False,
         server_header=False,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=max(1, round(grace)),
     )
-    config.load()
-    server = uvicorn.Server(config)
-    server.lifespan = config.lifespan_class(config)
-    await server.startup(sockets=[sock])
-    if server.should_exit:  # startup failed and logged why
+    try:
+        config.load()
+        server = uvicorn.Server(config)
+        server.lifespan = config.lifespan_class(config)
+        await server.startup(sockets=[sock])
+    except BaseException:
         sock.close()
-        raise OSError(f"the HTTP front door could not start on {host}:{port}")
+        raise
     loop_task = asyncio.ensure_future(server.main_loop())
     return RunningHttp(server, loop_task, sock, int(sock.getsockname()[1]))

@@ -85,7 +85,13 @@ class ChatStream:
             await self._stream.close()
         finally:
             completion = self.completion()
-            record_call(self._call, self._label, time.perf_counter() - self._started, completion)
+            record_call(
+                self._call,
+                self._label,
+                time.perf_counter() - self._started,
+                completion,
+                "" if self._finish_reason else "stream_incomplete",
+            )
             finish_span(self._span, completion)
             self._span.set_attribute("costmesh.stream.finished", bool(self._finish_reason))
             self._span.end()

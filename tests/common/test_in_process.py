@@ -3,6 +3,7 @@ or in process: the same answers, the same error statuses, copies of the messages
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -10,10 +11,11 @@ import pytest
 from opentelemetry.trace import SpanKind
 
 from costmesh.cache.v1 import cache_pb2, cache_pb2_grpc
-from costmesh.inference.v1 import inference_pb2_grpc
+from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh.router.v1 import router_pb2, router_pb2_grpc
 from costmesh.types.v1 import types_pb2
+from costmesh_simulator import OpenAISimulator
 from services.common import auth
 from tests.cache.test_service import answer_for
 from tests.conftest import AUTH, Mesh, bad_request_fields, user_request
@@ -149,3 +151,32 @@ async def test_an_in_process_stream_leaves_the_callers_principal_alone(mesh: Mes
 
     assert seen == [caller]
     assert after == caller
+
+
+async def test_a_stream_whose_caller_is_cancelled_still_ends_its_span(
+    mesh: Mesh, simulator: OpenAISimulator
+) -> None:
+    assert mesh.running.local is not None
+    inference = inference_pb2_grpc.InferenceServiceStub(mesh.running.local.channel())
+    simulator.set_latency(2.0)
+    mesh.spans.clear()
+
+    async def read() -> None:
+        request = inference_pb2.StreamCompleteRequest(request=user_request("Slow, please"))
+        async for _ in inference.StreamComplete(request, metadata=AUTH, timeout=10):
+            pass
+
+    reader = asyncio.ensure_future(read())
+    assert await asyncio.to_thread(simulator.wait_for_arrivals, 1, 5.0)
+    # The caller gives up while it waits for the first piece, and (as anyio's cancel
+    # scopes do, under Starlette) cancels again while the stream is closing.
+    while not reader.done():
+        reader.cancel()
+        await asyncio.sleep(0)
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+
+    ended = [s for s in mesh.spans.get_finished_spans() if s.name.endswith("/StreamComplete")]
+    assert len(ended) == 1
+    assert ended[0].attributes is not None
+    assert ended[0].attributes["costmesh.transport"] == "in-process"

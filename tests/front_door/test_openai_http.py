@@ -16,6 +16,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from opentelemetry.trace import SpanKind
 
 from costmesh_simulator import OpenAISimulator
+from services.front_door.app import MAX_BODY_BYTES
 from tests.conftest import DEMO_KEY, Mesh, ledger_rows, running_mesh
 from tests.test_node_client import ROOT, node_or_skip
 
@@ -305,3 +306,36 @@ async def test_the_node_openai_sdk_chats_streams_and_reads_errors(mesh: Mesh) ->
     assert len(seen["stream"]["pieces"]) > 1
     assert seen["stream"]["usage"]["completion_tokens"] > 0
     assert seen["missing"] == {"status": 404, "param": "model", "code": "model_not_found"}
+
+
+async def test_a_stranger_is_refused_before_the_body_is_read_and_bodies_are_capped(
+    mesh: Mesh,
+) -> None:
+    url = f"{base_url(mesh)}/chat/completions"
+    async with httpx.AsyncClient() as http:
+        stranger = await http.post(
+            url, content=b"{not even json", headers={"authorization": "Bearer nobody"}
+        )
+        probing = await http.post(
+            url,
+            json={"model": "no-such-model", "messages": ask("x")},
+            headers={"authorization": "Bearer nobody"},
+        )
+        huge = await http.post(
+            url,
+            content=b" " * (MAX_BODY_BYTES + 1),
+            headers={"authorization": f"Bearer {DEMO_KEY}"},
+        )
+        bad_age = await http.post(
+            url,
+            json={"model": "auto", "messages": ask("x")},
+            headers={
+                "authorization": f"Bearer {DEMO_KEY}",
+                "x-costmesh-cache-max-age": "99999999999999999999",
+            },
+        )
+    assert stranger.status_code == probing.status_code == 401  # no model names leak
+    assert huge.status_code == 413
+    assert huge.json()["error"]["code"] == "request_too_large"
+    assert bad_age.status_code == 400
+    assert bad_age.json()["error"]["param"] == "x-costmesh-cache-max-age"
