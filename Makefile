@@ -30,10 +30,11 @@ serve: $(STAMP)
 ## Regenerate the Python code of the protos (commit the result).
 generate: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
+	$(BIN)/python scripts/gen_config_doc.py
 
 ## Fail when the committed generated code differs from what the protos produce.
 check-generated: generate
-	@git diff --exit-code --stat -- protos || (echo "generated code drifted: run 'make generate' and commit" && exit 1)
+	@git diff --exit-code --stat -- protos docs/configuration.md || (echo "generated code drifted: run 'make generate' and commit" && exit 1)
 	@test -z "$$(git status --porcelain --untracked-files=all -- protos)" || (git status --short -- protos; echo "untracked generated files: run 'make generate' and commit"; exit 1)
 
 ## Proto lint (buf STANDARD + COMMENTS), Python lint, format and types.
