@@ -131,7 +131,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = parse_json(raw)
         chat = path == CHAT_PATH
         if chat:
-            sim._record(body)
+            sim._record(body, self.headers.get("traceparent", ""))
         if sim._take_drop():
             # No response at all: the client sees the connection close under it.
             self.close_connection = True
@@ -300,6 +300,7 @@ class OpenAISimulator:
         self._latency = 0.0
         self._report_usage = True
         self._requests: list[dict[str, Any]] = []
+        self._traceparents: list[str] = []  # each chat request's W3C traceparent, "" if none
         self._keep_requests = keep_requests
         self._call_count = 0
         self._scripts: dict[str, tuple[str, float | None]] = {}
@@ -478,6 +479,12 @@ class OpenAISimulator:
             return copy.deepcopy(self._requests)
 
     @property
+    def traceparents(self) -> list[str]:
+        """The `traceparent` header of each chat request, in arrival order."""
+        with self._lock:
+            return list(self._traceparents)
+
+    @property
     def call_count(self) -> int:
         """Chat completions answered successfully (streamed or not)."""
         with self._lock:
@@ -496,6 +503,7 @@ class OpenAISimulator:
             self._latency = 0.0
             self._chunk_delay = 0.0
             self._requests.clear()
+            self._traceparents.clear()
             self._call_count = 0
             self._report_usage = True
 
@@ -547,11 +555,12 @@ class OpenAISimulator:
         if expected is not None and not hmac.compare_digest(token.encode(), expected.encode()):
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
 
-    def _record(self, body: dict[str, Any]) -> None:
+    def _record(self, body: dict[str, Any], traceparent: str) -> None:
         if not self._keep_requests:
             return
         with self._lock:
             self._requests.append(copy.deepcopy(body))
+            self._traceparents.append(traceparent)
 
     def _take_drop(self) -> bool:
         with self._lock:

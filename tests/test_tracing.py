@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
 
-from costmesh.inference.v1 import inference_pb2_grpc
+from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from costmesh.types.v1 import types_pb2
 from costmesh_simulator import OpenAISimulator
 from services.common import telemetry
@@ -198,3 +198,26 @@ async def test_four_process_trace_has_one_trace_id_across_all_services(
     (llm,) = [s for s in ours if s.name.startswith("chat ")]
     assert llm.parent_span_id == front.span_id
     assert llm.attributes["gen_ai.usage.input_tokens"] == reply.usage.input_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_provider_receives_the_trace_of_its_call(
+    mesh: Mesh, simulator: OpenAISimulator, stream: bool
+) -> None:
+    """A provider that traces (vLLM, a gateway) joins the caller's trace under the
+    provider call's own span."""
+    request = user_request("Which plans do you offer?")
+    if stream:
+        pieces = mesh.inference.StreamComplete(
+            inference_pb2.StreamCompleteRequest(request=request), metadata=AUTH, timeout=10
+        )
+        trace_id = [p.summary async for p in pieces][-1].trace_id
+    else:
+        reply = await mesh.inference.Complete(request, metadata=AUTH, timeout=10)
+        trace_id = reply.trace_id
+
+    (traceparent,) = simulator.traceparents
+    _, sent_trace, sent_parent, _ = traceparent.split("-")
+    provider_call = _named(mesh.spans.get_finished_spans(), "chat gpt-4o-mini", SpanKind.CLIENT)
+    assert sent_trace == trace_id
+    assert sent_parent == format_span_id(provider_call.context.span_id)

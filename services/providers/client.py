@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import openai
 from openai.types.chat import ChatCompletion
-from opentelemetry import metrics, trace
+from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from services.common.config import ConfigError
@@ -275,6 +275,7 @@ class Providers:
                     **request_fields(call, time_limit),
                     stream=True,
                     stream_options={"include_usage": True},
+                    extra_headers=_trace_headers(span),
                 )
         except (openai.OpenAIError, TimeoutError) as exc:
             record_call(call, label, time.perf_counter() - started, None, type(exc).__name__)
@@ -300,7 +301,7 @@ class Providers:
                         "/chat/completions",
                         cast_to=ChatCompletion,
                         body=chat_body(call),
-                        options={"timeout": time_limit},
+                        options={"timeout": time_limit, "headers": _trace_headers(span)},
                     )
             except (openai.OpenAIError, TimeoutError) as exc:
                 record_call(call, label, time.perf_counter() - started, None, type(exc).__name__)
@@ -316,6 +317,14 @@ class Providers:
     async def close(self) -> None:
         for client, _ in self._clients.values():
             await client.close()
+
+
+def _trace_headers(span: Span) -> dict[str, str]:
+    """The provider call's span as W3C trace context: a provider that traces (vLLM, a
+    gateway with OpenTelemetry) joins the caller's trace; OpenAI ignores it."""
+    headers: dict[str, str] = {}
+    propagate.inject(headers, context=trace.set_span_in_context(span))
+    return headers
 
 
 def _translate(exc: openai.OpenAIError | TimeoutError, model: str) -> ServiceError:
