@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import textwrap
+from collections.abc import Sequence
 from decimal import Decimal
 from html import escape
 
@@ -165,6 +166,34 @@ def render_html(report: SavingsReport) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{escape(title)}</title><style>{_CSS.strip()}</style></head>\n<body><main>\n"
         + "\n".join(part for part in body if part)
+        + "\n</main></body></html>\n"
+    )
+
+
+def render_table_page(
+    title: str, note: str, tables: Sequence[tuple[str, Sequence[str], Sequence[Sequence[str]]]]
+) -> str:
+    """Any report's tables (heading, header, rows) as one self-contained page, with
+    the savings report's style and its policy: nothing is fetched."""
+    body = [f"<h1>{escape(title)}</h1><p class=meta>{escape(note)}</p>"]
+    for heading, header, rows in tables:
+        head = "".join(f'<th scope="col">{escape(h)}</th>' for h in header)
+        cells = "".join(
+            f'<tr><th scope="row">{escape(row[0])}</th>'
+            + "".join(f"<td>{escape(cell)}</td>" for cell in row[1:])
+            + "</tr>"
+            for row in rows
+        )
+        body.append(
+            f"<h2>{escape(heading)}</h2><table><thead><tr>{head}</tr></thead>"
+            f"<tbody>{cells}</tbody></table>"
+        )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{escape(title)}</title><style>{_CSS.strip()}</style></head>\n<body><main>\n"
+        + "\n".join(body)
         + "\n</main></body></html>\n"
     )
 

@@ -18,7 +18,12 @@ import grpc
 
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh_tools.casestudy.report import EmptyReportError, SavingsReport, build_report
-from costmesh_tools.casestudy.report_render import render_csv, render_html, render_terminal
+from costmesh_tools.casestudy.report_render import (
+    render_csv,
+    render_html,
+    render_table_page,
+    render_terminal,
+)
 from costmesh_tools.cli_support import decimal as _decimal
 from costmesh_tools.cli_support import positive_decimal, usd, write_grid
 from costmesh_tools.ledger import export
@@ -48,7 +53,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     _connection(report)
     report.add_argument("--by", help=f"one or two of: {', '.join(_BY)} (default {_DEFAULT_BY})")
     report.add_argument(
-        "--format", choices=tuple(_RENDER), default="table", help="html: --experiment only"
+        "--format", choices=tuple(_RENDER), default="table", help="table, csv or one HTML page"
     )
     report.add_argument("--out", type=Path, metavar="PATH", help="write the report to this file")
     experiment = report.add_argument_group("experiments")
@@ -147,7 +152,6 @@ def _report_problem(args: argparse.Namespace) -> str:
     if not 1 <= len(dims) <= 2 or any(d not in _BY for d in dims):
         return f"--by takes one or two of {', '.join(_BY)}"
     experiment_only = {
-        "--format html": args.format == "html",
         "--requests-per-day": args.requests_per_day is not None,
         "--config": args.config is not None,
     }
@@ -208,6 +212,14 @@ def _spend_report(args: argparse.Namespace, out: TextIO) -> int:
     mix = stub.QuerySpend(by_model, metadata=metadata, timeout=30)
     if not spend.rows:
         print(f"costmesh: no usage rows {_period(args)}", file=sys.stderr)
+    if args.format == "html":
+        by = " and ".join(dims)
+        tables = [
+            (f"By {by}", *_rows(dims, spend, "table")),
+            ("Model mix", *_rows(["model"], mix, "table")),
+        ]
+        out.write(render_table_page("costmesh spend report", f"Spend {_period(args)}.", tables))
+        return 0
     _print_rows(out, args.format, dims, spend)
     if args.format == "table":
         out.write("\nmodel mix\n")
@@ -218,6 +230,19 @@ def _spend_report(args: argparse.Namespace, out: TextIO) -> int:
 def _print_rows(
     out: TextIO, fmt: str, dims: Sequence[str], spend: ledger_pb2.QuerySpendResponse
 ) -> None:
+    header, lines = _rows(dims, spend, fmt)
+    if fmt == "csv":
+        writer = csv.writer(out)
+        writer.writerow(header)
+        writer.writerows(lines)
+        return
+    write_grid(out, header, lines, "table")
+
+
+def _rows(
+    dims: Sequence[str], spend: ledger_pb2.QuerySpendResponse, fmt: str
+) -> tuple[list[str], list[list[str]]]:
+    """The header and the lines (a TOTAL line last) of a spend table."""
     header = [*dims, "calls", "cost_usd", "without_costmesh_usd", "savings_usd", "savings_pct",
               "cache_hit_pct", "escalation_pct", "cost_share_pct"]  # fmt: skip
     lines = [_line(r, dims, spend.total_cost_nano_usd, fmt) for r in spend.rows]
@@ -231,12 +256,7 @@ def _print_rows(
         escalated_calls=sum(r.escalated_calls for r in spend.rows),
     )
     lines.append(_line(total, dims, spend.total_cost_nano_usd, fmt))
-    if fmt == "csv":
-        writer = csv.writer(out)
-        writer.writerow(header)
-        writer.writerows(lines)
-        return
-    write_grid(out, header, lines, "table")
+    return header, lines
 
 
 def _line(row: ledger_pb2.SpendRow, dims: Sequence[str], total: int, fmt: str) -> list[str]:

@@ -167,3 +167,24 @@ async def test_an_empty_period_says_so_instead_of_printing_zeros(
     assert code == exported == 0
     assert "no usage rows between 2020-01-01 and 2020-01-31" in report_err
     assert "no usage rows between the first and now for team 'x'" in export_err
+
+
+async def test_any_report_renders_as_one_self_contained_html_page(
+    mesh: Mesh, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    await _calls(mesh)
+    page = tmp_path / "spend.html"
+
+    code, _ = await _run(
+        ["ledger", "report", "--addr", mesh.address, "--key", DEMO_KEY, "--by", "team,feature",
+         "--format", "html", "--out", str(page)],
+        capsys,
+    )  # fmt: skip
+
+    html = page.read_text()
+    assert code == 0
+    assert html.startswith("<!DOCTYPE html>")
+    assert "default-src 'none'" in html  # fetches nothing
+    assert '<th scope="row">demo</th><td>support</td><td>2</td>' in html
+    assert "<h2>Model mix</h2>" in html
+    assert "gpt-4o-mini" in html

@@ -200,7 +200,7 @@ async def test_rows_answered_by_the_simulator_are_labelled(
 @pytest.mark.parametrize(
     ("options", "problem"),
     [
-        (["--format", "html"], "--format html needs --experiment"),
+        (["--config", "x.toml"], "--config needs --experiment"),
         (["--requests-per-day", "10"], "--requests-per-day needs --experiment"),
         (["--experiment", "x", "--by", "team"], "--by does not apply to --experiment reports"),
     ],
