@@ -119,6 +119,14 @@ def _run_command(args: argparse.Namespace) -> int:
         return int(args.handler(args, sys.stdout))
     except grpc.RpcError as exc:
         print(f"costmesh: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        addr = str(getattr(args, "addr", ""))
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED and addr:
+            print(
+                f"costmesh: {addr} does not serve that service: with the services "
+                "split, point --addr at the one that does (the ledger's address is the "
+                "mesh's peers.ledger, LEDGER_ADDR)",
+                file=sys.stderr,
+            )
         return 1
     except (ValueError, ArithmeticError) as exc:
         print(f"costmesh: {exc}", file=sys.stderr)

@@ -10,8 +10,11 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 
 from costmesh_tools.cli import main
+from services.common.config import load_config
+from services.mesh import start_mesh
 from tests.conftest import AUTH, DEMO_KEY, Mesh, user_request
 
 
@@ -188,3 +191,22 @@ async def test_any_report_renders_as_one_self_contained_html_page(
     assert '<th scope="row">demo</th><td>support</td><td>2</td>' in html
     assert "<h2>Model mix</h2>" in html
     assert "gpt-4o-mini" in html
+
+
+async def test_asking_a_process_without_the_ledger_says_where_to_point(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = {"COSTMESH_SERVICE_KEY": "split-test-key", "COSTMESH_DATA_DIR": str(tmp_path)}
+    cache_only = await start_mesh(load_config(env=env), env, ["cache"], TracerProvider(), port=0)
+    try:
+        code = await asyncio.to_thread(
+            main, ["ledger", "report", "--addr", f"127.0.0.1:{cache_only.port}", "--key", DEMO_KEY]
+        )
+    finally:
+        await cache_only.stop(grace=0)
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "UNIMPLEMENTED" in err
+    assert "point --addr at the one that does" in err
+    assert "peers.ledger" in err
