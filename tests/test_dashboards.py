@@ -45,6 +45,9 @@ tier = "simple"
 escalation = "self_rating"
 escalation_threshold = 0.7
 
+[teams.demo]
+daily_usd = "100"
+
 [features.flaky]
 router = "rules"
 cache_mode = "off"

@@ -17,10 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
 
 from services.common.config import Config, ConfigError
 from services.common.outages import OutageLog
@@ -101,6 +105,23 @@ class _Ledger:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
+_LIVE: weakref.WeakSet[TeamBudgets] = weakref.WeakSet()
+
+
+def _budget_use(options: CallbackOptions) -> Iterable[Observation]:
+    for budgets in list(_LIVE):
+        for team, period, share in budgets.used():
+            yield Observation(share, {"costmesh.team": team, "costmesh.budget.period": period})
+
+
+metrics.get_meter("costmesh.inference").create_observable_gauge(
+    "costmesh.budget.used",
+    callbacks=[_budget_use],
+    unit="1",
+    description="Share of each limited team's daily and monthly budget spent or committed",
+)
+
+
 class TeamBudgets:
     def __init__(
         self,
@@ -114,7 +135,27 @@ class TeamBudgets:
         self._spend_since = spend_since
         self._clock = clock
         self._teams: dict[str, _Ledger] = {}
+        _LIVE.add(self)
         self._outage = OutageLog(log, "ledger spend reads for budgets (last known spend used)")
+
+    def close(self) -> None:
+        """No longer reported in the metrics (the service stopped)."""
+        _LIVE.discard(self)
+
+    def used(self) -> Iterator[tuple[str, str, float]]:
+        """(team, period, share of the limit spent or committed) for every limited team
+        that has called since this process started."""
+        for team, state in list(self._teams.items()):
+            limits = self._limits.get(team)
+            if limits is None:
+                continue
+            local = state.reserved + state.on_the_way_total + state.acknowledged_since_read
+            for period, limit, spent in (
+                ("daily", limits.daily_nano, state.daily),
+                ("monthly", limits.monthly_nano, state.monthly),
+            ):
+                if limit:
+                    yield team, period, (spent + local) / limit
 
     def limited(self, team: str) -> bool:
         return team in self._limits

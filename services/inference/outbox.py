@@ -13,11 +13,14 @@ import contextlib
 import logging
 import sqlite3
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 
 import grpc
 from google.protobuf import text_format
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
 
 from costmesh.ledger.v1 import ledger_pb2
 from services.common.outages import OutageLog
@@ -50,6 +53,21 @@ class RefusedError(Exception):
         self.permanent = permanent
 
 
+_OPEN: weakref.WeakSet[UsageOutbox] = weakref.WeakSet()
+
+
+def _backlog(options: CallbackOptions) -> Iterable[Observation]:
+    yield Observation(sum(outbox.pending_count() for outbox in list(_OPEN)))
+
+
+metrics.get_meter("costmesh.inference").create_observable_gauge(
+    "costmesh.outbox.pending",
+    callbacks=[_backlog],
+    unit="{record}",
+    description="Usage rows written but not yet acknowledged by the ledger",
+)
+
+
 class UsageOutbox:
     """Survives a ledger outage and a restart: nothing is lost, repeats are harmless
     because the ledger ignores a request id it has already recorded. A malformed
@@ -66,6 +84,7 @@ class UsageOutbox:
     ) -> None:
         # NORMAL: survives a killed process (the failure the outbox is for) without an
         # fsync per call; only an OS crash or power loss can drop the last commits.
+        _OPEN.add(self)
         self._db = open_database(path)
         self._db.executescript(
             "CREATE TABLE IF NOT EXISTS outbox (team TEXT NOT NULL, request_id TEXT NOT NULL,"
@@ -266,6 +285,7 @@ class UsageOutbox:
         await self.settled()
         with contextlib.suppress(Exception):
             await self.flush()
+        _OPEN.discard(self)
         with self._lock:
             self._db.close()
 

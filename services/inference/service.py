@@ -178,6 +178,7 @@ def build(
         # their rows must reach the outbox before it closes.
         await idempotency.drain(peers.timeout)
         await outbox.stop()
+        budgets.close()
         await providers.close()
         idempotency.close()
 

@@ -18,6 +18,9 @@ CONFIG = """
 [features.metered]
 router = "rules"
 tier = "simple"
+
+[teams.demo]
+daily_usd = "10"
 """
 
 
@@ -88,3 +91,19 @@ async def test_errors_are_counted_by_status(mesh: Mesh) -> None:
     invalid = {"rpc_method": "Complete", "rpc_grpc_status_code": "3"}  # INVALID_ARGUMENT
     name = "rpc_server_duration_seconds_count"
     assert value(after, name, **invalid) - value(before, name, **invalid) == 1
+
+
+async def test_budget_use_and_the_outbox_backlog_are_gauges(mesh: Mesh) -> None:
+    await mesh.inference.Complete(user_request("Is there a student discount?", "metered"),
+                                  metadata=AUTH, timeout=10)  # fmt: skip
+    await mesh.running.settled()
+    scraped = await scrape(mesh)
+
+    used = value(scraped, "costmesh_budget_used", costmesh_team="demo",
+                 costmesh_budget_period="daily")  # fmt: skip
+    assert 0 < used < 0.001  # a fraction of a cent of ten dollars
+    assert ("costmesh_outbox_pending", frozenset()) in {
+        (name, frozenset(k for k in labels if not k[0].startswith("otel_")))
+        for name, labels in scraped
+    }
+    assert value(scraped, "costmesh_outbox_pending") == 0  # settled: the ledger has it all
