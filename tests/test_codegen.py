@@ -1,5 +1,6 @@
 """Clients for other languages come from the same protos: buf.gen.yaml generates
-TypeScript, and the generated code type-checks in strict mode with a caller's use."""
+TypeScript (which type-checks in strict mode with a caller's use) and Go (messages and
+gRPC stubs, at the protos' go_package paths)."""
 
 from __future__ import annotations
 
@@ -29,10 +30,16 @@ export const bytes: Uint8Array = toBinary(CompleteRequestSchema, request);
 """
 
 
+SERVICES = ("cache", "inference", "ledger", "router")
+
+
 def _tools() -> None:
     missing = [t for t in ("buf", "protoc-gen-es", "tsc") if not (BIN / t).exists()]
     if missing or shutil.which("node") is None:
         unavailable(f"node or {', '.join(missing) or 'node'} missing: run `npm ci`")
+    go = [t for t in ("protoc-gen-go", "protoc-gen-go-grpc") if shutil.which(t) is None]
+    if go:
+        unavailable(f"{', '.join(go)} missing: apt-get install -y protoc-gen-go protoc-gen-go-grpc")
 
 
 def _run(command: list[str], cwd: Path) -> None:
@@ -43,11 +50,16 @@ def _run(command: list[str], cwd: Path) -> None:
     assert done.returncode == 0, f"{command[0]}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
 
 
-def test_typescript_is_generated_for_every_proto_and_type_checks(tmp_path: Path) -> None:
+def test_typescript_and_go_are_generated_for_every_proto(tmp_path: Path) -> None:
     _tools()
     _run([str(BIN / "buf"), "generate", "--template", "buf.gen.yaml", "-o", str(tmp_path)], ROOT)
     generated = sorted(p.name for p in tmp_path.glob("gen/ts/costmesh/*/v1/*_pb.ts"))
     assert generated == sorted(f"{name}_pb.ts" for name in PROTOS)
+    go = sorted(p.name for p in tmp_path.glob("gen/go/costmesh/*/v1/*.go"))
+    assert go == sorted([f"{n}.pb.go" for n in PROTOS] + [f"{n}_grpc.pb.go" for n in SERVICES])
+    stub = (tmp_path / "gen/go/costmesh/inference/v1/inference_grpc.pb.go").read_text()
+    assert "package inferencev1" in stub
+    assert "func NewInferenceServiceClient(" in stub
 
     (tmp_path / "node_modules").symlink_to(ROOT / "node_modules")
     (tmp_path / "caller.ts").write_text(CALLER)
