@@ -39,19 +39,27 @@ def _with_max_tokens(value: int) -> inference_pb2.CompleteRequest:
 
 
 BAD_REQUESTS = [
-    ("empty messages", inference_pb2.CompleteRequest(feature="support"), "messages"),
-    ("unknown feature", user_request("hi", feature="nope"), "feature"),
-    ("missing feature", user_request("hi", feature=""), "feature"),
-    ("negative max_tokens", _with_max_tokens(-5), "params.max_tokens"),
-    ("absurd max_tokens", _with_max_tokens(10_000_000), "params.max_tokens"),
-    ("oversized prompt", user_request("word " * 40_000), "messages"),
-    ("unknown model", user_request("hi", model="gpt-9000"), "model"),
+    (
+        "empty messages",
+        inference_pb2.CompleteRequest(feature="support"),
+        ("messages", "INVALID_ARGUMENT"),
+    ),
+    ("unknown feature", user_request("hi", feature="nope"), ("feature", "UNKNOWN_FEATURE")),
+    ("missing feature", user_request("hi", feature=""), ("feature", "INVALID_ARGUMENT")),
+    ("negative max_tokens", _with_max_tokens(-5), ("params.max_tokens", "INVALID_ARGUMENT")),
+    (
+        "absurd max_tokens",
+        _with_max_tokens(10_000_000),
+        ("params.max_tokens", "MAX_TOKENS_OVER_LIMIT"),
+    ),
+    ("oversized prompt", user_request("word " * 40_000), ("messages", "PROMPT_TOO_LONG")),
+    ("unknown model", user_request("hi", model="gpt-9000"), ("model", "UNKNOWN_MODEL")),
     (
         "role missing",
         inference_pb2.CompleteRequest(
             feature="support", messages=[types_pb2.ChatMessage(content="x")]
         ),
-        "messages[0].role",
+        ("messages[0].role", "INVALID_ARGUMENT"),
     ),
     (
         "no user message",
@@ -59,27 +67,28 @@ BAD_REQUESTS = [
             feature="support",
             messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_SYSTEM, content="x")],
         ),
-        "messages",
+        ("messages", "INVALID_ARGUMENT"),
     ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("case", "request_", "field"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS]
+    ("case", "request_", "expected"), BAD_REQUESTS, ids=[str(c[0]) for c in BAD_REQUESTS]
 )
 async def test_bad_input_is_invalid_argument_naming_the_field(
     mesh: Mesh,
     simulator: OpenAISimulator,
     case: str,
     request_: inference_pb2.CompleteRequest,
-    field: str,
+    expected: tuple[str, str],
 ) -> None:
+    field, reason = expected
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await mesh.inference.Complete(request_, metadata=AUTH, timeout=10)
 
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, case
     assert (caught.value.details() or "").startswith(field)
-    assert _details(caught.value) == ("INVALID_ARGUMENT", [field])
+    assert _details(caught.value) == (reason, [field])
     assert simulator.call_count == 0, "nothing is spent on a bad request"
     ok = await mesh.inference.Complete(user_request("still up?"), metadata=AUTH, timeout=10)
     assert ok.content

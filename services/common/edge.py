@@ -161,7 +161,9 @@ def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 def _check_readable(request: Any) -> None:
     if isinstance(request, _Unreadable):
-        raise errors.InvalidArgument("request", f"not a valid message: {request.reason}")
+        raise errors.InvalidArgument(
+            "request", f"not a valid message: {request.reason}", reason="MESSAGE_NOT_READABLE"
+        )
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, method: str) -> None:

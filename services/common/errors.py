@@ -30,8 +30,10 @@ class InvalidArgument(ServiceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = "INVALID_ARGUMENT"
 
-    def __init__(self, field: str, description: str) -> None:
-        super().__init__(f"{field}: {description}")
+    def __init__(self, field: str, description: str, *, reason: str | None = None) -> None:
+        """`reason`: a specific ErrorInfo reason callers branch on (docs/errors.md);
+        the generic INVALID_ARGUMENT otherwise, the field named in BadRequest."""
+        super().__init__(f"{field}: {description}", reason=reason)
         self.field_violations = [(field, description)]
 
 

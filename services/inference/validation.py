@@ -48,10 +48,12 @@ def validate(
         raise InvalidArgument("feature", "required")
     limits = settings.features.get(request.feature)
     if limits is None:
-        raise InvalidArgument("feature", f"unknown feature {request.feature!r}")
+        raise InvalidArgument(
+            "feature", f"unknown feature {request.feature!r}", reason="UNKNOWN_FEATURE"
+        )
     _validate_messages(request.messages)
     if request.model and request.model not in settings.models:
-        raise InvalidArgument("model", f"unknown model {request.model!r}")
+        raise InvalidArgument("model", f"unknown model {request.model!r}", reason="UNKNOWN_MODEL")
     if len(request.scope_key) > MAX_SCOPE_KEY:
         raise InvalidArgument("scope_key", f"at most {MAX_SCOPE_KEY} characters")
     _validate_cache_control(request.cache_control)
@@ -67,6 +69,7 @@ def validate(
             "messages",
             f"prompt is about {prompt_tokens} tokens; feature {request.feature!r} accepts "
             f"at most {limits.max_input_tokens}",
+            reason="PROMPT_TOO_LONG",
         )
     return limits, max_tokens
 
@@ -121,7 +124,9 @@ def _validate_params(params: types_pb2.GenerationParams, limits: FeatureLimits) 
             raise InvalidArgument("params.max_tokens", "must be at least 1")
         if params.max_tokens > limits.max_tokens_limit:
             raise InvalidArgument(
-                "params.max_tokens", f"at most {limits.max_tokens_limit} for this feature"
+                "params.max_tokens",
+                f"at most {limits.max_tokens_limit} for this feature",
+                reason="MAX_TOKENS_OVER_LIMIT",
             )
         max_tokens = params.max_tokens
     if params.HasField("temperature") and not 0 <= params.temperature <= 2:
@@ -157,16 +162,20 @@ def _validate_response_format(fmt: types_pb2.ResponseFormat) -> None:
         schema = json.loads(fmt.json_schema)
     except json.JSONDecodeError as exc:
         raise InvalidArgument(
-            "params.response_format.json_schema", f"not JSON: {exc.msg}"
+            "params.response_format.json_schema", f"not JSON: {exc.msg}", reason="INVALID_SCHEMA"
         ) from None
     except RecursionError:  # nested deeper than Python's parser goes
         schema, too_deep = None, True
     if too_deep or _depth(schema) > MAX_SCHEMA_DEPTH:
         raise InvalidArgument(
-            "params.response_format.json_schema", f"nested deeper than {MAX_SCHEMA_DEPTH} levels"
+            "params.response_format.json_schema",
+            f"nested deeper than {MAX_SCHEMA_DEPTH} levels",
+            reason="INVALID_SCHEMA",
         )
     if not isinstance(schema, dict):
-        raise InvalidArgument("params.response_format.json_schema", "must be a JSON object")
+        raise InvalidArgument(
+            "params.response_format.json_schema", "must be a JSON object", reason="INVALID_SCHEMA"
+        )
 
 
 def _depth(value: object) -> int:
