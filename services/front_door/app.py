@@ -282,7 +282,8 @@ def _too_large() -> WireError:
 
 
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> WireError:
-    """The mesh's status in OpenAI's shape; a BadRequest detail names the param."""
+    """The mesh's status in OpenAI's shape: a BadRequest detail names the param, and a
+    specific ErrorInfo reason (docs/errors.md) becomes the code, in lower case."""
     status, kind, code = _ERRORS.get(exc.code(), (500, "api_error", None))
     param = None
     raw = dict(exc.trailing_metadata() or ()).get("grpc-status-details-bin")
@@ -292,6 +293,11 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> WireError:
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
                 param = bad.field_violations[0].field if bad.field_violations else None
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                if info.reason and info.reason != exc.code().name:
+                    code = info.reason.lower()
     return WireError(status, exc.details() or exc.code().name, param=param, code=code, kind=kind)
 
 
