@@ -123,8 +123,8 @@ def _run_command(args: argparse.Namespace) -> int:
         if exc.code() == grpc.StatusCode.UNIMPLEMENTED and addr:
             print(
                 f"costmesh: {addr} does not serve that service: with the services "
-                "split, point --addr at the one that does (the ledger's address is the "
-                "mesh's peers.ledger, LEDGER_ADDR)",
+                "split, point --addr at the process that does (the mesh's peers.cache, "
+                "peers.router and peers.ledger, or CACHE_ADDR, ROUTER_ADDR, LEDGER_ADDR)",
                 file=sys.stderr,
             )
         return 1

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from services.common.config import ENV_OVERRIDES
+from tests.unavailable import unavailable
+
 ROOT = Path(__file__).resolve().parent.parent
 COSTMESH = Path(sys.executable).parent / "costmesh"
 
@@ -50,20 +53,24 @@ def _port_free(port: int) -> bool:
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Path]:
     for port in (50051, 8080):
-        if not _port_free(port):
-            pytest.fail(f"127.0.0.1:{port} is taken: the tour runs the mesh on its defaults")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("COSTMESH_", "OPENAI_", "OTEL_"))}  # fmt: skip
+        if not _port_free(port):  # `make serve` in another terminal, say
+            unavailable(f"127.0.0.1:{port} is taken: the tour runs the mesh on its defaults")
+    ours = ("COSTMESH_", "OPENAI_", "OTEL_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ours) and k not in ENV_OVERRIDES}
     env["COSTMESH_DATA_DIR"] = str(tmp_path / "data")
-    with subprocess.Popen(
+    log = tmp_path / "serve.log"
+    with log.open("w") as stderr, subprocess.Popen(
         [str(COSTMESH), "serve"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, text=True,
+        stderr=stderr, text=True,
     ) as process:  # fmt: skip
         try:
             assert process.stdout is not None
-            for line in process.stdout:  # the ready lines
-                if line.startswith("costmesh: OpenAI-compatible API"):
+            ready = False
+            for line in process.stdout:  # until the HTTP line, or the end if serve died
+                if "OpenAI-compatible API" in line:
+                    ready = True
                     break
+            assert ready, f"costmesh serve did not start: {log.read_text()}"
             yield tmp_path
         finally:
             process.terminate()
@@ -89,6 +96,10 @@ def test_every_tour_snippet_and_command_runs_as_written(served: Path) -> None:
     )  # fmt: skip
     assert shell.returncode == 0, shell.stderr[-3000:]
     assert "key (give it to the team" in shell.stdout
-    assert "TOTAL" in shell.stdout  # the report
-    assert (served / "chargeback.csv").read_text().startswith("team,feature,")
-    assert (served / "focus.csv").read_text().startswith("BilledCost,")
+    assert "support" in shell.stdout  # the report shows the tour's calls
+    chargeback = (served / "chargeback.csv").read_text().splitlines()
+    assert chargeback[0].startswith("team,feature,")
+    assert any(line.startswith("demo,support,") for line in chargeback)
+    focus = (served / "focus.csv").read_text().splitlines()
+    assert focus[0].startswith("BilledCost,")
+    assert len(focus) > 1  # the tour's calls, billed

@@ -282,10 +282,12 @@ def _too_large() -> WireError:
 
 
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> WireError:
-    """The mesh's status in OpenAI's shape: a BadRequest detail names the param, and a
-    specific ErrorInfo reason (docs/errors.md) becomes the code, in lower case."""
+    """The mesh's status in OpenAI's shape, OpenAI's codes kept (clients branch on
+    them): a BadRequest detail names the param; the ErrorInfo reason (docs/errors.md)
+    rides along as `costmesh_reason` and the x-costmesh-error-reason header."""
     status, kind, code = _ERRORS.get(exc.code(), (500, "api_error", None))
     param = None
+    reason = ""
     raw = dict(exc.trailing_metadata() or ()).get("grpc-status-details-bin")
     if isinstance(raw, bytes):
         for detail in status_pb2.Status.FromString(raw).details:
@@ -296,13 +298,16 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> WireError:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
-                if info.reason and info.reason != exc.code().name:
-                    code = info.reason.lower()
-    return WireError(status, exc.details() or exc.code().name, param=param, code=code, kind=kind)
+                reason = info.reason
+    return WireError(
+        status, exc.details() or exc.code().name, param=param, code=code, kind=kind,
+        reason=reason,
+    )  # fmt: skip
 
 
 def _error(exc: WireError) -> Response:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    headers = {"x-costmesh-error-reason": exc.reason} if exc.reason else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 def _event(body: dict[str, Any]) -> bytes:

@@ -67,6 +67,7 @@ class WireError(Exception):
         param: str | None = None,
         code: str | None = None,
         kind: str = "invalid_request_error",
+        reason: str = "",
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -74,16 +75,18 @@ class WireError(Exception):
         self.param = param
         self.code = code
         self.kind = kind
+        self.reason = reason  # the mesh's ErrorInfo reason (docs/errors.md), if any
 
     def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.kind,
-                "param": self.param,
-                "code": self.code,
-            }
+        error: dict[str, Any] = {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
         }
+        if self.reason:
+            error["costmesh_reason"] = self.reason
+        return {"error": error}
 
 
 def invalid(param: str, message: str) -> WireError:

@@ -145,16 +145,19 @@ class TeamBudgets:
     def used(self) -> Iterator[tuple[str, str, float]]:
         """(team, period, share of the limit spent or committed) for every limited team
         that has called since this process started."""
+        today = datetime.now(UTC).date().isoformat()
         for team, state in list(self._teams.items()):
             limits = self._limits.get(team)
             if limits is None:
                 continue
             local = state.reserved + state.on_the_way_total + state.acknowledged_since_read
-            for period, limit, spent in (
-                ("daily", limits.daily_nano, state.daily),
-                ("monthly", limits.monthly_nano, state.monthly),
+            for period, limit, spent, current in (
+                ("daily", limits.daily_nano, state.daily, state.day == today),
+                ("monthly", limits.monthly_nano, state.monthly, state.day[:7] == today[:7]),
             ):
-                if limit:
+                # A figure read in an earlier day (or month) says nothing of this one:
+                # the team is reported again once it calls (and is read) anew.
+                if limit and current:
                     yield team, period, (spent + local) / limit
 
     def limited(self, team: str) -> bool:

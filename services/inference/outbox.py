@@ -84,7 +84,6 @@ class UsageOutbox:
     ) -> None:
         # NORMAL: survives a killed process (the failure the outbox is for) without an
         # fsync per call; only an OS crash or power loss can drop the last commits.
-        _OPEN.add(self)
         self._db = open_database(path)
         self._db.executescript(
             "CREATE TABLE IF NOT EXISTS outbox (team TEXT NOT NULL, request_id TEXT NOT NULL,"
@@ -113,6 +112,8 @@ class UsageOutbox:
         self._senders: set[asyncio.Task[None]] = set()
         self._flushing = asyncio.Lock()
         self._outage = OutageLog(log, "usage delivery to the ledger (kept in the outbox)")
+        self._closed = False
+        _OPEN.add(self)  # whole: a metrics collection may count it from now on
 
     async def deliver(
         self, record: ledger_pb2.UsageRecord, time_limit: float
@@ -271,6 +272,8 @@ class UsageOutbox:
 
     def pending_count(self) -> int:
         with self._lock:
+            if self._closed:  # a collection that began before stop() finished
+                return 0
             (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
         return int(count)
 
@@ -287,6 +290,7 @@ class UsageOutbox:
             await self.flush()
         _OPEN.discard(self)
         with self._lock:
+            self._closed = True
             self._db.close()
 
     async def _flush_forever(self) -> None:

@@ -99,6 +99,7 @@ def check_context_window(prompt_tokens: int, max_tokens: int, model: str, window
             "messages",
             f"prompt (about {prompt_tokens} tokens) plus max_tokens {max_tokens} exceeds "
             f"the {window}-token context window of {model}",
+            reason="PROMPT_TOO_LONG",
         )
 
 

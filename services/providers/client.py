@@ -12,8 +12,9 @@ from typing import TypeVar
 
 import openai
 from openai.types.chat import ChatCompletion
-from opentelemetry import metrics, propagate, trace
+from opentelemetry import metrics, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from services.common.config import ConfigError
 from services.common.errors import (
@@ -38,6 +39,7 @@ from services.providers.wire import (
 )
 
 log = logging.getLogger(__name__)
+_TRACE_CONTEXT = TraceContextTextMapPropagator()
 _METER = metrics.get_meter("costmesh.providers")
 _RETRIES = _METER.create_counter(
     "costmesh.provider.retries", unit="{retry}", description="Tries after a failed one, by model"
@@ -323,7 +325,8 @@ def _trace_headers(span: Span) -> dict[str, str]:
     """The provider call's span as W3C trace context: a provider that traces (vLLM, a
     gateway with OpenTelemetry) joins the caller's trace; OpenAI ignores it."""
     headers: dict[str, str] = {}
-    propagate.inject(headers, context=trace.set_span_in_context(span))
+    # Trace context only: a caller's baggage is not the provider's business.
+    _TRACE_CONTEXT.inject(headers, context=trace.set_span_in_context(span))
     return headers
 
 

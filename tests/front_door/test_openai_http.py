@@ -234,7 +234,9 @@ async def test_keys_and_budgets_answer_with_openai_status_codes(mesh: Mesh) -> N
             )
     assert isinstance(over.value.body, dict)
     assert "budget" in over.value.body["message"]
-    assert over.value.body["code"] == "team_budget_exceeded"  # the ErrorInfo reason
+    assert over.value.body["code"] == "insufficient_quota"  # OpenAI's, as clients expect
+    assert over.value.body["costmesh_reason"] == "TEAM_BUDGET_EXCEEDED"
+    assert over.value.response.headers["x-costmesh-error-reason"] == "TEAM_BUDGET_EXCEEDED"
 
 
 async def test_models_lists_auto_and_every_configured_model(sdk: AsyncOpenAI) -> None:

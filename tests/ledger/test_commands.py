@@ -208,5 +208,5 @@ async def test_asking_a_process_without_the_ledger_says_where_to_point(
     err = capsys.readouterr().err
     assert code == 1
     assert "UNIMPLEMENTED" in err
-    assert "point --addr at the one that does" in err
+    assert "point --addr at the process that does" in err
     assert "peers.ledger" in err
