@@ -26,11 +26,13 @@ from costmesh.types.v1 import types_pb2
 KEY = (("authorization", "Bearer cm-demo-admin-key"),)
 
 
-async def _start_mesh(data_dir: str) -> tuple[asyncio.subprocess.Process, str]:
+async def _start_mesh(data_dir: str, *extra: str) -> tuple[asyncio.subprocess.Process, str]:
+    """`costmesh serve` on the embedded defaults (simulated provider), `extra` its
+    further options; returns the process and its gRPC address."""
     env = {**os.environ, "COSTMESH_DATA_DIR": data_dir, "COSTMESH_LOG_LEVEL": "WARNING"}
     env.pop("OPENAI_API_KEY", None)
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "costmesh_tools.cli", "serve", "--port", "0",
+        sys.executable, "-m", "costmesh_tools.cli", "serve", "--port", "0", *extra,
         env=env, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert process.stdout is not None

@@ -16,13 +16,13 @@ import asyncio
 import os
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 
 import grpc
 import httpx2 as httpx
+from cache_hit_latency import _start_mesh
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
@@ -37,21 +37,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-async def _start(data_dir: str, http_port: int) -> tuple[asyncio.subprocess.Process, str]:
-    env = {**os.environ, "COSTMESH_DATA_DIR": data_dir, "COSTMESH_LOG_LEVEL": "WARNING"}
-    env.pop("OPENAI_API_KEY", None)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "costmesh_tools.cli", "serve", "--port", "0",
-        "--http-port", str(http_port), env=env, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert process.stdout is not None
-    async with asyncio.timeout(30):
-        while line := (await process.stdout.readline()).decode():
-            if line.startswith("costmesh: serving all on "):
-                return process, line.rsplit(" ", 1)[1].strip()
-    raise RuntimeError("the mesh did not start")
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -74,7 +59,7 @@ async def _timed(
 async def _run(calls: int, rounds: int) -> None:
     http_port = _free_port()
     with tempfile.TemporaryDirectory() as data_dir:
-        process, address = await _start(data_dir, http_port)
+        process, address = await _start_mesh(data_dir, "--http-port", str(http_port))
         try:
             async with (
                 grpc.aio.insecure_channel(address) as channel,
