@@ -3,6 +3,9 @@
 This is AIP-155 for Complete: retrying with the same request_id never calls the
 provider or bills twice, and reusing an id for a different request is refused.
 Responses are kept on local disk for a day, so a retry after a restart is safe too.
+A response is remembered in the transaction that writes its usage rows to the outbox
+(the same file), so a kill at any point leaves both or neither: a retry replays the
+first answer, or finds nothing was billed and answers afresh.
 """
 
 from __future__ import annotations
@@ -39,7 +42,10 @@ def fingerprint(request: inference_pb2.CompleteRequest) -> str:
 
 
 class IdempotencyStore:
-    """(team, request_id) -> the response that answered it, for `ttl_seconds`."""
+    """(team, request_id) -> the response that answered it, for `ttl_seconds`.
+
+    `path` is the outbox's file: the write that remembers a response commits with the
+    outbox's rows (`remembered`)."""
 
     def __init__(
         self, path: Path, ttl_seconds: int, clock: Callable[[], float] = time.time
@@ -58,7 +64,7 @@ class IdempotencyStore:
         self._lock = threading.Lock()
         self._ttl = ttl_seconds
         self._clock = clock
-        self._saves = 0
+        self._answers = 0
         # Answers under way, with their fingerprints. Each runs as its own task, so a
         # caller that gives up does not stop it: a retry joins it instead of paying
         # the provider again.
@@ -71,7 +77,8 @@ class IdempotencyStore:
         request: inference_pb2.CompleteRequest,
         answer: Callable[[], Awaitable[Response]],
     ) -> Response:
-        """The stored response for a repeat, else `answer()` (remembered if it succeeds).
+        """The stored response for a repeat, else `answer()`, which remembers it by
+        committing `remembered(...)` with its usage rows.
 
         A concurrent repeat shares the outcome of the attempt under way, error included.
         """
@@ -129,13 +136,31 @@ class IdempotencyStore:
                 raise _reused()
             return Response.FromString(stored[1])
         response = await answer()
-        try:
-            await asyncio.to_thread(self._put, key, digest, response)
-        except sqlite3.Error:
-            # The answer is paid for and recorded; failing it now would make the
-            # client retry and pay again. Only the replay protection is lost.
-            log.exception("could not remember request_id %s of team %s", key[1], key[0])
+        self._answers += 1
+        if self._answers % _PRUNE_EVERY == 0:
+            try:
+                await asyncio.to_thread(self._prune)
+            except sqlite3.Error:  # the next prune takes what this one left
+                log.exception("could not prune expired request ids")
         return response
+
+    def remembered(
+        self, team: str, request: inference_pb2.CompleteRequest, response: Response
+    ) -> Callable[[sqlite3.Connection], None]:
+        """The write that remembers `response` (as it is now) for repeats of `request`,
+        for the caller to run inside its own transaction on this store's file."""
+        row = (
+            team,
+            request.request_id,
+            fingerprint(request),
+            response.SerializeToString(),
+            self._clock() + self._ttl,
+        )
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO answered VALUES (?, ?, ?, ?, ?)", row)
+
+        return write
 
     def _get(self, key: tuple[str, str]) -> tuple[str, bytes] | None:
         with self._lock:
@@ -145,16 +170,6 @@ class IdempotencyStore:
                 (*key, self._clock()),
             ).fetchone()
         return None if row is None else (str(row[0]), bytes(row[1]))
-
-    def _put(self, key: tuple[str, str], digest: str, response: Response) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO answered VALUES (?, ?, ?, ?, ?)",
-                (*key, digest, response.SerializeToString(), self._clock() + self._ttl),
-            )
-            self._saves += 1
-        if self._saves % _PRUNE_EVERY == 0:
-            self._prune()
 
     def _prune(self) -> None:
         """Drop a bounded batch of expired entries (indexed, so cheap at any size)."""

@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -37,6 +38,8 @@ Delivered = Callable[
 ]
 # Told of records parked as malformed: they will never be delivered (nor billed).
 Parked = Callable[[Sequence[ledger_pb2.UsageRecord]], None]
+# A write of the caller's own that must commit with its records or not at all.
+AlsoWrite = Callable[[sqlite3.Connection], None]
 BATCH = 200
 FLUSH_TIME_LIMIT = 10.0
 # Background senders at once; beyond, or while the ledger is down, the flusher sends.
@@ -84,6 +87,7 @@ class UsageOutbox:
     ) -> None:
         # NORMAL: survives a killed process (the failure the outbox is for) without an
         # fsync per call; only an OS crash or power loss can drop the last commits.
+        self._path = path
         self._db = open_database(path)
         self._db.executescript(
             "CREATE TABLE IF NOT EXISTS outbox (team TEXT NOT NULL, request_id TEXT NOT NULL,"
@@ -93,7 +97,7 @@ class UsageOutbox:
         )
         self._lock = threading.Lock()
         # Inserts and deletes of concurrent calls share commits (one thread hop each).
-        self._inserts: GroupCommit[ledger_pb2.UsageRecord] = GroupCommit(self._put_all)
+        self._inserts: GroupCommit[_Insert] = GroupCommit(self._put_all)
         self._deletes: GroupCommit[ledger_pb2.UsageRecord] = GroupCommit(self._delete)
         self._send = send
         self._retry_seconds = retry_seconds
@@ -115,24 +119,38 @@ class UsageOutbox:
         self._closed = False
         _OPEN.add(self)  # whole: a metrics collection may count it from now on
 
+    @property
+    def path(self) -> Path:
+        return self._path
+
     async def deliver(
         self, record: ledger_pb2.UsageRecord, time_limit: float
     ) -> ledger_pb2.RecordedUsage | None:
         """Persist, then try once now; None means the ledger will get it later."""
         claimed = self._claim(record)
-        persisted = await self._persist(record)
+        persisted = await self._persist([record], None)
         return await self._send_claimed(record, time_limit, persisted, claimed)
 
-    async def enqueue(self, record: ledger_pb2.UsageRecord, time_limit: float) -> bool:
-        """Persist now and send in the background; False if the disk failed, and then
-        the record is sent directly (and logged as lost if that fails too)."""
-        claimed = not self._ledger_down and len(self._senders) < MAX_SENDERS and self._claim(record)
-        persisted = await self._persist(record)
-        if claimed or not persisted:
-            # Sent in the caller's context, so the ledger write is part of its trace.
-            sender = asyncio.create_task(self._send_later(record, time_limit, persisted, claimed))
-            self._senders.add(sender)
-            sender.add_done_callback(self._senders.discard)
+    async def enqueue(
+        self,
+        records: Sequence[ledger_pb2.UsageRecord],
+        time_limit: float,
+        also: AlsoWrite | None = None,
+    ) -> bool:
+        """Persist now (with `also`, in the same transaction: all or nothing survives a
+        kill) and send in the background; False if the disk failed, and then the
+        records are sent directly (and logged as lost if that fails too)."""
+        claimed = [
+            not self._ledger_down and len(self._senders) < MAX_SENDERS and self._claim(record)
+            for record in records
+        ]
+        persisted = await self._persist(records, also)
+        for record, mine in zip(records, claimed, strict=True):
+            if mine or not persisted:
+                # Sent in the caller's context, so the ledger write is part of its trace.
+                sender = asyncio.create_task(self._send_later(record, time_limit, persisted, mine))
+                self._senders.add(sender)
+                sender.add_done_callback(self._senders.discard)
         return persisted
 
     async def settled(self) -> None:
@@ -152,13 +170,17 @@ class UsageOutbox:
         self._sending.add(key)
         return True
 
-    async def _persist(self, record: ledger_pb2.UsageRecord) -> bool:
+    async def _persist(
+        self, records: Sequence[ledger_pb2.UsageRecord], also: AlsoWrite | None
+    ) -> bool:
         try:
-            await self._inserts.write(record)
+            await self._inserts.write(_Insert(records, also))
         except sqlite3.Error:
             # Disk full or broken: still try the ledger directly, and if that fails
             # too the "usage LOST" log line is the only copy of this usage.
-            log.exception("outbox could not persist usage %s", record.request_id)
+            log.exception(
+                "outbox could not persist usage %s", ", ".join(r.request_id for r in records)
+            )
             return False
         return True
 
@@ -302,12 +324,15 @@ class UsageOutbox:
                 self._outage.failed(f"{_brief(exc)}; {self.pending_count()} pending")
             await asyncio.sleep(self._retry_seconds)
 
-    def _put_all(self, records: Sequence[ledger_pb2.UsageRecord]) -> None:
+    def _put_all(self, inserts: Sequence[_Insert]) -> None:
         with self._lock, transaction(self._db) as db:
             db.executemany(
                 "INSERT OR IGNORE INTO outbox (team, request_id, record) VALUES (?, ?, ?)",
-                [(r.team, r.request_id, r.SerializeToString()) for r in records],
+                [(r.team, r.request_id, r.SerializeToString()) for i in inserts for r in i.records],
             )
+            for insert in inserts:
+                if insert.also is not None:
+                    insert.also(db)
 
     def _park(self, record: ledger_pb2.UsageRecord, reason: str) -> None:
         log.error("ledger rejected usage %s (%s); parked in dead_letter", record.request_id, reason)
@@ -338,6 +363,14 @@ class UsageOutbox:
                 "DELETE FROM outbox WHERE team = ? AND request_id = ?",
                 [(r.team, r.request_id) for r in records],
             )
+
+
+@dataclass(frozen=True)
+class _Insert:
+    """One caller's records, and its own write to commit with them."""
+
+    records: Sequence[ledger_pb2.UsageRecord]
+    also: AlsoWrite | None
 
 
 def _unreachable(exc: Exception) -> bool:

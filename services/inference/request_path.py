@@ -36,10 +36,11 @@ from services.inference.call import (
     new_response,
 )
 from services.inference.idempotency import IdempotencyStore
+from services.inference.outbox import AlsoWrite
 from services.inference.router_port import RouterPort
 from services.inference.settings import InferenceSettings
 from services.inference.single_flight import SingleFlight
-from services.inference.usage_recording import UsageRecorder
+from services.inference.usage_recording import Remember, UsageRecorder
 from services.inference.validation import validate
 
 Response = inference_pb2.CompleteResponse
@@ -81,15 +82,19 @@ class CompletionPath:
         )
         if not request.request_id:
             return await self._answer(call)
+
+        def remember(response: Response) -> AlsoWrite:
+            return self._idempotency.remembered(principal.team, request, response)
+
         response = await self._idempotency.answer_once(
-            principal.team, request, lambda: self._answer(call)
+            principal.team, request, lambda: self._answer(call, remember)
         )
         trace.get_current_span().set_attribute(
             "costmesh.replayed", response.trace_id != current_trace_id()
         )
         return response
 
-    async def _answer(self, call: Call) -> Response:
+    async def _answer(self, call: Call, remember: Remember | None = None) -> Response:
         response = new_response(call)
         try:
             looked_up = await self._look_up(call)
@@ -106,7 +111,9 @@ class CompletionPath:
             _trace_outcome(response)
             # Shielded: once the work is done its usage is recorded, even if the caller
             # gives up (deadline, cancel) while the ledger write is under way.
-            await asyncio.shield(self._recorder.record(call, response, baseline, looked_up))
+            await asyncio.shield(
+                self._recorder.record(call, response, baseline, looked_up, remember)
+            )
             return response
         finally:
             self._admission.settle(call)

@@ -115,7 +115,6 @@ def build(
         metadata=channels.metadata,
         timeout=channels.timeout,
     )
-    idempotency = IdempotencyStore(settings.idempotency_path, settings.idempotency_ttl_seconds)
 
     prices = _price_catalog(config, settings)
     budgets = TeamBudgets(settings.teams, prices, ledger.spend_since)
@@ -148,6 +147,8 @@ def build(
     outbox = UsageOutbox(
         settings.outbox_path, ledger.send, settings.outbox_retry_seconds, delivered, parked
     )
+    # In the outbox's file: a response is remembered in the transaction of its rows.
+    idempotency = IdempotencyStore(settings.outbox_path, settings.idempotency_ttl_seconds)
     admission = Admission(settings, budgets)
     path = CompletionPath(
         settings,

@@ -39,7 +39,6 @@ class InferenceSettings:
     calls: ProviderSettings
     outbox_path: Path
     outbox_retry_seconds: float
-    idempotency_path: Path
     idempotency_ttl_seconds: int
     batch_store_path: Path = Path("batches.sqlite3")
     batch_poll_seconds: float = 30.0
@@ -104,7 +103,6 @@ class InferenceSettings:
             calls=calls,
             outbox_path=data_dir / inference.get_str("outbox", "outbox.sqlite3"),
             outbox_retry_seconds=inference.get_float("outbox_retry_seconds", 2.0),
-            idempotency_path=data_dir / inference.get_str("idempotency", "idempotency.sqlite3"),
             idempotency_ttl_seconds=inference.get_int("idempotency_ttl_seconds", 86_400, minimum=1),
             batch_store_path=data_dir / inference.get_str("batch_store", "batches.sqlite3"),
             batch_poll_seconds=inference.get_float("batch_poll_seconds", 30.0),

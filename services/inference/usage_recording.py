@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
 
@@ -19,8 +21,8 @@ from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
 from services.common.pricing import PriceCatalog, Usage
 from services.inference.admission import Admission
-from services.inference.call import Call, Overhead, overhead
-from services.inference.outbox import UsageOutbox
+from services.inference.call import Call, overhead
+from services.inference.outbox import AlsoWrite, UsageOutbox
 from services.inference.settings import InferenceSettings
 
 # The ledger keeps a route reason of at most this many characters; a longer one (an
@@ -57,6 +59,16 @@ _OUTCOMES = {
 }
 
 
+# Given the priced response, the write that remembers it for replays (idempotency).
+Remember = Callable[[inference_pb2.CompleteResponse], AlsoWrite]
+
+
+@dataclass(frozen=True)
+class _Row:
+    record: ledger_pb2.UsageRecord
+    cost: int | None  # None: a model this process cannot price
+
+
 class UsageRecorder:
     def __init__(
         self,
@@ -78,10 +90,14 @@ class UsageRecorder:
         response: inference_pb2.CompleteResponse,
         baseline_usage: types_pb2.TokenUsage,
         looked_up: cache_pb2.LookupResponse | None,
+        remember: Remember | None = None,
     ) -> None:
-        """The answer's row, then its overhead's, as one unit."""
-        await self._answer_row(call, response, baseline_usage)
-        await self.record_overhead(call, response, looked_up)
+        """The answer's row and its overhead's, written as one unit; with `remember`
+        (the write that keeps the priced response for repeats of its request_id) in
+        the same transaction, so no kill can leave rows without it or it without rows."""
+        rows = [self._answer_row(call, response, baseline_usage)]
+        rows += self._overhead_rows(call, response, looked_up)
+        await self._write(rows, None if remember is None else remember(response))
 
     async def record_overhead(
         self,
@@ -90,30 +106,20 @@ class UsageRecorder:
         looked_up: cache_pb2.LookupResponse | None,
     ) -> None:
         """What was paid for on the way, also when the call failed."""
-        if looked_up is not None and looked_up.embedding_usage.input_tokens:
-            call.overhead.append(
-                overhead(
-                    self._settings,
-                    looked_up.embedding_model,
-                    looked_up.embedding_usage,
-                    ledger_pb2.CALL_PURPOSE_CACHE_EMBEDDING,
-                )
-            )
-        for paid in call.overhead:
-            await self._overhead_row(call, paid, response)
-        call.overhead.clear()
+        if rows := self._overhead_rows(call, response, looked_up):
+            await self._write(rows, None)
 
     async def settled(self) -> None:
         """Every row recorded so far has been offered to the ledger."""
         await self._outbox.settled()
 
-    async def _answer_row(
+    def _answer_row(
         self,
         call: Call,
         response: inference_pb2.CompleteResponse,
         baseline_usage: types_pb2.TokenUsage,
-    ) -> None:
-        await self._deliver(
+    ) -> _Row:
+        return self._row(
             call,
             response,
             request_id=call.usage_id,
@@ -134,30 +140,42 @@ class UsageRecorder:
             cache_source_request_id=response.cache_source_request_id,
         )
 
-    async def _overhead_row(
-        self, call: Call, paid: Overhead, response: inference_pb2.CompleteResponse
-    ) -> None:
-        await self._deliver(
-            call,
-            response,
-            request_id=uuid.uuid4().hex,
-            model=paid.model,
-            provider=paid.provider,
-            tier=call.route.tier,
-            usage=paid.usage,
-            baseline_usage=types_pb2.TokenUsage(),
-            purpose=paid.purpose,
-        )
+    def _overhead_rows(
+        self,
+        call: Call,
+        response: inference_pb2.CompleteResponse,
+        looked_up: cache_pb2.LookupResponse | None,
+    ) -> list[_Row]:
+        """A row per billed call around the answer (taken off the call: recorded once)."""
+        if looked_up is not None and looked_up.embedding_usage.input_tokens:
+            call.overhead.append(
+                overhead(
+                    self._settings,
+                    looked_up.embedding_model,
+                    looked_up.embedding_usage,
+                    ledger_pb2.CALL_PURPOSE_CACHE_EMBEDDING,
+                )
+            )
+        rows = [
+            self._row(
+                call,
+                response,
+                request_id=uuid.uuid4().hex,
+                model=paid.model,
+                provider=paid.provider,
+                tier=call.route.tier,
+                usage=paid.usage,
+                baseline_usage=types_pb2.TokenUsage(),
+                purpose=paid.purpose,
+            )
+            for paid in call.overhead
+        ]
+        call.overhead.clear()
+        return rows
 
-    async def _deliver(
-        self, call: Call, response: inference_pb2.CompleteResponse, **fields: Any
-    ) -> None:
-        """One ledger row of this call, through the outbox; its cost adds to the reply's.
-
-        The row is on disk before the reply leaves, so it cannot be lost, and the
-        ledger gets it moments later in the background. A model this process has no
-        price for leaves the reply `cost_pending`.
-        """
+    def _row(self, call: Call, response: inference_pb2.CompleteResponse, **fields: Any) -> _Row:
+        """One ledger row of this call, priced; its cost adds to the reply's. A model
+        this process has no price for leaves the reply `cost_pending`."""
         now = timestamp_pb2.Timestamp()
         now.GetCurrentTime()
         record = ledger_pb2.UsageRecord(
@@ -178,10 +196,17 @@ class UsageRecorder:
         else:
             response.cost_nano_usd += cost
         self._count(record, cost)
+        return _Row(record, cost)
+
+    async def _write(self, rows: list[_Row], also: AlsoWrite | None) -> None:
+        """The rows on disk before the reply leaves, so they cannot be lost; the ledger
+        gets them moments later in the background."""
+        persisted = await self._outbox.enqueue([row.record for row in rows], self._timeout, also)
         # Counted on the way only once on disk: a record the outbox could not keep
         # was sent directly (or lost), and never acknowledged later.
-        if await self._outbox.enqueue(record, self._timeout) and cost:
-            self._admission.on_the_way(record.team, record.request_id, cost)
+        for row in rows:
+            if persisted and row.cost:
+                self._admission.on_the_way(row.record.team, row.record.request_id, row.cost)
 
     def _count(self, record: ledger_pb2.UsageRecord, cost: int | None) -> None:
         """The row in the metrics: cost always; requests, baseline and escalation for

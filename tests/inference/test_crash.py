@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -111,3 +113,83 @@ async def _send_and_kill(
                 await process.wait()
         await asyncio.gather(*calls, return_exceptions=True)
     return answered
+
+
+KILLS = 12  # bench/faults.py runs many more (`sigkill --kills 100`)
+
+
+async def test_repeated_kills_under_load_bill_each_answered_request_exactly_once(
+    simulator: OpenAISimulator, tmp_path: Path
+) -> None:
+    """Inference is killed at random points while callers retry their request ids
+    against an instant provider: each request ends with one answer row, no row is
+    left without an answered request, and replies' costs are the rows' to the nano."""
+    env = {**mesh_env(simulator, tmp_path / "peers"), "COSTMESH_SERVICE_KEY": SERVICE_KEY}
+    config = load_config(env=env)
+    peers = await start_mesh(config, env, ["cache", "router", "ledger"], TracerProvider(), port=0)
+    address = f"127.0.0.1:{peers.port}"
+    front_env = {
+        **os.environ, **env, "COSTMESH_DATA_DIR": str(tmp_path / "inference"),
+        "CACHE_ADDR": address, "ROUTER_ADDR": address, "LEDGER_ADDR": address,
+    }  # fmt: skip
+    requests = {f"req-{i}": user_request(f"Order {i}: where is it?", request_id=f"req-{i}")
+                for i in range(200)}  # fmt: skip
+    replies: dict[str, list[inference_pb2.CompleteResponse]] = {}
+    rng = random.Random(20261206)
+    try:
+        for _ in range(KILLS):
+            process, front = await start_service("inference", front_env)
+            await _call_until_killed(front, requests, replies, process, rng.uniform(0.05, 0.5))
+        process, front = await start_service("inference", front_env)
+        async with grpc.aio.insecure_channel(front) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            for request_id, request in requests.items():
+                reply = await stub.Complete(request, metadata=AUTH, timeout=10)
+                replies.setdefault(request_id, []).append(reply)
+        process.send_signal(signal.SIGTERM)
+        assert await process.wait() == 0
+        rows = await _ledger_rows(address)
+    finally:
+        await peers.stop(grace=1)
+
+    answers = Counter(
+        r.client_request_id for r in rows if r.purpose == ledger_pb2.CALL_PURPOSE_ANSWER
+    )
+    assert {k: n for k, n in answers.items() if n != 1} == {}, "an answer billed twice"
+    assert set(answers) == set(requests), "no row without its request, no request unbilled"
+    for request_id, seen in replies.items():
+        assert len({r.trace_id for r in seen}) == 1, f"{request_id} answered twice"
+        billed = sum(r.cost_nano_usd for r in rows if r.client_request_id == request_id)
+        assert billed == seen[0].cost_nano_usd  # 0 for a retry the cache answered
+    assert sum(len(seen) for seen in replies.values()) > len(requests), "kills cut calls"
+
+
+async def _call_until_killed(
+    front: str,
+    requests: dict[str, inference_pb2.CompleteRequest],
+    replies: dict[str, list[inference_pb2.CompleteResponse]],
+    process: asyncio.subprocess.Process,
+    after: float,
+) -> None:
+    """Eight callers ask (and ask again) for the unanswered requests, and some of the
+    answered ones; SIGKILL lands `after` seconds after the first answer (once warm)."""
+    async with grpc.aio.insecure_channel(front) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        queue = [r for r in requests if r not in replies] + list(replies)[:20]
+
+        async def caller() -> None:
+            while queue:
+                request_id = queue.pop(0)
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    reply = await stub.Complete(requests[request_id], metadata=AUTH, timeout=5)
+                    replies.setdefault(request_id, []).append(reply)
+                    warm.set()
+
+        warm = asyncio.Event()
+        callers = [asyncio.ensure_future(caller()) for _ in range(8)]
+        async with asyncio.timeout(30):
+            await warm.wait()
+        await asyncio.sleep(after)
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+        await asyncio.gather(*callers, return_exceptions=True)

@@ -16,6 +16,7 @@ from costmesh_simulator import OpenAISimulator
 from services import SERVICES
 from services.common.auth import hash_key
 from services.common.config import load_config
+from services.common.sqlite import open_database, transaction
 from services.inference.idempotency import IdempotencyStore
 from services.mesh import start_mesh
 from tests.conftest import AUTH, mesh_env, user_request
@@ -140,9 +141,13 @@ async def test_a_retry_after_the_caller_gave_up_joins_the_answer_under_way(
 async def test_a_ledger_row_settles_a_pending_reply_once(tmp_path: Path) -> None:
     store = IdempotencyStore(tmp_path / "i.sqlite3", 3600)
     request = user_request("Charge me later", request_id="r1")
+    rows = open_database(tmp_path / "i.sqlite3")  # as the outbox writes the rows
 
     async def answer() -> inference_pb2.CompleteResponse:
-        return inference_pb2.CompleteResponse(trace_id="t1", cost_pending=True)
+        response = inference_pb2.CompleteResponse(trace_id="t1", cost_pending=True)
+        with transaction(rows) as db:
+            store.remembered("team", request, response)(db)
+        return response
 
     await store.answer_once("team", request, answer)
     for row_id in ("row-a", "row-a", "row-b"):  # row-a reported delivered twice

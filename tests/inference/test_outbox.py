@@ -274,7 +274,7 @@ async def test_a_record_is_reported_delivered_once_while_the_flusher_runs(
     outbox = ledger.outbox(tmp_path / "o.sqlite3", retry_seconds=0)
     await outbox.start()
     for i in range(300):
-        await outbox.enqueue(_usage(f"r{i}"), 5)
+        await outbox.enqueue([_usage(f"r{i}")], 5)
         if i % 7 == 0:
             await asyncio.sleep(0)
     await outbox.settled()
@@ -291,7 +291,7 @@ async def test_a_record_failing_in_a_batch_does_not_block_the_rest(tmp_path: Pat
     outbox = ledger.outbox(tmp_path / "o.sqlite3")
     ledger.down = True
     for request_id in ("a", "poison-1", "b", "c"):
-        await outbox.enqueue(_usage(request_id), 5)
+        await outbox.enqueue([_usage(request_id)], 5)
     await outbox.settled()
     ledger.down = False
     delivered = await outbox.flush()
@@ -307,9 +307,9 @@ async def test_while_the_ledger_is_down_records_are_left_to_the_flusher(tmp_path
     ledger = FakeLedger()
     outbox = ledger.outbox(tmp_path / "o.sqlite3")
     ledger.down = True
-    await outbox.enqueue(_usage("first"), 5)
+    await outbox.enqueue([_usage("first")], 5)
     await outbox.settled()  # its sender failed: the ledger is known to be down
-    await outbox.enqueue(_usage("second"), 5)
+    await outbox.enqueue([_usage("second")], 5)
     senders_while_down = len(outbox._senders)
     ledger.down = False
     await outbox.settled()  # runs the flush that sends both
@@ -324,16 +324,16 @@ async def test_while_the_ledger_is_down_records_are_left_to_the_flusher(tmp_path
 async def test_a_failed_outbox_write_sends_the_record_directly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def full_disk(self: UsageOutbox, records: Sequence[ledger_pb2.UsageRecord]) -> None:
+    def full_disk(self: UsageOutbox, inserts: Sequence[object]) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
     monkeypatch.setattr(UsageOutbox, "_put_all", full_disk)
     ledger = FakeLedger()
     outbox = ledger.outbox(tmp_path / "o.sqlite3")
-    kept = await outbox.enqueue(_usage("direct"), 5)
+    kept = await outbox.enqueue([_usage("direct")], 5)
     await outbox.settled()
     ledger.down = True
-    await outbox.enqueue(_usage("lost"), 5)
+    await outbox.enqueue([_usage("lost")], 5)
     await outbox.settled()
     await outbox.stop()
 
@@ -345,9 +345,9 @@ async def test_a_failed_outbox_write_sends_the_record_directly(
 async def test_a_parked_record_is_reported_so_that_budgets_release_it(tmp_path: Path) -> None:
     ledger = FakeLedger()
     outbox = ledger.outbox(tmp_path / "o.sqlite3")
-    await outbox.enqueue(_usage("malformed-1"), 5)
+    await outbox.enqueue([_usage("malformed-1")], 5)
     ledger.down = True
-    await outbox.enqueue(_usage("malformed-2"), 5)
+    await outbox.enqueue([_usage("malformed-2")], 5)
     await outbox.settled()
     ledger.down = False
     await outbox.flush()
@@ -355,3 +355,32 @@ async def test_a_parked_record_is_reported_so_that_budgets_release_it(tmp_path: 
 
     assert ledger.parked == ["malformed-1", "malformed-2"]
     assert not ledger.delivered
+
+
+async def test_records_and_the_callers_own_write_commit_together_or_not_at_all(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = FakeLedger()
+    ledger.down = True  # nothing leaves the outbox: what is on disk stays to be seen
+    outbox = ledger.outbox(tmp_path / "o.sqlite3")
+    outbox._db.execute("CREATE TABLE remembered (what TEXT)")
+
+    def remember(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO remembered VALUES ('answer-1')")
+
+    def fail(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO no_such_table VALUES (1)")
+
+    kept = await outbox.enqueue([_usage("answer-1"), _usage("embedding-1")], 5, remember)
+    refused = await outbox.enqueue([_usage("answer-2")], 5, fail)
+    await outbox.settled()
+    remembered = outbox._db.execute("SELECT what FROM remembered").fetchall()
+    pending = outbox.pending_count()
+    await outbox.stop()
+
+    assert (kept, refused) == (True, False)
+    assert remembered == [("answer-1",)]
+    assert pending == 2, "answer-2's row fell with its caller's failed write"
+    assert any(
+        "usage LOST" in r.getMessage() and "answer-2" in r.getMessage() for r in caplog.records
+    )
