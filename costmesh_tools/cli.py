@@ -31,6 +31,7 @@ _COMMANDS = {
                "replay a workload under the baseline and the optimised policy"),
     "demo": ("costmesh_tools.casestudy.replay_commands",
              "start the mesh in process and replay the bundled support workload"),
+    "certs": ("costmesh_tools.certs", "TLS certificates for development"),
 }  # fmt: skip
 
 

@@ -10,7 +10,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from costmesh_simulator.stand_in import StandIns, start_stand_ins
 from services import SERVICES
 from services.cache import service as cache_service
-from services.common import telemetry
+from services.common import telemetry, tls
 from services.common.auth import KeyTable, new_key
 from services.common.channels import Channels
 from services.common.config import Config, ConfigError
@@ -37,8 +37,10 @@ _KNOWN_KEYS = {
         "ledger", "cache", "features", "inference", "router", "queue", "teams", "simulator",
     },
     "simulator": {"realistic", "latency_scale", "knowledge", "seed"},
-    "server": {"host", "port", "http_port", "grace_seconds", "data_dir"},
-    "peers": {"cache", "router", "ledger", "timeout_seconds"},
+    "server": {"host", "port", "http_port", "grace_seconds", "data_dir", "insecure", "tls"},
+    "server.tls": {"cert_file", "key_file", "client_ca_file"},
+    "peers": {"cache", "router", "ledger", "timeout_seconds", "tls"},
+    "peers.tls": {"ca_file", "cert_file", "key_file"},
     "auth": {"service_key_env", "keys"},
     "ledger": {"database", "price_version"},
     "cache": {
@@ -51,7 +53,7 @@ _KNOWN_KEYS = {
     },
     "inference": {
         "outbox", "outbox_retry_seconds", "provider_timeout_seconds",
-        "idempotency", "idempotency_ttl_seconds", "batch_store", "batch_poll_seconds",
+        "idempotency_ttl_seconds", "batch_store", "batch_poll_seconds",
         "max_attempts", "retry_base_seconds", "retry_max_seconds", "attempt_timeout_seconds",
         "cooldown_failures", "cooldown_seconds", "cooldown_first_seconds",
     },
@@ -87,7 +89,10 @@ def check_keys(config: Config) -> None:
             for name in group.names():
                 group.section(name).reject_unknown(allowed)
         else:
-            config.section(path).reject_unknown(allowed)
+            table = config
+            for part in path.split("."):
+                table = table.section(part)
+            table.reject_unknown(allowed)
 
 
 def _service_key(config: Config, env: Mapping[str, str], names: Sequence[str]) -> str:
@@ -112,13 +117,14 @@ def _peer_addresses(config: Config, names: Sequence[str], local: str) -> dict[st
             if peer not in names:
                 raise ConfigError(f"peers.{peer}: address required when {peer} runs elsewhere")
             address = local
+        else:
+            tls.check_peer_plaintext(config, peer, address, tls.peer_tls(config))
         addresses[peer] = address
     return addresses
 
 
 # SHA-256 of "cm-demo-admin-key", the key the embedded defaults ship for newcomers.
 DEMO_KEY_DIGEST = "47a6045eb3aa6a2edbaa67b4e97cbc6761bb966681d0a6c10c4e96ae2636018b"
-_LOOPBACK = ("127.", "localhost", "::1", "[::1]")
 
 
 def _refuse_demo_key_off_loopback(config: Config, host: str) -> None:
@@ -128,7 +134,7 @@ def _refuse_demo_key_off_loopback(config: Config, host: str) -> None:
         for entry in config.section("auth").tables("keys")
         if entry.get_str("sha256", "").lower() == DEMO_KEY_DIGEST
     ]
-    if demo and not host.startswith(_LOOPBACK):
+    if demo and not host.startswith(tls.LOOPBACK):
         raise ConfigError(
             f"{demo[0]}: the public demo key cm-demo-admin-key is configured but the server "
             f"listens on {host}; set your own keys ([[auth.keys]] or COSTMESH_API_KEYS)"
@@ -211,6 +217,8 @@ async def start_mesh(
     check_keys(config)
     host, configured_port = _check_server(config)
     _refuse_demo_key_off_loopback(config, host)
+    own_tls = tls.server_tls(config)
+    tls.check_plaintext(config, host, own_tls)
     service_key = _service_key(config, env, names)
     keys = KeyTable.from_config(config.section("auth"), service_key)
     interceptors = [*telemetry.server_interceptors(tracer_provider), EdgeInterceptor(keys)]
@@ -224,6 +232,7 @@ async def start_mesh(
         tracer_provider,
         config.section("peers").get_float("timeout_seconds", 5.0),
         local,
+        tls.peer_tls(config),
     )
     # The simulator is for the one-process demo only: a split deployment that lost
     # its key must fail loudly, not answer placeholders.
@@ -243,6 +252,7 @@ async def start_mesh(
             ),
             interceptors,
             local=local,
+            tls=own_tls,
         )
     except BaseException:
         await channels.close()
@@ -262,6 +272,7 @@ async def start_mesh(
                 port=http_port,
                 tracer_provider=tracer_provider,
                 metering=metering,
+                own_tls=own_tls,
             )
         except BaseException:
             await running.stop(grace=0)
@@ -280,6 +291,7 @@ async def _open_front_door(
     port: int,
     tracer_provider: TracerProvider,
     metering: Metering | None,
+    own_tls: tls.ServerTls | None,
 ) -> None:
     """The OpenAI-compatible door where inference runs, /metrics in every process."""
     door = FrontDoor(
@@ -290,7 +302,7 @@ async def _open_front_door(
         metrics=metering.exposition if metering else None,
     )
     grace = config.section("server").get_float("grace_seconds")
-    http = await start_http(door.app, host, port, grace)
+    http = await start_http(door.app, host, port, grace, own_tls)
     running.doors.append(http.stop)
     running.http_port = http.port
 

@@ -9,6 +9,7 @@ from opentelemetry import trace
 
 from services.common import telemetry
 from services.common.in_process import IN_PROCESS, InProcessServer
+from services.common.tls import PeerTls
 
 # Only UNAVAILABLE is retried: the call never reached a servicer, so a retry cannot
 # duplicate work. Everything else is the caller's decision. Backoff stays short: a
@@ -40,9 +41,11 @@ class Channels:
         provider: trace.TracerProvider,
         timeout_seconds: float,
         local: InProcessServer | None = None,
+        tls: PeerTls | None = None,
     ) -> None:
         self._provider = provider
         self._local = local
+        self._credentials = None if tls is None else tls.channel_credentials()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {service_key}"),)
         self.timeout = timeout_seconds
@@ -55,11 +58,16 @@ class Channels:
             return self._local.channel()
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(
-                address,
-                options=[("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1)],
-                interceptors=telemetry.client_interceptors(self._provider),
-            )
+            options = [("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+            interceptors = telemetry.client_interceptors(self._provider)
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(
+                    address, options=options, interceptors=interceptors
+                )
+            else:
+                channel = grpc.aio.secure_channel(
+                    address, self._credentials, options=options, interceptors=interceptors
+                )
             self._channels[address] = channel
         return channel
 

@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common import reflection
 from services.common.in_process import IN_PROCESS, InProcessServer
+from services.common.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,11 @@ def _new_server(interceptors: Sequence[grpc.aio.ServerInterceptor]) -> grpc.aio.
     return grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
 
 
-def _bind(server: grpc.aio.Server, address: str) -> int:
+def _bind(server: grpc.aio.Server, address: str, tls: ServerTls | None) -> int:
     try:
-        return server.add_insecure_port(address)
+        if tls is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, tls.grpc_credentials())
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address}: {exc}") from exc
 
@@ -104,14 +107,16 @@ async def create_server(
     port: int,
     build_services: Callable[[str], Awaitable[Sequence[ServiceDef]]],
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    *,
     local: InProcessServer | None = None,
+    tls: ServerTls | None = None,
 ) -> RunningServer:
     """Bind first (port 0 picks a free one), then build the services knowing the
     address at which they reach each other: IN_PROCESS when `local` is given (the
     services are registered on it too), else this server's own.
     If anything fails on the way, whatever was opened is closed again."""
     server = _new_server(interceptors)
-    bound = _bind(server, f"{host}:{port}")
+    bound = _bind(server, f"{host}:{port}", tls)
     running = RunningServer(server, bound, health.aio.HealthServicer(), [], local)
     try:
         address = IN_PROCESS if local is not None else f"{_dial_host(host)}:{bound}"

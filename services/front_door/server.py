@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import uvicorn
 
+from services.common.tls import ServerTls
+
 
 @dataclass
 class RunningHttp:
@@ -25,7 +27,9 @@ class RunningHttp:
         await self.server.shutdown(sockets=[self.sock])
 
 
-async def start_http(app: object, host: str, port: int, grace: float = 5.0) -> RunningHttp:
+async def start_http(
+    app: object, host: str, port: int, grace: float = 5.0, tls: ServerTls | None = None
+) -> RunningHttp:
     """Bind `host:port` (0 picks a free port) and serve `app` until stopped; on stop,
     open requests (streams too) get `grace` seconds to finish.
 
@@ -52,6 +56,7 @@ async def start_http(app: object, host: str, port: int, grace: float = 5.0) -> R
         access_log=False,
         server_header=False,
         timeout_graceful_shutdown=max(1, round(grace)),
+        **({} if tls is None else tls.http_options()),  # type: ignore[arg-type]
     )
     try:
         config.load()
