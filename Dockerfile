@@ -1,6 +1,7 @@
 # One image for every costmesh service; the command picks which one runs:
 #   docker build -t costmesh .
-#   docker run --rm -p 50051:50051 costmesh                     # all four services, one process
+#   docker run --rm -p 127.0.0.1:50051:50051 -e COSTMESH_INSECURE=true \
+#     -e COSTMESH_API_KEYS=... costmesh                      # all four, one process, plaintext
 #   docker run --rm -e COSTMESH_SERVICE_KEY=... costmesh serve cache
 # compose.yaml runs the services as separate containers.
 FROM python:3.11-slim
@@ -19,8 +20,8 @@ RUN pip install --no-cache-dir . \
     && groupadd --system --gid 10001 costmesh \
     && useradd --system --uid 10001 --gid costmesh --no-create-home \
         --home-dir /var/lib/costmesh --shell /usr/sbin/nologin costmesh \
-    && mkdir -p /var/lib/costmesh \
-    && chown costmesh:costmesh /var/lib/costmesh
+    && mkdir -p /var/lib/costmesh /etc/costmesh/certs \
+    && chown costmesh:costmesh /var/lib/costmesh /etc/costmesh/certs
 
 # Read by services/common/config.py (ENV_OVERRIDES). In a container the server must
 # listen on every interface, and the ledger database and inference outbox go to a

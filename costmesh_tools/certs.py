@@ -137,10 +137,18 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=[],
         help="another name or address the services are reached at (repeatable)",
     )
+    dev.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave a set already in --out as it is (for a container that runs this at start)",
+    )
     dev.set_defaults(handler=_dev)
 
 
 def _dev(args: argparse.Namespace, out: TextIO) -> int:
+    if args.keep and (args.out / "ca.pem").exists():
+        print(f"keeping the certificates already in {args.out}", file=out)
+        return 0
     written = make_dev_set(args.out, args.host)
     print(f"wrote {len(written)} files to {args.out}{os.sep}:", file=out)
     for path in written:

@@ -26,10 +26,11 @@ import yaml
 from opentelemetry.sdk import environment_variables as otel_env
 
 import costmesh_tools.cli
+from costmesh_tools.certs import make_dev_set
 from costmesh_tools.cli import _parser
 from services import SERVICES
 from services.cache import service as cache_service
-from services.common import metrics, telemetry
+from services.common import metrics, telemetry, tls
 from services.common.config import API_KEYS_ENV, CONFIG_ENV, ENV_OVERRIDES, ConfigError, load_config
 from services.inference import service as inference_service
 from services.ledger import service as ledger_service
@@ -41,6 +42,7 @@ COMPOSE_FILE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 PYPROJECT = ROOT / "pyproject.toml"
+CERTS_DIR = "/etc/costmesh/certs"  # the certs volume, where compose mounts it
 
 # The gRPC service each costmesh service registers (and marks SERVING in gRPC health).
 GRPC_SERVICE: dict[str, str] = {
@@ -56,7 +58,7 @@ HOST_ENV = {
 }
 _INTERPOLATION = re.compile(r"\$\$|\$\{(?P<name>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
 _HEALTH_SERVICE = re.compile(r"HealthCheckRequest\(service='(?P<name>[^']*)'")
-_HEALTH_ADDRESS = re.compile(r"insecure_channel\('(?P<host>[^':]+):(?P<port>\d+)'\)")
+_HEALTH_ADDRESS = re.compile(r"secure_channel\('(?P<host>[^':]+):(?P<port>\d+)', c\)")
 
 
 # --- reading the files ----------------------------------------------------------------
@@ -235,10 +237,14 @@ def test_every_command_parses_with_the_cli_and_names_its_service(
 
 
 def test_each_service_environment_is_a_working_configuration_for_it_alone(
-    costmesh: dict[str, dict[str, Any]],
+    costmesh: dict[str, dict[str, Any]], tmp_path: Path
 ) -> None:
+    make_dev_set(tmp_path)  # what the certs service writes to the volume
     for name, svc in costmesh.items():
-        env = _resolved_environment(svc, HOST_ENV)
+        env = {
+            k: v.replace(CERTS_DIR, str(tmp_path))
+            for k, v in _resolved_environment(svc, HOST_ENV).items()
+        }
         config = load_config(env=env)
         # Run as separate processes, every service needs the shared key...
         assert _service_key(config, env, [name]) == HOST_ENV["COSTMESH_SERVICE_KEY"]
@@ -269,7 +275,7 @@ def test_peer_addresses_point_at_services_listening_there(
     compose: dict[str, Any], costmesh: dict[str, dict[str, Any]]
 ) -> None:
     peer_vars = {
-        v: k.removeprefix("peers.") for v, k in ENV_OVERRIDES.items() if k.startswith("peers.")
+        v: k.removeprefix("peers.") for v, k in ENV_OVERRIDES.items() if k.removeprefix("peers.") in PEERS
     }
     assert set(peer_vars.values()) == set(PEERS)
     checked = 0
@@ -295,7 +301,7 @@ def test_inference_waits_for_healthy_peers(
     assert isinstance(depends, dict), "use the long form of depends_on, with conditions"
     env = _environment(inference)
     for var, key in ENV_OVERRIDES.items():
-        if key.startswith("peers.") and var in env:
+        if key.removeprefix("peers.") in PEERS and var in env:
             host = env[var].rpartition(":")[0]
             assert depends[host]["condition"] == "service_healthy", host
             assert "healthcheck" in compose["services"][host], host
@@ -316,19 +322,31 @@ def test_every_healthcheck_asks_grpc_health_for_the_service_it_runs(
         assert service, f"{name}: the health check names no service"
         assert address, f"{name}: the health check names no address"
         assert service["name"] == GRPC_SERVICE[_serve_args(svc).service]
-        assert address["host"] == "127.0.0.1"
+        assert address["host"] == "localhost"  # a name the service's certificate holds
         assert int(address["port"]) == _listen_port(svc)
+
+
+def _tls_env(certs: Path, service: str) -> dict[str, str]:
+    """The TLS variables compose sets for `service`, pointing at `certs`."""
+    return {
+        "COSTMESH_TLS_CERT_FILE": str(certs / f"{service}.pem"),
+        "COSTMESH_TLS_KEY_FILE": str(certs / f"{service}-key.pem"),
+        "COSTMESH_TLS_CLIENT_CA_FILE": str(certs / "ca.pem"),
+    }
 
 
 @pytest.fixture
 def running_mesh(tmp_path: Path) -> Iterator[int]:
-    """`costmesh serve all` on a free port, configured only by tmp_path; yields the port."""
+    """`costmesh serve all` with mutual TLS on a free port, configured only by
+    tmp_path (certificates in tmp_path/certs); yields the port."""
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("COSTMESH_", "OTEL_", "OPENAI_")) and k not in ENV_OVERRIDES
     }
     env["COSTMESH_DATA_DIR"] = str(tmp_path / "data")
+    make_dev_set(tmp_path / "certs")
+    env |= _tls_env(tmp_path / "certs", "inference")
     log = tmp_path / "stderr.log"
     with (
         log.open("w") as stderr,
@@ -363,23 +381,54 @@ def running_mesh(tmp_path: Path) -> Iterator[int]:
 
 
 def test_healthchecks_pass_against_a_serving_server_and_fail_for_an_unknown_service(
-    costmesh: dict[str, dict[str, Any]], running_mesh: int
+    costmesh: dict[str, dict[str, Any]], running_mesh: int, tmp_path: Path
 ) -> None:
-    def run(code: str) -> int:
+    def run(code: str, service: str) -> int:
+        env = {**os.environ, **_tls_env(tmp_path / "certs", service)}
         return subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, timeout=30, check=False
+            [sys.executable, "-c", code], capture_output=True, timeout=30, check=False, env=env
         ).returncode
 
     for name, svc in costmesh.items():
         code = svc["healthcheck"]["test"][3].replace(
-            f"127.0.0.1:{_listen_port(svc)}", f"127.0.0.1:{running_mesh}"
+            f"localhost:{_listen_port(svc)}", f"localhost:{running_mesh}"
         )
-        assert run(code) == 0, f"{name} healthcheck failed against a serving mesh"
+        assert run(code, name) == 0, f"{name} healthcheck failed against a serving mesh"
     code = costmesh["cache"]["healthcheck"]["test"][3]
     unknown = code.replace(GRPC_SERVICE["cache"], "costmesh.nothing.v1.NoService").replace(
-        f"127.0.0.1:{_listen_port(costmesh['cache'])}", f"127.0.0.1:{running_mesh}"
+        f"localhost:{_listen_port(costmesh['cache'])}", f"localhost:{running_mesh}"
     )
-    assert run(unknown) != 0
+    assert run(unknown, "cache") != 0
+
+
+def test_every_port_speaks_mutual_tls_with_certificates_from_the_certs_volume(
+    compose: dict[str, Any], costmesh: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    certs = compose["services"]["certs"]
+    argv = [str(a) for a in certs["command"]]
+    args = _parser(argv).parse_args(argv)
+    assert (args.command, args.certs_command, args.keep) == ("certs", "dev", True)
+    made = {p.name for p in make_dev_set(tmp_path)}
+    for name, svc in costmesh.items():
+        env = _resolved_environment(svc, HOST_ENV)
+        mounted = {str(v).split(":")[1] for v in svc["volumes"] if str(v).startswith("certs:")}
+        assert mounted == {str(args.out)}, name
+        assert svc["depends_on"]["certs"]["condition"] == "service_completed_successfully"
+        files = [env[f"COSTMESH_TLS_{k}_FILE"] for k in ("CERT", "KEY", "CLIENT_CA")]
+        if name == "inference":
+            files += [env[f"COSTMESH_PEERS_TLS_{k}_FILE"] for k in ("CA", "CERT", "KEY")]
+        for file in files:
+            folder, _, base = file.rpartition("/")
+            assert folder == str(args.out), f"{name}: {file}"
+            assert base in made, f"{name}: {file}"
+        assert env["COSTMESH_TLS_CERT_FILE"].endswith(f"/{name}.pem")
+        # A working configuration for the service: the checks pass on the real files.
+        local = {k: v.replace(str(args.out), str(tmp_path)) for k, v in env.items()}
+        assert tls.server_tls(load_config(env=local)) is not None
+    scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    tls_config = scrape["scrape_configs"][0]["tls_config"]
+    assert scrape["scrape_configs"][0]["scheme"] == "https"
+    assert {Path(f).name for f in tls_config.values()} <= made
 
 
 def test_stop_grace_outlasts_the_shutdown_grace(costmesh: dict[str, dict[str, Any]]) -> None:
