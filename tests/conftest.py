@@ -39,6 +39,10 @@ metrics.set_meter_provider(METERING.provider)
 DEMO_KEY = "cm-demo-admin-key"
 AUTH = (("authorization", f"Bearer {DEMO_KEY}"),)
 PROVIDER_KEY = "sk-test-provider"
+# The services' own key in test meshes: what inference shows its peers. Calls only
+# inference may make (Route, RecordUsage, a team's cache) use it.
+SERVICE_KEY = "cm-test-service-key"
+SERVICE_AUTH = (("authorization", f"Bearer {SERVICE_KEY}"),)
 
 
 @pytest.fixture
@@ -110,6 +114,7 @@ def mesh_env(simulator: OpenAISimulator, data_dir: Path) -> dict[str, str]:
         "OPENAI_API_KEY": PROVIDER_KEY,
         "OPENAI_BASE_URL": simulator.base_url,
         "COSTMESH_DATA_DIR": str(data_dir),
+        "COSTMESH_SERVICE_KEY": SERVICE_KEY,
     }
 
 

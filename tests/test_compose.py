@@ -275,7 +275,9 @@ def test_peer_addresses_point_at_services_listening_there(
     compose: dict[str, Any], costmesh: dict[str, dict[str, Any]]
 ) -> None:
     peer_vars = {
-        v: k.removeprefix("peers.") for v, k in ENV_OVERRIDES.items() if k.removeprefix("peers.") in PEERS
+        v: k.removeprefix("peers.")
+        for v, k in ENV_OVERRIDES.items()
+        if k.removeprefix("peers.") in PEERS
     }
     assert set(peer_vars.values()) == set(PEERS)
     checked = 0

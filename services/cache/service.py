@@ -18,7 +18,8 @@ from services.cache.redis_store import RedisStore
 from services.cache.semantic import LookupResult, SemanticCache
 from services.cache.settings import CacheSettings
 from services.cache.store import Answer, Entry, MemoryStore, Store, StoreUnavailableError
-from services.common.auth import require_role
+from services.common import access
+from services.common.auth import current_principal
 from services.common.config import Config
 from services.common.embedding import EmbeddingUnavailableError
 from services.common.errors import InvalidArgument, Unavailable
@@ -46,7 +47,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     async def Lookup(
         self, request: cache_pb2.LookupRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> cache_pb2.LookupResponse:
-        require_role("service", "admin")
+        _audit_admin("Lookup", request.key.team)
         if request.max_age_seconds < 0:
             raise InvalidArgument("max_age_seconds", "must not be negative")
         threshold = None
@@ -77,7 +78,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     async def Store(
         self, request: cache_pb2.StoreRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> cache_pb2.StoreResponse:
-        require_role("service", "admin")
+        _audit_admin("Store", request.key.team)
         key = _to_key(request.key)
         ttl = request.ttl_seconds or self._cache.policy(key).ttl_seconds
         if not 0 < ttl <= MAX_TTL_SECONDS:
@@ -151,7 +152,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     async def Invalidate(
         self, request: cache_pb2.InvalidateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> cache_pb2.InvalidateResponse:
-        require_role("service", "admin")
+        _audit_admin("Invalidate", None)
         if not request.feature:
             raise InvalidArgument("feature", "required")
         target = request.WhichOneof("target")
@@ -175,7 +176,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         request: cache_pb2.ReportWrongHitRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> cache_pb2.ReportWrongHitResponse:
-        require_role("service", "admin")
+        _audit_admin("ReportWrongHit", request.key.team)
         if not request.entry_id:
             raise InvalidArgument("entry_id", "required: the entry_id of the hit")
         key = _to_key(request.key)
@@ -207,7 +208,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     async def GetStats(
         self, request: cache_pb2.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> cache_pb2.GetStatsResponse:
-        require_role("service", "admin")
+        _audit_admin("GetStats", None)
         stats = self._cache.stats(request.feature)
         return cache_pb2.GetStatsResponse(
             entries=int(stats["entries"]),
@@ -225,6 +226,22 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             stale_stores=int(stats["stale_stores"]),
             wrong_hit_reports=int(stats["wrong_hit_reports"]),
         )
+
+
+def _audit_admin(rpc: str, team: str | None) -> None:
+    """Admins reach a team's cache for diagnostics only: a keyed call names the team
+    (`team` is None for feature-wide calls), and every admin call is logged and on the
+    span. Who may call at all is the access table's (services/common/access.py)."""
+    principal = current_principal()
+    if principal.role != "admin":
+        return
+    if team == "":
+        raise InvalidArgument("key.team", "an admin names the team whose cache it reaches")
+    whose = f"team {team}'s cache" if team else "every team's cache of the feature"
+    access.audit.info("cache %s by an admin of team %s: %s", rpc, principal.team, whose)
+    trace.get_current_span().set_attributes(
+        {"costmesh.audit.admin_team": principal.team, "costmesh.audit.cache_team": team or "*"}
+    )
 
 
 def _trace_decision(key: RequestKey, result: LookupResult, threshold: float | None) -> None:

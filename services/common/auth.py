@@ -18,10 +18,12 @@ _current: ContextVar[Principal | None] = ContextVar("costmesh_principal", defaul
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the team that pays and what it may do."""
+    """Who is calling: the team that pays and what it may do; for the service key,
+    which service (its mTLS certificate's name; "" when the connection has none)."""
 
     team: str
     role: str
+    service: str = ""
 
 
 def hash_key(key: str) -> str:

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
 from google.rpc import status_pb2
 from opentelemetry import metrics
 
-from services.common import auth, errors
+from services.common import access, auth, errors
 
 log = logging.getLogger(__name__)
 # Health and reflection must answer without a key (load balancers and grpcurl).
@@ -28,8 +29,11 @@ _DURATION = metrics.get_meter("costmesh.edge").create_histogram(
 class EdgeInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every costmesh handler: API key check, then error translation."""
 
-    def __init__(self, keys: auth.KeyTable) -> None:
+    def __init__(
+        self, keys: auth.KeyTable, table: Mapping[str, frozenset[str]] = access.ACCESS
+    ) -> None:
         self._keys = keys
+        self._table = table  # who may call which RPC
 
     async def intercept_service(
         self,
@@ -55,9 +59,13 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             return fields._replace(unary_stream=self._wrap_stream(fields.unary_stream, method))  # type: ignore[no-any-return]
         return fields._replace(stream_stream=self._wrap_stream(fields.stream_stream, method))  # type: ignore[no-any-return]
 
-    def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> object:
-        metadata = context.invocation_metadata() or ()
-        return auth.set_current(self._keys.authenticate(metadata))
+    def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> object:
+        """The caller's principal, if the access table lets it call `method`."""
+        principal = self._keys.authenticate(context.invocation_metadata() or ())
+        if principal.role == "service":
+            principal = dataclasses.replace(principal, service=_certificate_name(context))
+        access.check(method, principal, self._table)
+        return auth.set_current(principal)
 
     def _wrap_unary(
         self, behavior: Callable[..., Awaitable[Any]], method: str
@@ -66,7 +74,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                token = self._authenticate(context)
+                token = self._authenticate(context, method)
                 try:
                     _check_readable(request)
                     return await behavior(request, context)
@@ -91,7 +99,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                token = self._authenticate(context)
+                token = self._authenticate(context, method)
                 try:
                     _check_readable(request)
                     async for response in behavior(request, context):
@@ -110,6 +118,14 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                 _record(method, code, started)
 
         return stream
+
+
+def _certificate_name(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The common name on the caller's verified client certificate, if it sent one
+    (an in-process call has none: its caller is this process's inference)."""
+    auth_context = getattr(context, "auth_context", None)
+    names = auth_context().get("x509_common_name", ()) if auth_context else ()
+    return next((n.decode() for n in names), "")
 
 
 def _code_of(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:

@@ -59,7 +59,9 @@ async def test_namespace_bump_makes_the_next_identical_request_miss(
 
 async def test_store_refuses_an_empty_answer_and_a_bad_ttl(mesh: Mesh) -> None:
     key = cache_pb2.CacheKey(
-        feature="support", messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content="q")]
+        team="demo",  # an admin reaching a team's cache names it
+        feature="support",
+        messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content="q")],
     )
     with pytest.raises(grpc.aio.AioRpcError) as empty:
         await mesh.cache.Store(cache_pb2.StoreRequest(key=key), metadata=AUTH, timeout=5)
@@ -206,7 +208,9 @@ async def test_tags_from_the_request_let_an_operator_invalidate_the_answer(
 
 async def test_store_refuses_an_unfinished_answer(mesh: Mesh) -> None:
     key = cache_pb2.CacheKey(
-        feature="support", messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content="q")]
+        team="demo",  # an admin reaching a team's cache names it
+        feature="support",
+        messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content="q")],
     )
     with pytest.raises(grpc.aio.AioRpcError) as cut:
         await mesh.cache.Store(

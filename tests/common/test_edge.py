@@ -45,7 +45,9 @@ async def _echo(
 @pytest.fixture
 async def channel() -> AsyncIterator[grpc.aio.Channel]:
     keys = KeyTable({hash_key(KEY): Principal("edge-team", "member")})
-    server = grpc.aio.server(interceptors=[EdgeInterceptor(keys)])
+    methods = ("Explode", "WhoAmI", "StreamExplode", "Count", "Echo")
+    table = {f"/test.Edge/{m}": frozenset({"member"}) for m in methods}
+    server = grpc.aio.server(interceptors=[EdgeInterceptor(keys, table)])
     handler = grpc.method_handlers_generic_handler(
         "test.Edge",
         {

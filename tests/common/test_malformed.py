@@ -8,7 +8,7 @@ import logging
 import grpc
 import pytest
 
-from tests.conftest import AUTH, Mesh
+from tests.conftest import SERVICE_AUTH, Mesh
 
 # RouteRequest.feature (field 1, a string) holding bytes that are not UTF-8, and a
 # length that runs past the end of the message.
@@ -25,7 +25,7 @@ async def test_a_malformed_request_is_invalid_argument(
     )
 
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await route(payload, metadata=AUTH, timeout=5)
+        await route(payload, metadata=SERVICE_AUTH, timeout=5)
 
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (refused.value.details() or "").startswith("request: not a valid message")

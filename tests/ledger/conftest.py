@@ -26,6 +26,8 @@ from tests.postgres import fresh_schema
 OpenStore = Callable[[], UsageStore]
 SERVICE_KEY = "cm-test-service"
 SERVICE = (("authorization", f"Bearer {SERVICE_KEY}"),)
+ADMIN_KEY = "cm-test-ledger-admin"  # an operator of team ops, reading every team
+ADMIN = (("authorization", f"Bearer {ADMIN_KEY}"),)
 # A member of the search team: sees that team's rows only.
 MEMBER_KEY = "cm-test-search-member"
 MEMBER = (("authorization", f"Bearer {MEMBER_KEY}"),)
@@ -75,7 +77,8 @@ async def ledger_server(
     with _database(request.param) as database:
         env = {
             "COSTMESH_SERVICE_KEY": SERVICE_KEY,
-            "COSTMESH_API_KEYS": f"search:member:{hash_key(MEMBER_KEY)}",
+            "COSTMESH_API_KEYS": f"search:member:{hash_key(MEMBER_KEY)},"
+            f"ops:admin:{hash_key(ADMIN_KEY)}",
             "COSTMESH_DATA_DIR": str(tmp_path),
             "LEDGER_DATABASE": database,
         }
@@ -116,7 +119,7 @@ async def record_all(
 
 async def export_all(
     stub: ledger_pb2_grpc.LedgerServiceAsyncStub,
-    metadata: tuple[tuple[str, str]] = SERVICE,
+    metadata: tuple[tuple[str, str]] = ADMIN,  # services do not export
     *,
     team: str = "",
     experiment: str = "",

@@ -15,6 +15,7 @@ from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh.types.v1 import types_pb2
 from services.common.config import load_config
 from services.mesh import start_mesh
+from tests.conftest import AUTH
 
 SERVICE = (("authorization", "Bearer cm-test-service"),)
 
@@ -46,7 +47,7 @@ async def ledger(tmp_path: Path) -> AsyncIterator[ledger_pb2_grpc.LedgerServiceA
 async def test_export_streams_every_row_across_pages(
     ledger: ledger_pb2_grpc.LedgerServiceAsyncStub,
 ) -> None:
-    stream = ledger.ExportUsage(ledger_pb2.ExportUsageRequest(), metadata=SERVICE, timeout=10)
+    stream = ledger.ExportUsage(ledger_pb2.ExportUsageRequest(), metadata=AUTH, timeout=10)
     ids = [item.record.request_id async for item in stream]
 
     assert len(ids) == len(set(ids)) == 3000
@@ -56,7 +57,7 @@ async def test_a_client_walking_away_mid_stream_logs_no_error(
     ledger: ledger_pb2_grpc.LedgerServiceAsyncStub, caplog: pytest.LogCaptureFixture
 ) -> None:
     for _ in range(3):
-        stream = ledger.ExportUsage(ledger_pb2.ExportUsageRequest(), metadata=SERVICE, timeout=10)
+        stream = ledger.ExportUsage(ledger_pb2.ExportUsageRequest(), metadata=AUTH, timeout=10)
         first = await stream.read()
         assert isinstance(first, ledger_pb2.ExportUsageResponse)
         assert first.record.request_id

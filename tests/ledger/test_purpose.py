@@ -16,7 +16,7 @@ from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh.types.v1 import types_pb2
 from costmesh_tools.cli import main
 from tests.conftest import bad_request_fields
-from tests.ledger.conftest import SERVICE, SERVICE_KEY, export_all, record_all, usage_record
+from tests.ledger.conftest import ADMIN_KEY, SERVICE, export_all, record_all, usage_record
 
 DAY_US = 86_400_000_000
 MIDNIGHT_US = int(datetime(2025, 11, 26, tzinfo=UTC).timestamp()) * 1_000_000
@@ -165,7 +165,7 @@ async def test_export_csv_has_purpose_reason_and_probabilities(
     )
 
     code = await asyncio.to_thread(
-        main, ["ledger", "export", "--addr", address, "--key", SERVICE_KEY]
+        main, ["ledger", "export", "--addr", address, "--key", ADMIN_KEY]
     )
 
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))

@@ -19,7 +19,7 @@ from services.common.config import ConfigError, load_config
 from services.common.embedding import shared_encoder
 from services.mesh import start_mesh
 from services.router.artefact import TIERS, TierModel
-from tests.conftest import AUTH, Mesh, mesh_env, running_mesh
+from tests.conftest import SERVICE_AUTH, Mesh, mesh_env, running_mesh
 from tests.router.conftest import TICKETS
 
 COMPLEX = "I was charged twice for one order and the bank says it is your fault"
@@ -69,7 +69,7 @@ def probabilities(response: router_pb2.RouteResponse) -> dict[str, float]:
 async def test_the_embedding_classifier_routes_a_complex_ticket_to_the_large_model(
     mesh: Mesh, artefact: Path
 ) -> None:
-    plan = await mesh.router.Route(route_request(COMPLEX), metadata=AUTH, timeout=10)
+    plan = await mesh.router.Route(route_request(COMPLEX), metadata=SERVICE_AUTH, timeout=10)
 
     assert plan.tier == types_pb2.TIER_COMPLEX
     assert plan.model == "gpt-4o"
@@ -91,7 +91,7 @@ async def test_the_embedding_classifier_routes_a_complex_ticket_to_the_large_mod
 async def test_a_simple_ticket_goes_to_the_small_model_with_the_escalation_model_named(
     mesh: Mesh,
 ) -> None:
-    plan = await mesh.router.Route(route_request(SIMPLE), metadata=AUTH, timeout=10)
+    plan = await mesh.router.Route(route_request(SIMPLE), metadata=SERVICE_AUTH, timeout=10)
 
     assert plan.tier == types_pb2.TIER_SIMPLE
     assert (plan.model, plan.escalation_model) == ("gpt-4o-mini", "gpt-4o")
@@ -101,17 +101,17 @@ async def test_a_simple_ticket_goes_to_the_small_model_with_the_escalation_model
 async def test_a_supplied_vector_is_used_instead_of_embedding_again(mesh: Mesh) -> None:
     vector = shared_encoder(None, 2).embed_sync([COMPLEX]).vectors[0].tolist()
 
-    embedded = await mesh.router.Route(route_request(COMPLEX), metadata=AUTH, timeout=10)
+    embedded = await mesh.router.Route(route_request(COMPLEX), metadata=SERVICE_AUTH, timeout=10)
     embeds_without = span_names(mesh).count("router.embed")
     mesh.spans.clear()
     reused = await mesh.router.Route(
         route_request(COMPLEX, embedding=vector, embedding_model=shared_encoder(None, 2).model),
-        metadata=AUTH,
+        metadata=SERVICE_AUTH,
         timeout=10,
     )
     foreign = await mesh.router.Route(
         route_request(COMPLEX, embedding=vector, embedding_model="text-embedding-3-small"),
-        metadata=AUTH,
+        metadata=SERVICE_AUTH,
         timeout=10,
     )
 
@@ -124,7 +124,7 @@ async def test_a_supplied_vector_is_used_instead_of_embedding_again(mesh: Mesh) 
 async def test_a_new_artefact_is_picked_up_and_a_broken_one_is_refused(
     mesh: Mesh, artefact: Path
 ) -> None:
-    before = await mesh.router.Route(route_request(SIMPLE), metadata=AUTH, timeout=10)
+    before = await mesh.router.Route(route_request(SIMPLE), metadata=SERVICE_AUTH, timeout=10)
     # Retrained with every ticket on complex but the password ones: another version.
     relabelled = [
         Ticket(t.text, "moderate" if t.label == "recover_password" else "complex") for t in TICKETS
@@ -134,10 +134,10 @@ async def test_a_new_artefact_is_picked_up_and_a_broken_one_is_refused(
         relabelled, vectors, shared_encoder(None, 2).model, "relabelled"
     ).model.save(artefact)
 
-    after = await mesh.router.Route(route_request(SIMPLE), metadata=AUTH, timeout=10)
+    after = await mesh.router.Route(route_request(SIMPLE), metadata=SERVICE_AUTH, timeout=10)
     whole = artefact.read_bytes()  # noqa: ASYNC240 - a test's quick file work
     artefact.write_bytes(whole[: len(whole) // 2])  # noqa: ASYNC240 - caught mid-copy
-    still = await mesh.router.Route(route_request(SIMPLE), metadata=AUTH, timeout=10)
+    still = await mesh.router.Route(route_request(SIMPLE), metadata=SERVICE_AUTH, timeout=10)
 
     assert before.classifier_version != new_version
     assert after.classifier_version == new_version
@@ -146,7 +146,9 @@ async def test_a_new_artefact_is_picked_up_and_a_broken_one_is_refused(
 
 
 async def test_the_rules_classifier_gives_the_fixed_tier(mesh: Mesh) -> None:
-    plan = await mesh.router.Route(route_request(COMPLEX, "fixed"), metadata=AUTH, timeout=10)
+    plan = await mesh.router.Route(
+        route_request(COMPLEX, "fixed"), metadata=SERVICE_AUTH, timeout=10
+    )
 
     assert plan.tier == types_pb2.TIER_MODERATE
     assert plan.model == "gpt-4o-mini"
@@ -157,7 +159,9 @@ async def test_the_rules_classifier_gives_the_fixed_tier(mesh: Mesh) -> None:
 async def test_the_llm_classifier_reports_the_tier_and_its_billed_tokens(
     mesh: Mesh, simulator: OpenAISimulator
 ) -> None:
-    plan = await mesh.router.Route(route_request(SIMPLE, "cheap_llm"), metadata=AUTH, timeout=10)
+    plan = await mesh.router.Route(
+        route_request(SIMPLE, "cheap_llm"), metadata=SERVICE_AUTH, timeout=10
+    )
 
     assert plan.tier == types_pb2.TIER_SIMPLE  # the simulator's answer for a short question
     assert plan.classifier == "llm"
@@ -175,9 +179,11 @@ async def test_an_unparseable_llm_classification_routes_to_complex(
 ) -> None:
     simulator.script("gpt-4o-mini", answer)
 
-    plan = await mesh.router.Route(route_request(SIMPLE, "cheap_llm"), metadata=AUTH, timeout=10)
+    plan = await mesh.router.Route(
+        route_request(SIMPLE, "cheap_llm"), metadata=SERVICE_AUTH, timeout=10
+    )
     stats = await mesh.router.GetRouteStats(
-        router_pb2.GetRouteStatsRequest(features=["cheap_llm"]), metadata=AUTH, timeout=5
+        router_pb2.GetRouteStatsRequest(features=["cheap_llm"]), metadata=SERVICE_AUTH, timeout=5
     )
 
     assert plan.tier == types_pb2.TIER_COMPLEX
@@ -192,7 +198,9 @@ async def test_a_failed_llm_classification_routes_to_complex(
 ) -> None:
     simulator.fail_next(3, status=503)  # the call and the SDK's two retries
 
-    plan = await mesh.router.Route(route_request(SIMPLE, "cheap_llm"), metadata=AUTH, timeout=10)
+    plan = await mesh.router.Route(
+        route_request(SIMPLE, "cheap_llm"), metadata=SERVICE_AUTH, timeout=10
+    )
 
     assert plan.tier == types_pb2.TIER_COMPLEX
     assert "failed" in plan.reason
@@ -200,7 +208,7 @@ async def test_a_failed_llm_classification_routes_to_complex(
 
 async def test_a_caller_that_names_the_model_skips_routing(mesh: Mesh) -> None:
     plan = await mesh.router.Route(
-        route_request(COMPLEX, requested_model="gpt-4o-mini"), metadata=AUTH, timeout=10
+        route_request(COMPLEX, requested_model="gpt-4o-mini"), metadata=SERVICE_AUTH, timeout=10
     )
 
     assert (plan.model, plan.classifier, plan.tier) == ("gpt-4o-mini", "caller", 1)
@@ -209,10 +217,10 @@ async def test_a_caller_that_names_the_model_skips_routing(mesh: Mesh) -> None:
 
 async def test_stats_count_the_tiers_and_the_share_below_complex(mesh: Mesh) -> None:
     for text in (SIMPLE, COMPLEX, "How do I reset my password?", COMPLEX):
-        await mesh.router.Route(route_request(text, "half"), metadata=AUTH, timeout=10)
+        await mesh.router.Route(route_request(text, "half"), metadata=SERVICE_AUTH, timeout=10)
 
     stats = await mesh.router.GetRouteStats(
-        router_pb2.GetRouteStatsRequest(features=["half"]), metadata=AUTH, timeout=5
+        router_pb2.GetRouteStatsRequest(features=["half"]), metadata=SERVICE_AUTH, timeout=5
     )
 
     half = stats.features[0]
@@ -240,7 +248,7 @@ async def test_a_bad_route_request_is_refused_naming_the_field(
     mesh: Mesh, request_: router_pb2.RouteRequest, field: str
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await mesh.router.Route(request_, metadata=AUTH, timeout=10)
+        await mesh.router.Route(request_, metadata=SERVICE_AUTH, timeout=10)
 
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in (caught.value.details() or "")
@@ -281,7 +289,7 @@ async def test_a_vector_that_is_not_finite_is_refused_not_routed(mesh: Mesh, bad
     )
 
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await mesh.router.Route(request, metadata=AUTH, timeout=10)
+        await mesh.router.Route(request, metadata=SERVICE_AUTH, timeout=10)
 
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (refused.value.details() or "").startswith("embedding")
