@@ -36,7 +36,7 @@ class ProviderSettings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     attempt_timeout_seconds: float = 30.0
     cooldown_failures: int = 5
-    cooldown_seconds: float = 30.0
+    cooldown_seconds: float = 1.5
     cooldown_first_seconds: float = 1.0
 
     @classmethod
@@ -73,7 +73,7 @@ class ProviderSettings:
             ),
             attempt_timeout_seconds=inference.get_float("attempt_timeout_seconds", 30.0),
             cooldown_failures=inference.get_int("cooldown_failures", 5, minimum=1),
-            cooldown_seconds=inference.get_float("cooldown_seconds", 30.0),
+            cooldown_seconds=inference.get_float("cooldown_seconds", 1.5),
             cooldown_first_seconds=inference.get_float("cooldown_first_seconds", 1.0),
         )
 
