@@ -2,8 +2,11 @@
 #   docker build -t costmesh .
 #   docker run --rm -p 127.0.0.1:50051:50051 -e COSTMESH_INSECURE=true \
 #     -e COSTMESH_API_KEYS=... costmesh                      # all four, one process, plaintext
-#   docker run --rm -e COSTMESH_SERVICE_KEY=... costmesh serve cache
-# compose.yaml runs the services as separate containers.
+#   docker run --rm -v "$PWD/certs/cache:/etc/costmesh/certs:ro" -e COSTMESH_SERVICE_KEY=... \
+#     -e COSTMESH_TLS_CERT_FILE=/etc/costmesh/certs/cache.pem \
+#     -e COSTMESH_TLS_KEY_FILE=/etc/costmesh/certs/cache-key.pem costmesh serve cache
+# Off loopback a service needs TLS (docs/security.md); compose.yaml runs the services
+# as separate containers with mutual TLS.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

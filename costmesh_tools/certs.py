@@ -114,14 +114,36 @@ def write_pair(
 
 
 def make_dev_set(out: Path, hosts: Sequence[str] = ()) -> list[Path]:
-    """ca.pem (and its key), then a pair per service and one for a client."""
+    """ca.pem (and its key), then a pair per service and one for a client; and a
+    folder per service and for the client holding only ca.pem and that one pair, for a
+    container to mount without the CA's key or anyone else's."""
     out.mkdir(parents=True, exist_ok=True)
     authority = new_authority()
     write_pair(out, "ca", authority.cert, authority.key)
     every_host = [*_DEFAULT_HOSTS, *hosts]
     for name in (*SERVICES, CLIENT):
-        write_pair(out, name, *issue(authority, name, every_host))
+        cert, key = issue(authority, name, every_host)
+        write_pair(out, name, cert, key)
+        own = out / name
+        own.mkdir(exist_ok=True)
+        write_pair(own, name, cert, key)
+        (own / "ca.pem").write_bytes((out / "ca.pem").read_bytes())
     return sorted(out.iterdir())
+
+
+def is_complete(out: Path) -> bool:
+    """A set `make_dev_set` wrote whole, with no certificate expiring within a day."""
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1)
+    for name in ("ca", *SERVICES, CLIENT):
+        files = [out / f"{name}.pem", out / f"{name}-key.pem"]
+        if name != "ca":
+            files += [out / name / f"{name}.pem", out / name / f"{name}-key.pem"]
+        if not all(f.is_file() and f.stat().st_size for f in files):
+            return False
+        cert = x509.load_pem_x509_certificate(files[0].read_bytes())
+        if cert.not_valid_after_utc < soon:
+            return False
+    return True
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -140,13 +162,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     dev.add_argument(
         "--keep",
         action="store_true",
-        help="leave a set already in --out as it is (for a container that runs this at start)",
+        help="leave a whole, unexpired set already in --out as it is (for a container "
+        "that runs this at start); a partial or expiring one is made again",
     )
     dev.set_defaults(handler=_dev)
 
 
 def _dev(args: argparse.Namespace, out: TextIO) -> int:
-    if args.keep and (args.out / "ca.pem").exists():
+    if args.keep and is_complete(args.out):
         print(f"keeping the certificates already in {args.out}", file=out)
         return 0
     written = make_dev_set(args.out, args.host)

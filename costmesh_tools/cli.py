@@ -102,7 +102,12 @@ async def _serve(args: argparse.Namespace) -> int:
         # One machine-readable line: scripts and tests wait for it to learn the port.
         print(f"costmesh: serving {args.service} on {host}:{running.port}", flush=True)
         if running.http_port:
-            where = f"http://{host}:{running.http_port}"
+            scheme = (
+                "https"
+                if config.section("server").section("tls").get_str("cert_file", "")
+                else "http"
+            )
+            where = f"{scheme}://{host}:{running.http_port}"
             api = f"OpenAI-compatible API at {where}/v1, " if "inference" in names else ""
             print(f"costmesh: {api}metrics at {where}/metrics", flush=True)
         await serve(running, config.section("server").get_float("grace_seconds"))

@@ -134,7 +134,7 @@ def _refuse_demo_key_off_loopback(config: Config, host: str) -> None:
         for entry in config.section("auth").tables("keys")
         if entry.get_str("sha256", "").lower() == DEMO_KEY_DIGEST
     ]
-    if demo and not host.startswith(tls.LOOPBACK):
+    if demo and not tls.is_loopback(host):
         raise ConfigError(
             f"{demo[0]}: the public demo key cm-demo-admin-key is configured but the server "
             f"listens on {host}; set your own keys ([[auth.keys]] or COSTMESH_API_KEYS)"

@@ -106,6 +106,7 @@ class _MeshThread:
         assert self._stop is not None
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(30)
+        self._loop.close()
 
 
 @pytest.fixture(scope="module")

@@ -122,6 +122,19 @@ def _listen_port(svc: Mapping[str, Any]) -> int:
     return config.section("server").get_int("port")
 
 
+def _mounts(svc: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    """Container path -> (volume name or host path, subpath), short and long syntax."""
+    mounts = {}
+    for volume in svc.get("volumes", []):
+        if isinstance(volume, dict):
+            subpath = (volume.get("volume") or {}).get("subpath", "")
+            mounts[volume["target"]] = (volume["source"], subpath)
+        else:
+            source, target = str(volume).split(":")[:2]
+            mounts[target] = (source, "")
+    return mounts
+
+
 def _seconds(duration: str) -> float:
     match = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", duration)
     assert duration, "empty duration"
@@ -410,11 +423,11 @@ def test_every_port_speaks_mutual_tls_with_certificates_from_the_certs_volume(
     argv = [str(a) for a in certs["command"]]
     args = _parser(argv).parse_args(argv)
     assert (args.command, args.certs_command, args.keep) == ("certs", "dev", True)
-    made = {p.name for p in make_dev_set(tmp_path)}
+    make_dev_set(tmp_path)
     for name, svc in costmesh.items():
         env = _resolved_environment(svc, HOST_ENV)
-        mounted = {str(v).split(":")[1] for v in svc["volumes"] if str(v).startswith("certs:")}
-        assert mounted == {str(args.out)}, name
+        # Only its own folder of the volume: the CA's certificate and its own pair.
+        assert _mounts(svc)[str(args.out)] == ("certs", name), name
         assert svc["depends_on"]["certs"]["condition"] == "service_completed_successfully"
         files = [env[f"COSTMESH_TLS_{k}_FILE"] for k in ("CERT", "KEY", "CLIENT_CA")]
         if name == "inference":
@@ -422,15 +435,18 @@ def test_every_port_speaks_mutual_tls_with_certificates_from_the_certs_volume(
         for file in files:
             folder, _, base = file.rpartition("/")
             assert folder == str(args.out), f"{name}: {file}"
-            assert base in made, f"{name}: {file}"
+            assert (tmp_path / name / base).is_file(), f"{name}: {base} is not in its folder"
         assert env["COSTMESH_TLS_CERT_FILE"].endswith(f"/{name}.pem")
         # A working configuration for the service: the checks pass on the real files.
-        local = {k: v.replace(str(args.out), str(tmp_path)) for k, v in env.items()}
+        local = {k: v.replace(str(args.out), str(tmp_path / name)) for k, v in env.items()}
         assert tls.server_tls(load_config(env=local)) is not None
     scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     tls_config = scrape["scrape_configs"][0]["tls_config"]
     assert scrape["scrape_configs"][0]["scheme"] == "https"
-    assert {Path(f).name for f in tls_config.values()} <= made
+    prometheus = compose["services"]["prometheus"]
+    assert _mounts(prometheus)[str(args.out)] == ("certs", "client")
+    assert all((tmp_path / "client" / Path(f).name).is_file() for f in tls_config.values())
+    assert not (tmp_path / "client" / "ca-key.pem").exists(), "no container gets the CA's key"
 
 
 def test_stop_grace_outlasts_the_shutdown_grace(costmesh: dict[str, dict[str, Any]]) -> None:
@@ -447,12 +463,9 @@ def test_data_directories_are_named_volumes(
         data_dir = _environment(svc).get("COSTMESH_DATA_DIR")
         if data_dir is None:
             continue
-        mounts = {}  # container path -> volume name or host path
-        for volume in svc.get("volumes", []):
-            source, target = str(volume).split(":")[:2]
-            mounts[target] = source
+        mounts = _mounts(svc)
         assert data_dir in mounts, f"{name}: {data_dir} is not a mounted volume"
-        assert mounts[data_dir] in compose["volumes"], f"{name}: not a named volume"
+        assert mounts[data_dir][0] in compose["volumes"], f"{name}: not a named volume"
 
 
 def test_inference_is_published_on_its_listen_port(costmesh: dict[str, dict[str, Any]]) -> None:

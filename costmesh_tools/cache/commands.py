@@ -9,14 +9,12 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-import grpc
-
 from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from costmesh.types.v1 import types_pb2
 from costmesh_tools.cache import evaluate
 from costmesh_tools.cache.intents import default_data_dir, parse_data_sets
 from costmesh_tools.cache.stock import minilm_dir
-from costmesh_tools.cli_support import count
+from costmesh_tools.cli_support import add_tls_arguments, count, open_channel
 from services.common.embedding import read_card
 
 SHIPPED_DATA = "banking77,clinc150,bitext"
@@ -58,6 +56,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     report.add_argument("--feature", required=True)
     report.add_argument("--question", required=True, help="the user message that was asked")
     report.add_argument("--entry", required=True, help="the reply's cache_entry_id")
+    add_tls_arguments(report)
     report.add_argument("--scope-key", default="")
     report.add_argument("--namespace", default="")
     report.set_defaults(handler=_report)
@@ -112,7 +111,7 @@ def _report(args: argparse.Namespace, out: TextIO) -> int:
         ),
         cache_entry_id=args.entry,
     )
-    with grpc.insecure_channel(args.addr) as channel:
+    with open_channel(args.addr, args) as channel:
         reply = inference_pb2_grpc.InferenceServiceStub(channel).ReportWrongHit(
             request, metadata=(("authorization", f"Bearer {args.key}"),), timeout=10
         )

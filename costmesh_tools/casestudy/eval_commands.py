@@ -38,7 +38,7 @@ from costmesh_tools.casestudy.evaluate import (
 )
 from costmesh_tools.casestudy.progress import Progress
 from costmesh_tools.casestudy.workload import WorkloadError, WorkloadRequest, read_workload
-from costmesh_tools.cli_support import positive
+from costmesh_tools.cli_support import add_tls_arguments, open_aio_channel, positive
 
 CONNECT_SECONDS = 10.0
 # An experiment name is also the treatment's cache namespace: the characters both allow.
@@ -54,6 +54,7 @@ def register(commands: Any) -> None:
                     help="HOST:PORT of the mesh (default %(default)s)")  # fmt: skip
     ev.add_argument("--key", default=os.environ.get("COSTMESH_API_KEY", ""),
                     help="API key (default: $COSTMESH_API_KEY)")  # fmt: skip
+    add_tls_arguments(ev)
     ev.add_argument("--margin", default=str(DEFAULT_MARGIN),
                     help="the largest drop of the treatment's mean score relative to "
                     "control's that passes, in [0, 1) (default %(default)s)")  # fmt: skip
@@ -171,7 +172,7 @@ def select(
 async def _run(
     args: argparse.Namespace, experiment: str, requests: Sequence[WorkloadRequest]
 ) -> list[Pair]:
-    async with grpc.aio.insecure_channel(args.address) as channel:
+    async with open_aio_channel(args.address, args) as channel:
         try:
             await asyncio.wait_for(channel.channel_ready(), CONNECT_SECONDS)
         except TimeoutError:

@@ -14,15 +14,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-import grpc
-
 from costmesh_tools.casestudy import replay
 from costmesh_tools.casestudy.progress import Progress
 from costmesh_tools.casestudy.report import SavingsReport, build_report
 from costmesh_tools.casestudy.report_render import render_csv, render_html, render_terminal
 from costmesh_tools.casestudy.support_workload import bundled_workload_path
 from costmesh_tools.casestudy.workload import WorkloadRequest, read_workload
-from costmesh_tools.cli_support import positive, positive_decimal
+from costmesh_tools.cli_support import (
+    add_tls_arguments,
+    open_aio_channel,
+    positive,
+    positive_decimal,
+)
 from services import SERVICES
 from services.common.config import Config, load_config
 from services.inference.experiments import MAX_EXPERIMENT_NAME
@@ -41,6 +44,7 @@ def register(commands: Any) -> None:
     run.add_argument("--key", default=os.environ.get("COSTMESH_API_KEY", ""),
                      help="API key (default: $COSTMESH_API_KEY)")  # fmt: skip
     run.add_argument("--config", type=Path, help="the mesh's config (for the models' tiers)")
+    add_tls_arguments(run)
     _replay_options(run)
     run.set_defaults(handler=_replay)
     demo = commands.add_parser(
@@ -178,7 +182,7 @@ async def _run(
     else:  # before anything is sent: a workload too short for a volume is refused
         requests_per_day = replay.requests_per_day(workload)
         basis = replay.volume_basis(workload)
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_aio_channel(address, args) as channel:
         # Also the key's first use: a refused key stops here, nothing sent.
         recorded = await replay.recorded_calls(channel, metadata, experiment)
         if recorded:

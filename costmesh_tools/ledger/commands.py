@@ -14,8 +14,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TextIO
 
-import grpc
-
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh_tools.casestudy.report import EmptyReportError, SavingsReport, build_report
 from costmesh_tools.casestudy.report_render import (
@@ -24,8 +22,14 @@ from costmesh_tools.casestudy.report_render import (
     render_table_page,
     render_terminal,
 )
+from costmesh_tools.cli_support import (
+    add_tls_arguments,
+    open_channel,
+    positive_decimal,
+    usd,
+    write_grid,
+)
 from costmesh_tools.cli_support import decimal as _decimal
-from costmesh_tools.cli_support import positive_decimal, usd, write_grid
 from costmesh_tools.ledger import export
 from costmesh_tools.ledger.economics import fine_tune, self_host
 from services.common.config import load_config
@@ -109,6 +113,7 @@ def _connection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="start", type=date.fromisoformat, help="first day (UTC)")
     parser.add_argument("--to", dest="end", type=date.fromisoformat, help="last day, included")
     parser.add_argument("--team", default="", help="only this team")
+    add_tls_arguments(parser)
 
 
 def _limit(request: ledger_pb2.QuerySpendRequest | ledger_pb2.ExportUsageRequest,
@@ -124,7 +129,7 @@ def _limit(request: ledger_pb2.QuerySpendRequest | ledger_pb2.ExportUsageRequest
 def _stub(
     args: argparse.Namespace,
 ) -> tuple[ledger_pb2_grpc.LedgerServiceStub, tuple[tuple[str, str]]]:
-    channel = grpc.insecure_channel(args.addr)
+    channel = open_channel(args.addr, args)
     return ledger_pb2_grpc.LedgerServiceStub(channel), (("authorization", f"Bearer {args.key}"),)
 
 

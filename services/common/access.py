@@ -48,11 +48,16 @@ ACCESS: Mapping[str, frozenset[str]] = {
 }
 
 
+NO_CERTIFICATE = ""  # Principal.service of the service key over a connection without one
+
+
 def grant_of(principal: Principal) -> str:
     """The name the table grants to: a role, or service:<name> for a service."""
-    if principal.role == "service":
-        return f"service:{principal.service}" if principal.service else "service:*"
-    return principal.role
+    if principal.role != "service":
+        return principal.role
+    if principal.service == NO_CERTIFICATE:
+        return "service (no certificate)"
+    return f"service:{principal.service}"
 
 
 def check(method: str, principal: Principal, table: Mapping[str, frozenset[str]] = ACCESS) -> None:
@@ -61,8 +66,9 @@ def check(method: str, principal: Principal, table: Mapping[str, frozenset[str]]
     mine = grant_of(principal)
     if mine in grants:
         return
-    if mine == "service:*" and any(g.startswith("service:") for g in grants):
-        return  # no certificate to tell services apart: the key stands for each
+    no_certificate = principal.role == "service" and principal.service == NO_CERTIFICATE
+    if no_certificate and any(g.startswith("service:") for g in grants):
+        return  # nothing tells services apart: the key stands for each
     allowed = ", ".join(sorted(grants)) or "nobody"
     raise PermissionDenied(
         f"{method.rsplit('/', 1)[-1]}: not allowed for {mine} (allowed: {allowed})",

@@ -121,11 +121,18 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _certificate_name(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    """The common name on the caller's verified client certificate, if it sent one
-    (an in-process call has none: its caller is this process's inference)."""
+    """The service a verified client certificate names (its common name), or
+    NO_CERTIFICATE when the connection carries none (plaintext, TLS without a client
+    CA, or an in-process call, whose caller is this process's own inference). A
+    certificate that names no service by a plain name is "(unnamed)", which no entry
+    of the access table grants."""
     auth_context = getattr(context, "auth_context", None)
-    names = auth_context().get("x509_common_name", ()) if auth_context else ()
-    return next((n.decode() for n in names), "")
+    properties = auth_context() if auth_context else {}
+    if not properties.get("x509_pem_cert"):
+        return access.NO_CERTIFICATE
+    names = [n.decode(errors="replace") for n in properties.get("x509_common_name", ())]
+    name = names[0] if len(names) == 1 else ""
+    return name if name.replace("-", "").replace("_", "").isalnum() else "(unnamed)"
 
 
 def _code_of(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -48,9 +48,12 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 class GroupCommit(Generic[T]):
     """Writes from concurrent callers in one transaction (group commit): each caller
     returns once the commit that holds its write is done, or gets its error. A lone
-    caller costs what a write of its own would; under load, one commit serves many."""
+    caller costs what a write of its own would; under load, one commit serves many.
 
-    def __init__(self, write_all: Callable[[list[T]], None]) -> None:
+    `write_all` may return, per item, the error that item alone failed with (None for
+    the items written): then only those callers hear of a failure."""
+
+    def __init__(self, write_all: Callable[[list[T]], Sequence[Exception | None] | None]) -> None:
         self._write_all = write_all  # runs in a worker thread, as one transaction
         self._waiting: list[tuple[T, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
@@ -66,17 +69,24 @@ class GroupCommit(Generic[T]):
         while self._waiting:
             batch, self._waiting = self._waiting, []
             try:
-                await asyncio.to_thread(self._write_all, [item for item, _ in batch])
+                failed = await asyncio.to_thread(self._write_all, [item for item, _ in batch])
             except asyncio.CancelledError:
                 for _, future in [*batch, *self._waiting]:
                     future.cancel()  # nobody is left to write them: their callers must hear
                 self._waiting = []
                 raise
             except Exception as exc:
-                for _, future in batch:
-                    if not future.done():  # a caller cancelled meanwhile hears nothing
-                        future.set_exception(exc)
+                _settle([future for _, future in batch], [exc] * len(batch))
             else:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_result(None)
+                _settle([future for _, future in batch], failed or [None] * len(batch))
+
+
+def _settle(futures: list[asyncio.Future[None]], errors: Sequence[Exception | None]) -> None:
+    """Each caller hears its own outcome; one that cancelled meanwhile hears nothing."""
+    for future, error in zip(futures, errors, strict=True):
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)

@@ -4,6 +4,7 @@ rule that keys never cross a network in the clear unless an operator says so."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import ssl
 from dataclasses import dataclass
@@ -14,7 +15,21 @@ import grpc
 from services.common.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
-LOOPBACK = ("127.", "localhost", "::1", "[::1]")
+
+
+def is_loopback(host: str) -> bool:
+    """`host` (a name or address, with or without a :port) reaches only this machine."""
+    bare = host.strip()
+    if bare.startswith("["):
+        bare = bare[1 : bare.find("]")]
+    elif bare.count(":") == 1:
+        bare = bare.rsplit(":", 1)[0]
+    if bare == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bare).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,8 @@ def server_tls(config: Config) -> ServerTls | None:
         missing = "cert_file" if cert is None else "key_file"
         raise ConfigError(f"server.tls.{missing}: required with the other of cert_file, key_file")
     _check_pair(tls, cert, key)
+    if client_ca is not None:
+        _check_ca(tls, "client_ca_file", client_ca)
     return ServerTls(cert, key, client_ca)
 
 
@@ -90,6 +107,9 @@ def peer_tls(config: Config) -> PeerTls | None:
     if (cert is None) != (key is None):
         missing = "cert_file" if cert is None else "key_file"
         raise ConfigError(f"peers.tls.{missing}: required with the other of cert_file, key_file")
+    _check_ca(tls, "ca_file", ca)
+    if cert is not None and key is not None:
+        _check_pair(tls, cert, key)
     return PeerTls(ca, cert, key)
 
 
@@ -99,7 +119,7 @@ def insecure(config: Config) -> bool:
 
 def check_plaintext(config: Config, host: str, tls: ServerTls | None) -> None:
     """Plaintext only on loopback, unless `server.insecure = true` (then logged)."""
-    if tls is not None or host.startswith(LOOPBACK):
+    if tls is not None or is_loopback(host):
         return
     if not insecure(config):
         raise ConfigError(
@@ -113,7 +133,7 @@ def check_plaintext(config: Config, host: str, tls: ServerTls | None) -> None:
 
 def check_peer_plaintext(config: Config, peer: str, address: str, tls: PeerTls | None) -> None:
     """A peer off loopback is called over TLS, unless `server.insecure = true`."""
-    if tls is not None or address.startswith(LOOPBACK) or insecure(config):
+    if tls is not None or is_loopback(address) or insecure(config):
         return
     raise ConfigError(
         f"peers.{peer}: {address} is not on loopback and [peers.tls] is not set, so the "
@@ -132,6 +152,16 @@ def _file(table: Config, key: str) -> Path | None:
     except OSError as exc:
         raise ConfigError(f"{table.key_name(key)}: cannot read {name}: {exc.strerror}") from exc
     return path
+
+
+def _check_ca(table: Config, key: str, path: Path) -> None:
+    """CA certificates in PEM (else every handshake fails, or the port cannot open)."""
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(
+            f"{table.key_name(key)}: {path} holds no CA certificate in PEM ({exc})"
+        ) from exc
 
 
 def _check_pair(table: Config, cert: Path, key: Path) -> None:

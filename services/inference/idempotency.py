@@ -21,7 +21,7 @@ from pathlib import Path
 
 from costmesh.inference.v1 import inference_pb2
 from services.common.errors import AlreadyExists
-from services.common.sqlite import open_database
+from services.common.sqlite import open_database, transaction
 
 log = logging.getLogger(__name__)
 Response = inference_pb2.CompleteResponse
@@ -48,7 +48,12 @@ class IdempotencyStore:
     outbox's rows (`remembered`)."""
 
     def __init__(
-        self, path: Path, ttl_seconds: int, clock: Callable[[], float] = time.time
+        self,
+        path: Path,
+        ttl_seconds: int,
+        clock: Callable[[], float] = time.time,
+        *,
+        earlier_file: Path | None = None,
     ) -> None:
         self._db = open_database(path)
         self._db.executescript(
@@ -69,7 +74,25 @@ class IdempotencyStore:
         # caller that gives up does not stop it: a retry joins it instead of paying
         # the provider again.
         self._in_flight: dict[tuple[str, str], tuple[str, asyncio.Task[Response]]] = {}
+        if earlier_file is not None and earlier_file.exists():
+            self._take_over(earlier_file)
         self._prune()
+
+    def _take_over(self, earlier_file: Path) -> None:
+        """Responses an earlier version kept in a file of their own: still replayed
+        after the upgrade (the file is renamed *.migrated once copied)."""
+        with self._lock:
+            self._db.execute("ATTACH DATABASE ? AS earlier", (str(earlier_file),))
+            try:
+                with transaction(self._db) as db:
+                    db.execute("INSERT OR IGNORE INTO answered SELECT * FROM earlier.answered")
+                    db.execute(
+                        "INSERT OR IGNORE INTO settled_rows SELECT * FROM earlier.settled_rows"
+                    )
+            finally:
+                self._db.execute("DETACH DATABASE earlier")
+        earlier_file.rename(earlier_file.with_name(earlier_file.name + ".migrated"))
+        log.info("replay records of %s taken over into the outbox's file", earlier_file)
 
     async def answer_once(
         self,
@@ -103,7 +126,7 @@ class IdempotencyStore:
         attempt, a billed classification), each settled on its own, so costs add up.
         The trace id makes sure it is the same answer, not a later one that reused the
         id after the replay window."""
-        with self._lock:
+        with self._lock, transaction(self._db):  # marked settled and added, or neither
             row = self._db.execute(
                 "SELECT response FROM answered WHERE team = ? AND request_id = ?",
                 (team, request_id),

@@ -175,9 +175,10 @@ class UsageOutbox:
     ) -> bool:
         try:
             await self._inserts.write(_Insert(records, also))
-        except sqlite3.Error:
-            # Disk full or broken: still try the ledger directly, and if that fails
-            # too the "usage LOST" log line is the only copy of this usage.
+        except Exception:
+            # Disk full or broken (or the caller's own write failed): still try the
+            # ledger directly, and if that fails too the "usage LOST" log line is the
+            # only copy of this usage.
             log.exception(
                 "outbox could not persist usage %s", ", ".join(r.request_id for r in records)
             )
@@ -187,17 +188,25 @@ class UsageOutbox:
     async def _send_later(
         self, record: ledger_pb2.UsageRecord, time_limit: float, persisted: bool, claimed: bool
     ) -> None:
-        result = await self._send_claimed(record, time_limit, persisted, claimed)
-        if result is not None and self._on_delivered is not None:
-            await self._on_delivered([(record, result)])
+        await self._send_claimed(record, time_limit, persisted, claimed, report=True)
 
     async def _send_claimed(
-        self, record: ledger_pb2.UsageRecord, time_limit: float, persisted: bool, claimed: bool
+        self,
+        record: ledger_pb2.UsageRecord,
+        time_limit: float,
+        persisted: bool,
+        claimed: bool,
+        *,
+        report: bool = False,
     ) -> ledger_pb2.RecordedUsage | None:
-        """Send once; the claim (if this caller holds it) lasts until the row is gone."""
+        """Send once; the claim (if this caller holds it) lasts until the row is gone.
+        With `report`, the delivery is reported before the row is deleted: a kill in
+        between leaves the row to be sent (and reported) again, never unreported."""
         key = (record.team, record.request_id)
         try:
             result = await self._send_now(record, time_limit, persisted)
+            if result is not None and report and self._on_delivered is not None:
+                await self._on_delivered([(record, result)])
             if result is not None and persisted:
                 await self._deletes.write(record)
                 self._done.add(key)
@@ -258,9 +267,9 @@ class UsageOutbox:
                 # rest, so they go one by one (the failing one stays pending).
                 results = await self._send_one_by_one(batch)
             self._ledger_down = False
-            await asyncio.to_thread(self._delete, [record for record, _ in results])
-            if self._on_delivered is not None and results:
+            if self._on_delivered is not None and results:  # before the rows go
                 await self._on_delivered(results)
+            await asyncio.to_thread(self._delete, [record for record, _ in results])
             sent += len(results)
         return sent
 
@@ -324,15 +333,27 @@ class UsageOutbox:
                 self._outage.failed(f"{_brief(exc)}; {self.pending_count()} pending")
             await asyncio.sleep(self._retry_seconds)
 
-    def _put_all(self, inserts: Sequence[_Insert]) -> None:
+    def _put_all(self, inserts: Sequence[_Insert]) -> list[Exception | None]:
+        """Every caller's records and own write in one commit; a caller whose part
+        fails (its own write, say) is rolled back alone, and alone hears of it."""
+        failed: list[Exception | None] = []
         with self._lock, transaction(self._db) as db:
-            db.executemany(
-                "INSERT OR IGNORE INTO outbox (team, request_id, record) VALUES (?, ?, ?)",
-                [(r.team, r.request_id, r.SerializeToString()) for i in inserts for r in i.records],
-            )
             for insert in inserts:
-                if insert.also is not None:
-                    insert.also(db)
+                db.execute("SAVEPOINT insert_one")
+                try:
+                    db.executemany(
+                        "INSERT OR IGNORE INTO outbox (team, request_id, record) VALUES (?, ?, ?)",
+                        [(r.team, r.request_id, r.SerializeToString()) for r in insert.records],
+                    )
+                    if insert.also is not None:
+                        insert.also(db)
+                except Exception as exc:
+                    db.execute("ROLLBACK TO insert_one")
+                    failed.append(exc)
+                else:
+                    failed.append(None)
+                db.execute("RELEASE insert_one")
+        return failed
 
     def _park(self, record: ledger_pb2.UsageRecord, reason: str) -> None:
         log.error("ledger rejected usage %s (%s); parked in dead_letter", record.request_id, reason)

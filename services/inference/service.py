@@ -148,7 +148,11 @@ def build(
         settings.outbox_path, ledger.send, settings.outbox_retry_seconds, delivered, parked
     )
     # In the outbox's file: a response is remembered in the transaction of its rows.
-    idempotency = IdempotencyStore(settings.outbox_path, settings.idempotency_ttl_seconds)
+    idempotency = IdempotencyStore(
+        settings.outbox_path,
+        settings.idempotency_ttl_seconds,
+        earlier_file=settings.outbox_path.parent / "idempotency.sqlite3",  # before 2026-12
+    )
     admission = Admission(settings, budgets)
     path = CompletionPath(
         settings,

@@ -41,12 +41,13 @@ class _Health:
 class Cooldowns:
     """Per deployment: consecutive failures, and until when it is skipped.
 
-    The first cool-down is short (`first_seconds`) and each failed trial call doubles
-    it, up to `seconds`: a deployment that is back is found within seconds of its
-    return, one that stays down is tried ever more rarely."""
+    While cooling down it is half-open: one trial call at a time, the first after
+    `first_seconds`, then each failed trial doubles the wait up to `seconds`, so a
+    deployment that is back is found within `seconds` of its return (plus the trial
+    call's own time: a trial that hangs holds the slot until its attempt times out)."""
 
     failures: int = 5
-    seconds: float = 30.0
+    seconds: float = 1.5
     clock: Callable[[], float] = time.monotonic
     first_seconds: float = 1.0
     _health: dict[str, _Health] = field(default_factory=dict)

@@ -62,6 +62,12 @@ class ProviderSettings:
         ):
             if key in inference.names() and not inference.get_float(key) > 0:
                 raise ConfigError(f"inference.{key}: must be positive")
+        first = inference.get_float("cooldown_first_seconds", 1.0)
+        if first > inference.get_float("cooldown_seconds", 1.5):
+            raise ConfigError(
+                f"inference.cooldown_first_seconds: {first:g} is more than cooldown_seconds, "
+                "the longest a cool-down lasts"
+            )
         return cls(
             models=_models(config.section("models"), set(providers)),
             providers=providers,

@@ -3,6 +3,7 @@ docs/security.md; under mTLS, a service is the name on its certificate."""
 
 from __future__ import annotations
 
+import datetime
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -11,6 +12,9 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf import descriptor_pool
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -20,13 +24,13 @@ from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh.router.v1 import router_pb2  # noqa: F401
 from costmesh.types.v1 import types_pb2
 from costmesh_simulator import OpenAISimulator
-from costmesh_tools.certs import make_dev_set
+from costmesh_tools.certs import Authority, issue, make_dev_set, write_pair
 from services import SERVICES
 from services.common.access import ACCESS, ADMIN, INFERENCE, MEMBER
 from services.common.auth import hash_key
 from services.common.config import load_config
 from services.mesh import start_mesh
-from tests.conftest import SERVICE_AUTH, SERVICE_KEY, mesh_env
+from tests.conftest import SERVICE_AUTH, mesh_env
 
 ROOT = Path(__file__).resolve().parents[2]
 MEMBER_KEY, ADMIN_KEY = "cm-member-of-team-a", "cm-admin-of-ops"
@@ -146,6 +150,12 @@ async def test_under_mtls_the_service_key_is_only_as_good_as_the_certificate_wit
 ) -> None:
     certs = tmp_path / "certs"
     make_dev_set(certs)
+    authority = Authority(
+        x509.load_pem_x509_certificate((certs / "ca.pem").read_bytes()),
+        serialization.load_pem_private_key((certs / "ca-key.pem").read_bytes(), None),  # type: ignore[arg-type]
+    )
+    write_pair(certs, "star", *issue(authority, "*", ["localhost"]))
+    write_pair(certs, "nameless", *_nameless(authority))
     env = {
         **mesh_env(simulator, tmp_path),
         "COSTMESH_TLS_CERT_FILE": str(certs / "ledger.pem"),
@@ -161,7 +171,7 @@ async def test_under_mtls_the_service_key_is_only_as_good_as_the_certificate_wit
     record.time.GetCurrentTime()
     codes = {}
     try:
-        for name in ("cache", "inference"):
+        for name in ("cache", "star", "nameless", "inference"):
             credentials = grpc.ssl_channel_credentials(
                 (certs / "ca.pem").read_bytes(),
                 (certs / f"{name}-key.pem").read_bytes(),
@@ -180,9 +190,31 @@ async def test_under_mtls_the_service_key_is_only_as_good_as_the_certificate_wit
     finally:
         await ledger.stop(grace=1)
 
+    refused = (
+        "PERMISSION_DENIED: RecordUsage: not allowed for service:{} (allowed: service:inference)"
+    )
     assert codes == {
-        "cache": "PERMISSION_DENIED: RecordUsage: not allowed for service:cache "
-        "(allowed: service:inference)",
+        "cache": refused.format("cache"),
+        "star": refused.format("(unnamed)"),
+        "nameless": refused.format("(unnamed)"),
         "inference": "OK",
     }
-    assert SERVICE_KEY in SERVICE_AUTH[0][1]
+
+
+def _nameless(authority: Authority) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A certificate from the mesh's CA with an empty subject (SAN only), as some CAs
+    issue them: it names no service."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(authority.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("inference")]), critical=True)
+        .sign(authority.key, hashes.SHA256())
+    )
+    return cert, key

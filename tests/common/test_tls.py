@@ -3,6 +3,7 @@ between services, and the refusal to put keys on a network in the clear."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import ssl
@@ -21,6 +22,7 @@ from costmesh.inference.v1 import inference_pb2_grpc
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh_simulator import OpenAISimulator
 from costmesh_tools.certs import Authority, issue, make_dev_set, new_authority, write_pair
+from costmesh_tools.cli import main
 from services.common.config import ConfigError, load_config
 from services.common.server import RunningServer
 from services.mesh import start_mesh
@@ -264,3 +266,20 @@ def _load_authority(certs: Certs) -> Authority:
     cert = x509.load_pem_x509_certificate(certs["ca.pem"])
     key = serialization.load_pem_private_key(certs["ca-key.pem"], None)
     return Authority(cert, key)  # type: ignore[arg-type]
+
+
+async def test_the_ledger_report_reaches_a_mutual_tls_mesh_with_the_client_pair(
+    mutual_mesh: RunningServer, certs: Certs, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await _complete(f"localhost:{mutual_mesh.port}", certs.credentials())
+    await mutual_mesh.settled()
+    tls = ["--tls-ca", str(certs.folder / "ca.pem")]
+    tls += ["--tls-cert", str(certs.folder / "client.pem")]
+    tls += ["--tls-key", str(certs.folder / "client-key.pem")]
+    argv = ["ledger", "report", "--addr", f"localhost:{mutual_mesh.port}"]
+    argv += ["--key", "cm-demo-admin-key", "--format", "csv", *tls]
+
+    code = await asyncio.to_thread(main, argv)
+
+    assert code == 0
+    assert "demo" in capsys.readouterr().out

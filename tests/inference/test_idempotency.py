@@ -177,3 +177,30 @@ async def test_drain_waits_for_the_answers_under_way(tmp_path: Path) -> None:
     store.close()
 
     assert finished.is_set()
+
+
+async def test_replays_kept_by_an_earlier_version_survive_the_upgrade(tmp_path: Path) -> None:
+    request = user_request("Where is my parcel?", request_id="r-old")
+    earlier = tmp_path / "idempotency.sqlite3"
+    old = open_database(earlier)  # the file and tables an earlier version wrote
+    old.executescript(
+        "CREATE TABLE answered (team TEXT NOT NULL, request_id TEXT NOT NULL,"
+        " fingerprint TEXT NOT NULL, response BLOB NOT NULL, expires_at REAL NOT NULL,"
+        " PRIMARY KEY (team, request_id));"
+        "CREATE TABLE settled_rows (row_id TEXT PRIMARY KEY, expires_at REAL NOT NULL);"
+    )
+    first = inference_pb2.CompleteResponse(content="In transit", trace_id="t-old")
+    with transaction(old) as db:
+        IdempotencyStore(tmp_path / "scratch.sqlite3", 3600).remembered("team", request, first)(db)
+    old.close()
+
+    store = IdempotencyStore(tmp_path / "outbox.sqlite3", 3600, earlier_file=earlier)
+
+    async def answer_again() -> inference_pb2.CompleteResponse:
+        raise AssertionError("a remembered request was answered again")
+
+    replay = await store.answer_once("team", request, answer_again)
+    store.close()
+    assert replay.trace_id == "t-old"
+    assert not earlier.exists()
+    assert (tmp_path / "idempotency.sqlite3.migrated").exists()

@@ -371,8 +371,11 @@ async def test_records_and_the_callers_own_write_commit_together_or_not_at_all(
     def fail(db: sqlite3.Connection) -> None:
         db.execute("INSERT INTO no_such_table VALUES (1)")
 
-    kept = await outbox.enqueue([_usage("answer-1"), _usage("embedding-1")], 5, remember)
-    refused = await outbox.enqueue([_usage("answer-2")], 5, fail)
+    # At once, so both land in one group commit: only the failing caller's part falls.
+    kept, refused = await asyncio.gather(
+        outbox.enqueue([_usage("answer-1"), _usage("embedding-1")], 5, remember),
+        outbox.enqueue([_usage("answer-2")], 5, fail),
+    )
     await outbox.settled()
     remembered = outbox._db.execute("SELECT what FROM remembered").fetchall()
     pending = outbox.pending_count()
