@@ -31,7 +31,7 @@ from costmesh_tools.cli_support import (
 )
 from costmesh_tools.cli_support import decimal as _decimal
 from costmesh_tools.ledger import export
-from costmesh_tools.ledger.economics import fine_tune, self_host
+from costmesh_tools.ledger.economics import LedgerLoad, fine_tune, ledger_load, self_host
 from services.common.config import load_config
 
 _BY = {name.removeprefix("GROUP_BY_").lower(): value for name, value in ledger_pb2.GroupBy.items()}
@@ -95,10 +95,43 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
     economics = commands.add_parser("economics", help="self-hosting and fine-tuning arithmetic")
     esub = economics.add_subparsers(dest="economics_command", required=True)
-    host = esub.add_parser("self-host", help="GPU cost against API prices, and the breakeven")
-    for flag in ("--gpu-usd-per-hour", "--gpu-requests-per-second", "--requests-per-second",
-                 "--api-usd-per-request"):  # fmt: skip
+    host = esub.add_parser(
+        "self-host",
+        help="GPUs for the peak load (plus spares and operations) against the API, and the "
+        "breakeven; the API's price and the load from the ledger (--from-ledger) or given",
+    )
+    for flag in ("--gpu-usd-per-hour", "--gpu-requests-per-second"):
         host.add_argument(flag, type=_decimal, required=True)
+    given = host.add_argument_group("the load and the API's price, given")
+    given.add_argument("--requests-per-second", type=_decimal, help="the mean load")
+    given.add_argument("--api-usd-per-request", type=_decimal)
+    given.add_argument(
+        "--peak-requests-per-second", type=_decimal, help="the load to size for (default: mean)"
+    )
+    rows = host.add_argument_group("... or read from the ledger's rows")
+    rows.add_argument(
+        "--from-ledger",
+        action="store_true",
+        help="price a request as the rows' cost over the answered requests, and take the "
+        "mean and peak load from their times (--addr, --key, --from, --to, --team, --feature)",
+    )
+    rows.add_argument("--feature", default="", help="only this feature's rows")
+    rows.add_argument(
+        "--peak-percentile",
+        type=_decimal,
+        default=Decimal(99),
+        help="the peak: this percentile of the requests per second of each minute (default 99)",
+    )
+    _connection(host)
+    host.add_argument(
+        "--spare-gpus", type=int, default=1, help="GPUs beyond the peak's need (default 1: N+1)"
+    )
+    host.add_argument(
+        "--ops-usd-per-month",
+        type=_decimal,
+        default=Decimal(0),
+        help="people and tooling to run the GPUs, per month (default 0: say yours)",
+    )
     host.set_defaults(handler=_self_host)
     tune = esub.add_parser("fine-tune", help="training cost paid back by a per-request saving")
     for flag in ("--training-usd", "--saving-usd-per-request", "--requests-per-day"):
@@ -333,16 +366,75 @@ def _name(enum_name: str, prefix: str) -> str:
 
 
 def _self_host(args: argparse.Namespace, out: TextIO) -> int:
-    v = self_host(args.gpu_usd_per_hour, args.gpu_requests_per_second,
-                  args.requests_per_second, args.api_usd_per_request)  # fmt: skip
+    if args.from_ledger:
+        load = _ledger_load(args)
+        mean, price, peak = (
+            load.requests_per_second,
+            load.api_usd_per_request,
+            load.peak_requests_per_second,
+        )
+        out.write(
+            f"from the ledger: {load.requests:,} requests cost ${load.cost_usd:,.6f} over "
+            f"{load.seconds / 3600:,.1f} hours: ${price:.6f} a request, {mean:.3f} requests/s "
+            f"on average, {peak:.3f} at the {args.peak_percentile}th percentile minute\n"
+        )
+    else:
+        given = {"--requests-per-second": args.requests_per_second,
+                 "--api-usd-per-request": args.api_usd_per_request}  # fmt: skip
+        missing = [flag for flag, value in given.items() if value is None]
+        if missing:
+            print(f"costmesh: economics self-host: give {' and '.join(missing)}, or --from-ledger",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        mean, price, peak = (
+            args.requests_per_second,
+            args.api_usd_per_request,
+            args.peak_requests_per_second,
+        )
+    v = self_host(
+        args.gpu_usd_per_hour, args.gpu_requests_per_second, mean, price,
+        peak_requests_per_second=peak, spare_gpus=args.spare_gpus,
+        ops_usd_per_month=args.ops_usd_per_month,
+    )  # fmt: skip
+    spares = f" + {args.spare_gpus} spare" if args.spare_gpus else ""
     out.write(
-        f"self-hosting: ${v.self_host_usd_per_month:,.2f} a month ({v.gpus} GPU, "
-        f"{v.utilisation * 100:.0f}% used)\n"
+        f"self-hosting: ${v.self_host_usd_per_month:,.2f} a month ({v.serving_gpus} GPU for the "
+        f"peak{spares}, {v.utilisation * 100:.0f}% used on average; operations "
+        f"${args.ops_usd_per_month:,.2f})\n"
         f"API: ${v.api_usd_per_month:,.2f} a month\n"
-        f"the API costs {v.api_over_self_host:.1f}x self-hosting; breakeven at "
-        f"{v.breakeven_requests_per_second:.2f} requests/s\n"
+        f"{_cheaper(v.api_over_self_host)}; breakeven for these "
+        f"{v.gpus} GPU at {v.breakeven_requests_per_second:.2f} requests/s\n"
     )
     return 0
+
+
+def _cheaper(api_over_self_host: Decimal) -> str:
+    if api_over_self_host >= 1:
+        return f"the API costs {api_over_self_host:.1f}x self-hosting"
+    return f"self-hosting costs {1 / api_over_self_host:.1f}x the API"
+
+
+def _ledger_load(args: argparse.Namespace) -> LedgerLoad:
+    """The rows of the period (and team, feature) as a price per request and a load."""
+    stub, metadata = _stub(args)
+    request = ledger_pb2.ExportUsageRequest(team=args.team)
+    _limit(request, args)
+    answers, cost, first, last = [], 0, None, None
+    answer_purposes = (ledger_pb2.CALL_PURPOSE_ANSWER, ledger_pb2.CALL_PURPOSE_UNSPECIFIED)
+    for item in stub.ExportUsage(request, metadata=metadata, timeout=3600):
+        row = item.record
+        if args.feature and row.feature != args.feature:
+            continue
+        at = row.time.ToMicroseconds()
+        first, last = min(first or at, at), max(last or at, at)
+        cost += row.cost_nano_usd
+        if row.purpose in answer_purposes:
+            answers.append(at)
+    if first is None or last is None:
+        raise ValueError(f"no usage rows {_period(args)}")
+    start = request.start_time.ToMicroseconds() if request.HasField("start_time") else first
+    end = request.end_time.ToMicroseconds() if request.HasField("end_time") else last + 1_000_000
+    return ledger_load(answers, cost, start, end, args.peak_percentile)
 
 
 def _fine_tune(args: argparse.Namespace, out: TextIO) -> int:

@@ -1,25 +1,31 @@
 """Self-hosting and fine-tuning arithmetic, in exact decimals, for `costmesh economics`.
 
-A month is 30 days (720 hours), as in the write-up the figures come from.
+A month is 30 days (720 hours), as in the write-up the figures come from. The price of
+a request and the load can come from the ledger's own rows (`ledger_load`), so the
+comparison is of what the mesh really pays, sized for its peak, with spares.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
 HOURS_PER_MONTH = Decimal(720)
+NANO = Decimal(1_000_000_000)
 SECONDS_PER_MONTH = HOURS_PER_MONTH * 3600
 
 
 @dataclass(frozen=True)
 class SelfHostVerdict:
-    gpus: int
-    utilisation: Decimal  # share of the GPUs' capacity the traffic uses, 0..1
-    self_host_usd_per_month: Decimal
+    gpus: int  # serving the peak, plus the spares
+    serving_gpus: int  # enough for the peak load alone
+    utilisation: Decimal  # share of all the GPUs' capacity the mean load uses, 0..1
+    self_host_usd_per_month: Decimal  # GPUs every hour, plus operations
     api_usd_per_month: Decimal
-    # Requests per second above which one GPU's fixed cost beats the API.
+    # The mean load at which the API costs what these GPUs (and operations) cost: below
+    # it the API is cheaper.
     breakeven_requests_per_second: Decimal
 
     @property
@@ -33,21 +39,81 @@ def self_host(
     gpu_requests_per_second: Decimal,
     requests_per_second: Decimal,
     api_usd_per_request: Decimal,
+    *,
+    peak_requests_per_second: Decimal | None = None,
+    spare_gpus: int = 0,
+    ops_usd_per_month: Decimal = Decimal(0),
 ) -> SelfHostVerdict:
-    """Enough GPUs for the load, paid for every hour, against paying the API per request."""
+    """GPUs for the peak load (the mean when no peak is given) plus `spare_gpus` (N+1:
+    one), paid every hour with the operations cost, against paying the API per request
+    at the mean load."""
     if min(gpu_usd_per_hour, gpu_requests_per_second, api_usd_per_request) <= 0:
         raise ValueError("GPU cost, GPU capacity and API price must be positive")
-    if requests_per_second < 0:
-        raise ValueError("requests per second must not be negative")
-    gpus = max(1, math.ceil(requests_per_second / gpu_requests_per_second))
+    peak = requests_per_second if peak_requests_per_second is None else peak_requests_per_second
+    if requests_per_second < 0 or peak < requests_per_second:
+        raise ValueError("requests per second must not be negative, nor the peak below the mean")
+    if spare_gpus < 0 or ops_usd_per_month < 0:
+        raise ValueError("spare GPUs and the operations cost must not be negative")
+    serving = max(1, math.ceil(peak / gpu_requests_per_second))
+    gpus = serving + spare_gpus
+    self_host_monthly = gpus * gpu_usd_per_hour * HOURS_PER_MONTH + ops_usd_per_month
     return SelfHostVerdict(
         gpus=gpus,
+        serving_gpus=serving,
         utilisation=requests_per_second / (gpus * gpu_requests_per_second),
-        self_host_usd_per_month=gpus * gpu_usd_per_hour * HOURS_PER_MONTH,
+        self_host_usd_per_month=self_host_monthly,
         api_usd_per_month=requests_per_second * SECONDS_PER_MONTH * api_usd_per_request,
-        breakeven_requests_per_second=gpu_usd_per_hour
-        * HOURS_PER_MONTH
-        / (SECONDS_PER_MONTH * api_usd_per_request),
+        breakeven_requests_per_second=self_host_monthly / (SECONDS_PER_MONTH * api_usd_per_request),
+    )
+
+
+@dataclass(frozen=True)
+class LedgerLoad:
+    """What the ledger says a feature's traffic costs and how it arrives."""
+
+    requests: int  # answered requests
+    cost_usd: Decimal  # every row's cost: answers and what was paid on the way
+    seconds: Decimal  # the period the rows were read over
+    peak_requests_per_second: Decimal  # the chosen percentile of per-minute rates
+
+    @property
+    def api_usd_per_request(self) -> Decimal:
+        return self.cost_usd / self.requests
+
+    @property
+    def requests_per_second(self) -> Decimal:
+        return Decimal(self.requests) / self.seconds
+
+
+def ledger_load(
+    answers_at_us: Sequence[int],
+    cost_nano_usd: int,
+    start_us: int,
+    end_us: int,
+    percentile: Decimal,
+) -> LedgerLoad:
+    """From the answer rows' times (microseconds) and all rows' cost over [start, end):
+    the price of a request and the mean and peak load. The peak is `percentile` of the
+    requests per second of each minute of the period, empty minutes included (and at
+    least the mean)."""
+    if not answers_at_us:
+        raise ValueError("no answered requests in the period: nothing to price")
+    if not 0 < percentile <= 100:
+        raise ValueError("the peak percentile must be in (0, 100]")
+    minutes = max(1, math.ceil((end_us - start_us) / 60_000_000))
+    per_minute = [0] * minutes
+    for at in answers_at_us:
+        per_minute[min(max((at - start_us) // 60_000_000, 0), minutes - 1)] += 1
+    per_minute.sort()
+    rank = max(0, math.ceil(float(percentile) / 100 * minutes) - 1)  # nearest rank
+    seconds = Decimal(max(end_us - start_us, 1)) / 1_000_000
+    mean = Decimal(len(answers_at_us)) / seconds
+    return LedgerLoad(
+        requests=len(answers_at_us),
+        cost_usd=Decimal(cost_nano_usd) / NANO,
+        seconds=seconds,
+        # Never below the mean: sparse traffic has quiet minutes at most percentiles.
+        peak_requests_per_second=max(Decimal(per_minute[rank]) / 60, mean),
     )
 
 
