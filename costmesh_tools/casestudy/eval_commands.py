@@ -26,15 +26,17 @@ import grpc
 
 from costmesh.inference.v1 import inference_pb2_grpc
 from costmesh_tools.cache.stock import minilm_encoder
-from costmesh_tools.casestudy.eval_report import SCORERS, report, write_csv
+from costmesh_tools.casestudy.eval_report import SCORERS, power, report, write_csv
 from costmesh_tools.casestudy.eval_runs import EvalAbortError, MeshClient, Run
 from costmesh_tools.casestudy.evaluate import (
     DEFAULT_MARGIN,
     Pair,
     SimilarityScorer,
     compare,
+    label_features,
     score_by_grades,
     score_by_similarity,
+    score_exactly,
 )
 from costmesh_tools.casestudy.progress import Progress
 from costmesh_tools.casestudy.workload import WorkloadError, WorkloadRequest, read_workload
@@ -58,8 +60,14 @@ def register(commands: Any) -> None:
     ev.add_argument("--margin", default=str(DEFAULT_MARGIN),
                     help="the largest drop of the treatment's mean score relative to "
                     "control's that passes, in [0, 1) (default %(default)s)")  # fmt: skip
-    ev.add_argument("--scorer", choices=tuple(SCORERS), default="similarity",
-                    help="similarity (offline, default) or judge")  # fmt: skip
+    ev.add_argument("--scorer", choices=tuple(SCORERS), default="auto",
+                    help="auto (default: exact where references are labels, similarity "
+                    "elsewhere), exact, similarity or judge")  # fmt: skip
+    ev.add_argument("--waive", action="append", default=[], metavar="FEATURE",
+                    help="a feature whose own drop over the margin does not fail the gate "
+                    "(repeatable; the overall drop still counts)")  # fmt: skip
+    ev.add_argument("--detect", type=float, metavar="DROP",
+                    help="print the requests needed to detect this drop")  # fmt: skip
     ev.add_argument("--judge-feature", default="",
                     help="the feature whose baseline model grades (--scorer judge)")  # fmt: skip
     ev.add_argument("--features", default="", help="only these features, comma-separated")
@@ -96,8 +104,14 @@ def _evaluate(args: argparse.Namespace, out: TextIO) -> int:
     experiment = args.experiment or _new_experiment()
     _check_options(args, experiment)
     requests = select(read_workload(args.workload), args.features, args.limit)
+    exact = set()
+    if args.scorer in ("auto", "exact"):
+        exact = label_features(requests) if args.scorer == "auto" else {r.feature for r in requests}
     scorer = None
-    if args.scorer == "similarity":  # load the model before anything is spent
+    needs_similarity = args.scorer == "similarity" or (
+        args.scorer == "auto" and {r.feature for r in requests} - exact
+    )
+    if needs_similarity:  # load the model before anything is spent
         minilm = minilm_encoder(os.cpu_count() or 1, args.model_dir)
         scorer = SimilarityScorer(minilm.embed_vectors)
     sys.stderr.write(
@@ -105,18 +119,23 @@ def _evaluate(args: argparse.Namespace, out: TextIO) -> int:
         f"at {args.address}\n"
     )
     pairs = asyncio.run(_run(args, experiment, requests))
-    if scorer is None:
+    if args.scorer == "judge":
         score_by_grades(pairs)
-    else:
-        score_by_similarity(pairs, scorer)
-    comparison = compare(pairs, margin)
+    score_exactly(pairs, exact)
+    if scorer is not None:
+        score_by_similarity(pairs, scorer, skip=exact)
+    comparison = compare(pairs, margin, waived=args.waive)
     if args.out is not None:
         write_csv(args.out, pairs)
     heading = (
         f"experiment {experiment}: {len(pairs)} requests of {args.workload} in both arms, "
         f"scored by {SCORERS[args.scorer]}"
     )
+    if exact and args.scorer == "auto":
+        heading += f" (exactly: {', '.join(sorted(exact))})"
     report(out, comparison, pairs, heading, args.format)
+    if args.detect is not None:
+        out.write(power(comparison, args.detect) + "\n")
     return 0 if comparison.passed else 1
 
 

@@ -15,6 +15,9 @@ from costmesh_tools.cli_support import usd, write_grid
 from services.common.embedding import MINILM
 
 SCORERS = {
+    "auto": f"the reference label, exactly, where references are labels; elsewhere cosine "
+    f"similarity to the reference ({MINILM})",
+    "exact": "the reference label, exactly (1 or 0)",
     "similarity": f"cosine similarity to the reference ({MINILM})",
     "judge": "an LLM judge's 1-5 grade against the reference, as (grade - 1) / 4",
 }
@@ -29,7 +32,7 @@ def report(
     if banner:
         out.write(banner + "\n\n")
     out.write(heading + "\n\n")
-    header = ["feature", "compared", "control", "treatment", "drop", "95% interval"]
+    header = ["feature", "compared", "control", "treatment", "drop", "95% interval", "detectable"]
     lines = [_line(g, comparison.margin) for g in (*comparison.features, comparison.overall)]
     write_grid(out, header, lines, fmt, numeric=0)
     out.write("\n")
@@ -51,15 +54,35 @@ def simulated_banner(pairs: Sequence[Pair]) -> str:
 
 
 def verdict(comparison: Comparison) -> str:
-    """PASS or FAIL, and why, in one line."""
-    if not comparison.passed:
-        return "FAIL: " + "; ".join(comparison.reasons)
+    """PASS or FAIL, and why, in one line; then what the sample can tell."""
     overall, margin = comparison.overall, comparison.margin
-    line = f"PASS: treatment {_versus(overall.drop)} control, within the {margin:.2%} margin"
-    if overall.drop_high > margin:
-        line += f"; the interval reaches {overall.drop_high:.1%}: more requests would tell"
-    if comparison.features_over:
-        line += "; on their own over the margin: " + _named(comparison.features_over)
+    if not comparison.passed:
+        line = "FAIL: " + "; ".join(comparison.reasons)
+    else:
+        line = f"PASS: treatment {_versus(overall.drop)} control, within the {margin:.2%} margin"
+        if overall.drop_high > margin:
+            line += f"; the interval reaches {overall.drop_high:.1%}: more requests would tell"
+        failing = comparison.features_failing
+        waived = [g for g in comparison.features_over if g.name in comparison.waived]
+        noisy = [g for g in comparison.features_over if g not in failing and g not in waived]
+        if waived:
+            line += "; over the margin on their own, waived: " + _named(waived)
+        if noisy:
+            line += "; over the margin on their own but within noise: " + _named(noisy)
+    return line + "\n" + power(comparison)
+
+
+def power(comparison: Comparison, drop: float | None = None) -> str:
+    """The smallest drop the comparison detects, and the requests `drop` (default:
+    the margin) would need."""
+    overall = comparison.overall
+    target = comparison.margin if drop is None else drop
+    line = (
+        f"power: {overall.requests} requests detect a drop of {overall.detectable:.1%} or more "
+        "(80% power, 95% confidence)"
+    )
+    if target > 0:
+        line += f"; a drop of {target:.1%} needs {overall.needed(target):,} requests"
     return line
 
 
@@ -76,6 +99,7 @@ def _line(group: Group, margin: float) -> list[str]:
         f"{group.treatment:.3f}",
         f"{group.drop:.1%}{flag}",
         f"{group.drop_low:.1%} .. {group.drop_high:.1%}",
+        f"{group.detectable:.1%}",
     ]
 
 

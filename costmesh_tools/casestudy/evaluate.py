@@ -1,25 +1,35 @@
 """The quality gate's arithmetic: score answers against reference answers, then compare
 the treatment arm (cache, routing, budgets) with the control arm (the baseline model).
 
-Two scorers, both giving a score in [0, 1] per answer:
+Three scorers, each giving a score in [0, 1] per answer:
 
-- similarity (offline, the default): cosine similarity of the answer and the reference,
-  embedded with the all-MiniLM-L6-v2 model the cache ships, below zero counted as zero;
+- exact: 1 when the answer is the reference label (case, spaces and end punctuation
+  aside), else 0; for features whose references are labels (an intent, escalate or
+  not), where a wrong label is simply wrong;
+- similarity (offline): cosine similarity of the answer and the reference, embedded
+  with all-MiniLM-L6-v2, below zero counted as zero; for free text;
 - judge: an LLM grades the answer against the reference on a fixed 1-5 rubric
   (eval_judge); grade N scores (N - 1) / 4, so the worst grade is 0 as with similarity.
   A reply that does not follow the format scores nothing and is counted.
+
+`auto` (the default) scores label features exactly and the rest by similarity.
 
 A comparison is paired: each request is answered in both arms and the two scores sit
 side by side. A request whose control answer failed or could not be scored says
 nothing about the treatment and is left out (and counted); a treatment that failed to
 answer scores 0, since the caller got no answer. The drop is relative to control:
 (control mean - treatment mean) / control mean, with a percentile bootstrap interval
-over the requests.
+over the requests. Each group also says the smallest drop it could detect (80% power
+at 95% confidence, from the bootstrap's spread) and so how many requests a given drop
+needs. A feature whose own drop is over the margin, with its interval above zero, fails
+the gate too, unless waived.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+import re
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +45,10 @@ DEFAULT_MARGIN = 0.05
 UNSCORED_LIMIT = 0.10
 BOOTSTRAP_SAMPLES = 2000
 CONFIDENCE = 0.95
+# The smallest detectable drop is (z of the interval + z of the power) standard errors.
+Z_CONFIDENCE, Z_POWER = 1.959964, 0.841621  # 95% two-sided, 80% power
+# References that read as labels: at most this many words, and this many distinct.
+LABEL_WORDS, LABEL_VALUES = 3, 50
 
 Vectors = npt.NDArray[np.float32]
 
@@ -72,6 +86,35 @@ class SimilarityScorer:
             cosine = float(np.dot(vectors[rows[answer]], vectors[rows[reference]]))
             scores.append(min(max(cosine, 0.0), 1.0))
         return scores
+
+
+def normal_label(text: str) -> str:
+    """A label as compared: no simulator label, case, inner spacing or end punctuation."""
+    return re.sub(r"\s+", " ", strip_label(text)).strip().strip(".!\"'`").lower()
+
+
+def label_features(requests: Sequence[WorkloadRequest]) -> set[str]:
+    """Features whose every reference is a short label from a small set."""
+    references: dict[str, set[str]] = {}
+    for request in requests:
+        if request.reference:
+            references.setdefault(request.feature, set()).add(normal_label(request.reference))
+    return {
+        feature
+        for feature, values in references.items()
+        if len(values) <= LABEL_VALUES and all(len(v.split()) <= LABEL_WORDS for v in values)
+    }
+
+
+def score_exactly(pairs: Sequence[Pair], features: Collection[str]) -> None:
+    """Scores (in place) the answers of `features`: 1 for the reference label, else 0."""
+    for pair in pairs:
+        if pair.request.feature not in features:
+            continue
+        reference = normal_label(pair.request.reference or "")
+        for answer in pair.answers:
+            if not answer.error:
+                answer.score = float(bool(reference) and normal_label(answer.content) == reference)
 
 
 @dataclass
@@ -115,9 +158,18 @@ class Pair:
         return self.control.score, self.treatment.score
 
 
-def score_by_similarity(pairs: Sequence[Pair], scorer: SimilarityScorer) -> None:
-    """Scores every answer given (in place) by its similarity to the reference."""
-    answered = [(a, p.request.reference or "") for p in pairs for a in p.answers if not a.error]
+def score_by_similarity(
+    pairs: Sequence[Pair], scorer: SimilarityScorer, skip: Collection[str] = ()
+) -> None:
+    """Scores every answer given (in place) by its similarity to the reference, but
+    those of the features in `skip`."""
+    answered = [
+        (a, p.request.reference or "")
+        for p in pairs
+        if p.request.feature not in skip
+        for a in p.answers
+        if not a.error
+    ]
     scores = scorer.score([a.content for a, _ in answered], [r for _, r in answered])
     for (answer, _), score in zip(answered, scores, strict=True):
         answer.score = score
@@ -140,10 +192,17 @@ class Group:
     drop: float  # relative to control; negative when the treatment does better
     drop_low: float  # the confidence interval of the drop
     drop_high: float
+    detectable: float  # the smallest drop these requests detect (80% power)
 
     def over(self, margin: float) -> bool:
         # Float noise must not fail a drop of exactly the margin (1 - 0.95 > 0.05).
         return self.drop > margin + 1e-9
+
+    def needed(self, drop: float) -> int:
+        """Requests (of this mix) needed to detect `drop` with 80% power."""
+        if drop <= 0:
+            raise ValueError("the drop to detect must be positive")
+        return max(2, math.ceil(self.requests * (self.detectable / drop) ** 2))
 
 
 @dataclass(frozen=True)
@@ -159,6 +218,7 @@ class Comparison:
     treatment_errors: int
     unparseable: int  # judge replies that did not follow the format, both arms
     judge_errors: int  # judge calls that failed, both arms
+    waived: frozenset[str] = frozenset()  # features whose own drop does not fail the gate
 
     @property
     def passed(self) -> bool:
@@ -170,6 +230,14 @@ class Comparison:
         return tuple(g for g in self.features if g.over(self.margin))
 
     @property
+    def features_failing(self) -> tuple[Group, ...]:
+        """Those of them whose interval is wholly above zero (a drop, not noise of a
+        few requests) and not waived: each fails the gate."""
+        return tuple(
+            g for g in self.features_over if g.drop_low > 0 and g.name not in self.waived
+        )
+
+    @property
     def reasons(self) -> list[str]:
         """Why the gate fails; empty when it passes."""
         reasons = []
@@ -179,16 +247,21 @@ class Comparison:
                 f"(at most {UNSCORED_LIMIT:.0%} may be)"
             )
         if self.overall.over(self.margin):
-            below = ", ".join(f"{g.name} ({g.drop:.1%})" for g in self.features_over)
             # Two decimals: a drop just over the margin must not print as the margin.
             reasons.append(
                 f"treatment scores {self.overall.drop:.2%} below control, more than the "
-                f"{self.margin:.2%} margin" + (f"; features below it: {below}" if below else "")
+                f"{self.margin:.2%} margin"
             )
+        reasons += [
+            f"{g.name} scores {g.drop:.2%} below control on its own (--waive {g.name} to accept it)"
+            for g in self.features_failing
+        ]
         return reasons
 
 
-def compare(pairs: Sequence[Pair], margin: float, seed: int = 0) -> Comparison:
+def compare(
+    pairs: Sequence[Pair], margin: float, seed: int = 0, waived: Collection[str] = ()
+) -> Comparison:
     """Per-feature and overall means per arm and the treatment's drop; NothingToCompare
     when no request could be compared."""
     compared = [(p, s) for p in pairs if (s := p.scores) is not None]
@@ -210,6 +283,7 @@ def compare(pairs: Sequence[Pair], margin: float, seed: int = 0) -> Comparison:
         treatment_errors=sum(1 for p in pairs if p.treatment.error),
         unparseable=sum(1 for a in answers if a.judge_reply and a.grade is None),
         judge_errors=sum(1 for a in answers if a.judge_error),
+        waived=frozenset(waived),
     )
 
 
@@ -245,6 +319,7 @@ def _group(name: str, scores: Sequence[tuple[float, float]], rng: np.random.Gene
         drop=float(_drop(np.array([control.mean()]), np.array([treatment.mean()]))[0]),
         drop_low=float(low),
         drop_high=float(high),
+        detectable=float((Z_CONFIDENCE + Z_POWER) * np.std(drops)),
     )
 
 

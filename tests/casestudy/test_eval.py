@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import datetime
 import functools
 import io
 import json
+import math
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,8 @@ from costmesh_tools.casestudy.evaluate import (
     Pair,
     SimilarityScorer,
     compare,
+    label_features,
+    score_exactly,
     strip_label,
 )
 from costmesh_tools.casestudy.workload import Message, WorkloadError, WorkloadRequest
@@ -227,10 +232,65 @@ def test_a_worse_treatment_fails_and_names_the_features_below_the_margin() -> No
     assert billing.drop == pytest.approx(0.5)
     assert orders.name == "orders"
     assert orders.drop == pytest.approx(0.0)
-    (reason,) = result.reasons
-    assert "25.00% below control, more than the 5.00% margin" in reason
-    assert "billing (50.0%)" in reason
-    assert "orders" not in reason
+    overall, billing_alone = result.reasons
+    assert "25.00% below control, more than the 5.00% margin" in overall
+    assert (
+        billing_alone
+        == "billing scores 50.00% below control on its own (--waive billing to accept it)"
+    )
+    assert "orders" not in " ".join(result.reasons)
+
+
+def test_a_feature_over_the_margin_fails_the_gate_unless_waived() -> None:
+    pairs = [pair(f"b{i}", 1.0, 0.8 if i % 2 else 1.0, feature="billing") for i in range(10)]
+    pairs += [pair(f"o{i}", 1.0, 1.0, feature="orders") for i in range(30)]
+
+    strict = compare(pairs, margin=0.05)
+    waived = compare(pairs, margin=0.05, waived=["billing"])
+
+    assert strict.overall.drop == pytest.approx(0.025)  # within the margin overall
+    assert not strict.passed
+    assert strict.reasons == [
+        "billing scores 10.00% below control on its own (--waive billing to accept it)"
+    ]
+    assert waived.passed
+    assert "over the margin on their own, waived: billing (10.0%)" in verdict(waived)
+
+
+def test_the_gate_says_the_smallest_drop_it_can_detect_and_the_requests_a_drop_needs() -> None:
+    rng = random.Random(5)
+    noisy = [pair(str(i), 1.0, float(rng.random() < 0.9)) for i in range(100)]
+    few, many = compare(noisy[:25], 0.05), compare(noisy, 0.05)
+
+    assert few.overall.detectable > many.overall.detectable  # more requests, finer
+    assert 0.05 < many.overall.detectable < 0.15  # a 0/1 score at 90%: sd 0.3 / sqrt(100)
+    needed = many.overall.needed(0.05)
+    assert needed == math.ceil(100 * (many.overall.detectable / 0.05) ** 2)
+    assert "a drop of 5.0% needs" in verdict(many)
+    assert f"{needed:,} requests" in verdict(many)
+
+
+def test_exact_scoring_gives_a_wrong_label_nothing() -> None:
+    request = dataclasses.replace(pair("x", 1.0, 1.0).request, reference="track_order")
+    right = Pair(
+        request, Answer(content="[simulated] Track_Order."), Answer(content="cancel_order")
+    )
+
+    score_exactly([right], {request.feature})
+
+    assert (right.control.score, right.treatment.score) == (1.0, 0.0)
+
+
+def test_label_features_are_those_whose_references_are_a_few_short_labels() -> None:
+    base = pair("x", 1.0, 1.0).request
+    requests = [dataclasses.replace(base, feature="intent", reference=r) for r in ("a_b", "c")]
+    requests += [
+        dataclasses.replace(
+            base, feature="reply", reference="Thanks, here is how: 1. Open the app 2. Tap orders"
+        )
+    ]
+
+    assert label_features(requests) == {"intent"}
 
 
 def test_a_pass_still_names_a_feature_over_the_margin() -> None:
@@ -243,8 +303,7 @@ def test_a_pass_still_names_a_feature_over_the_margin() -> None:
     assert "over the margin" not in line, "a drop of exactly the margin is within it"
     worse = [pair(f"b{i}", 1.0, 0.8 if i % 2 else 1.0, feature="billing") for i in range(10)]
     line = verdict(compare(worse + pairs[10:], margin=0.05))
-    assert line.startswith("PASS: treatment scores 2.50% below control")
-    assert "on their own over the margin: billing (10.0%)" in line
+    assert line.startswith("FAIL: billing scores 10.00% below control on its own")
 
 
 def test_a_better_treatment_passes_with_a_negative_drop() -> None:
@@ -484,7 +543,7 @@ async def test_the_gate_fails_when_the_cheap_model_answers_wrongly(
 
     assert code == 1, out
     (verdict,) = [line for line in out.splitlines() if line.startswith("FAIL: ")]
-    assert "features below it: billing" in verdict
+    assert "billing scores 85.06% below control on its own" in verdict
     assert "orders" not in verdict, "orders is routed to the baseline model"
     table = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
     assert float(table["billing"][3]) < 0.5 * float(table["billing"][2])
