@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from costmesh_simulator.knowledge import TIERS, Knowledge, KnowledgeError
+from costmesh_simulator.realism import DEFAULT_MODEL_TIERS
 from costmesh_simulator.server import OpenAISimulator
 from services.common.config import Config, ConfigError
 
@@ -62,8 +63,10 @@ class SimulatorSettings:
 
 
 def model_tiers(config: Config) -> dict[str, str]:
-    """A model's configured tier, else the highest tier a feature uses it for (an
-    escalation model counts as complex)."""
+    """A model's configured tier; else, for a model the simulator knows (gpt-4o,
+    gpt-4o-mini), its own; else the highest tier a feature uses it for (an escalation
+    model counts as complex). How a config routes a known model does not make it
+    stronger: gpt-4o-mini on complex tickets answers them as a small model would."""
     tiers: dict[str, str] = {}
     features = config.section("features")
     for name in features.names():
@@ -76,6 +79,7 @@ def model_tiers(config: Config) -> dict[str, str]:
         escalation = feature.get_str("escalation_model", "")
         if escalation:
             tiers[escalation] = "complex"
+    tiers |= DEFAULT_MODEL_TIERS
     models = config.section("models")
     for name in models.names():
         tier = models.section(name).get_str("tier", "")
