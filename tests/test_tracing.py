@@ -206,7 +206,7 @@ async def test_the_provider_receives_the_trace_of_its_call(
 ) -> None:
     """A provider that traces (vLLM, a gateway) joins the caller's trace under the
     provider call's own span."""
-    request = user_request("Which plans do you offer?")
+    request = user_request("What payment methods do you accept?")  # in the router's domain
     if stream:
         pieces = mesh.inference.StreamComplete(
             inference_pb2.StreamCompleteRequest(request=request), metadata=AUTH, timeout=10

@@ -233,9 +233,7 @@ class Comparison:
     def features_failing(self) -> tuple[Group, ...]:
         """Those of them whose interval is wholly above zero (a drop, not noise of a
         few requests) and not waived: each fails the gate."""
-        return tuple(
-            g for g in self.features_over if g.drop_low > 0 and g.name not in self.waived
-        )
+        return tuple(g for g in self.features_over if g.drop_low > 0 and g.name not in self.waived)
 
     @property
     def reasons(self) -> list[str]:

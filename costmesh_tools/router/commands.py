@@ -27,6 +27,7 @@ from costmesh_tools.cli_support import unit, unit_list, write_grid
 from costmesh_tools.router.tickets import DataError, Ticket, default_data_dir, load_tickets
 from costmesh_tools.router.training import (
     KnobRow,
+    calibration,
     recommend,
     sweep,
     train,
@@ -64,6 +65,9 @@ def register(commands: Any) -> None:
                     help="system-prompt tokens each request carries")  # fmt: skip
     ev.add_argument("--output-tokens", type=int, default=150, help="tokens of each answer")
     ev.add_argument("--format", choices=FORMATS, default="table")
+    ev.add_argument("--ignore-out-of-domain", action="store_true",
+                    help="route out-of-domain tickets by their probabilities too, as a router "
+                    "without the detection would (for comparison)")  # fmt: skip
     ev.add_argument("--seed", type=int, default=None,
                     help="bitext's split (default: the artefact's own)")  # fmt: skip
     ev.set_defaults(handler=_eval)
@@ -105,6 +109,9 @@ def _train(args: argparse.Namespace, out: TextIO) -> int:
         f"in {time.perf_counter() - started:.1f} s\n"
         f"held out {trained.holdout_rows}: tier accuracy {trained.holdout_accuracy:.1%}, "
         f"log-loss {trained.holdout_log_loss:.3f} at temperature {trained.temperature:g}\n"
+        f"out of domain below similarity {model.ood_min_similarity:.4f} to the nearest intent "
+        f"(flags {model.meta['ood_holdout_share']:.0%} of held-out questions); knob chosen "
+        f"on the held-out rows: {model.meta['validation_knob']}\n"
         f"wrote {args.out} (version {version})\n"
         f'use it: [router] artefact = "{args.out}" (or features.X.router_artefact); '
         f"measure it: costmesh router eval --artefact {args.out} --data ...\n"
@@ -168,16 +175,29 @@ def _eval(args: argparse.Namespace, out: TextIO) -> int:
     costs = _costs(args, tickets.test)
     vectors = _embed(tickets.test, encoder, sys.stderr)
     probabilities = model.tier_probabilities(vectors)
-    rows = sweep(probabilities, [t.tier for t in tickets.test], args.knobs, costs.per_request)
-    best = recommend(rows, args.max_complex_below)
+    truth = [t.tier for t in tickets.test]
+    ood = model.out_of_domain(vectors)
+    if args.ignore_out_of_domain:  # what the classifier alone would do, for comparison
+        ood[:] = False
+    knobs = sorted({*args.knobs, *([validated] if (validated := _validated(model)) else [])})
+    rows = sweep(probabilities, truth, knobs, costs.per_request, ood)
+    # The knob is the one chosen on the artefact's held-out rows, never on this set;
+    # an artefact from before that was recorded falls back to the best here (said so).
+    best = next((r for r in rows if r.knob == validated), None)
+    chosen_on = "the artefact's held-out (validation) rows"
+    if best is None:
+        best, chosen_on = recommend(rows, args.max_complex_below), "this set (no validation knob)"
     name = "test" if tickets.test is not tickets.train else "all rows"
     out.write(
         f"router eval: artefact {model.version} ({model.meta.get('source', '?')}) on "
-        f"{tickets.name} {name}, {len(tickets.test)} tickets\n{costs.note}\n\n"
+        f"{tickets.name} {name}, {len(tickets.test)} tickets\n{costs.note}\n"
+        f"out of domain: {int(ood.sum())} of {len(ood)} ({ood.mean():.1%}) below similarity "
+        f"{model.ood_min_similarity:.2f} to the nearest intent, routed to complex\n\n"
     )
     _write_rows(out, rows, best, args.format)
     if args.format == "csv":
         return 0
+    _write_calibration(out, probabilities, truth, args.format)
     if best is None:
         out.write(
             f"\nno knob keeps complex requests on cheaper tiers at or below "
@@ -185,8 +205,8 @@ def _eval(args: argparse.Namespace, out: TextIO) -> int:
         )
         return 0
     out.write(
-        f"\nrecommended cheap_tier_min_probability = {best.knob:.2f}: the most traffic on "
-        f"cheaper tiers ({best.cheap_share:.1%}) with complex routed below complex at "
+        f"\ncheap_tier_min_probability = {best.knob:.2f}, chosen on {chosen_on}: "
+        f"{best.cheap_share:.1%} of traffic on cheaper tiers, complex routed below complex "
         f"{best.complex_below:.1%} (bound {args.max_complex_below:.1%}); tier accuracy "
         f"{best.accuracy:.1%}; cost {best.savings:.1%} below all-on-{costs.models['complex']}\n\n"
         f"confusion at {best.knob:.2f} (rows: true tier, columns: routed tier)\n\n"
@@ -199,6 +219,25 @@ def _eval(args: argparse.Namespace, out: TextIO) -> int:
     lines.append(["precision", *(f"{best.precision(i):.1%}" for i in range(len(TIERS))), ""])
     write_grid(out, header, lines, args.format)
     return 0
+
+
+def _validated(model: TierModel) -> float | None:
+    knob = model.meta.get("validation_knob")
+    return float(knob) if isinstance(knob, int | float) else None
+
+
+def _write_calibration(
+    out: TextIO, probabilities: npt.NDArray[np.floating], truth: Sequence[str], fmt: str
+) -> None:
+    """Reliability of the cheap score: does P(below complex) = 0.8 mean 80%?"""
+    error, bins = calibration(probabilities, truth)
+    out.write(f"\ncalibration of P(below complex): expected calibration error {error:.3f}\n\n")
+    header = ["P(below complex)", "tickets", "mean predicted", "truly below complex"]
+    lines = [
+        [f"{b.low:.1f}-{b.high:.1f}", str(b.rows), f"{b.predicted:.3f}", f"{b.observed:.3f}"]
+        for b in bins
+    ]
+    write_grid(out, header, lines, fmt)
 
 
 def _write_rows(out: TextIO, rows: Sequence[KnobRow], best: KnobRow | None, fmt: str) -> None:
@@ -229,4 +268,4 @@ def _write_rows(out: TextIO, rows: Sequence[KnobRow], best: KnobRow | None, fmt:
             out.write(",".join(x.lstrip("*") for x in line) + "\n")
         return
     write_grid(out, header, lines, fmt)
-    out.write("* recommended\n")
+    out.write("* the knob in use (see below)\n")

@@ -21,6 +21,15 @@ HOLDOUT_SHARE = 0.15
 # Held-out cheap scores kept in the artefact: the starting point of a cheap-share
 # target before a router has seen enough traffic of its own.
 PRIOR_QUANTILES = 201
+# Share of held-out in-domain questions the out-of-domain bar may flag (they go to the
+# safe tier: money, not quality). Nearest-centroid similarity was chosen over the
+# classifier's own top probability and over 5-nearest-neighbour similarity on
+# bitext -> CLINC150's out-of-scope set, Banking77 and CLINC150 (bench/NOTES.md).
+OOD_HELDOUT_SHARE = 0.02
+# Knobs a trained artefact is validated at; the recommended one sends the most traffic
+# below complex while at most this share of held-out complex requests goes cheaper.
+VALIDATION_KNOBS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+MAX_COMPLEX_BELOW = 0.03
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,13 @@ def train(
     held_tiers = tier_sums(_softmax(logits / temperature), class_tiers)
     truth = np.array([TIERS.index(tickets[i].tier) for i in held_idx])
     chosen = np.array([TIERS.index(choose_tier(p, 0.5)) for p in held_tiers])
+    # Out of domain: the bar from centroids of the fitted rows, on the held-out rows.
+    held_nearest = (
+        vectors[held_idx] @ centroids(vectors[fit_idx], targets[fit_idx], len(classes)).T
+    ).max(axis=1)
+    ood_bar = float(np.quantile(held_nearest, OOD_HELDOUT_SHARE))
+    held_ood = held_nearest < ood_bar
+    validated = validation_knob(held_tiers, held_ood, truth)
     log_loss = float(-np.mean(np.log(np.maximum(held_tiers[np.arange(len(truth)), truth], 1e-12))))
     cheap = held_tiers[:, 0] + held_tiers[:, 1]
     final = fit(np.arange(len(tickets)))
@@ -78,6 +94,8 @@ def train(
         class_tiers=class_tiers,
         temperature=temperature,
         embedding_model=embedding_model,
+        centroids=centroids(vectors, targets, len(classes)),
+        ood_min_similarity=round(ood_bar, 4),
         meta={
             "trained_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "source": source,
@@ -86,12 +104,50 @@ def train(
             "seed": seed,
             "holdout_rows": len(held_idx),
             "holdout_tier_accuracy": round(float(np.mean(chosen == truth)), 4),
+            "ood_holdout_share": OOD_HELDOUT_SHARE,
+            "validation_knob": validated,
             "holdout_cheap_scores": [
                 round(float(q), 4) for q in np.quantile(cheap, np.linspace(0, 1, PRIOR_QUANTILES))
             ],
         },
     )
     return Trained(model, len(held_idx), float(np.mean(chosen == truth)), log_loss, temperature)
+
+
+def centroids(vectors: Matrix, targets: npt.NDArray[np.intp], classes: int) -> Matrix:
+    """Each class's normalised mean vector."""
+    sums = np.zeros((classes, vectors.shape[1]), dtype=np.float64)
+    np.add.at(sums, targets, vectors.astype(np.float64))
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    result: Matrix = (sums / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+    return result
+
+
+def route(
+    probabilities: npt.NDArray[np.floating], out_of_domain: npt.NDArray[np.bool_], knob: float
+) -> npt.NDArray[np.intp]:
+    """Each row's tier index as the router picks it: out-of-domain rows go complex."""
+    routed = np.array([TIERS.index(choose_tier(p, knob)) for p in probabilities], dtype=np.intp)
+    routed[out_of_domain] = len(TIERS) - 1
+    return routed
+
+
+def validation_knob(
+    probabilities: npt.NDArray[np.floating],
+    out_of_domain: npt.NDArray[np.bool_],
+    truth: npt.NDArray[np.intp],
+) -> float | None:
+    """The knob that sends the most held-out traffic below complex while at most
+    MAX_COMPLEX_BELOW of the complex requests go cheaper; None if none does."""
+    complex_rows = truth == len(TIERS) - 1
+    best: tuple[float, float] | None = None
+    for knob in VALIDATION_KNOBS:
+        routed = route(probabilities, out_of_domain, knob)
+        below = float(np.mean(routed[complex_rows] < len(TIERS) - 1)) if complex_rows.any() else 0.0
+        cheap = float(np.mean(routed < len(TIERS) - 1))
+        if below <= MAX_COMPLEX_BELOW and (best is None or cheap > best[1]):
+            best = (knob, cheap)
+    return None if best is None else best[0]
 
 
 def _classes(
@@ -192,13 +248,16 @@ def sweep(
     truth: Sequence[str],
     knobs: Sequence[float],
     request_costs: dict[str, npt.NDArray[np.float64]],
+    out_of_domain: npt.NDArray[np.bool_] | None = None,
 ) -> list[KnobRow]:
-    """Route every row at each knob; costs[tier][i] is request i on that tier's model."""
+    """Route every row at each knob as the router would (out-of-domain rows to complex);
+    costs[tier][i] is request i on that tier's model."""
     true_idx = np.array([TIERS.index(t) for t in truth])
+    ood = np.zeros(len(true_idx), dtype=np.bool_) if out_of_domain is None else out_of_domain
     rows = []
     large = float(request_costs[TIERS[-1]].sum())
     for knob in knobs:
-        routed = np.array([TIERS.index(choose_tier(p, knob)) for p in probabilities])
+        routed = route(probabilities, ood, knob)
         confusion = np.zeros((len(TIERS), len(TIERS)), dtype=np.int64)
         np.add.at(confusion, (true_idx, routed), 1)
         cost = sum(float(request_costs[TIERS[t]][i]) for i, t in enumerate(routed))
@@ -210,3 +269,32 @@ def recommend(rows: Sequence[KnobRow], max_complex_below: float) -> KnobRow | No
     """The knob that sends most traffic to cheaper tiers within the complex-risk bound."""
     fitting = [r for r in rows if r.complex_below <= max_complex_below]
     return max(fitting, key=lambda r: (r.cheap_share, -r.knob)) if fitting else None
+
+
+@dataclass(frozen=True)
+class CalibrationBin:
+    low: float
+    high: float
+    rows: int
+    predicted: float  # mean P(below complex) of the rows
+    observed: float  # share of them that are truly below complex
+
+
+def calibration(
+    probabilities: npt.NDArray[np.floating], truth: Sequence[str], bins: int = 10
+) -> tuple[float, list[CalibrationBin]]:
+    """Expected calibration error of the cheap score P(simple) + P(moderate) against
+    whether the request truly needs less than complex, and its reliability bins."""
+    score = probabilities[:, 0] + probabilities[:, 1]
+    cheap = np.array([t != TIERS[-1] for t in truth], dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(score, edges[1:-1]), 0, bins - 1)
+    table, error = [], 0.0
+    for b in range(bins):
+        mask = which == b
+        if not mask.any():
+            continue
+        predicted, observed = float(score[mask].mean()), float(cheap[mask].mean())
+        error += mask.mean() * abs(predicted - observed)
+        table.append(CalibrationBin(edges[b], edges[b + 1], int(mask.sum()), predicted, observed))
+    return float(error), table

@@ -7,6 +7,12 @@ accurate than learning the three tiers directly, whose members share little
 wording. Probabilities are temperature-scaled on held-out rows so that "0.9" means
 right nine times in ten.
 
+It also knows where its training data lies: each class's centroid (the normalised
+mean of its training vectors), and the similarity to the nearest centroid below which
+a question is out of its domain (chosen so that 2% of held-out in-domain questions
+fall below it). A classifier is confidently wrong far from its data; the router sends
+such questions to a safe tier instead.
+
 The file is a NumPy `.npz` read with allow_pickle=False: loading an artefact never
 runs code. Its version is a digest of its content, so a router reports exactly
 which training run decided.
@@ -50,6 +56,9 @@ class TierModel:
     # held-out cheap scores a cheap-share target starts from.
     meta: dict[str, Any] = field(default_factory=dict)
     version: str = ""
+    # (classes, dimensions), unit rows; None in artefacts trained before (no detection).
+    centroids: Matrix | None = None
+    ood_min_similarity: float = 0.0
 
     def __post_init__(self) -> None:
         rows = self.weights.shape[0]
@@ -59,6 +68,8 @@ class TierModel:
             raise ArtefactError(f"every class needs a tier among {', '.join(TIERS)}")
         if not self.temperature > 0:
             raise ArtefactError("temperature must be positive")
+        if self.centroids is not None and self.centroids.shape != self.weights.shape:
+            raise ArtefactError("centroids and weights disagree in shape")
 
     @property
     def dimensions(self) -> int:
@@ -73,6 +84,23 @@ class TierModel:
         probabilities: Probabilities = exp / exp.sum(axis=1, keepdims=True)
         return probabilities
 
+    def nearest_similarity(self, vectors: Matrix) -> npt.NDArray[np.float64] | None:
+        """Cosine similarity of each (unit) vector to the nearest class centroid; None
+        when the artefact has no centroids."""
+        if self.centroids is None:
+            return None
+        similarities: npt.NDArray[np.float64] = (
+            vectors.astype(np.float64) @ self.centroids.T.astype(np.float64)
+        ).max(axis=1)
+        return similarities
+
+    def out_of_domain(self, vectors: Matrix) -> npt.NDArray[np.bool_]:
+        """Which vectors lie farther from every class than the artefact's bar."""
+        nearest = self.nearest_similarity(vectors)
+        if nearest is None:
+            return np.zeros(len(vectors), dtype=np.bool_)
+        return nearest < self.ood_min_similarity
+
     def tier_probabilities(self, vectors: Matrix) -> Probabilities:
         """Probability of each tier in TIERS order: the sum over its classes."""
         return tier_sums(self.class_probabilities(vectors), self.class_tiers)
@@ -86,12 +114,15 @@ class TierModel:
             "class_tiers": list(self.class_tiers),
             "temperature": self.temperature,
             "embedding_model": self.embedding_model,
+            "ood_min_similarity": self.ood_min_similarity,
         }
         arrays = {
             "weights": self.weights.astype(np.float32),
             "bias": self.bias.astype(np.float32),
             "meta": np.array(json.dumps(meta, sort_keys=True)),
         }
+        if self.centroids is not None:
+            arrays["centroids"] = self.centroids.astype(np.float32)
         version = _digest(arrays)
         arrays["version"] = np.array(version)
         buffer = io.BytesIO()
@@ -140,6 +171,8 @@ class TierModel:
                 embedding_model=str(meta.pop("embedding_model")),
                 meta=meta,
                 version=version,
+                centroids=arrays["centroids"].astype(np.float32) if "centroids" in arrays else None,
+                ood_min_similarity=float(meta.pop("ood_min_similarity", 0.0)),
             )
         except ArtefactError as exc:
             raise ArtefactError(f"{path}: {exc}") from None

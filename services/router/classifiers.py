@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
@@ -38,6 +39,7 @@ class Classification:
     model: str = ""
     failed: bool = False
     embedded: bool = False  # the router embedded the question itself
+    out_of_domain: bool = False  # far from the artefact's training data
 
 
 class Classifier(Protocol):
@@ -121,9 +123,12 @@ class ArtefactFile:
 class EmbeddingClassifier:
     kind = "embedding"
 
-    def __init__(self, artefact: ArtefactFile, embedder: Embedder) -> None:
+    def __init__(
+        self, artefact: ArtefactFile, embedder: Embedder, fallback: Classifier | None = None
+    ) -> None:
         self._artefact = artefact  # checked against the embedder's model at start
         self._embedder = embedder
+        self._fallback = fallback  # for out-of-domain questions; None: the complex tier
 
     @property
     def version(self) -> str:
@@ -138,6 +143,11 @@ class EmbeddingClassifier:
             row = (await self._embedder.embed([question])).vectors
         else:
             row = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        nearest = model.nearest_similarity(row)
+        if nearest is not None and nearest[0] < model.ood_min_similarity:
+            return await self._out_of_domain(
+                question, time_limit, model, float(nearest[0]), embedded
+            )
         classes = model.class_probabilities(row)[0]
         probabilities = tuple(
             float(p) for p in tier_sums(classes[np.newaxis], model.class_tiers)[0]
@@ -152,6 +162,28 @@ class EmbeddingClassifier:
             model.version,
             explanation,
             embedded=embedded,
+        )
+
+    async def _out_of_domain(
+        self, question: str, time_limit: float, model: TierModel, nearest: float, embedded: bool
+    ) -> Classification:
+        """Far from every intent the artefact knows: its probabilities would be a
+        confident guess. The complex tier, or the fallback classifier's answer."""
+        why = (
+            f"embedding classifier {model.version}: out of domain (nearest intent at "
+            f"similarity {nearest:.2f}, below {model.ood_min_similarity:.2f})"
+        )
+        if self._fallback is None:
+            return Classification(
+                one_hot(TIERS[-1]), model.version, f"{why}: the safe tier",
+                embedded=embedded, out_of_domain=True,
+            )  # fmt: skip
+        found = await self._fallback.classify(question, (), "", time_limit)
+        return dataclasses.replace(
+            found,
+            explanation=f"{why}; {found.explanation}",
+            embedded=embedded,
+            out_of_domain=True,
         )
 
 

@@ -30,6 +30,12 @@ class FeaturePlan:
     escalation_method: str
     escalation_threshold: float
     escalation_target_rate: float
+    # Where a question the embedding classifier's data does not cover goes: the
+    # complex tier (the safe choice), or the llm classifier (billed).
+    out_of_domain: str = "complex"
+
+
+OUT_OF_DOMAIN = ("complex", "llm")
 
 
 @dataclass(frozen=True)
@@ -88,13 +94,14 @@ def _plan(feature: Config, name: str, known_models: set[str], artefact: Path) ->
         tier=feature.get_choice("tier", TIERS, "simple"),
         models=models,
         escalation_model=escalation,
-        cheap_tier_min_probability=_share(feature, name, "cheap_tier_min_probability", 0.5),
+        cheap_tier_min_probability=_share(feature, name, "cheap_tier_min_probability", 0.6),
         cheap_share_target=_share(feature, name, "cheap_share_target", 0.0),
         artefact=Path(own_artefact) if own_artefact else artefact,
         classifier_model=classifier_model,
         escalation_method=method,
         escalation_threshold=_share(feature, name, "escalation_threshold", 0.0),
         escalation_target_rate=_share(feature, name, "escalation_target_rate", 0.0),
+        out_of_domain=feature.get_choice("router_out_of_domain", OUT_OF_DOMAIN, "complex"),
     )
 
 

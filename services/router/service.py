@@ -59,6 +59,7 @@ class FeatureRouter:
         self.cheap_share = cheap_share
         self.tiers: Counter[str] = Counter()
         self.failures = 0
+        self.out_of_domain = 0
 
     async def route(
         self, request: router_pb2.RouteRequest, time_limit: float
@@ -78,6 +79,7 @@ class FeatureRouter:
         self.cheap_share.observe(score, tier)
         self.tiers[tier] += 1
         self.failures += found.failed
+        self.out_of_domain += found.out_of_domain
         model = plan.models[tier]
         escalation = plan.escalation_model if plan.escalation_model != model else ""
         response = router_pb2.RouteResponse(
@@ -109,6 +111,7 @@ class FeatureRouter:
                 "costmesh.route.classifier": self.classifier.kind,
                 "costmesh.route.classifier_version": found.version,
                 "costmesh.route.embedded": found.embedded,
+                "costmesh.route.out_of_domain": found.out_of_domain,
                 "costmesh.route.cheap_tier_threshold": threshold,
                 "costmesh.route.cheap_score": score,
                 "costmesh.route.cheap_share_observed": self.cheap_share.observed,
@@ -144,6 +147,7 @@ class FeatureRouter:
             cheap_share_target=self.cheap_share.target,
             cheap_share_observed=self.cheap_share.observed,
             classifier_failures=self.failures,
+            out_of_domain=self.out_of_domain,
         )
 
 
@@ -230,22 +234,16 @@ def build(
             span_name="router.embed",
         )
     providers = None
-    if "llm" in kinds:
+    if "llm" in kinds or any(p.out_of_domain == "llm" for p in settings.plans.values()):
         providers = Providers(ProviderSettings.from_config(config), env, tracer, stand_ins or {})
     features = {}
     for name, plan in settings.plans.items():
-        classifier: Classifier
+        classifier = _classifier(plan, artefacts, embedder, providers)
         prior: list[float] = []
         if plan.classifier == "embedding":
-            assert embedder is not None
-            artefact = artefacts[str(plan.artefact)]
-            classifier = EmbeddingClassifier(artefact, embedder)
-            prior = list(artefact.current().meta.get("holdout_cheap_scores", []))
-        elif plan.classifier == "llm":
-            assert providers is not None
-            classifier = LLMClassifier(providers, plan.classifier_model)
-        else:
-            classifier = RulesClassifier(plan.tier)
+            prior = list(
+                artefacts[str(plan.artefact)].current().meta.get("holdout_cheap_scores", [])
+            )
         cheap_share = CheapShare(
             plan.cheap_share_target,
             plan.cheap_tier_min_probability,
@@ -266,6 +264,27 @@ def build(
         lambda server: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server),
         stop=stop,
     )
+
+
+def _classifier(
+    plan: FeaturePlan,
+    artefacts: Mapping[str, ArtefactFile],
+    embedder: BatchingEmbedder | None,
+    providers: Providers | None,
+) -> Classifier:
+    """The feature's classifier; an embedding one with the llm classifier behind it
+    for out-of-domain questions when the feature asks for that."""
+    if plan.classifier == "rules":
+        return RulesClassifier(plan.tier)
+    llm = None
+    if plan.classifier == "llm" or plan.out_of_domain == "llm":
+        assert providers is not None
+        llm = LLMClassifier(providers, plan.classifier_model)
+    if plan.classifier == "llm":
+        assert llm is not None
+        return llm
+    assert embedder is not None
+    return EmbeddingClassifier(artefacts[str(plan.artefact)], embedder, llm)
 
 
 def _encoder(settings: RouterSettings) -> SentenceEncoder | None:

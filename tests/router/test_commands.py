@@ -42,20 +42,27 @@ def test_train_writes_an_artefact_that_eval_measures(
     assert "6 intents" in train_out
     header = lines[lines.index(next(x for x in lines if x.startswith("knob,")))].split(",")
     rows = [dict(zip(header, x.split(","), strict=True)) for x in lines if x[:2] in ("0.",)]
-    assert [r["knob"] for r in rows] == ["0.50", "0.90"]
+    # The knobs asked for, and the one chosen on the artefact's held-out rows.
+    validated = f"{model.meta['validation_knob']:.2f}"
+    assert "out of domain below similarity" in train_out
+    assert f"knob chosen on the held-out rows: {model.meta['validation_knob']}" in train_out
+    assert [r["knob"] for r in rows] == sorted({"0.50", "0.90", validated})
     # Trained and measured on the same rows: it has learned them.
     assert all(float(r["accuracy"].rstrip("%")) >= 90 for r in rows)
     assert all(float(r["savings"].rstrip("%")) > 0 for r in rows)
 
 
-def test_eval_recommends_a_knob_and_shows_the_confusion_matrix(
+def test_eval_uses_the_knob_chosen_on_validation_and_shows_calibration_and_confusion(
     tickets_file: Path, artefact: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = main(["router", "eval", "--data", str(tickets_file), "--artefact", str(artefact)])
     out = capsys.readouterr().out
+    knob = TierModel.load(artefact).meta["validation_knob"]
 
     assert code == 0
-    assert "recommended cheap_tier_min_probability = " in out
+    assert f"cheap_tier_min_probability = {knob:.2f}, chosen on the artefact's held-out" in out
+    assert "expected calibration error" in out
+    assert "out of domain: " in out
     assert "true \\ routed" in out
     assert "gpt-4o-mini" in out  # the priced tier-to-model map
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -49,6 +50,9 @@ router = "llm"
 
 [features.half]
 cheap_share_target = 0.5
+
+[features.unsure_llm]
+router_out_of_domain = "llm"
 """
 
 
@@ -78,7 +82,7 @@ async def test_the_embedding_classifier_routes_a_complex_ticket_to_the_large_mod
     assert probabilities(plan)["complex"] > 0.5
     assert plan.classifier == "embedding"
     assert plan.classifier_version == TierModel.load(artefact).version
-    assert plan.cheap_tier_threshold == 0.5
+    assert plan.cheap_tier_threshold == 0.6  # the default knob
     assert "complex" in plan.reason
     assert "gpt-4o" in plan.reason
     route = next(s for s in mesh.spans.get_finished_spans() if s.name.endswith("/Route"))
@@ -293,3 +297,59 @@ async def test_a_vector_that_is_not_finite_is_refused_not_routed(mesh: Mesh, bad
 
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (refused.value.details() or "").startswith("embedding")
+
+
+FAR_AWAY = "Derive the closed form of the Black-Scholes price of a European call option"
+
+
+async def test_a_question_far_from_the_training_data_goes_to_the_safe_tier(
+    mesh: Mesh, artefact: Path
+) -> None:
+    model = TierModel.load(artefact)
+    in_domain = await mesh.router.Route(route_request(SIMPLE), metadata=SERVICE_AUTH, timeout=10)
+    far = await mesh.router.Route(route_request(FAR_AWAY), metadata=SERVICE_AUTH, timeout=10)
+    stats = await mesh.router.GetRouteStats(
+        router_pb2.GetRouteStatsRequest(features=["default"]), metadata=SERVICE_AUTH, timeout=5
+    )
+
+    assert model.centroids is not None
+    assert 0 < model.ood_min_similarity < 1
+    assert in_domain.tier == types_pb2.TIER_SIMPLE
+    assert (far.tier, far.model) == (types_pb2.TIER_COMPLEX, "gpt-4o")
+    assert "out of domain (nearest intent at similarity" in far.reason
+    assert "the safe tier" in far.reason
+    assert stats.features[0].out_of_domain == 1
+    routes = [s for s in mesh.spans.get_finished_spans() if s.name.endswith("/Route")]
+    assert [r.attributes["costmesh.route.out_of_domain"] for r in routes if r.attributes] == [
+        False,
+        True,
+    ]
+
+
+async def test_a_feature_may_send_out_of_domain_questions_to_the_llm_classifier_billed(
+    mesh: Mesh, simulator: OpenAISimulator
+) -> None:
+    simulator.script("gpt-4o-mini", "simple")
+
+    far = await mesh.router.Route(
+        route_request(FAR_AWAY, "unsure_llm"), metadata=SERVICE_AUTH, timeout=10
+    )
+
+    assert far.tier == types_pb2.TIER_SIMPLE  # the llm classifier's word, not the artefact's
+    assert far.reason.startswith("embedding classifier")
+    assert "out of domain" in far.reason
+    assert far.classifier_usage.input_tokens > 0  # inference bills it as a routing row
+    assert far.classifier_model == "gpt-4o-mini"
+
+
+def test_an_artefact_from_before_the_detection_routes_as_it_did(
+    trained_model: TierModel, tmp_path: Path
+) -> None:
+    old = dataclasses.replace(trained_model, centroids=None, ood_min_similarity=0.0)
+    old.save(tmp_path / "old.npz")
+    loaded = TierModel.load(tmp_path / "old.npz")
+    far = shared_encoder(None, 2).embed_sync([FAR_AWAY]).vectors
+
+    assert loaded.centroids is None
+    assert loaded.nearest_similarity(far) is None
+    assert not loaded.out_of_domain(far).any()

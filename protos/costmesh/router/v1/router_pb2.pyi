@@ -254,6 +254,7 @@ class FeatureRouteStats(_message.Message):
     CHEAP_SHARE_TARGET_FIELD_NUMBER: _builtins.int
     CHEAP_SHARE_OBSERVED_FIELD_NUMBER: _builtins.int
     CLASSIFIER_FAILURES_FIELD_NUMBER: _builtins.int
+    OUT_OF_DOMAIN_FIELD_NUMBER: _builtins.int
     feature: _builtins.str
     """The feature."""
     classifier: _builtins.str
@@ -270,6 +271,10 @@ class FeatureRouteStats(_message.Message):
     """The share of recent requests sent below complex."""
     classifier_failures: _builtins.int
     """Classifications that failed and were routed to complex instead."""
+    out_of_domain: _builtins.int
+    """Questions the embedding classifier found out of its domain (far from every
+    intent it was trained on), routed by the feature's router_out_of_domain.
+    """
     @_builtins.property
     def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierCount]:
         """Requests per tier since the router started."""
@@ -286,10 +291,11 @@ class FeatureRouteStats(_message.Message):
         cheap_share_target: _builtins.float = ...,
         cheap_share_observed: _builtins.float = ...,
         classifier_failures: _builtins.int = ...,
+        out_of_domain: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cheap_share_observed", b"cheap_share_observed", "cheap_share_target", b"cheap_share_target", "cheap_tier_threshold", b"cheap_tier_threshold", "classifier", b"classifier", "classifier_failures", b"classifier_failures", "classifier_version", b"classifier_version", "feature", b"feature", "requests", b"requests", "tiers", b"tiers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cheap_share_observed", b"cheap_share_observed", "cheap_share_target", b"cheap_share_target", "cheap_tier_threshold", b"cheap_tier_threshold", "classifier", b"classifier", "classifier_failures", b"classifier_failures", "classifier_version", b"classifier_version", "feature", b"feature", "out_of_domain", b"out_of_domain", "requests", b"requests", "tiers", b"tiers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
