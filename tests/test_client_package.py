@@ -90,8 +90,8 @@ from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from costmesh.types.v1 import types_pb2
 with grpc.insecure_channel({mesh.address!r}) as channel:
     reply = inference_pb2_grpc.InferenceServiceStub(channel).Complete(
-        inference_pb2.CompleteRequest(feature="support", messages=[
-            types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content="How do I reset my password?")]),
+        inference_pb2.CompleteRequest(feature="support", messages=[types_pb2.ChatMessage(
+            role=types_pb2.ROLE_USER, content="How do I reset my password?")]),
         metadata=(("authorization", "Bearer {DEMO_KEY}"),), timeout=20)
 import sys
 print(reply.model, reply.cost_nano_usd, "services" in sys.modules)
