@@ -26,7 +26,7 @@ import grpc
 
 from costmesh.inference.v1 import inference_pb2_grpc
 from costmesh_tools.cache.stock import minilm_encoder
-from costmesh_tools.casestudy.eval_report import SCORERS, power, report, write_csv
+from costmesh_tools.casestudy.eval_report import SCORERS, report, write_csv
 from costmesh_tools.casestudy.eval_runs import EvalAbortError, MeshClient, Run
 from costmesh_tools.casestudy.evaluate import (
     DEFAULT_MARGIN,
@@ -104,6 +104,9 @@ def _evaluate(args: argparse.Namespace, out: TextIO) -> int:
     experiment = args.experiment or _new_experiment()
     _check_options(args, experiment)
     requests = select(read_workload(args.workload), args.features, args.limit)
+    unknown = sorted(set(args.waive) - {r.feature for r in requests})
+    if unknown:
+        raise WorkloadError(f"--waive: no request of feature {unknown[0]!r} is evaluated")
     exact = set()
     if args.scorer in ("auto", "exact"):
         exact = label_features(requests) if args.scorer == "auto" else {r.feature for r in requests}
@@ -133,9 +136,7 @@ def _evaluate(args: argparse.Namespace, out: TextIO) -> int:
     )
     if exact and args.scorer == "auto":
         heading += f" (exactly: {', '.join(sorted(exact))})"
-    report(out, comparison, pairs, heading, args.format)
-    if args.detect is not None:
-        out.write(power(comparison, args.detect) + "\n")
+    report(out, comparison, pairs, heading, args.format, detect=args.detect)
     return 0 if comparison.passed else 1
 
 
@@ -157,6 +158,8 @@ def _new_experiment() -> str:
 def _check_options(args: argparse.Namespace, experiment: str) -> None:
     if not args.key:
         raise WorkloadError("--key (or COSTMESH_API_KEY) is required")
+    if args.detect is not None and not 0 < args.detect < 1:
+        raise WorkloadError(f"--detect: a drop in (0, 1), such as 0.08; got {args.detect}")
     if args.scorer == "judge" and not args.judge_feature:
         raise WorkloadError("--scorer judge needs --judge-feature")
     if args.judge_feature and args.scorer != "judge":

@@ -24,7 +24,13 @@ SCORERS = {
 
 
 def report(
-    out: TextIO, comparison: Comparison, pairs: Sequence[Pair], heading: str, fmt: str
+    out: TextIO,
+    comparison: Comparison,
+    pairs: Sequence[Pair],
+    heading: str,
+    fmt: str,
+    *,
+    detect: float | None = None,
 ) -> None:
     """The per-feature table, what was left out and why, and the verdict; first, when
     the local simulator answered, a banner saying so."""
@@ -38,7 +44,7 @@ def report(
     out.write("\n")
     for note in _notes(comparison, pairs):
         out.write(note + "\n")
-    out.write(verdict(comparison) + "\n")
+    out.write(verdict(comparison, detect) + "\n")
 
 
 def simulated_banner(pairs: Sequence[Pair]) -> str:
@@ -53,7 +59,7 @@ def simulated_banner(pairs: Sequence[Pair]) -> str:
     )
 
 
-def verdict(comparison: Comparison) -> str:
+def verdict(comparison: Comparison, detect: float | None = None) -> str:
     """PASS or FAIL, and why, in one line; then what the sample can tell."""
     overall, margin = comparison.overall, comparison.margin
     if not comparison.passed:
@@ -69,20 +75,24 @@ def verdict(comparison: Comparison) -> str:
             line += "; over the margin on their own, waived: " + _named(waived)
         if noisy:
             line += "; over the margin on their own but within noise: " + _named(noisy)
-    return line + "\n" + power(comparison)
+    return line + "\n" + power(comparison, detect)
 
 
 def power(comparison: Comparison, drop: float | None = None) -> str:
-    """The smallest drop the comparison detects, and the requests `drop` (default:
-    the margin) would need."""
-    overall = comparison.overall
-    target = comparison.margin if drop is None else drop
+    """The smallest true drop the gate catches 80% of the time at these requests, and
+    (for `drop`) how many requests it would need to catch that one."""
+    overall, margin = comparison.overall, comparison.margin
     line = (
-        f"power: {overall.requests} requests detect a drop of {overall.detectable:.1%} or more "
-        "(80% power, 95% confidence)"
+        f"power: with {overall.requests} requests the gate fails a true drop of "
+        f"{overall.detectable(margin):.1%} or more 80% of the time"
     )
-    if target > 0:
-        line += f"; a drop of {target:.1%} needs {overall.needed(target):,} requests"
+    if drop is not None:
+        needed = overall.needed(drop, margin)
+        line += (
+            f"; a drop of {drop:.1%} is within the {margin:.1%} margin: the gate passes it"
+            if needed is None
+            else f"; to catch a drop of {drop:.1%} as often: {needed:,} requests"
+        )
     return line
 
 
@@ -99,7 +109,7 @@ def _line(group: Group, margin: float) -> list[str]:
         f"{group.treatment:.3f}",
         f"{group.drop:.1%}{flag}",
         f"{group.drop_low:.1%} .. {group.drop_high:.1%}",
-        f"{group.detectable:.1%}",
+        f"{group.detectable(margin):.1%}",
     ]
 
 

@@ -19,10 +19,10 @@ side by side. A request whose control answer failed or could not be scored says
 nothing about the treatment and is left out (and counted); a treatment that failed to
 answer scores 0, since the caller got no answer. The drop is relative to control:
 (control mean - treatment mean) / control mean, with a percentile bootstrap interval
-over the requests. Each group also says the smallest drop it could detect (80% power
-at 95% confidence, from the bootstrap's spread) and so how many requests a given drop
-needs. A feature whose own drop is over the margin, with its interval above zero, fails
-the gate too, unless waived.
+over the requests. Each group also says the smallest true drop the gate would catch
+80% of the time (the margin plus 0.84 standard errors of the drop), and so how many
+requests a given drop needs. A feature whose own drop is over the margin, with its
+interval above zero, fails the gate too, unless waived.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ DEFAULT_MARGIN = 0.05
 UNSCORED_LIMIT = 0.10
 BOOTSTRAP_SAMPLES = 2000
 CONFIDENCE = 0.95
-# The smallest detectable drop is (z of the interval + z of the power) standard errors.
-Z_CONFIDENCE, Z_POWER = 1.959964, 0.841621  # 95% two-sided, 80% power
+# The gate fails a drop whose estimate is over the margin: it catches a true drop D
+# 80% of the time once D - margin is Z_POWER standard errors.
+Z_POWER = 0.841621
 # References that read as labels: at most this many words, and this many distinct.
 LABEL_WORDS, LABEL_VALUES = 3, 50
 
@@ -192,17 +193,24 @@ class Group:
     drop: float  # relative to control; negative when the treatment does better
     drop_low: float  # the confidence interval of the drop
     drop_high: float
-    detectable: float  # the smallest drop these requests detect (80% power)
+    standard_error: float  # of the drop, from the bootstrap (at least one request's worth)
 
     def over(self, margin: float) -> bool:
         # Float noise must not fail a drop of exactly the margin (1 - 0.95 > 0.05).
         return self.drop > margin + 1e-9
 
-    def needed(self, drop: float) -> int:
-        """Requests (of this mix) needed to detect `drop` with 80% power."""
-        if drop <= 0:
-            raise ValueError("the drop to detect must be positive")
-        return max(2, math.ceil(self.requests * (self.detectable / drop) ** 2))
+    def detectable(self, margin: float) -> float:
+        """The smallest true drop the gate fails 80% of the time at these requests."""
+        return margin + Z_POWER * self.standard_error
+
+    def needed(self, drop: float, margin: float) -> int | None:
+        """Requests (of this mix) for the gate to fail a true `drop` 80% of the time;
+        None for a drop within the margin, which the gate is meant to pass."""
+        if drop <= margin:
+            return None
+        return max(
+            2, math.ceil(self.requests * (Z_POWER * self.standard_error / (drop - margin)) ** 2)
+        )
 
 
 @dataclass(frozen=True)
@@ -317,7 +325,9 @@ def _group(name: str, scores: Sequence[tuple[float, float]], rng: np.random.Gene
         drop=float(_drop(np.array([control.mean()]), np.array([treatment.mean()]))[0]),
         drop_low=float(low),
         drop_high=float(high),
-        detectable=float((Z_CONFIDENCE + Z_POWER) * np.std(drops)),
+        # Pairs that all agree give the bootstrap no spread: one request changing its
+        # score is the least the data can say.
+        standard_error=max(float(np.std(drops)), 1.0 / len(values)),
     )
 
 

@@ -31,7 +31,13 @@ from costmesh_tools.cli_support import (
 )
 from costmesh_tools.cli_support import decimal as _decimal
 from costmesh_tools.ledger import export
-from costmesh_tools.ledger.economics import LedgerLoad, fine_tune, ledger_load, self_host
+from costmesh_tools.ledger.economics import (
+    LedgerLoad,
+    SelfHostVerdict,
+    fine_tune,
+    ledger_load,
+    self_host,
+)
 from services.common.config import load_config
 
 _BY = {name.removeprefix("GROUP_BY_").lower(): value for name, value in ledger_pb2.GroupBy.items()}
@@ -366,6 +372,28 @@ def _name(enum_name: str, prefix: str) -> str:
 
 
 def _self_host(args: argparse.Namespace, out: TextIO) -> int:
+    given = {
+        "--requests-per-second": args.requests_per_second is not None,
+        "--api-usd-per-request": args.api_usd_per_request is not None,
+        "--peak-requests-per-second": args.peak_requests_per_second is not None,
+    }
+    ledger_only = {
+        "--feature": bool(args.feature), "--team": bool(args.team),
+        "--from": args.start is not None, "--to": args.end is not None,
+        "--peak-percentile": args.peak_percentile != Decimal(99),
+    }  # fmt: skip
+    clash = [f for f, named in (given if args.from_ledger else ledger_only).items() if named]
+    if clash:
+        why = (
+            "the ledger gives it" if args.from_ledger else "it reads the ledger: add --from-ledger"
+        )
+        print(f"costmesh: economics self-host: {clash[0]}: {why}", file=sys.stderr)
+        return 2
+    if not 0 < args.peak_percentile <= 100:
+        print(
+            "costmesh: economics self-host: --peak-percentile must be in (0, 100]", file=sys.stderr
+        )
+        return 2
     if args.from_ledger:
         load = _ledger_load(args)
         mean, price, peak = (
@@ -402,16 +430,26 @@ def _self_host(args: argparse.Namespace, out: TextIO) -> int:
         f"peak{spares}, {v.utilisation * 100:.0f}% used on average; operations "
         f"${args.ops_usd_per_month:,.2f})\n"
         f"API: ${v.api_usd_per_month:,.2f} a month\n"
-        f"{_cheaper(v.api_over_self_host)}; breakeven for these "
-        f"{v.gpus} GPU at {v.breakeven_requests_per_second:.2f} requests/s\n"
+        f"{_cheaper(v)}; {_breakeven(v)}\n"
     )
     return 0
 
 
-def _cheaper(api_over_self_host: Decimal) -> str:
-    if api_over_self_host >= 1:
-        return f"the API costs {api_over_self_host:.1f}x self-hosting"
-    return f"self-hosting costs {1 / api_over_self_host:.1f}x the API"
+def _cheaper(v: SelfHostVerdict) -> str:
+    if v.api_usd_per_month == 0:
+        return "the API costs nothing at no load"
+    if v.api_over_self_host >= 1:
+        return f"the API costs {v.api_over_self_host:.1f}x self-hosting"
+    return f"self-hosting costs {1 / v.api_over_self_host:.1f}x the API"
+
+
+def _breakeven(v: SelfHostVerdict) -> str:
+    if v.breakeven_requests_per_second is None:
+        return "the API is cheaper at any load (a GPU's traffic costs it less than the GPU)"
+    return (
+        f"breakeven at {v.breakeven_requests_per_second:.2f} requests/s on average, on "
+        f"{v.breakeven_gpus} GPU (its peak's and the spares)"
+    )
 
 
 def _ledger_load(args: argparse.Namespace) -> LedgerLoad:
@@ -434,6 +472,8 @@ def _ledger_load(args: argparse.Namespace) -> LedgerLoad:
         raise ValueError(f"no usage rows {_period(args)}")
     start = request.start_time.ToMicroseconds() if request.HasField("start_time") else first
     end = request.end_time.ToMicroseconds() if request.HasField("end_time") else last + 1_000_000
+    # A period reaching into the future would count hours that have not happened.
+    end = min(end, max(int(datetime.now(UTC).timestamp() * 1_000_000), last + 1_000_000))
     return ledger_load(answers, cost, start, end, args.peak_percentile)
 
 

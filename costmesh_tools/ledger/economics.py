@@ -8,7 +8,7 @@ comparison is of what the mesh really pays, sized for its peak, with spares.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -24,9 +24,11 @@ class SelfHostVerdict:
     utilisation: Decimal  # share of all the GPUs' capacity the mean load uses, 0..1
     self_host_usd_per_month: Decimal  # GPUs every hour, plus operations
     api_usd_per_month: Decimal
-    # The mean load at which the API costs what these GPUs (and operations) cost: below
-    # it the API is cheaper.
-    breakeven_requests_per_second: Decimal
+    # The mean load from which the API costs at least what self-hosting it would, with
+    # the GPUs that load's peak needs (same peak-to-mean ratio, same spares and
+    # operations): below it the API is cheaper.
+    breakeven_requests_per_second: Decimal | None  # None: the API is cheaper at any load
+    breakeven_gpus: int | None
 
     @property
     def api_over_self_host(self) -> Decimal:
@@ -54,17 +56,42 @@ def self_host(
         raise ValueError("requests per second must not be negative, nor the peak below the mean")
     if spare_gpus < 0 or ops_usd_per_month < 0:
         raise ValueError("spare GPUs and the operations cost must not be negative")
+
+    def monthly(serving: int) -> Decimal:
+        return (serving + spare_gpus) * gpu_usd_per_hour * HOURS_PER_MONTH + ops_usd_per_month
+
     serving = max(1, math.ceil(peak / gpu_requests_per_second))
-    gpus = serving + spare_gpus
-    self_host_monthly = gpus * gpu_usd_per_hour * HOURS_PER_MONTH + ops_usd_per_month
+    ratio = peak / requests_per_second if requests_per_second > 0 else Decimal(1)
+    mean_per_gpu = gpu_requests_per_second / ratio
+    api_per_rps_month = SECONDS_PER_MONTH * api_usd_per_request
+    breakeven: tuple[Decimal, int] | None = None
+    # Only if a GPU's worth of traffic costs more on the API than the GPU does can the
+    # line ever catch up with the steps.
+    if mean_per_gpu * api_per_rps_month > gpu_usd_per_hour * HOURS_PER_MONTH:
+        breakeven = _breakeven(monthly, mean_per_gpu, api_per_rps_month)
     return SelfHostVerdict(
-        gpus=gpus,
+        gpus=serving + spare_gpus,
         serving_gpus=serving,
-        utilisation=requests_per_second / (gpus * gpu_requests_per_second),
-        self_host_usd_per_month=self_host_monthly,
+        utilisation=requests_per_second / ((serving + spare_gpus) * gpu_requests_per_second),
+        self_host_usd_per_month=monthly(serving),
         api_usd_per_month=requests_per_second * SECONDS_PER_MONTH * api_usd_per_request,
-        breakeven_requests_per_second=self_host_monthly / (SECONDS_PER_MONTH * api_usd_per_request),
+        breakeven_requests_per_second=None if breakeven is None else breakeven[0],
+        breakeven_gpus=None if breakeven is None else breakeven[1] + spare_gpus,
     )
+
+
+def _breakeven(
+    monthly: Callable[[int], Decimal], mean_per_gpu: Decimal, api_per_rps_month: Decimal
+) -> tuple[Decimal, int]:
+    """Self-hosting costs a step function of the load (one more GPU every
+    `mean_per_gpu` requests a second), the API a straight line: the first load where
+    the line reaches the step it is on, and that step's GPU count."""
+    serving = 1
+    while True:
+        load = monthly(serving) / api_per_rps_month
+        if load <= serving * mean_per_gpu:
+            return load, serving
+        serving += 1
 
 
 @dataclass(frozen=True)

@@ -110,9 +110,13 @@ def _train(args: argparse.Namespace, out: TextIO) -> int:
         f"held out {trained.holdout_rows}: tier accuracy {trained.holdout_accuracy:.1%}, "
         f"log-loss {trained.holdout_log_loss:.3f} at temperature {trained.temperature:g}\n"
         f"out of domain below similarity {model.ood_min_similarity:.4f} to the nearest intent "
-        f"(flags {model.meta['ood_holdout_share']:.0%} of held-out questions); knob chosen "
-        f"on the held-out rows: {model.meta['validation_knob']}\n"
-        f"wrote {args.out} (version {version})\n"
+        f"(flags {model.meta['ood_holdout_share']:.0%} of held-out questions); "
+        + (
+            f"knob chosen on the held-out rows: {model.meta['validation_knob']}\n"
+            if model.meta["validation_knob"] is not None
+            else "no knob keeps the held-out complex requests on complex: raise it by hand\n"
+        )
+        + f"wrote {args.out} (version {version})\n"
         f'use it: [router] artefact = "{args.out}" (or features.X.router_artefact); '
         f"measure it: costmesh router eval --artefact {args.out} --data ...\n"
     )
@@ -191,8 +195,13 @@ def _eval(args: argparse.Namespace, out: TextIO) -> int:
     out.write(
         f"router eval: artefact {model.version} ({model.meta.get('source', '?')}) on "
         f"{tickets.name} {name}, {len(tickets.test)} tickets\n{costs.note}\n"
-        f"out of domain: {int(ood.sum())} of {len(ood)} ({ood.mean():.1%}) below similarity "
-        f"{model.ood_min_similarity:.2f} to the nearest intent, routed to complex\n\n"
+        + (
+            "out of domain: not applied (--ignore-out-of-domain)\n\n"
+            if args.ignore_out_of_domain
+            else f"out of domain: {int(ood.sum())} of {len(ood)} ({ood.mean():.1%}) below "
+            f"similarity {model.ood_min_similarity:.2f} to the nearest intent, "
+            "routed to complex\n\n"
+        )
     )
     _write_rows(out, rows, best, args.format)
     if args.format == "csv":
@@ -204,6 +213,12 @@ def _eval(args: argparse.Namespace, out: TextIO) -> int:
             f"{args.max_complex_below:.1%}: raise the knob or retrain\n"
         )
         return 0
+    if best.complex_below > args.max_complex_below:
+        out.write(
+            f"\nWARNING: at the knob chosen on validation, {best.complex_below:.1%} of this "
+            f"set's complex requests go cheaper, over the {args.max_complex_below:.1%} bound: "
+            "this set is not like the training data (retrain on it, or raise the knob)\n"
+        )
     out.write(
         f"\ncheap_tier_min_probability = {best.knob:.2f}, chosen on {chosen_on}: "
         f"{best.cheap_share:.1%} of traffic on cheaper tiers, complex routed below complex "

@@ -81,7 +81,7 @@ def train(
     held_ood = held_nearest < ood_bar
     validated = validation_knob(held_tiers, held_ood, truth)
     log_loss = float(-np.mean(np.log(np.maximum(held_tiers[np.arange(len(truth)), truth], 1e-12))))
-    cheap = held_tiers[:, 0] + held_tiers[:, 1]
+    cheap = (held_tiers[:, 0] + held_tiers[:, 1])[~held_ood]  # as a router observes them
     final = fit(np.arange(len(tickets)))
     weights, bias = final.coef_, final.intercept_
     if len(classes) == 2:  # sklearn keeps one row, the second class's logit
@@ -145,7 +145,8 @@ def validation_knob(
         routed = route(probabilities, out_of_domain, knob)
         below = float(np.mean(routed[complex_rows] < len(TIERS) - 1)) if complex_rows.any() else 0.0
         cheap = float(np.mean(routed < len(TIERS) - 1))
-        if below <= MAX_COMPLEX_BELOW and (best is None or cheap > best[1]):
+        # A tie goes to the higher (safer) knob: knobs rise, so >= keeps the last.
+        if below <= MAX_COMPLEX_BELOW and (best is None or cheap >= best[1]):
             best = (knob, cheap)
     return None if best is None else best[0]
 
@@ -268,7 +269,8 @@ def sweep(
 def recommend(rows: Sequence[KnobRow], max_complex_below: float) -> KnobRow | None:
     """The knob that sends most traffic to cheaper tiers within the complex-risk bound."""
     fitting = [r for r in rows if r.complex_below <= max_complex_below]
-    return max(fitting, key=lambda r: (r.cheap_share, -r.knob)) if fitting else None
+    # A tie goes to the higher (safer) knob.
+    return max(fitting, key=lambda r: (r.cheap_share, r.knob)) if fitting else None
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,12 @@ class ArtefactFile:
         self.path = path
         self._reload_seconds = reload_seconds
         self._model = TierModel.load(path)
+        if self._model.centroids is None:
+            log.warning(
+                "router artefact %s has no class centroids (trained before out-of-domain "
+                "detection): every question is routed by its probabilities; retrain it",
+                path,
+            )
         self._stamp = self._stat()
         self._checked = time.monotonic()
         self.reload_failures = 0
@@ -181,7 +187,8 @@ class EmbeddingClassifier:
         found = await self._fallback.classify(question, (), "", time_limit)
         return dataclasses.replace(
             found,
-            explanation=f"{why}; {found.explanation}",
+            version=model.version,  # the artefact decided to ask; the prompt's is below
+            explanation=f"{why}; {found.explanation} (prompt {found.version})",
             embedded=embedded,
             out_of_domain=True,
         )

@@ -76,7 +76,10 @@ class FeatureRouter:
         threshold = self.cheap_share.threshold()
         tier = choose_tier(found.probabilities, threshold)
         score = cheap_score(found.probabilities)
-        self.cheap_share.observe(score, tier)
+        if not (found.out_of_domain or found.failed):
+            # A cheap-share target is a share of the traffic the classifier can judge:
+            # safe-tier routings in the window would lower the bar for the rest.
+            self.cheap_share.observe(score, tier)
         self.tiers[tier] += 1
         self.failures += found.failed
         self.out_of_domain += found.out_of_domain
@@ -234,7 +237,9 @@ def build(
             span_name="router.embed",
         )
     providers = None
-    if "llm" in kinds or any(p.out_of_domain == "llm" for p in settings.plans.values()):
+    if "llm" in kinds or any(
+        p.classifier == "embedding" and p.out_of_domain == "llm" for p in settings.plans.values()
+    ):
         providers = Providers(ProviderSettings.from_config(config), env, tracer, stand_ins or {})
     features = {}
     for name, plan in settings.plans.items():
@@ -277,7 +282,7 @@ def _classifier(
     if plan.classifier == "rules":
         return RulesClassifier(plan.tier)
     llm = None
-    if plan.classifier == "llm" or plan.out_of_domain == "llm":
+    if plan.classifier == "llm" or (plan.classifier == "embedding" and plan.out_of_domain == "llm"):
         assert providers is not None
         llm = LLMClassifier(providers, plan.classifier_model)
     if plan.classifier == "llm":

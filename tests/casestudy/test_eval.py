@@ -10,7 +10,6 @@ import datetime
 import functools
 import io
 import json
-import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ from costmesh_tools.casestudy import eval_commands
 from costmesh_tools.casestudy.arms import request_id
 from costmesh_tools.casestudy.eval_commands import select
 from costmesh_tools.casestudy.eval_judge import grade_score, judge_messages, parse_grade
-from costmesh_tools.casestudy.eval_report import simulated_banner, verdict
+from costmesh_tools.casestudy.eval_report import power, simulated_banner, verdict
 from costmesh_tools.casestudy.eval_runs import EvalAbortError, check_arm
 from costmesh_tools.casestudy.evaluate import (
     Answer,
@@ -257,17 +256,33 @@ def test_a_feature_over_the_margin_fails_the_gate_unless_waived() -> None:
     assert "over the margin on their own, waived: billing (10.0%)" in verdict(waived)
 
 
-def test_the_gate_says_the_smallest_drop_it_can_detect_and_the_requests_a_drop_needs() -> None:
+def test_the_gate_says_the_smallest_drop_it_catches_and_the_requests_a_drop_needs() -> None:
     rng = random.Random(5)
     noisy = [pair(str(i), 1.0, float(rng.random() < 0.9)) for i in range(100)]
     few, many = compare(noisy[:25], 0.05), compare(noisy, 0.05)
 
-    assert few.overall.detectable > many.overall.detectable  # more requests, finer
-    assert 0.05 < many.overall.detectable < 0.15  # a 0/1 score at 90%: sd 0.3 / sqrt(100)
-    needed = many.overall.needed(0.05)
-    assert needed == math.ceil(100 * (many.overall.detectable / 0.05) ** 2)
-    assert "a drop of 5.0% needs" in verdict(many)
-    assert f"{needed:,} requests" in verdict(many)
+    # The gate fails an estimate over the margin: 80% of the time once the true drop is
+    # 0.84 standard errors past it. More requests, a smaller standard error.
+    assert few.overall.standard_error > many.overall.standard_error
+    assert 0.02 < many.overall.standard_error < 0.05  # a 0/1 score at 90%: 0.3 / sqrt(100)
+    assert many.overall.detectable(0.05) == pytest.approx(
+        0.05 + 0.841621 * many.overall.standard_error
+    )
+    assert many.overall.needed(0.05, 0.05) is None, "a drop at the margin is meant to pass"
+    larger, smaller = many.overall.needed(0.10, 0.05), many.overall.needed(0.07, 0.05)
+    assert larger is not None
+    assert smaller is not None
+    assert larger < smaller
+    line = power(many, 0.08)
+    assert "the gate fails a true drop of" in line
+    assert f"to catch a drop of 8.0% as often: {many.overall.needed(0.08, 0.05):,} requests" in line
+
+
+def test_arms_that_agree_on_every_request_still_have_a_standard_error() -> None:
+    same = compare([pair(str(i), 1.0, 1.0) for i in range(50)], 0.05)
+
+    assert same.overall.standard_error == pytest.approx(1 / 50)
+    assert same.overall.detectable(0.05) > 0.05
 
 
 def test_exact_scoring_gives_a_wrong_label_nothing() -> None:
@@ -429,6 +444,8 @@ def test_bad_input_is_one_line_and_exit_2(
         "--scorer judge needs --judge-feature": [str(workload), *key, "--scorer", "judge"],
         "--experiment: letters": [str(workload), *key, "--experiment", "a b"],
         "--key (or COSTMESH_API_KEY) is required": [str(workload), "--key", ""],
+        "--detect: a drop in (0, 1)": [str(workload), *key, "--detect", "5"],
+        "--waive: no request of feature 'biling'": [str(workload), *key, "--waive", "biling"],
     }
     for message, args in cases.items():
         code, out, err = run_eval(args, capsys)

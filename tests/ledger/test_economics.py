@@ -32,6 +32,7 @@ def test_at_one_request_a_second_the_api_wins() -> None:
 
     assert verdict.api_usd_per_month == Decimal("777.6")
     assert verdict.api_over_self_host < 1
+    assert verdict.breakeven_requests_per_second is not None
     assert round(verdict.breakeven_requests_per_second, 2) == Decimal("2.31")
 
 
@@ -48,10 +49,15 @@ def test_the_breakeven_is_that_of_the_gpus_the_load_needs_with_spares_and_operat
 
     assert (verdict.serving_gpus, verdict.gpus) == (3, 4)  # the peak's three, N+1
     assert verdict.self_host_usd_per_month == 4 * Decimal(1800) + 9000
-    nine_gpus_worth = (4 * Decimal(1800) + 9000) / Decimal(1800)
+    # Breakeven with the sizing: at a peak 3.33x the mean, a GPU serves 12 requests a
+    # second on average. One GPU (+1 spare, + $9,000) would need 16.2/s of API traffic
+    # to break even, past its 12; two (+1) break even at 18.5/s, within their 24.
+    assert verdict.breakeven_gpus == 3
+    assert verdict.breakeven_requests_per_second is not None
     assert round(verdict.breakeven_requests_per_second, 9) == round(
-        nine_gpus_worth * one.breakeven_requests_per_second, 9
+        (3 * Decimal(1800) + 9000) / (Decimal(2592000) * PER_REQUEST), 9
     )
+    assert one.breakeven_gpus == 1  # the seed's figure is unchanged: 2.31/s on one GPU
     assert verdict.utilisation == Decimal(30) / 160
 
 
@@ -68,6 +74,35 @@ def test_the_ledger_load_prices_a_request_and_finds_the_peak_minute() -> None:
     assert load.peak_requests_per_second == 2
     median = ledger_load(times, 1, 0, 10 * minute, Decimal(50)).peak_requests_per_second
     assert median == load.requests_per_second  # a quiet median minute: never below the mean
+
+
+def test_when_a_gpu_s_traffic_costs_the_api_less_than_the_gpu_there_is_no_breakeven(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cheap_api = self_host(A100, Decimal(40), Decimal(30), Decimal("0.00000001"))
+    assert cheap_api.breakeven_requests_per_second is None
+    assert main(["economics", "self-host", "--gpu-usd-per-hour", "2.50",
+                 "--gpu-requests-per-second", "40", "--requests-per-second", "0",
+                 "--api-usd-per-request", "0.0003"]) == 0  # fmt: skip
+    assert "the API costs nothing at no load" in capsys.readouterr().out
+
+
+def test_flags_that_do_not_go_together_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    gpu = [
+        "economics",
+        "self-host",
+        "--gpu-usd-per-hour",
+        "2.50",
+        "--gpu-requests-per-second",
+        "40",
+    ]
+    assert main([*gpu, "--from-ledger", "--requests-per-second", "3"]) == 2
+    assert "--requests-per-second: the ledger gives it" in capsys.readouterr().err
+    assert (
+        main([*gpu, "--requests-per-second", "3", "--api-usd-per-request", "1", "--feature", "x"])
+        == 2
+    )
+    assert "--feature: it reads the ledger" in capsys.readouterr().err
 
 
 def test_fine_tuning_pays_back_from_the_daily_saving() -> None:

@@ -353,3 +353,23 @@ def test_an_artefact_from_before_the_detection_routes_as_it_did(
     assert loaded.centroids is None
     assert loaded.nearest_similarity(far) is None
     assert not loaded.out_of_domain(far).any()
+
+
+async def test_out_of_domain_questions_do_not_lower_a_cheap_share_target_s_bar(
+    mesh: Mesh,
+) -> None:
+    for _ in range(3):
+        await mesh.router.Route(route_request(FAR_AWAY, "half"), metadata=SERVICE_AUTH, timeout=10)
+    simple = await mesh.router.Route(
+        route_request(SIMPLE, "half"), metadata=SERVICE_AUTH, timeout=10
+    )
+    stats = await mesh.router.GetRouteStats(
+        router_pb2.GetRouteStatsRequest(features=["half"]), metadata=SERVICE_AUTH, timeout=5
+    )
+
+    (half,) = stats.features
+    assert half.out_of_domain == 3
+    assert half.requests == 4
+    # The share is of the traffic the classifier could judge: one request, sent cheap.
+    assert simple.tier == types_pb2.TIER_SIMPLE
+    assert half.cheap_share_observed == 1.0
