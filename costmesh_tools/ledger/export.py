@@ -27,6 +27,7 @@ PLAIN_HEADER = [
     "price_version", "purpose", "route_reason", "p_simple", "p_moderate", "p_complex",
     "status", "experiment", "arm", "baseline_model", "baseline_input_tokens",
     "baseline_cached_input_tokens", "baseline_output_tokens", "cache_source_request_id",
+    "route_out_of_domain",
 ]  # fmt: skip
 
 FOCUS_HEADER = [
@@ -61,7 +62,7 @@ def _plain(r: ledger_pb2.UsageRecord) -> Iterable[object]:
         _name(ledger_pb2.CallStatus.Name(r.status), "CALL_STATUS_"), r.experiment,
         _name(types_pb2.Arm.Name(r.arm), "ARM_"), r.baseline_model,
         r.baseline_usage.input_tokens, r.baseline_usage.cached_input_tokens,
-        r.baseline_usage.output_tokens, r.cache_source_request_id,
+        r.baseline_usage.output_tokens, r.cache_source_request_id, int(r.route_out_of_domain),
     ]  # fmt: skip
 
 

@@ -137,6 +137,7 @@ class UsageRecorder:
                 for p in call.route.probabilities
             ],
             route_reason=call.route.reason[:MAX_ROUTE_REASON],
+            route_out_of_domain=call.route.out_of_domain,
             cache_source_request_id=response.cache_source_request_id,
         )
 

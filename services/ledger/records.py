@@ -76,6 +76,7 @@ def to_row(index: int, record: ledger_pb2.UsageRecord, catalog: PriceCatalog) ->
         experiment=record.experiment,
         arm=record.arm,
         cache_source_request_id=record.cache_source_request_id,
+        route_out_of_domain=record.route_out_of_domain,
         **probabilities,
     )
 

@@ -101,12 +101,17 @@ EXPERIMENTS = """
     ALTER TABLE usage ADD COLUMN cache_source_request_id TEXT NOT NULL DEFAULT '';
     CREATE INDEX usage_experiment ON usage (experiment, time_us) WHERE experiment <> ''
 """
+# Migration 5: whether the router found the request out of its classifier's domain.
+OUT_OF_DOMAIN = """
+    ALTER TABLE usage ADD COLUMN route_out_of_domain INTEGER NOT NULL DEFAULT 0
+"""
 # Each entry upgrades the schema by one version, in place; append, never edit.
 MIGRATIONS: tuple[str, ...] = (
     USAGE_TABLE,
     COUNTERFACTUAL_AND_ROLLUP,
     PURPOSE_AND_ROUTE,
     EXPERIMENTS,
+    OUT_OF_DOMAIN,
 )
 
 # CallPurpose values that are calls (UNSPECIFIED, from older writers, and ANSWER).
@@ -156,6 +161,7 @@ class UsageRow:
     experiment: str = ""  # empty: in no experiment
     arm: int = 0  # types.v1.Arm
     cache_source_request_id: str = ""
+    route_out_of_domain: bool = False
 
     @property
     def is_answer(self) -> bool:
@@ -170,7 +176,9 @@ class UsageRow:
     def from_values(cls, values: Sequence[object]) -> UsageRow:
         row = cls(*values)  # type: ignore[arg-type]
         # Booleans come back as 0/1, and a SQLite column default may read as integer 0.
-        exact: dict[str, object] = {"escalated": bool(row.escalated), "batch": bool(row.batch)}
+        exact: dict[str, object] = {
+            name: bool(getattr(row, name)) for name in ("escalated", "batch", "route_out_of_domain")
+        }
         exact |= {p: float(getattr(row, p)) for p in PROBABILITY_COLUMNS}
         return cls(**{**row.__dict__, **exact})
 

@@ -216,6 +216,7 @@ def _to_record(row: UsageRow) -> ledger_pb2.UsageRecord:
         experiment=row.experiment,
         arm=row.arm,  # type: ignore[arg-type]
         cache_source_request_id=row.cache_source_request_id,
+        route_out_of_domain=bool(row.route_out_of_domain),
     )
 
 

@@ -102,6 +102,7 @@ class FeatureRouter:
             cheap_share_target=self.cheap_share.target,
             cheap_share_observed=self.cheap_share.observed,
             classifier_model=found.model,
+            out_of_domain=found.out_of_domain,
         )
         if found.usage is not None:
             response.classifier_usage.CopyFrom(found.usage)

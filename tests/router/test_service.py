@@ -10,6 +10,7 @@ import grpc
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
+from costmesh.ledger.v1 import ledger_pb2
 from costmesh.router.v1 import router_pb2
 from costmesh.types.v1 import types_pb2
 from costmesh_simulator import OpenAISimulator
@@ -20,7 +21,15 @@ from services.common.config import ConfigError, load_config
 from services.common.embedding import shared_encoder
 from services.mesh import start_mesh
 from services.router.artefact import TIERS, TierModel
-from tests.conftest import SERVICE_AUTH, Mesh, mesh_env, running_mesh
+from tests.conftest import (
+    AUTH,
+    SERVICE_AUTH,
+    Mesh,
+    ledger_rows,
+    mesh_env,
+    running_mesh,
+    user_request,
+)
 from tests.router.conftest import TICKETS
 
 COMPLEX = "I was charged twice for one order and the bank says it is your fault"
@@ -318,6 +327,7 @@ async def test_a_question_far_from_the_training_data_goes_to_the_safe_tier(
     assert (far.tier, far.model) == (types_pb2.TIER_COMPLEX, "gpt-4o")
     assert "out of domain (nearest intent at similarity" in far.reason
     assert "the safe tier" in far.reason
+    assert (far.out_of_domain, in_domain.out_of_domain) == (True, False)
     assert stats.features[0].out_of_domain == 1
     routes = [s for s in mesh.spans.get_finished_spans() if s.name.endswith("/Route")]
     assert [r.attributes["costmesh.route.out_of_domain"] for r in routes if r.attributes] == [
@@ -373,3 +383,17 @@ async def test_out_of_domain_questions_do_not_lower_a_cheap_share_target_s_bar(
     # The share is of the traffic the classifier could judge: one request, sent cheap.
     assert simple.tier == types_pb2.TIER_SIMPLE
     assert half.cheap_share_observed == 1.0
+
+
+async def test_the_ledger_row_says_the_answer_was_routed_out_of_domain(mesh: Mesh) -> None:
+    await mesh.inference.Complete(user_request(FAR_AWAY, "default"), metadata=AUTH, timeout=10)
+    await mesh.inference.Complete(user_request(SIMPLE, "default"), metadata=AUTH, timeout=10)
+    await mesh.running.settled()
+
+    rows = {
+        r.model: r for r in await ledger_rows(mesh) if r.purpose == ledger_pb2.CALL_PURPOSE_ANSWER
+    }
+
+    assert rows["gpt-4o"].route_out_of_domain
+    assert "out of domain" in rows["gpt-4o"].route_reason
+    assert not rows["gpt-4o-mini"].route_out_of_domain

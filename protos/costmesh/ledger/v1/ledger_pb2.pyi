@@ -161,6 +161,7 @@ class UsageRecord(_message.Message):
     EXPERIMENT_FIELD_NUMBER: _builtins.int
     ARM_FIELD_NUMBER: _builtins.int
     CACHE_SOURCE_REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ROUTE_OUT_OF_DOMAIN_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key of this record within the team: one per answered call, minted
     by costmesh (never the provider's response id, which is known to repeat).
@@ -213,6 +214,10 @@ class UsageRecord(_message.Message):
     """The arm it ran in."""
     cache_source_request_id: _builtins.str
     """For a cache hit, the request id of the call whose answer was reused."""
+    route_out_of_domain: _builtins.bool
+    """The router found the request out of its classifier's domain and routed it to the
+    feature's safe choice.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the call finished."""
@@ -260,10 +265,11 @@ class UsageRecord(_message.Message):
         experiment: _builtins.str = ...,
         arm: _types_pb2.Arm.ValueType = ...,
         cache_source_request_id: _builtins.str = ...,
+        route_out_of_domain: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["baseline_usage", b"baseline_usage", "time", b"time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm", b"arm", "baseline_model", b"baseline_model", "baseline_usage", b"baseline_usage", "batch", b"batch", "cache_outcome", b"cache_outcome", "cache_source_request_id", b"cache_source_request_id", "client_request_id", b"client_request_id", "cost_nano_usd", b"cost_nano_usd", "counterfactual_cost_nano_usd", b"counterfactual_cost_nano_usd", "escalated", b"escalated", "experiment", b"experiment", "feature", b"feature", "latency_ms", b"latency_ms", "model", b"model", "price_version", b"price_version", "provider", b"provider", "purpose", b"purpose", "request_id", b"request_id", "route_probabilities", b"route_probabilities", "route_reason", b"route_reason", "status", b"status", "team", b"team", "tier", b"tier", "time", b"time", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm", b"arm", "baseline_model", b"baseline_model", "baseline_usage", b"baseline_usage", "batch", b"batch", "cache_outcome", b"cache_outcome", "cache_source_request_id", b"cache_source_request_id", "client_request_id", b"client_request_id", "cost_nano_usd", b"cost_nano_usd", "counterfactual_cost_nano_usd", b"counterfactual_cost_nano_usd", "escalated", b"escalated", "experiment", b"experiment", "feature", b"feature", "latency_ms", b"latency_ms", "model", b"model", "price_version", b"price_version", "provider", b"provider", "purpose", b"purpose", "request_id", b"request_id", "route_out_of_domain", b"route_out_of_domain", "route_probabilities", b"route_probabilities", "route_reason", b"route_reason", "status", b"status", "team", b"team", "tier", b"tier", "time", b"time", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

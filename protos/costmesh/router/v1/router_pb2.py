@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from costmesh.types.v1 import types_pb2 as costmesh_dot_types_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63ostmesh/router/v1/router.proto\x12\x12\x63ostmesh.router.v1\x1a\x1d\x63ostmesh/types/v1/types.proto\"\x96\x01\n\x0cRouteRequest\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x30\n\x08messages\x18\x02 \x03(\x0b\x32\x1e.costmesh.types.v1.ChatMessage\x12\x17\n\x0frequested_model\x18\x03 \x01(\t\x12\x11\n\tembedding\x18\x04 \x03(\x02\x12\x17\n\x0f\x65mbedding_model\x18\x05 \x01(\t\"\x98\x04\n\rRouteResponse\x12%\n\x04tier\x18\x01 \x01(\x0e\x32\x17.costmesh.types.v1.Tier\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10\x65scalation_model\x18\x03 \x01(\t\x12\x12\n\nconfidence\x18\x04 \x01(\x01\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x39\n\rprobabilities\x18\x06 \x03(\x0b\x32\".costmesh.types.v1.TierProbability\x12\x1c\n\x14\x65scalation_threshold\x18\x07 \x01(\x01\x12\x12\n\nclassifier\x18\x08 \x01(\t\x12\x1a\n\x12\x63lassifier_version\x18\t \x01(\t\x12\x1c\n\x14\x63heap_tier_threshold\x18\n \x01(\x01\x12\x1a\n\x12\x63heap_share_target\x18\x0b \x01(\x01\x12\x1c\n\x14\x63heap_share_observed\x18\x0c \x01(\x01\x12\x37\n\x10\x63lassifier_usage\x18\r \x01(\x0b\x32\x1d.costmesh.types.v1.TokenUsage\x12\x18\n\x10\x63lassifier_model\x18\x0e \x01(\t\x12?\n\x11\x65scalation_method\x18\x0f \x01(\x0e\x32$.costmesh.router.v1.EscalationMethod\x12\x1e\n\x16\x65scalation_target_rate\x18\x10 \x01(\x01\"(\n\x14GetRouteStatsRequest\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x03(\t\"D\n\tTierCount\x12%\n\x04tier\x18\x01 \x01(\x0e\x32\x17.costmesh.types.v1.Tier\x12\x10\n\x08requests\x18\x02 \x01(\x03\"\xa0\x02\n\x11\x46\x65\x61tureRouteStats\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x12\n\nclassifier\x18\x02 \x01(\t\x12\x1a\n\x12\x63lassifier_version\x18\x03 \x01(\t\x12\x10\n\x08requests\x18\x04 \x01(\x03\x12,\n\x05tiers\x18\x05 \x03(\x0b\x32\x1d.costmesh.router.v1.TierCount\x12\x1c\n\x14\x63heap_tier_threshold\x18\x06 \x01(\x01\x12\x1a\n\x12\x63heap_share_target\x18\x07 \x01(\x01\x12\x1c\n\x14\x63heap_share_observed\x18\x08 \x01(\x01\x12\x1b\n\x13\x63lassifier_failures\x18\t \x01(\x03\x12\x15\n\rout_of_domain\x18\n \x01(\x03\"P\n\x15GetRouteStatsResponse\x12\x37\n\x08\x66\x65\x61tures\x18\x01 \x03(\x0b\x32%.costmesh.router.v1.FeatureRouteStats*x\n\x10\x45scalationMethod\x12!\n\x1d\x45SCALATION_METHOD_UNSPECIFIED\x10\x00\x12!\n\x1d\x45SCALATION_METHOD_SELF_RATING\x10\x01\x12\x1e\n\x1a\x45SCALATION_METHOD_LOGPROBS\x10\x02\x32\xc3\x01\n\rRouterService\x12L\n\x05Route\x12 .costmesh.router.v1.RouteRequest\x1a!.costmesh.router.v1.RouteResponse\x12\x64\n\rGetRouteStats\x12(.costmesh.router.v1.GetRouteStatsRequest\x1a).costmesh.router.v1.GetRouteStatsResponseBp\n\x16\x64\x65v.costmesh.router.v1P\x01Z?github.com/costmesh/costmesh/gen/go/costmesh/router/v1;routerv1\xaa\x02\x12\x43ostmesh.Router.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63ostmesh/router/v1/router.proto\x12\x12\x63ostmesh.router.v1\x1a\x1d\x63ostmesh/types/v1/types.proto\"\x96\x01\n\x0cRouteRequest\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x30\n\x08messages\x18\x02 \x03(\x0b\x32\x1e.costmesh.types.v1.ChatMessage\x12\x17\n\x0frequested_model\x18\x03 \x01(\t\x12\x11\n\tembedding\x18\x04 \x03(\x02\x12\x17\n\x0f\x65mbedding_model\x18\x05 \x01(\t\"\xaf\x04\n\rRouteResponse\x12%\n\x04tier\x18\x01 \x01(\x0e\x32\x17.costmesh.types.v1.Tier\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10\x65scalation_model\x18\x03 \x01(\t\x12\x12\n\nconfidence\x18\x04 \x01(\x01\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x39\n\rprobabilities\x18\x06 \x03(\x0b\x32\".costmesh.types.v1.TierProbability\x12\x1c\n\x14\x65scalation_threshold\x18\x07 \x01(\x01\x12\x12\n\nclassifier\x18\x08 \x01(\t\x12\x1a\n\x12\x63lassifier_version\x18\t \x01(\t\x12\x1c\n\x14\x63heap_tier_threshold\x18\n \x01(\x01\x12\x1a\n\x12\x63heap_share_target\x18\x0b \x01(\x01\x12\x1c\n\x14\x63heap_share_observed\x18\x0c \x01(\x01\x12\x37\n\x10\x63lassifier_usage\x18\r \x01(\x0b\x32\x1d.costmesh.types.v1.TokenUsage\x12\x18\n\x10\x63lassifier_model\x18\x0e \x01(\t\x12?\n\x11\x65scalation_method\x18\x0f \x01(\x0e\x32$.costmesh.router.v1.EscalationMethod\x12\x1e\n\x16\x65scalation_target_rate\x18\x10 \x01(\x01\x12\x15\n\rout_of_domain\x18\x11 \x01(\x08\"(\n\x14GetRouteStatsRequest\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x03(\t\"D\n\tTierCount\x12%\n\x04tier\x18\x01 \x01(\x0e\x32\x17.costmesh.types.v1.Tier\x12\x10\n\x08requests\x18\x02 \x01(\x03\"\xa0\x02\n\x11\x46\x65\x61tureRouteStats\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x12\n\nclassifier\x18\x02 \x01(\t\x12\x1a\n\x12\x63lassifier_version\x18\x03 \x01(\t\x12\x10\n\x08requests\x18\x04 \x01(\x03\x12,\n\x05tiers\x18\x05 \x03(\x0b\x32\x1d.costmesh.router.v1.TierCount\x12\x1c\n\x14\x63heap_tier_threshold\x18\x06 \x01(\x01\x12\x1a\n\x12\x63heap_share_target\x18\x07 \x01(\x01\x12\x1c\n\x14\x63heap_share_observed\x18\x08 \x01(\x01\x12\x1b\n\x13\x63lassifier_failures\x18\t \x01(\x03\x12\x15\n\rout_of_domain\x18\n \x01(\x03\"P\n\x15GetRouteStatsResponse\x12\x37\n\x08\x66\x65\x61tures\x18\x01 \x03(\x0b\x32%.costmesh.router.v1.FeatureRouteStats*x\n\x10\x45scalationMethod\x12!\n\x1d\x45SCALATION_METHOD_UNSPECIFIED\x10\x00\x12!\n\x1d\x45SCALATION_METHOD_SELF_RATING\x10\x01\x12\x1e\n\x1a\x45SCALATION_METHOD_LOGPROBS\x10\x02\x32\xc3\x01\n\rRouterService\x12L\n\x05Route\x12 .costmesh.router.v1.RouteRequest\x1a!.costmesh.router.v1.RouteResponse\x12\x64\n\rGetRouteStats\x12(.costmesh.router.v1.GetRouteStatsRequest\x1a).costmesh.router.v1.GetRouteStatsResponseBp\n\x16\x64\x65v.costmesh.router.v1P\x01Z?github.com/costmesh/costmesh/gen/go/costmesh/router/v1;routerv1\xaa\x02\x12\x43ostmesh.Router.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,20 +33,20 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'costmesh.router.v1.router_p
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\026dev.costmesh.router.v1P\001Z?github.com/costmesh/costmesh/gen/go/costmesh/router/v1;routerv1\252\002\022Costmesh.Router.V1'
-  _globals['_ESCALATIONMETHOD']._serialized_start=1263
-  _globals['_ESCALATIONMETHOD']._serialized_end=1383
+  _globals['_ESCALATIONMETHOD']._serialized_start=1286
+  _globals['_ESCALATIONMETHOD']._serialized_end=1406
   _globals['_ROUTEREQUEST']._serialized_start=87
   _globals['_ROUTEREQUEST']._serialized_end=237
   _globals['_ROUTERESPONSE']._serialized_start=240
-  _globals['_ROUTERESPONSE']._serialized_end=776
-  _globals['_GETROUTESTATSREQUEST']._serialized_start=778
-  _globals['_GETROUTESTATSREQUEST']._serialized_end=818
-  _globals['_TIERCOUNT']._serialized_start=820
-  _globals['_TIERCOUNT']._serialized_end=888
-  _globals['_FEATUREROUTESTATS']._serialized_start=891
-  _globals['_FEATUREROUTESTATS']._serialized_end=1179
-  _globals['_GETROUTESTATSRESPONSE']._serialized_start=1181
-  _globals['_GETROUTESTATSRESPONSE']._serialized_end=1261
-  _globals['_ROUTERSERVICE']._serialized_start=1386
-  _globals['_ROUTERSERVICE']._serialized_end=1581
+  _globals['_ROUTERESPONSE']._serialized_end=799
+  _globals['_GETROUTESTATSREQUEST']._serialized_start=801
+  _globals['_GETROUTESTATSREQUEST']._serialized_end=841
+  _globals['_TIERCOUNT']._serialized_start=843
+  _globals['_TIERCOUNT']._serialized_end=911
+  _globals['_FEATUREROUTESTATS']._serialized_start=914
+  _globals['_FEATUREROUTESTATS']._serialized_end=1202
+  _globals['_GETROUTESTATSRESPONSE']._serialized_start=1204
+  _globals['_GETROUTESTATSRESPONSE']._serialized_end=1284
+  _globals['_ROUTERSERVICE']._serialized_start=1409
+  _globals['_ROUTERSERVICE']._serialized_end=1604
 # @@protoc_insertion_point(module_scope)

@@ -110,6 +110,7 @@ class RouteResponse(_message.Message):
     CLASSIFIER_MODEL_FIELD_NUMBER: _builtins.int
     ESCALATION_METHOD_FIELD_NUMBER: _builtins.int
     ESCALATION_TARGET_RATE_FIELD_NUMBER: _builtins.int
+    OUT_OF_DOMAIN_FIELD_NUMBER: _builtins.int
     tier: _types_pb2.Tier.ValueType
     """The tier the request was assigned."""
     model: _builtins.str
@@ -151,6 +152,10 @@ class RouteResponse(_message.Message):
     """The share of answers the feature wants escalated: inference then sets the
     threshold from the confidences of recent answers. Zero: escalation_threshold.
     """
+    out_of_domain: _builtins.bool
+    """The question was out of the embedding classifier's domain (far from every intent
+    it was trained on): routed by the feature's router_out_of_domain.
+    """
     @_builtins.property
     def probabilities(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.TierProbability]:
         """Per-tier probabilities, when the classifier produces them."""
@@ -180,10 +185,11 @@ class RouteResponse(_message.Message):
         classifier_model: _builtins.str = ...,
         escalation_method: Global___EscalationMethod.ValueType = ...,
         escalation_target_rate: _builtins.float = ...,
+        out_of_domain: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["classifier_usage", b"classifier_usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cheap_share_observed", b"cheap_share_observed", "cheap_share_target", b"cheap_share_target", "cheap_tier_threshold", b"cheap_tier_threshold", "classifier", b"classifier", "classifier_model", b"classifier_model", "classifier_usage", b"classifier_usage", "classifier_version", b"classifier_version", "confidence", b"confidence", "escalation_method", b"escalation_method", "escalation_model", b"escalation_model", "escalation_target_rate", b"escalation_target_rate", "escalation_threshold", b"escalation_threshold", "model", b"model", "probabilities", b"probabilities", "reason", b"reason", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cheap_share_observed", b"cheap_share_observed", "cheap_share_target", b"cheap_share_target", "cheap_tier_threshold", b"cheap_tier_threshold", "classifier", b"classifier", "classifier_model", b"classifier_model", "classifier_usage", b"classifier_usage", "classifier_version", b"classifier_version", "confidence", b"confidence", "escalation_method", b"escalation_method", "escalation_model", b"escalation_model", "escalation_target_rate", b"escalation_target_rate", "escalation_threshold", b"escalation_threshold", "model", b"model", "out_of_domain", b"out_of_domain", "probabilities", b"probabilities", "reason", b"reason", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
