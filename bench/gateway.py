@@ -125,7 +125,9 @@ class Gateway:
 async def _costmesh(provider: str, data_dir: str, feature: str) -> AsyncIterator[Gateway]:
     config = Path(data_dir) / "bench.toml"
     config.write_text(COSTMESH_CONFIG.format(data_dir=data_dir, provider=provider))
-    env = {**os.environ, "OPENAI_API_KEY": PROVIDER_KEY, "COSTMESH_LOG_LEVEL": "WARNING"}
+    # No HTTP port: two meshes run side by side, and the bench calls gRPC.
+    env = {**os.environ, "OPENAI_API_KEY": PROVIDER_KEY, "COSTMESH_LOG_LEVEL": "WARNING",
+           "COSTMESH_HTTP_PORT": "0"}  # fmt: skip
     argv = (
         sys.executable,
         "-m",
