@@ -179,7 +179,7 @@ def _dev(args: argparse.Namespace, out: TextIO) -> int:
     print(
         "serve with COSTMESH_TLS_CERT_FILE=<service>.pem COSTMESH_TLS_KEY_FILE=<service>-key.pem"
         " COSTMESH_TLS_CLIENT_CA_FILE=ca.pem; call peers with COSTMESH_PEERS_TLS_CA_FILE=ca.pem"
-        " and the service's own pair (docs/operations.md, Security)",
+        " and the service's own pair (docs/security.md)",
         file=out,
     )
     return 0
