@@ -308,7 +308,7 @@ def test_label_features_are_those_whose_references_are_a_few_short_labels() -> N
     assert label_features(requests) == {"intent"}
 
 
-def test_a_pass_still_names_a_feature_over_the_margin() -> None:
+def test_a_feature_drop_of_exactly_the_margin_passes_and_one_over_it_fails() -> None:
     pairs = [pair(f"b{i}", 1.0, 0.9 if i % 2 else 1.0, feature="billing") for i in range(10)]
     pairs += [pair(f"o{i}", 1.0, 1.0, feature="orders") for i in range(30)]
 
