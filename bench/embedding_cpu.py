@@ -4,8 +4,8 @@ spinning settings, and the int8 candidate that was measured and refused.
 threads  one question at a time (as a lone request is embedded), 2 ms apart: CPU
          (process time) and wall time per question, 1 or 2 intra-op threads, spinning
          on or off.
-int8     dynamic int8 quantisation of every MatMul (per channel) of the shipped model,
-         written to --out: its speed and its cosine to the shipped vectors, then its
+int8     dynamic int8 quantisation of the shipped model's MatMuls (per channel; every
+         one, or with --matrices ffn only the feed-forward ones), written to --out: its speed and its cosine to the shipped vectors, then its
          thresholds recalibrated on the validation splits and `costmesh cache eval
          --setting in-domain` on it (about 10 minutes). Dynamic int8 scales activations
          per run, so every text here is embedded in a run of its own, as serving would
@@ -13,6 +13,7 @@ int8     dynamic int8 quantisation of every MatMul (per channel) of the shipped 
 
     .venv/bin/python bench/embedding_cpu.py threads
     .venv/bin/python bench/embedding_cpu.py int8 --out .costmesh/int8-model
+    .venv/bin/python bench/embedding_cpu.py int8 --matrices ffn --out .costmesh/int8-ffn
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import csv
 import hashlib
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -73,7 +75,10 @@ def threads(count: int) -> None:
         print(f"| {n} | {'on' if spinning else 'off'} | {cpu:.2f} | {wall:.2f} |")
 
 
-def int8(count: int, out: Path) -> None:
+FEED_FORWARD = re.compile(r"layer\.\d+/(intermediate|output)/dense/MatMul$")
+
+
+def int8(count: int, out: Path, matrices: str) -> None:
     import onnx  # noqa: PLC0415 - the train extra
     from onnx import numpy_helper  # noqa: PLC0415
     from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415
@@ -92,9 +97,13 @@ def int8(count: int, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     plain = out / "float32.onnx"
     onnx.save(graph, str(plain))
+    chosen = [
+        n.name for n in graph.graph.node
+        if n.op_type == "MatMul" and (matrices == "all" or FEED_FORWARD.search(n.name))
+    ]  # fmt: skip
     quantize_dynamic(
         str(plain), str(out / MODEL_FILE), weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul"], per_channel=True,
+        op_types_to_quantize=["MatMul"], nodes_to_quantize=chosen, per_channel=True,
     )  # fmt: skip
     plain.unlink()
     shutil.copyfile(SHIPPED_MODEL_DIR / "tokenizer.json", out / "tokenizer.json")
@@ -110,7 +119,7 @@ def int8(count: int, out: Path) -> None:
     print(f"cosine to the shipped vectors: min {cosine.min():.4f}, mean {cosine.mean():.4f}")
     card = json.loads((SHIPPED_MODEL_DIR / "model.json").read_text())
     card["name"] = "int8-candidate"
-    card["weights"] = "dynamic int8 matrices (per channel)"
+    card["weights"] = f"dynamic int8 matrices (per channel; {matrices})"
     card["onnx_sha256"] = hashlib.sha256((out / MODEL_FILE).read_bytes()).hexdigest()
     one_per_run = SentenceEncoder.embed_sync
     SentenceEncoder.embed_sync = lambda self, texts: _stacked(one_per_run, self, texts)  # type: ignore[method-assign]
@@ -143,11 +152,12 @@ def main() -> None:
     parser.add_argument("mode", choices=("threads", "int8"))
     parser.add_argument("--questions", type=int, default=300)
     parser.add_argument("--out", type=Path, default=Path(".costmesh/int8-model"))
+    parser.add_argument("--matrices", choices=("all", "ffn"), default="all")
     args = parser.parse_args()
     if args.mode == "threads":
         threads(args.questions)
     else:
-        int8(args.questions, args.out)
+        int8(args.questions, args.out, args.matrices)
 
 
 if __name__ == "__main__":

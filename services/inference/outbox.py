@@ -2,30 +2,31 @@
 deleted only once the ledger acknowledges, retried in the background until then.
 
 Answers are recorded with `enqueue`: once a record is on disk it cannot be lost, so the
-caller is answered without waiting for the ledger; the record is sent at once in the
-background, in the caller's trace, and left to the flusher if that fails (or at once
-while the ledger is down or too many sends are under way)."""
+caller is answered without waiting for the ledger. A call's records are sent at once in
+the background, in the call's trace; while CONCURRENT_SENDS sends are under way, calls
+queue and the next send carries all of them in one RecordUsage (one ledger commit and
+one delete for many calls: group commit), its span linked to each call's. Whatever a
+send fails to deliver is left to the flusher (as is everything while the ledger is down)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import sqlite3
-import threading
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
 
 import grpc
 from google.protobuf import text_format
-from opentelemetry import metrics
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from costmesh.ledger.v1 import ledger_pb2
 from services.common.outages import OutageLog
-from services.common.sqlite import GroupCommit, open_database, transaction
+from services.common.sqlite import GroupCommit
+from services.inference.outbox_file import AlsoWrite, Insert, OutboxFile
 
 log = logging.getLogger(__name__)
 # Sends records to the ledger within a time limit in seconds; raises when it cannot.
@@ -38,12 +39,13 @@ Delivered = Callable[
 ]
 # Told of records parked as malformed: they will never be delivered (nor billed).
 Parked = Callable[[Sequence[ledger_pb2.UsageRecord]], None]
-# A write of the caller's own that must commit with its records or not at all.
-AlsoWrite = Callable[[sqlite3.Connection], None]
 BATCH = 200
 FLUSH_TIME_LIMIT = 10.0
-# Background senders at once; beyond, or while the ledger is down, the flusher sends.
-MAX_SENDERS = 256
+# Sends under way at once; calls beyond wait for the next send, which takes them all.
+CONCURRENT_SENDS = 2
+# Records waiting for a send; beyond (a slow ledger), the flusher sends them.
+MAX_QUEUED = 10_000
+_TRACER = trace.get_tracer("costmesh.inference")
 
 
 class RefusedError(Exception):
@@ -85,20 +87,12 @@ class UsageOutbox:
         on_delivered: Delivered | None = None,
         on_parked: Parked | None = None,
     ) -> None:
-        # NORMAL: survives a killed process (the failure the outbox is for) without an
-        # fsync per call; only an OS crash or power loss can drop the last commits.
-        self._path = path
-        self._db = open_database(path)
-        self._db.executescript(
-            "CREATE TABLE IF NOT EXISTS outbox (team TEXT NOT NULL, request_id TEXT NOT NULL,"
-            " record BLOB NOT NULL, PRIMARY KEY (team, request_id));"
-            "CREATE TABLE IF NOT EXISTS dead_letter (team TEXT NOT NULL, request_id TEXT NOT NULL,"
-            " record BLOB NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (team, request_id));"
-        )
-        self._lock = threading.Lock()
+        self._file = OutboxFile(path)
         # Inserts and deletes of concurrent calls share commits (one thread hop each).
-        self._inserts: GroupCommit[_Insert] = GroupCommit(self._put_all)
-        self._deletes: GroupCommit[ledger_pb2.UsageRecord] = GroupCommit(self._delete)
+        self._inserts: GroupCommit[Insert] = GroupCommit(self._file.put_all)
+        self._deletes: GroupCommit[Sequence[ledger_pb2.UsageRecord]] = GroupCommit(
+            lambda parts: self._file.delete([r for part in parts for r in part])
+        )
         self._send = send
         self._retry_seconds = retry_seconds
         self._on_delivered = on_delivered
@@ -114,22 +108,29 @@ class UsageOutbox:
         # to the flusher rather than pile up senders that will fail too.
         self._ledger_down = False
         self._senders: set[asyncio.Task[None]] = set()
+        self._sends = 0  # senders under way of records on disk
+        # Claimed records waiting for a send, with the span of the call that wrote them.
+        self._queued: list[tuple[ledger_pb2.UsageRecord, trace.SpanContext]] = []
         self._flushing = asyncio.Lock()
         self._outage = OutageLog(log, "usage delivery to the ledger (kept in the outbox)")
-        self._closed = False
         _OPEN.add(self)  # whole: a metrics collection may count it from now on
 
     @property
     def path(self) -> Path:
-        return self._path
+        return self._file.path
 
     async def deliver(
         self, record: ledger_pb2.UsageRecord, time_limit: float
     ) -> ledger_pb2.RecordedUsage | None:
         """Persist, then try once now; None means the ledger will get it later."""
         claimed = self._claim(record)
-        persisted = await self._persist([record], None)
-        return await self._send_claimed(record, time_limit, persisted, claimed)
+        try:
+            persisted = await self._persist([record], None)
+            results = await self._send_once([record], time_limit, persisted, report=False)
+        finally:
+            if claimed:
+                self._release([record])
+        return results[0][1] if results else None
 
     async def enqueue(
         self,
@@ -141,16 +142,15 @@ class UsageOutbox:
         kill) and send in the background; False if the disk failed, and then the
         records are sent directly (and logged as lost if that fails too)."""
         claimed = [
-            not self._ledger_down and len(self._senders) < MAX_SENDERS and self._claim(record)
+            not self._ledger_down and len(self._queued) < MAX_QUEUED and self._claim(record)
             for record in records
         ]
         persisted = await self._persist(records, also)
-        for record, mine in zip(records, claimed, strict=True):
-            if mine or not persisted:
-                # Sent in the caller's context, so the ledger write is part of its trace.
-                sender = asyncio.create_task(self._send_later(record, time_limit, persisted, mine))
-                self._senders.add(sender)
-                sender.add_done_callback(self._senders.discard)
+        if not persisted:
+            for record, mine in zip(records, claimed, strict=True):
+                self._spawn(self._send_unpersisted(record, time_limit, mine))
+        elif ours := [r for r, ok in zip(records, claimed, strict=True) if ok]:
+            self._send_soon(ours, time_limit)
         return persisted
 
     async def settled(self) -> None:
@@ -163,6 +163,97 @@ class UsageOutbox:
         except Exception as exc:
             log.warning("outbox flush failed: %s", _brief(exc))
 
+    def _spawn(self, sending: Coroutine[None, None, None]) -> None:
+        """In the caller's context, so a ledger write is part of its trace."""
+        sender = asyncio.create_task(sending)
+        self._senders.add(sender)
+        sender.add_done_callback(self._senders.discard)
+
+    def _send_soon(self, records: Sequence[ledger_pb2.UsageRecord], time_limit: float) -> None:
+        if self._sends >= CONCURRENT_SENDS:
+            caller = trace.get_current_span().get_span_context()
+            self._queued += [(record, caller) for record in records]
+            return
+        self._sends += 1
+        self._spawn(self._send_then_queued(records, time_limit))
+
+    async def _send_then_queued(
+        self, records: Sequence[ledger_pb2.UsageRecord], time_limit: float
+    ) -> None:
+        """These records, then whatever queued meanwhile, each batch in one send under
+        a span of its own (a new trace) linked to the calls it carries."""
+        try:
+            await self._send_on_disk(records, time_limit)
+            while self._queued:
+                batch, self._queued = self._queued[:BATCH], self._queued[BATCH:]
+                links = [trace.Link(caller) for _, caller in batch if caller.is_valid]
+                with _TRACER.start_as_current_span(
+                    "costmesh.usage.deliver",
+                    context=otel_context.Context(),
+                    links=links,
+                    attributes={"costmesh.usage.records": len(batch)},
+                ):
+                    await self._send_on_disk([record for record, _ in batch], time_limit)
+        finally:
+            self._sends -= 1
+            if not self._sends:  # cancelled with records queued: the flusher sends them
+                self._release(record for record, _ in self._queued)
+                self._queued = []
+
+    async def _send_on_disk(
+        self, records: Sequence[ledger_pb2.UsageRecord], time_limit: float
+    ) -> None:
+        try:
+            await self._send_once(records, time_limit, persisted=True)
+        finally:
+            self._release(records)
+
+    async def _send_unpersisted(
+        self, record: ledger_pb2.UsageRecord, time_limit: float, claimed: bool
+    ) -> None:
+        try:
+            await self._send_once([record], time_limit, persisted=False)
+        finally:
+            if claimed:
+                self._release([record])
+
+    async def _send_once(
+        self,
+        records: Sequence[ledger_pb2.UsageRecord],
+        time_limit: float,
+        persisted: bool,
+        *,
+        report: bool = True,
+    ) -> list[tuple[ledger_pb2.UsageRecord, ledger_pb2.RecordedUsage]]:
+        """One send. What the ledger took is reported (with `report`), then deleted: a
+        kill in between leaves a row to be sent and reported again, never unreported.
+        The rest stays for the flusher, or, if it never reached the disk, is LOST."""
+        try:
+            results = await self._send_batch(records, time_limit, persisted)
+        except Exception as exc:  # the ledger is down or failing: the flusher retries
+            self._ledger_down = True
+            self._outage.failed(_brief(exc))
+            results, why = [], _brief(exc)
+        else:
+            self._ledger_down = False
+            self._outage.succeeded()
+            why = "refused"
+        if not persisted:
+            taken = {r.request_id for r, _ in results}
+            for record in records:
+                if record.request_id not in taken:
+                    log.error("usage LOST (%s): %s", why, text_format.MessageToString(
+                        record, as_one_line=True))  # fmt: skip
+        if results and report and self._on_delivered is not None:
+            await self._on_delivered(results)
+        if results and persisted:
+            await self._deletes.write([record for record, _ in results])
+            self._done.update((r.team, r.request_id) for r, _ in results)
+        return results
+
+    def _release(self, records: Iterable[ledger_pb2.UsageRecord]) -> None:
+        self._sending.difference_update((r.team, r.request_id) for r in records)
+
     def _claim(self, record: ledger_pb2.UsageRecord) -> bool:
         key = (record.team, record.request_id)
         if key in self._sending:
@@ -174,7 +265,7 @@ class UsageOutbox:
         self, records: Sequence[ledger_pb2.UsageRecord], also: AlsoWrite | None
     ) -> bool:
         try:
-            await self._inserts.write(_Insert(records, also))
+            await self._inserts.write(Insert(records, also))
         except Exception:
             # Disk full or broken (or the caller's own write failed): still try the
             # ledger directly, and if that fails too the "usage LOST" log line is the
@@ -184,56 +275,6 @@ class UsageOutbox:
             )
             return False
         return True
-
-    async def _send_later(
-        self, record: ledger_pb2.UsageRecord, time_limit: float, persisted: bool, claimed: bool
-    ) -> None:
-        await self._send_claimed(record, time_limit, persisted, claimed, report=True)
-
-    async def _send_claimed(
-        self,
-        record: ledger_pb2.UsageRecord,
-        time_limit: float,
-        persisted: bool,
-        claimed: bool,
-        *,
-        report: bool = False,
-    ) -> ledger_pb2.RecordedUsage | None:
-        """Send once; the claim (if this caller holds it) lasts until the row is gone.
-        With `report`, the delivery is reported before the row is deleted: a kill in
-        between leaves the row to be sent (and reported) again, never unreported."""
-        key = (record.team, record.request_id)
-        try:
-            result = await self._send_now(record, time_limit, persisted)
-            if result is not None and report and self._on_delivered is not None:
-                await self._on_delivered([(record, result)])
-            if result is not None and persisted:
-                await self._deletes.write(record)
-                self._done.add(key)
-            return result
-        finally:
-            if claimed:
-                self._sending.discard(key)
-
-    async def _send_now(
-        self, record: ledger_pb2.UsageRecord, time_limit: float, persisted: bool
-    ) -> ledger_pb2.RecordedUsage | None:
-        try:
-            (result,) = await self._send([record], time_limit)
-        except RefusedError as exc:
-            self._ledger_down = False
-            if exc.permanent and persisted:
-                await asyncio.to_thread(self._park, record, str(exc))
-            self._lost_unless(persisted, record, str(exc))
-            return None
-        except Exception as exc:  # any other failure: the flusher retries it
-            self._ledger_down = True
-            self._outage.failed(_brief(exc))
-            self._lost_unless(persisted, record, _brief(exc))
-            return None
-        self._ledger_down = False
-        self._outage.succeeded()
-        return result
 
     async def flush(self) -> int:
         """Send everything pending, a page at a time; the number of records delivered.
@@ -246,7 +287,7 @@ class UsageOutbox:
     async def _flush_pages(self) -> int:
         sent, after = 0, 0
         self._done.clear()
-        while page := await asyncio.to_thread(self._pending, after, BATCH):
+        while page := await asyncio.to_thread(self._file.pending, after, BATCH):
             after = page[-1][0]
             batch = [
                 r
@@ -256,22 +297,43 @@ class UsageOutbox:
             ]
             if not batch:
                 continue
-            try:
-                results = list(zip(batch, await self._send(batch, FLUSH_TIME_LIMIT), strict=True))
-            except RefusedError:
-                results = await self._send_one_by_one(batch)
-            except Exception as exc:
-                if len(batch) == 1 or _unreachable(exc):
-                    raise  # the ledger is down (or this record fails): retried later
-                # Any other failure may be one bad record's: it must not block the
-                # rest, so they go one by one (the failing one stays pending).
-                results = await self._send_one_by_one(batch)
+            results = await self._send_batch(batch, FLUSH_TIME_LIMIT, persisted=True)
             self._ledger_down = False
             if self._on_delivered is not None and results:  # before the rows go
                 await self._on_delivered(results)
-            await asyncio.to_thread(self._delete, [record for record, _ in results])
+            await asyncio.to_thread(self._file.delete, [record for record, _ in results])
             sent += len(results)
         return sent
+
+    async def _send_batch(
+        self, batch: Sequence[ledger_pb2.UsageRecord], time_limit: float, persisted: bool = True
+    ) -> list[tuple[ledger_pb2.UsageRecord, ledger_pb2.RecordedUsage]]:
+        """What the ledger took of a batch; raises when it is down (or a lone record
+        fails), and then all of it stays pending."""
+        try:
+            return list(zip(batch, await self._send(batch, time_limit), strict=True))
+        except RefusedError as exc:
+            if len(batch) == 1:
+                if persisted:  # else there is no row to park
+                    await self._refused(batch[0], exc)
+                return []
+            return await self._send_one_by_one(batch)
+        except Exception as exc:
+            if len(batch) == 1 or _unreachable(exc):
+                raise
+            # Any other failure may be one bad record's: it must not block the rest,
+            # so they go one by one (the failing one stays pending).
+            return await self._send_one_by_one(batch)
+
+    async def _refused(self, record: ledger_pb2.UsageRecord, exc: RefusedError) -> None:
+        """A malformed record is parked; one refused for now waits for a later try."""
+        if exc.permanent:
+            log.error("ledger rejected usage %s (%s); parked", record.request_id, exc)
+            await asyncio.to_thread(self._file.park, record, str(exc))
+            if self._on_parked is not None:
+                self._on_parked([record])
+        else:
+            self._outage.failed(f"refused for now: {exc}")
 
     async def _send_one_by_one(
         self, batch: Sequence[ledger_pb2.UsageRecord]
@@ -284,29 +346,15 @@ class UsageOutbox:
                 (result,) = await self._send([record], FLUSH_TIME_LIMIT)
                 delivered.append((record, result))
             except RefusedError as exc:
-                if exc.permanent:
-                    await asyncio.to_thread(self._park, record, str(exc))
-                else:
-                    self._outage.failed(f"refused for now: {exc}")
+                await self._refused(record, exc)
             except Exception as exc:  # stays pending; the others still go
                 if _unreachable(exc):
                     raise
                 self._outage.failed(f"{_brief(exc)} for usage {record.request_id}")
         return delivered
 
-    @staticmethod
-    def _lost_unless(persisted: bool, record: ledger_pb2.UsageRecord, why: str) -> None:
-        if not persisted:
-            log.error(
-                "usage LOST (%s): %s", why, text_format.MessageToString(record, as_one_line=True)
-            )
-
     def pending_count(self) -> int:
-        with self._lock:
-            if self._closed:  # a collection that began before stop() finished
-                return 0
-            (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
-        return int(count)
+        return self._file.count()
 
     async def start(self) -> None:
         self._flusher = asyncio.create_task(self._flush_forever())
@@ -320,9 +368,7 @@ class UsageOutbox:
         with contextlib.suppress(Exception):
             await self.flush()
         _OPEN.discard(self)
-        with self._lock:
-            self._closed = True
-            self._db.close()
+        self._file.close()
 
     async def _flush_forever(self) -> None:
         while True:
@@ -332,66 +378,6 @@ class UsageOutbox:
             except Exception as exc:  # keep retrying until the ledger is back
                 self._outage.failed(f"{_brief(exc)}; {self.pending_count()} pending")
             await asyncio.sleep(self._retry_seconds)
-
-    def _put_all(self, inserts: Sequence[_Insert]) -> list[Exception | None]:
-        """Every caller's records and own write in one commit; a caller whose part
-        fails (its own write, say) is rolled back alone, and alone hears of it."""
-        failed: list[Exception | None] = []
-        with self._lock, transaction(self._db) as db:
-            for insert in inserts:
-                db.execute("SAVEPOINT insert_one")
-                try:
-                    db.executemany(
-                        "INSERT OR IGNORE INTO outbox (team, request_id, record) VALUES (?, ?, ?)",
-                        [(r.team, r.request_id, r.SerializeToString()) for r in insert.records],
-                    )
-                    if insert.also is not None:
-                        insert.also(db)
-                except Exception as exc:
-                    db.execute("ROLLBACK TO insert_one")
-                    failed.append(exc)
-                else:
-                    failed.append(None)
-                db.execute("RELEASE insert_one")
-        return failed
-
-    def _park(self, record: ledger_pb2.UsageRecord, reason: str) -> None:
-        log.error("ledger rejected usage %s (%s); parked in dead_letter", record.request_id, reason)
-        with self._lock, transaction(self._db) as db:
-            db.execute(
-                "INSERT OR REPLACE INTO dead_letter (team, request_id, record, reason)"
-                " VALUES (?, ?, ?, ?)",
-                (record.team, record.request_id, record.SerializeToString(), reason),
-            )
-            db.execute(
-                "DELETE FROM outbox WHERE team = ? AND request_id = ?",
-                (record.team, record.request_id),
-            )
-        if self._on_parked is not None:
-            self._on_parked([record])
-
-    def _pending(self, after: int, limit: int) -> list[tuple[int, ledger_pb2.UsageRecord]]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT rowid, record FROM outbox WHERE rowid > ? ORDER BY rowid LIMIT ?",
-                (after, limit),
-            ).fetchall()
-        return [(int(rowid), ledger_pb2.UsageRecord.FromString(blob)) for rowid, blob in rows]
-
-    def _delete(self, records: Sequence[ledger_pb2.UsageRecord]) -> None:
-        with self._lock, transaction(self._db) as db:
-            db.executemany(
-                "DELETE FROM outbox WHERE team = ? AND request_id = ?",
-                [(r.team, r.request_id) for r in records],
-            )
-
-
-@dataclass(frozen=True)
-class _Insert:
-    """One caller's records, and its own write to commit with them."""
-
-    records: Sequence[ledger_pb2.UsageRecord]
-    also: AlsoWrite | None
 
 
 def _unreachable(exc: Exception) -> bool:

@@ -36,7 +36,7 @@ from services.inference.call import (
     new_response,
 )
 from services.inference.idempotency import IdempotencyStore
-from services.inference.outbox import AlsoWrite
+from services.inference.outbox_file import AlsoWrite
 from services.inference.router_port import RouterPort
 from services.inference.settings import InferenceSettings
 from services.inference.single_flight import SingleFlight

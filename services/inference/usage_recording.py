@@ -22,7 +22,8 @@ from costmesh.types.v1 import types_pb2
 from services.common.pricing import PriceCatalog, Usage
 from services.inference.admission import Admission
 from services.inference.call import Call, overhead
-from services.inference.outbox import AlsoWrite, UsageOutbox
+from services.inference.outbox import UsageOutbox
+from services.inference.outbox_file import AlsoWrite
 from services.inference.settings import InferenceSettings
 
 # The ledger keeps a route reason of at most this many characters; a longer one (an

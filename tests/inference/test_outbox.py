@@ -8,17 +8,23 @@ import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from unittest.mock import patch
 
 import grpc
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from costmesh.inference.v1 import inference_pb2_grpc
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh_simulator import OpenAISimulator
 from services.common.config import Config, load_config
 from services.common.server import RunningServer
-from services.inference.outbox import RefusedError, UsageOutbox
+from services.inference import outbox as outbox_module
+from services.inference.outbox import CONCURRENT_SENDS, RefusedError, UsageOutbox
+from services.inference.outbox_file import OutboxFile
 from services.mesh import start_mesh
 from tests.conftest import AUTH, mesh_env, user_request
 from tests.postgres import fresh_schema
@@ -233,6 +239,7 @@ class FakeLedger:
 
     def __init__(self) -> None:
         self.sent: Counter[str] = Counter()
+        self.sends: list[int] = []  # records per send that the ledger took
         self.delivered: Counter[str] = Counter()
         self.parked: list[str] = []
         self.down = False
@@ -249,6 +256,7 @@ class FakeLedger:
         if any(r.request_id.startswith("malformed") for r in records):
             raise RefusedError("malformed", permanent=True)
         self.sent.update(r.request_id for r in records)
+        self.sends.append(len(records))
         return [ledger_pb2.RecordedUsage(request_id=r.request_id, cost_nano_usd=7) for r in records]
 
     async def on_delivered(
@@ -324,10 +332,10 @@ async def test_while_the_ledger_is_down_records_are_left_to_the_flusher(tmp_path
 async def test_a_failed_outbox_write_sends_the_record_directly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def full_disk(self: UsageOutbox, inserts: Sequence[object]) -> None:
+    def full_disk(self: OutboxFile, inserts: Sequence[object]) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(UsageOutbox, "_put_all", full_disk)
+    monkeypatch.setattr(OutboxFile, "put_all", full_disk)
     ledger = FakeLedger()
     outbox = ledger.outbox(tmp_path / "o.sqlite3")
     kept = await outbox.enqueue([_usage("direct")], 5)
@@ -362,8 +370,9 @@ async def test_records_and_the_callers_own_write_commit_together_or_not_at_all(
 ) -> None:
     ledger = FakeLedger()
     ledger.down = True  # nothing leaves the outbox: what is on disk stays to be seen
+    with contextlib.closing(sqlite3.connect(tmp_path / "o.sqlite3")) as db:
+        db.execute("CREATE TABLE remembered (what TEXT)")
     outbox = ledger.outbox(tmp_path / "o.sqlite3")
-    outbox._db.execute("CREATE TABLE remembered (what TEXT)")
 
     def remember(db: sqlite3.Connection) -> None:
         db.execute("INSERT INTO remembered VALUES ('answer-1')")
@@ -377,9 +386,10 @@ async def test_records_and_the_callers_own_write_commit_together_or_not_at_all(
         outbox.enqueue([_usage("answer-2")], 5, fail),
     )
     await outbox.settled()
-    remembered = outbox._db.execute("SELECT what FROM remembered").fetchall()
     pending = outbox.pending_count()
     await outbox.stop()
+    with contextlib.closing(sqlite3.connect(tmp_path / "o.sqlite3")) as db:
+        remembered = db.execute("SELECT what FROM remembered").fetchall()
 
     assert (kept, refused) == (True, False)
     assert remembered == [("answer-1",)]
@@ -387,3 +397,82 @@ async def test_records_and_the_callers_own_write_commit_together_or_not_at_all(
     assert any(
         "usage LOST" in r.getMessage() and "answer-2" in r.getMessage() for r in caplog.records
     )
+
+
+async def test_calls_at_once_share_sends_and_each_record_is_delivered_once(
+    tmp_path: Path,
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    ledger = FakeLedger()
+    outbox = ledger.outbox(tmp_path / "o.sqlite3")
+
+    async def call(i: int) -> trace.SpanContext:
+        with tracer.start_as_current_span(f"call-{i}") as span:
+            await outbox.enqueue([_usage(f"answer-{i}"), _usage(f"embedding-{i}")], 5)
+            return span.get_span_context()
+
+    with patch.object(outbox_module, "_TRACER", tracer):
+        callers = await asyncio.gather(*(call(i) for i in range(64)))
+        await outbox.settled()
+    pending = outbox.pending_count()
+    await outbox.stop()
+
+    records = {f"{kind}-{i}" for i in range(64) for kind in ("answer", "embedding")}
+    assert set(ledger.delivered) == records
+    assert set(ledger.delivered.values()) == {1}
+    assert set(ledger.sent.values()) == {1}
+    assert pending == 0
+    # The first calls' records went at once, each call's in one send; the rest waited
+    # and went together.
+    assert ledger.sends[:CONCURRENT_SENDS] == [2] * CONCURRENT_SENDS
+    assert len(ledger.sends) < 64
+    assert max(ledger.sends) > 2
+    batches = [s for s in exporter.get_finished_spans() if s.name == "costmesh.usage.deliver"]
+    linked = {link.context.span_id for s in batches for link in s.links}
+    assert linked == {c.span_id for c in callers[CONCURRENT_SENDS:]}
+    assert all(s.parent is None for s in batches), "a batch is a trace of its own"
+    assert sum(s.attributes["costmesh.usage.records"] for s in batches) == 2 * (
+        64 - CONCURRENT_SENDS
+    )
+
+
+async def test_a_call_alone_is_sent_in_its_own_trace(tmp_path: Path) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    seen: list[trace.SpanContext] = []
+    ledger = FakeLedger()
+
+    async def send(
+        records: Sequence[ledger_pb2.UsageRecord], time_limit: float
+    ) -> Sequence[ledger_pb2.RecordedUsage]:
+        seen.append(trace.get_current_span().get_span_context())
+        return await ledger.send(records, time_limit)
+
+    outbox = UsageOutbox(tmp_path / "o.sqlite3", send, 60, ledger.on_delivered)
+    with tracer.start_as_current_span("call") as span:
+        await outbox.enqueue([_usage("alone")], 5)
+    await outbox.settled()
+    await outbox.stop()
+
+    assert [c.trace_id for c in seen] == [span.get_span_context().trace_id]
+    assert not [s for s in exporter.get_finished_spans() if s.name == "costmesh.usage.deliver"]
+
+
+async def test_queued_records_left_by_a_failed_send_go_with_the_flusher(tmp_path: Path) -> None:
+    ledger = FakeLedger()
+    outbox = ledger.outbox(tmp_path / "o.sqlite3")
+    ledger.down = True
+    await asyncio.gather(*(outbox.enqueue([_usage(f"r{i}")], 5) for i in range(10)))
+    while outbox._senders:
+        await asyncio.wait(set(outbox._senders))
+    ledger.down = False
+    delivered = await outbox.flush()
+    await outbox.stop()
+
+    assert delivered == 10, "no record stays claimed by a send that failed"
+    assert set(ledger.delivered) == {f"r{i}" for i in range(10)}
