@@ -1,15 +1,15 @@
 """CPU per embedded question for the shipped equivalence model: ONNX Runtime thread and
-spinning settings, and the int8 candidate that was measured and refused.
+spinning settings, and the int8 candidates that were measured and refused.
 
 threads  one question at a time (as a lone request is embedded), 2 ms apart: CPU
          (process time) and wall time per question, 1 or 2 intra-op threads, spinning
          on or off.
 int8     dynamic int8 quantisation of the shipped model's MatMuls (per channel; every
-         one, or with --matrices ffn only the feed-forward ones), written to --out: its speed and its cosine to the shipped vectors, then its
-         thresholds recalibrated on the validation splits and `costmesh cache eval
-         --setting in-domain` on it (about 10 minutes). Dynamic int8 scales activations
-         per run, so every text here is embedded in a run of its own, as serving would
-         have to.
+         one, or with --matrices ffn only the feed-forward ones), written to --out:
+         its speed and its cosine to the shipped vectors, then its thresholds
+         recalibrated on the validation splits and `costmesh cache eval --setting
+         in-domain` on it (about 10 minutes). Dynamic int8 scales activations per run,
+         so every text here is embedded in a run of its own, as serving would have to.
 
     .venv/bin/python bench/embedding_cpu.py threads
     .venv/bin/python bench/embedding_cpu.py int8 --out .costmesh/int8-model
