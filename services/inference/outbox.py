@@ -13,15 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
 
 import grpc
 from google.protobuf import text_format
 from opentelemetry import context as otel_context
-from opentelemetry import metrics, trace
-from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from costmesh.ledger.v1 import ledger_pb2
 from services.common.outages import OutageLog
@@ -41,8 +40,10 @@ Delivered = Callable[
 Parked = Callable[[Sequence[ledger_pb2.UsageRecord]], None]
 BATCH = 200
 FLUSH_TIME_LIMIT = 10.0
-# Sends under way at once; calls beyond wait for the next send, which takes them all.
+# Sends under way at once; calls beyond wait for the next send, which takes them all
+# (up to QUEUED_BATCH records, below the 128 links a span keeps by default).
 CONCURRENT_SENDS = 2
+QUEUED_BATCH = 100
 # Records waiting for a send; beyond (a slow ledger), the flusher sends them.
 MAX_QUEUED = 10_000
 _TRACER = trace.get_tracer("costmesh.inference")
@@ -56,21 +57,6 @@ class RefusedError(Exception):
     def __init__(self, message: str, *, permanent: bool) -> None:
         super().__init__(message)
         self.permanent = permanent
-
-
-_OPEN: weakref.WeakSet[UsageOutbox] = weakref.WeakSet()
-
-
-def _backlog(options: CallbackOptions) -> Iterable[Observation]:
-    yield Observation(sum(outbox.pending_count() for outbox in list(_OPEN)))
-
-
-metrics.get_meter("costmesh.inference").create_observable_gauge(
-    "costmesh.outbox.pending",
-    callbacks=[_backlog],
-    unit="{record}",
-    description="Usage rows written but not yet acknowledged by the ledger",
-)
 
 
 class UsageOutbox:
@@ -113,7 +99,6 @@ class UsageOutbox:
         self._queued: list[tuple[ledger_pb2.UsageRecord, trace.SpanContext]] = []
         self._flushing = asyncio.Lock()
         self._outage = OutageLog(log, "usage delivery to the ledger (kept in the outbox)")
-        _OPEN.add(self)  # whole: a metrics collection may count it from now on
 
     @property
     def path(self) -> Path:
@@ -145,7 +130,11 @@ class UsageOutbox:
             not self._ledger_down and len(self._queued) < MAX_QUEUED and self._claim(record)
             for record in records
         ]
-        persisted = await self._persist(records, also)
+        try:
+            persisted = await self._persist(records, also)
+        except BaseException:  # cancelled: what reached the disk goes with the flusher
+            self._release(r for r, ok in zip(records, claimed, strict=True) if ok)
+            raise
         if not persisted:
             for record, mine in zip(records, claimed, strict=True):
                 self._spawn(self._send_unpersisted(record, time_limit, mine))
@@ -163,11 +152,12 @@ class UsageOutbox:
         except Exception as exc:
             log.warning("outbox flush failed: %s", _brief(exc))
 
-    def _spawn(self, sending: Coroutine[None, None, None]) -> None:
+    def _spawn(self, sending: Coroutine[None, None, None]) -> asyncio.Task[None]:
         """In the caller's context, so a ledger write is part of its trace."""
         sender = asyncio.create_task(sending)
         self._senders.add(sender)
         sender.add_done_callback(self._senders.discard)
+        return sender
 
     def _send_soon(self, records: Sequence[ledger_pb2.UsageRecord], time_limit: float) -> None:
         if self._sends >= CONCURRENT_SENDS:
@@ -175,30 +165,33 @@ class UsageOutbox:
             self._queued += [(record, caller) for record in records]
             return
         self._sends += 1
-        self._spawn(self._send_then_queued(records, time_limit))
+        # A callback, not a `finally`: it runs even for a task cancelled before it began.
+        self._spawn(self._send_then_queued(records, time_limit)).add_done_callback(self._send_ended)
+
+    def _send_ended(self, _: asyncio.Task[None]) -> None:
+        self._sends -= 1
+        if not self._sends or self._ledger_down:  # what still waits goes with the flusher
+            self._release(record for record, _ in self._queued)
+            self._queued = []
 
     async def _send_then_queued(
         self, records: Sequence[ledger_pb2.UsageRecord], time_limit: float
     ) -> None:
         """These records, then whatever queued meanwhile, each batch in one send under
         a span of its own (a new trace) linked to the calls it carries."""
-        try:
-            await self._send_on_disk(records, time_limit)
-            while self._queued:
-                batch, self._queued = self._queued[:BATCH], self._queued[BATCH:]
-                links = [trace.Link(caller) for _, caller in batch if caller.is_valid]
-                with _TRACER.start_as_current_span(
-                    "costmesh.usage.deliver",
-                    context=otel_context.Context(),
-                    links=links,
-                    attributes={"costmesh.usage.records": len(batch)},
-                ):
-                    await self._send_on_disk([record for record, _ in batch], time_limit)
-        finally:
-            self._sends -= 1
-            if not self._sends:  # cancelled with records queued: the flusher sends them
-                self._release(record for record, _ in self._queued)
-                self._queued = []
+        await self._send_on_disk(records, time_limit)
+        while self._queued and not self._ledger_down:
+            batch, self._queued = self._queued[:QUEUED_BATCH], self._queued[QUEUED_BATCH:]
+            callers = dict.fromkeys(caller for _, caller in batch if caller.is_valid)
+            with _TRACER.start_as_current_span(
+                "costmesh.usage.deliver",
+                context=otel_context.Context(),
+                links=[trace.Link(caller) for caller in callers],
+                attributes={"costmesh.usage.records": len(batch)},
+            ) as span:
+                await self._send_on_disk([record for record, _ in batch], time_limit)
+                if self._ledger_down:
+                    span.set_status(Status(StatusCode.ERROR, "left to the flusher"))
 
     async def _send_on_disk(
         self, records: Sequence[ledger_pb2.UsageRecord], time_limit: float
@@ -235,9 +228,10 @@ class UsageOutbox:
             self._outage.failed(_brief(exc))
             results, why = [], _brief(exc)
         else:
-            self._ledger_down = False
-            self._outage.succeeded()
-            why = "refused"
+            why = "refused, or failing alone"
+            if results:  # refusals alone say nothing of an outage's end
+                self._ledger_down = False
+                self._outage.succeeded()
         if not persisted:
             taken = {r.request_id for r, _ in results}
             for record in records:
@@ -367,7 +361,6 @@ class UsageOutbox:
         await self.settled()
         with contextlib.suppress(Exception):
             await self.flush()
-        _OPEN.discard(self)
         self._file.close()
 
     async def _flush_forever(self) -> None:

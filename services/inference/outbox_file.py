@@ -5,15 +5,34 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
 
 from costmesh.ledger.v1 import ledger_pb2
 from services.common.sqlite import open_database, transaction
 
 # A write of the caller's own that must commit with its records or not at all.
 AlsoWrite = Callable[[sqlite3.Connection], None]
+
+
+_OPEN: weakref.WeakSet[OutboxFile] = weakref.WeakSet()
+
+
+def _backlog(options: CallbackOptions) -> Iterable[Observation]:
+    yield Observation(sum(file.count() for file in list(_OPEN)))
+
+
+metrics.get_meter("costmesh.inference").create_observable_gauge(
+    "costmesh.outbox.pending",
+    callbacks=[_backlog],
+    unit="{record}",
+    description="Usage rows written but not yet acknowledged by the ledger",
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +57,7 @@ class OutboxFile:
         )
         self._lock = threading.Lock()
         self._closed = False
+        _OPEN.add(self)  # whole: a metrics collection may count it from now on
 
     def put_all(self, inserts: Sequence[Insert]) -> list[Exception | None]:
         """Every caller's records and own write in one commit; a caller whose part
@@ -99,6 +119,7 @@ class OutboxFile:
         return int(count)
 
     def close(self) -> None:
+        _OPEN.discard(self)
         with self._lock:
             self._closed = True
             self._db.close()
