@@ -182,16 +182,20 @@ class UsageOutbox:
         await self._send_on_disk(records, time_limit)
         while self._queued and not self._ledger_down:
             batch, self._queued = self._queued[:QUEUED_BATCH], self._queued[QUEUED_BATCH:]
-            callers = dict.fromkeys(caller for _, caller in batch if caller.is_valid)
-            with _TRACER.start_as_current_span(
-                "costmesh.usage.deliver",
-                context=otel_context.Context(),
-                links=[trace.Link(caller) for caller in callers],
-                attributes={"costmesh.usage.records": len(batch)},
-            ) as span:
-                await self._send_on_disk([record for record, _ in batch], time_limit)
-                if self._ledger_down:
-                    span.set_status(Status(StatusCode.ERROR, "left to the flusher"))
+            records = [record for record, _ in batch]
+            try:
+                callers = {(c.trace_id, c.span_id): c for _, c in batch if c.is_valid}
+                with _TRACER.start_as_current_span(
+                    "costmesh.usage.deliver",
+                    context=otel_context.Context(),
+                    links=[trace.Link(caller) for caller in callers.values()],
+                    attributes={"costmesh.usage.records": len(batch)},
+                ) as span:
+                    await self._send_on_disk(records, time_limit)
+                    if self._ledger_down:
+                        span.set_status(Status(StatusCode.ERROR, "left to the flusher"))
+            finally:
+                self._release(records)  # whatever failed, the flusher may send them
 
     async def _send_on_disk(
         self, records: Sequence[ledger_pb2.UsageRecord], time_limit: float
