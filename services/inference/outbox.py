@@ -97,6 +97,7 @@ class UsageOutbox:
         self._sends = 0  # senders under way of records on disk
         # Claimed records waiting for a send, with the span of the call that wrote them.
         self._queued: list[tuple[ledger_pb2.UsageRecord, trace.SpanContext]] = []
+        self._queued_time_limit = FLUSH_TIME_LIMIT
         self._flushing = asyncio.Lock()
         self._outage = OutageLog(log, "usage delivery to the ledger (kept in the outbox)")
 
@@ -137,7 +138,8 @@ class UsageOutbox:
             raise
         if not persisted:
             for record, mine in zip(records, claimed, strict=True):
-                self._spawn(self._send_unpersisted(record, time_limit, mine))
+                ours = [record] if mine else []
+                self._spawn(self._send_and_release([record], time_limit, False, ours))
         elif ours := [r for r, ok in zip(records, claimed, strict=True) if ok]:
             self._send_soon(ours, time_limit)
         return persisted
@@ -163,14 +165,24 @@ class UsageOutbox:
         if self._sends >= CONCURRENT_SENDS:
             caller = trace.get_current_span().get_span_context()
             self._queued += [(record, caller) for record in records]
+            self._queued_time_limit = time_limit
             return
+        self._start_sender(records, time_limit)
+
+    def _start_sender(self, records: Sequence[ledger_pb2.UsageRecord], time_limit: float) -> None:
         self._sends += 1
         # A callback, not a `finally`: it runs even for a task cancelled before it began.
         self._spawn(self._send_then_queued(records, time_limit)).add_done_callback(self._send_ended)
 
-    def _send_ended(self, _: asyncio.Task[None]) -> None:
+    def _send_ended(self, sender: asyncio.Task[None]) -> None:
+        """Records queued after the sender's last look are sent by a new one; while
+        the ledger is down, or once nobody is left to send them, by the flusher."""
         self._sends -= 1
-        if not self._sends or self._ledger_down:  # what still waits goes with the flusher
+        if not self._queued:
+            return
+        if not (self._ledger_down or sender.cancelled()):
+            self._start_sender([], self._queued_time_limit)
+        elif self._ledger_down or not self._sends:
             self._release(record for record, _ in self._queued)
             self._queued = []
 
@@ -179,7 +191,8 @@ class UsageOutbox:
     ) -> None:
         """These records, then whatever queued meanwhile, each batch in one send under
         a span of its own (a new trace) linked to the calls it carries."""
-        await self._send_on_disk(records, time_limit)
+        if records:
+            await self._send_and_release(records, time_limit, True, records)
         while self._queued and not self._ledger_down:
             batch, self._queued = self._queued[:QUEUED_BATCH], self._queued[QUEUED_BATCH:]
             records = [record for record, _ in batch]
@@ -191,28 +204,23 @@ class UsageOutbox:
                     links=[trace.Link(caller) for caller in callers.values()],
                     attributes={"costmesh.usage.records": len(batch)},
                 ) as span:
-                    await self._send_on_disk(records, time_limit)
+                    await self._send_and_release(records, time_limit, True, records)
                     if self._ledger_down:
                         span.set_status(Status(StatusCode.ERROR, "left to the flusher"))
             finally:
                 self._release(records)  # whatever failed, the flusher may send them
 
-    async def _send_on_disk(
-        self, records: Sequence[ledger_pb2.UsageRecord], time_limit: float
+    async def _send_and_release(
+        self,
+        records: Sequence[ledger_pb2.UsageRecord],
+        time_limit: float,
+        persisted: bool,
+        claimed: Sequence[ledger_pb2.UsageRecord],
     ) -> None:
         try:
-            await self._send_once(records, time_limit, persisted=True)
+            await self._send_once(records, time_limit, persisted)
         finally:
-            self._release(records)
-
-    async def _send_unpersisted(
-        self, record: ledger_pb2.UsageRecord, time_limit: float, claimed: bool
-    ) -> None:
-        try:
-            await self._send_once([record], time_limit, persisted=False)
-        finally:
-            if claimed:
-                self._release([record])
+            self._release(claimed)
 
     async def _send_once(
         self,
