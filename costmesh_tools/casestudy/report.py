@@ -25,6 +25,22 @@ SIMULATED_NOTICE = (
     "costs are real prices applied to simulated token counts."
 )
 _ANSWER = (ledger_pb2.CALL_PURPOSE_ANSWER, ledger_pb2.CALL_PURPOSE_UNSPECIFIED)
+# Where a row's saving (its counterfactual cost minus its cost) comes from, in the
+# order the report lists them. Overhead rows have no counterfactual: they only cost.
+EXACT_HITS = "cache: exact repeats"
+SEMANTIC_HITS = "cache: rewordings (semantic)"
+ROUTING = "routing to cheaper models"
+BATCH = "batch API on the baseline model"
+BASELINE = "answers on the baseline model"
+_OVERHEAD_LEVERS = {
+    ledger_pb2.CALL_PURPOSE_ROUTING: "routing calls to an LLM",
+    ledger_pb2.CALL_PURPOSE_ESCALATED_ATTEMPT: "escalations (first attempts)",
+    ledger_pb2.CALL_PURPOSE_CACHE_EMBEDDING: "cache embeddings",
+}
+OTHER_OVERHEAD = "other overhead"
+LEVERS = (
+    EXACT_HITS, SEMANTIC_HITS, ROUTING, BATCH, BASELINE, *_OVERHEAD_LEVERS.values(), OTHER_OVERHEAD
+)  # fmt: skip
 
 
 class EmptyReportError(ValueError):
@@ -57,6 +73,9 @@ class ArmStats:
     quality: Quality
     daily_cost_nano_usd: int | None  # projected; None without a volume to project on
     monthly_cost_nano_usd: int | None
+    # (lever, nano-USD saved against the counterfactual), in LEVERS order, for every
+    # lever with a row; they sum to counterfactual minus cost, to the nano-dollar.
+    levers: tuple[tuple[str, int], ...]
 
     @property
     def cache_hits(self) -> int:
@@ -221,7 +240,28 @@ def _arm_stats(
         quality=judge.quality(answers),
         daily_cost_nano_usd=projection.daily(cost, arm_requests),
         monthly_cost_nano_usd=projection.monthly(cost, arm_requests),
+        levers=_levers(rows),
     )
+
+
+def _levers(rows: Sequence[ledger_pb2.UsageRecord]) -> tuple[tuple[str, int], ...]:
+    """Each row's saving, counterfactual minus cost, credited to what made it."""
+    saved: Counter[str] = Counter()
+    for row in rows:
+        saved[_lever(row)] += row.counterfactual_cost_nano_usd - row.cost_nano_usd
+    return tuple((lever, saved[lever]) for lever in LEVERS if lever in saved)
+
+
+def _lever(row: ledger_pb2.UsageRecord) -> str:
+    if not _is_answer(row):
+        return _OVERHEAD_LEVERS.get(row.purpose, OTHER_OVERHEAD)
+    if row.cache_outcome == types_pb2.CACHE_OUTCOME_EXACT:
+        return EXACT_HITS
+    if row.cache_outcome == types_pb2.CACHE_OUTCOME_SEMANTIC:
+        return SEMANTIC_HITS
+    if row.baseline_model and row.model != row.baseline_model:
+        return ROUTING
+    return BATCH if row.batch else BASELINE
 
 
 def _latency(values: Sequence[int]) -> Latency:

@@ -14,8 +14,11 @@ from costmesh_tools.casestudy.report import SIMULATED_NOTICE, ArmStats, Comparis
 from costmesh_tools.casestudy.report_charts import report_charts
 from costmesh_tools.casestudy.report_table import (
     ARM_TITLES,
+    LEVER_CAPTION,
+    LEVER_HEADER,
     Line,
     headline,
+    lever_lines,
     lines,
     projection_text,
     quality_lines,
@@ -38,6 +41,10 @@ def render_terminal(report: SavingsReport) -> str:
         out += ["", _row(_cut(heading, _LABEL), *ARM_TITLES, "change"), "-" * WIDTH]
         out += [_row(_cut(f"  {x.label}", _LABEL), x.before, x.after, x.change)
                 for x in lines(comparison, report)]  # fmt: skip
+    if (treatment := report.total.treatment) is not None:
+        out += ["", *textwrap.wrap(LEVER_CAPTION, WIDTH), _row(*LEVER_HEADER), "-" * WIDTH]
+        levers = lever_lines(treatment)
+        out += [_row(_cut(f"  {label}", _LABEL), *cells) for label, *cells in levers]
     out += ["", *textwrap.wrap(headline(report), WIDTH)]
     out += [line for note in report.notes for line in textwrap.wrap(f"note: {note}", WIDTH)]
     return "\n".join([*out, *banner]) + "\n"
@@ -66,7 +73,7 @@ CSV_HEADER = (
     "savings_daily_usd", "savings_monthly_usd", "latency_mean_ms", "latency_p50_ms",
     "latency_p95_ms", "provider_answers", "escalated", "escalation_rate", "judged_hits",
     "false_hits", "false_hit_rate", "complex_requests", "complex_on_small",
-    "complex_from_cache", "complex_on_small_rate", "note",
+    "complex_from_cache", "complex_on_small_rate", "saved_by_lever_usd", "note",
 )  # fmt: skip
 
 
@@ -103,6 +110,7 @@ def _stats_cells(s: ArmStats, savings: list[str]) -> list[str]:
         str(q.judged_hits), str(q.false_hits), _fraction(q.false_hit_rate),
         str(q.complex_requests), str(q.complex_on_small), str(q.complex_from_cache),
         _fraction(q.complex_on_small_rate),
+        ";".join(f"{lever}={_usd(saved)}" for lever, saved in s.levers),
     ]  # fmt: skip
 
 
@@ -155,6 +163,7 @@ def render_html(report: SavingsReport) -> str:
         simulated if report.simulated else "",
         f'<p class="headline">{escape(headline(report))}</p>',
         _table(f"Totals: {total_heading}", lines(total, report)),
+        _lever_table(total.treatment),
         *(f"<h2>{escape(heading)}</h2>{svg}" for heading, svg in report_charts(report)),
         _quality_table(report),
         *(_table(heading, lines(c, report)) for heading, c in features),
@@ -209,6 +218,22 @@ def _table(heading: str, rows: list[Line]) -> str:
         f"<h2>{escape(heading)}</h2><table><caption>Each metric before (control) and after "
         f"(treatment), and the change</caption><thead><tr>{head}</tr></thead>"
         f"<tbody>{body}</tbody></table>"
+    )
+
+
+def _lever_table(treatment: ArmStats | None) -> str:
+    if treatment is None:
+        return ""
+    head = "".join(f'<th scope="col">{escape(h)}</th>' for h in LEVER_HEADER)
+    body = "".join(
+        f'<tr><th scope="row">{escape(label)}</th>'
+        + "".join(f"<td>{escape(cell)}</td>" for cell in cells)
+        + "</tr>"
+        for label, *cells in lever_lines(treatment)
+    )
+    return (
+        f"<h2>Where the saving comes from</h2><table><caption>{escape(LEVER_CAPTION)}"
+        f"</caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
     )
 
 

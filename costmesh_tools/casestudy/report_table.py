@@ -101,6 +101,32 @@ def lines(c: Comparison, report: SavingsReport) -> list[Line]:
     return [m.line(c) for m in metrics] + quality_lines(c, report)
 
 
+LEVER_HEADER = ("lever", "saved", "share of the saving", "of counterfactual cost")
+LEVER_CAPTION = (
+    "Where the treatment's saving comes from, row by row from the ledger: each answer "
+    "against its counterfactual (the feature's baseline model, no cache), and what the "
+    "calls around it cost. The levers sum to the total."
+)
+
+
+def lever_lines(stats: ArmStats) -> list[tuple[str, str, str, str]]:
+    """(lever, saved, share of the saving, share of the counterfactual cost) for each
+    of an arm's levers, then their total; a negative amount is what a lever cost."""
+    total = sum(saved for _, saved in stats.levers)
+    whole = stats.counterfactual_cost_nano_usd
+
+    def line(label: str, saved: int) -> tuple[str, str, str, str]:
+        return label, dollars(saved), _share(saved, total), _share(saved, whole)
+
+    return [*(line(lever, saved) for lever, saved in stats.levers), line("total", total)]
+
+
+def _share(part: int, whole: int) -> str:
+    if not whole:
+        return "n/a"
+    return percent(Decimal(part) / whole) if part else "0.0%"
+
+
 def quality_lines(c: Comparison, report: SavingsReport) -> list[Line]:
     """The quality proxies; those that need the truth read "n/a" where it is not known."""
     return [m.line(c) for m in _quality(report)]

@@ -20,7 +20,7 @@ from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
 from costmesh_simulator import OpenAISimulator
 from costmesh_tools.casestudy import arms, replay
-from costmesh_tools.casestudy.report import build_report
+from costmesh_tools.casestudy.report import BASELINE, EXACT_HITS, ROUTING, build_report
 from costmesh_tools.casestudy.support_workload import bundled_workload_path
 from costmesh_tools.casestudy.workload import (
     Message,
@@ -115,6 +115,13 @@ async def test_both_policies_report_exactly_what_the_ledger_recorded(mesh: Mesh)
     assert dict(report.total.treatment.model_mix)["gpt-4o-mini"] == 25
     assert dict(report.total.control.model_mix) == {"gpt-4o": 40}
     assert report.total.treatment.quality.complex_on_small == 4  # Question 0, four misses
+    # Each lever's saving, from the same rows, sums to what the ledger says was saved.
+    levers = dict(report.total.treatment.levers)
+    saved = ledger["treatment"].counterfactual_cost_nano_usd - ledger["treatment"].cost_nano_usd
+    assert sum(levers.values()) == saved
+    assert levers[EXACT_HITS] > 0
+    assert levers[ROUTING] > 0
+    assert dict(report.total.control.levers) == {BASELINE: 0}, "the baseline saves nothing"
 
 
 async def test_an_ab_split_holds_its_ratio_and_every_row_has_its_arm(mesh: Mesh) -> None:

@@ -333,6 +333,43 @@ def test_csv_parses_back_to_the_numbers() -> None:
     assert {r["simulated"] for r in parsed} == {"false"}
 
 
+def _with_counterfactual(record: ledger_pb2.UsageRecord, cost: int) -> ledger_pb2.UsageRecord:
+    record.counterfactual_cost_nano_usd = cost
+    record.baseline_model = "gpt-4o"
+    return record
+
+
+def test_each_lever_s_saving_is_shown_and_they_sum_to_the_total() -> None:
+    rows = [
+        _with_counterfactual(row("a", CONTROL, model="gpt-4o", cost=1000), 1000),
+        _with_counterfactual(row("a", TREATMENT, model="gpt-4o-mini", cost=60), 1000),
+        _with_counterfactual(row("b", TREATMENT, outcome=EXACT, source="a"), 1000),
+        _with_counterfactual(row("c", TREATMENT, outcome=SEMANTIC, source="a"), 1000),
+        _with_counterfactual(row("d", TREATMENT, model="gpt-4o", cost=1000), 1000),
+        row("a", TREATMENT, purpose=ledger_pb2.CALL_PURPOSE_ROUTING, model="gpt-4o-mini", cost=40),
+        row("e", TREATMENT, purpose=ledger_pb2.CallPurpose.ValueType(99), model="x", cost=1),
+    ]
+    report = build_report(rows, requests_per_day=1000)
+    assert report.total.treatment is not None
+
+    assert report.total.treatment.levers == (
+        ("cache: exact repeats", 1000),
+        ("cache: rewordings (semantic)", 1000),
+        ("routing to cheaper models", 940),
+        ("answers on the baseline model", 0),
+        ("routing calls to an LLM", -40),
+        ("other overhead", -1),
+    )
+    terminal = render_terminal(report)
+    assert "Where the treatment's saving comes from" in terminal
+    total_line = next(x for x in terminal.splitlines() if x.strip().startswith("total"))
+    assert "100.0%" in total_line
+    assert "72.5%" in total_line  # 2,899 saved of 4,000 counterfactual nano-USD
+    assert "Where the saving comes from" in render_html(report)
+    treatment_csv = list(csv.DictReader(io.StringIO(render_csv(report))))[-1]
+    assert treatment_csv["saved_by_lever_usd"].startswith("cache: exact repeats=0.000001000;")
+
+
 def test_the_terminal_table_fits_and_says_when_the_provider_was_simulated() -> None:
     simulated = render_terminal(case_report(simulated=True))
     assert simulated.count("SIMULATED provider") == 2  # above and below the table
