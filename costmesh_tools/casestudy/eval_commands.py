@@ -19,6 +19,7 @@ import re
 import secrets
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -26,10 +27,12 @@ import grpc
 
 from costmesh.inference.v1 import inference_pb2_grpc
 from costmesh_tools.cache.stock import minilm_encoder
+from costmesh_tools.casestudy.eval_match import MatchScorer, match_features
 from costmesh_tools.casestudy.eval_report import SCORERS, report, write_csv
 from costmesh_tools.casestudy.eval_runs import EvalAbortError, MeshClient, Run
 from costmesh_tools.casestudy.evaluate import (
     DEFAULT_MARGIN,
+    TIER_PREFIX,
     Pair,
     SimilarityScorer,
     compare,
@@ -61,11 +64,12 @@ def register(commands: Any) -> None:
                     help="the largest drop of the treatment's mean score relative to "
                     "control's that passes, in [0, 1) (default %(default)s)")  # fmt: skip
     ev.add_argument("--scorer", choices=tuple(SCORERS), default="auto",
-                    help="auto (default: exact where references are labels, similarity "
-                    "elsewhere), exact, similarity or judge")  # fmt: skip
-    ev.add_argument("--waive", action="append", default=[], metavar="FEATURE",
-                    help="a feature whose own drop over the margin does not fail the gate "
-                    "(repeatable; the overall drop still counts)")  # fmt: skip
+                    help="auto (default: exact where references are labels, match where "
+                    "they are labelled free text, similarity elsewhere), exact, match, "
+                    "similarity or judge")  # fmt: skip
+    ev.add_argument("--waive", action="append", default=[], metavar="SLICE",
+                    help="a feature (or tier:NAME) whose own drop over the margin does not "
+                    "fail the gate (repeatable; the overall drop still counts)")  # fmt: skip
     ev.add_argument("--detect", type=float, metavar="DROP",
                     help="print the requests needed to detect this drop")  # fmt: skip
     ev.add_argument("--judge-feature", default="",
@@ -104,19 +108,14 @@ def _evaluate(args: argparse.Namespace, out: TextIO) -> int:
     experiment = args.experiment or _new_experiment()
     _check_options(args, experiment)
     requests = select(read_workload(args.workload), args.features, args.limit)
-    unknown = sorted(set(args.waive) - {r.feature for r in requests})
+    slices = {r.feature for r in requests} | {TIER_PREFIX + r.tier for r in requests if r.tier}
+    unknown = sorted(set(args.waive) - slices)
     if unknown:
-        raise WorkloadError(f"--waive: no request of feature {unknown[0]!r} is evaluated")
-    exact = set()
-    if args.scorer in ("auto", "exact"):
-        exact = label_features(requests) if args.scorer == "auto" else {r.feature for r in requests}
-    scorer = None
-    needs_similarity = args.scorer == "similarity" or (
-        args.scorer == "auto" and {r.feature for r in requests} - exact
-    )
-    if needs_similarity:  # load the model before anything is spent
-        minilm = minilm_encoder(os.cpu_count() or 1, args.model_dir)
-        scorer = SimilarityScorer(minilm.embed_vectors)
+        raise WorkloadError(f"--waive: no request of feature or tier {unknown[0]!r} is evaluated")
+    plan = _scoring(args.scorer, requests)
+    embed = None
+    if plan.match or plan.similarity:  # load the model before anything is spent
+        embed = minilm_encoder(os.cpu_count() or 1, args.model_dir).embed_vectors
     sys.stderr.write(
         f"costmesh eval: {len(requests)} requests in both arms of experiment {experiment} "
         f"at {args.address}\n"
@@ -124,9 +123,10 @@ def _evaluate(args: argparse.Namespace, out: TextIO) -> int:
     pairs = asyncio.run(_run(args, experiment, requests))
     if args.scorer == "judge":
         score_by_grades(pairs)
-    score_exactly(pairs, exact)
-    if scorer is not None:
-        score_by_similarity(pairs, scorer, skip=exact)
+    score_exactly(pairs, plan.exact)
+    if embed is not None:
+        MatchScorer(embed).score(pairs, plan.match)
+        score_by_similarity(pairs, SimilarityScorer(embed), only=plan.similarity)
     comparison = compare(pairs, margin, waived=args.waive)
     if args.out is not None:
         write_csv(args.out, pairs)
@@ -134,10 +134,38 @@ def _evaluate(args: argparse.Namespace, out: TextIO) -> int:
         f"experiment {experiment}: {len(pairs)} requests of {args.workload} in both arms, "
         f"scored by {SCORERS[args.scorer]}"
     )
-    if exact and args.scorer == "auto":
-        heading += f" (exactly: {', '.join(sorted(exact))})"
+    if args.scorer == "auto":
+        for how, features in (("exactly", plan.exact), ("by match", plan.match)):
+            heading += f"; {how}: {', '.join(sorted(features))}" if features else ""
     report(out, comparison, pairs, heading, args.format, detect=args.detect)
     return 0 if comparison.passed else 1
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """Which features each scorer scores (the judge's grades score the rest)."""
+
+    exact: frozenset[str] = frozenset()
+    match: frozenset[str] = frozenset()
+    similarity: frozenset[str] = frozenset()
+
+
+def _scoring(scorer: str, requests: Sequence[WorkloadRequest]) -> ScoringPlan:
+    """auto: labels exactly, labelled free text by match, the rest by similarity; a
+    named scorer scores every feature, and `match` refuses a feature it cannot judge."""
+    features = frozenset(r.feature for r in requests)
+    if scorer == "auto":
+        exact = frozenset(label_features(requests))
+        match = frozenset(match_features(requests)) - exact
+        return ScoringPlan(exact, match, features - exact - match)
+    if scorer == "match":
+        unjudged = sorted(features - match_features(requests))
+        if unjudged:
+            raise WorkloadError(
+                f"--scorer match: feature {unjudged[0]!r} needs a label on every request "
+                "with a reference, and at least two labels"
+            )
+    return ScoringPlan(**{scorer: features}) if scorer != "judge" else ScoringPlan()
 
 
 def parse_margin(text: str) -> float:

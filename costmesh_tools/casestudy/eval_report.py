@@ -1,4 +1,4 @@
-"""What `costmesh eval` prints (the per-feature table, what was left out and why, the
+"""What `costmesh eval` prints (the table of features and tiers, what was left out and why, the
 verdict) and the CSV of every request's answers and scores it writes with --out."""
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ from costmesh_tools.cli_support import usd, write_grid
 from services.common.embedding import MINILM
 
 SCORERS = {
-    "auto": f"the reference label, exactly, where references are labels; elsewhere cosine "
-    f"similarity to the reference ({MINILM})",
+    "auto": "the reference label, exactly, where references are labels; a match with the "
+    f"reference's intent where they are labelled free text; elsewhere cosine similarity to "
+    f"the reference ({MINILM})",
     "exact": "the reference label, exactly (1 or 0)",
+    "match": f"a match with the reference's intent among the feature's intents ({MINILM}; 1 or 0)",
     "similarity": f"cosine similarity to the reference ({MINILM})",
     "judge": "an LLM judge's 1-5 grade against the reference, as (grade - 1) / 4",
 }
@@ -32,14 +34,15 @@ def report(
     *,
     detect: float | None = None,
 ) -> None:
-    """The per-feature table, what was left out and why, and the verdict; first, when
+    """The table of features and tiers, what was left out and why, and the verdict; first, when
     the local simulator answered, a banner saying so."""
     banner = simulated_banner(pairs)
     if banner:
         out.write(banner + "\n\n")
     out.write(heading + "\n\n")
-    header = ["feature", "compared", "control", "treatment", "drop", "95% interval", "detectable"]
-    lines = [_line(g, comparison.margin) for g in (*comparison.features, comparison.overall)]
+    header = ["slice", "compared", "control", "treatment", "drop", "95% interval", "detectable"]
+    groups = (*comparison.features, *comparison.tiers, comparison.overall)
+    lines = [_line(g, comparison.margin) for g in groups]
     write_grid(out, header, lines, fmt, numeric=0)
     out.write("\n")
     for note in _notes(comparison, pairs):
@@ -66,11 +69,15 @@ def verdict(comparison: Comparison, detect: float | None = None) -> str:
         line = "FAIL: " + "; ".join(comparison.reasons)
     else:
         line = f"PASS: treatment {_versus(overall.drop)} control, within the {margin:.2%} margin"
-        if overall.drop_high > margin:
-            line += f"; the interval reaches {overall.drop_high:.1%}: more requests would tell"
-        failing = comparison.features_failing
-        waived = [g for g in comparison.features_over if g.name in comparison.waived]
-        noisy = [g for g in comparison.features_over if g not in failing and g not in waived]
+        needed = overall.needed_to_clear(margin)
+        if needed is not None:
+            line += (
+                f"; the interval reaches {overall.drop_high:.1%}: about {needed:,} requests "
+                "of this mix would put it below the margin"
+            )
+        failing = comparison.slices_failing
+        waived = [g for g in comparison.slices_over if g.name in comparison.waived]
+        noisy = [g for g in comparison.slices_over if g not in failing and g not in waived]
         if waived:
             line += "; over the margin on their own, waived: " + _named(waived)
         if noisy:

@@ -1,7 +1,7 @@
 """The quality gate's arithmetic: score answers against reference answers, then compare
 the treatment arm (cache, routing, budgets) with the control arm (the baseline model).
 
-Three scorers, each giving a score in [0, 1] per answer:
+Four scorers, each giving a score in [0, 1] per answer:
 
 - exact: 1 when the answer is the reference label (case, spaces and end punctuation
   aside), else 0; for features whose references are labels (an intent, escalate or
@@ -12,17 +12,28 @@ Three scorers, each giving a score in [0, 1] per answer:
   (eval_judge); grade N scores (N - 1) / 4, so the worst grade is 0 as with similarity.
   A reply that does not follow the format scores nothing and is counted.
 
-`auto` (the default) scores label features exactly and the rest by similarity.
+- match: 1 when a free-text answer is closest to its own intent's reference answers
+  among all of the feature's intents, else 0 (eval_match); for labelled free text.
+
+`auto` (the default) scores label features exactly, labelled free text by match and the
+rest by similarity.
 
 A comparison is paired: each request is answered in both arms and the two scores sit
 side by side. A request whose control answer failed or could not be scored says
 nothing about the treatment and is left out (and counted); a treatment that failed to
 answer scores 0, since the caller got no answer. The drop is relative to control:
-(control mean - treatment mean) / control mean, with a percentile bootstrap interval
-over the requests. Each group also says the smallest true drop the gate would catch
+(control mean - treatment mean) / control mean, with a percentile bootstrap interval.
+The bootstrap draws distinct conversations, not requests: a question asked six times
+is answered the same way six times (and from the cache in the treatment), so it is one
+piece of evidence with six times the weight, and counting it as six would make the
+interval too narrow. Each group also says the smallest true drop the gate would catch
 80% of the time (the margin plus 0.84 standard errors of the drop), and so how many
-requests a given drop needs. A feature whose own drop is over the margin, with its
-interval above zero, fails the gate too, unless waived.
+requests a given drop needs.
+
+Groups are the whole, each feature, and each true tier where the workload labels them
+(`tier:complex`): routing decides by tier, and a policy that answers the hard tickets
+badly can hide in the average of the easy ones. A slice whose own drop is over the
+margin, with its interval above zero, fails the gate too, unless waived.
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ import numpy.typing as npt
 
 from costmesh_simulator.realism import LABEL
 from costmesh_tools.casestudy.eval_judge import grade_score
-from costmesh_tools.casestudy.workload import WorkloadRequest
+from costmesh_tools.casestudy.workload import Message, WorkloadRequest
 
 DEFAULT_MARGIN = 0.05
 # A verdict needs most requests scored in both arms: beyond this share left out, the
@@ -48,6 +59,8 @@ CONFIDENCE = 0.95
 # The gate fails a drop whose estimate is over the margin: it catches a true drop D
 # 80% of the time once D - margin is Z_POWER standard errors.
 Z_POWER = 0.841621
+Z_INTERVAL = 1.959964  # half a 95% interval, in standard errors
+TIER_PREFIX = "tier:"
 # References that read as labels: at most this many words, and this many distinct.
 LABEL_WORDS, LABEL_VALUES = 3, 50
 
@@ -160,14 +173,14 @@ class Pair:
 
 
 def score_by_similarity(
-    pairs: Sequence[Pair], scorer: SimilarityScorer, skip: Collection[str] = ()
+    pairs: Sequence[Pair], scorer: SimilarityScorer, only: Collection[str]
 ) -> None:
-    """Scores every answer given (in place) by its similarity to the reference, but
-    those of the features in `skip`."""
+    """Scores every answer given (in place) to a request of the features `only` by its
+    similarity to the reference."""
     answered = [
         (a, p.request.reference or "")
         for p in pairs
-        if p.request.feature not in skip
+        if p.request.feature in only
         for a in p.answers
         if not a.error
     ]
@@ -203,6 +216,14 @@ class Group:
         """The smallest true drop the gate fails 80% of the time at these requests."""
         return margin + Z_POWER * self.standard_error
 
+    def needed_to_clear(self, margin: float) -> int | None:
+        """Requests (of this mix) for the interval to end below the margin at this drop;
+        None when it already does, or when the drop itself is not below the margin."""
+        if self.drop_high <= margin or self.drop >= margin:
+            return None
+        half_width = Z_INTERVAL * self.standard_error
+        return math.ceil(self.requests * (half_width / (margin - self.drop)) ** 2)
+
     def needed(self, drop: float, margin: float) -> int | None:
         """Requests (of this mix) for the gate to fail a true `drop` 80% of the time;
         None for a drop within the margin, which the gate is meant to pass."""
@@ -220,28 +241,33 @@ class Comparison:
     margin: float
     overall: Group
     features: tuple[Group, ...]
+    tiers: tuple[Group, ...]  # by the requests' true tier, where the workload gives it
     pairs: int
     left_out: int  # control failed or unscored, or the treatment's answer unscored
     control_errors: int
     treatment_errors: int
     unparseable: int  # judge replies that did not follow the format, both arms
     judge_errors: int  # judge calls that failed, both arms
-    waived: frozenset[str] = frozenset()  # features whose own drop does not fail the gate
+    waived: frozenset[str] = frozenset()  # slices whose own drop does not fail the gate
 
     @property
     def passed(self) -> bool:
         return not self.reasons
 
     @property
-    def features_over(self) -> tuple[Group, ...]:
-        """The features whose own drop is beyond the margin."""
-        return tuple(g for g in self.features if g.over(self.margin))
+    def slices(self) -> tuple[Group, ...]:
+        return self.features + self.tiers
 
     @property
-    def features_failing(self) -> tuple[Group, ...]:
+    def slices_over(self) -> tuple[Group, ...]:
+        """The features and tiers whose own drop is beyond the margin."""
+        return tuple(g for g in self.slices if g.over(self.margin))
+
+    @property
+    def slices_failing(self) -> tuple[Group, ...]:
         """Those of them whose interval is wholly above zero (a drop, not noise of a
         few requests) and not waived: each fails the gate."""
-        return tuple(g for g in self.features_over if g.drop_low > 0 and g.name not in self.waived)
+        return tuple(g for g in self.slices_over if g.drop_low > 0 and g.name not in self.waived)
 
     @property
     def reasons(self) -> list[str]:
@@ -260,7 +286,7 @@ class Comparison:
             )
         reasons += [
             f"{g.name} scores {g.drop:.2%} below control on its own (--waive {g.name} to accept it)"
-            for g in self.features_failing
+            for g in self.slices_failing
         ]
         return reasons
 
@@ -268,21 +294,24 @@ class Comparison:
 def compare(
     pairs: Sequence[Pair], margin: float, seed: int = 0, waived: Collection[str] = ()
 ) -> Comparison:
-    """Per-feature and overall means per arm and the treatment's drop; NothingToCompare
-    when no request could be compared."""
+    """Overall, per-feature and per-tier means per arm and the treatment's drop;
+    NothingToCompare when no request could be compared."""
     compared = [(p, s) for p in pairs if (s := p.scores) is not None]
     if not compared:
         raise NothingToCompareError(_nothing_why(pairs))
     rng = np.random.default_rng(seed)
-    features = sorted({p.request.feature for p, _ in compared})
-    groups = tuple(
-        _group(f, [s for p, s in compared if p.request.feature == f], rng) for f in features
-    )
+
+    def groups(slice_of: Callable[[WorkloadRequest], str | None]) -> tuple[Group, ...]:
+        names = sorted({name for p, _ in compared if (name := slice_of(p.request))})
+        return tuple(_group(n, [(p, s) for p, s in compared if slice_of(p.request) == n], rng)
+                     for n in names)  # fmt: skip
+
     answers = [a for p in pairs for a in p.answers]
     return Comparison(
         margin=margin,
-        overall=_group("all", [s for _, s in compared], rng),
-        features=groups,
+        overall=_group("all", compared, rng),
+        features=groups(lambda request: request.feature),
+        tiers=groups(lambda request: request.tier and TIER_PREFIX + request.tier),
         pairs=len(pairs),
         left_out=len(pairs) - len(compared),
         control_errors=sum(1 for p in pairs if p.control.error),
@@ -310,13 +339,22 @@ def _most_common(errors: Sequence[str]) -> str:
     return f"{errors.count(common)} with {common}"
 
 
-def _group(name: str, scores: Sequence[tuple[float, float]], rng: np.random.Generator) -> Group:
-    values = np.array(scores, dtype=np.float64)
-    control, treatment = values[:, 0], values[:, 1]
-    draws = rng.integers(0, len(values), size=(BOOTSTRAP_SAMPLES, len(values)))
-    drops = _drop(control[draws].mean(axis=1), treatment[draws].mean(axis=1))
+def _group(
+    name: str, compared: Sequence[tuple[Pair, tuple[float, float]]], rng: np.random.Generator
+) -> Group:
+    """The arms' means and the drop's interval, bootstrapped over distinct conversations."""
+    conversations: dict[tuple[Message, ...], int] = {}
+    index = [conversations.setdefault(p.request.messages, len(conversations)) for p, _ in compared]
+    values = np.array([s for _, s in compared], dtype=np.float64)
+    # Per conversation: how often it was asked and its scores summed over those times.
+    sums = np.zeros((len(conversations), 3))
+    np.add.at(sums, index, np.column_stack([np.ones(len(values)), values]))
+    draws = rng.integers(0, len(sums), size=(BOOTSTRAP_SAMPLES, len(sums)))
+    drawn = sums[draws].sum(axis=1)
+    drops = _drop(drawn[:, 1] / drawn[:, 0], drawn[:, 2] / drawn[:, 0])
     tail = (1 - CONFIDENCE) / 2 * 100
     low, high = np.percentile(drops, [tail, 100 - tail])
+    control, treatment = values[:, 0], values[:, 1]
     return Group(
         name=name,
         requests=len(values),

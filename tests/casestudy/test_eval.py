@@ -27,6 +27,7 @@ from costmesh_tools.casestudy import eval_commands
 from costmesh_tools.casestudy.arms import request_id
 from costmesh_tools.casestudy.eval_commands import select
 from costmesh_tools.casestudy.eval_judge import grade_score, judge_messages, parse_grade
+from costmesh_tools.casestudy.eval_match import MatchScorer, match_features
 from costmesh_tools.casestudy.eval_report import power, simulated_banner, verdict
 from costmesh_tools.casestudy.eval_runs import EvalAbortError, check_arm
 from costmesh_tools.casestudy.evaluate import (
@@ -206,6 +207,62 @@ def test_the_judge_sees_the_rubric_the_conversation_the_reference_and_the_answer
     assert "<answer>\nCall us.\n</answer>" in user.content
 
 
+# Bitext-style agent answers to three intents of one category: alike in form, apart in
+# what they tell the customer.
+CANCEL = (
+    "I understand you want to cancel order {n}. Go to Your Orders, select the order "
+    "and choose Cancel order; the refund reaches your card within five days."
+)
+CHANGE = (
+    "I understand you want to change order {n}. Go to Your Orders, select the order "
+    "and choose Edit items to add or remove products before it ships."
+)
+TRACK = (
+    "I understand you want to know where order {n} is. Go to Your Orders, select the "
+    "order and choose Track package to see the carrier's latest scan."
+)
+
+
+def labelled(rid: str, label: str, reference: str) -> WorkloadRequest:
+    return dataclasses.replace(request(rid, "reply", reference), label=label)
+
+
+def test_a_match_takes_a_reworded_answer_and_refuses_a_neighbour_s_or_a_deflection() -> None:
+    intents = (("cancel", CANCEL), ("change", CHANGE), ("track", TRACK))
+    requests = [labelled(f"{label}{n}", label, text.format(n=n))
+                for n in (1, 2) for label, text in intents]  # fmt: skip
+    answers = {
+        "reworded": "Sure: open Your Orders, pick the order, press Cancel order, and your "
+        "money is refunded to the card in about five days.",
+        "neighbour's": CHANGE.format(n=1),
+        "deflection": "Sorry, I cannot help with that request. Please try again later.",
+        "empty": "",
+    }
+    pairs = [Pair(requests[0], Answer(content=requests[0].reference or ""), Answer(content=a))
+             for a in answers.values()]  # fmt: skip
+    pairs += [Pair(r, Answer(content=r.reference or ""), Answer(error="UNAVAILABLE"))
+              for r in requests[1:]]  # fmt: skip
+
+    assert match_features(requests) == {"reply"}
+    MatchScorer(lambda texts: minilm().embed_sync(texts).vectors).score(pairs, {"reply"})
+
+    scores = dict(zip(answers, (p.treatment.score for p in pairs), strict=False))
+    assert scores == {"reworded": 1.0, "neighbour's": 0.0, "deflection": 0.0, "empty": 0.0}
+    assert all(p.control.score == 1.0 for p in pairs), "every reference matches itself"
+    assert all(p.treatment.score is None for p in pairs[len(answers) :]), "no answer, no score"
+
+
+def test_a_match_judges_only_features_whose_references_carry_two_labels_or_more() -> None:
+    def feature(name: str, *requests: WorkloadRequest) -> list[WorkloadRequest]:
+        return [dataclasses.replace(r, feature=name) for r in requests]
+
+    requests = feature("one", labelled("a", "cancel", CANCEL), labelled("b", "cancel", TRACK))
+    requests += feature("unlabelled", request("c", reference="Text."), labelled("d", "x", "Y."))
+    requests += feature("two", labelled("e", "cancel", CANCEL), labelled("f", "track", TRACK))
+
+    assert match_features(requests) == {"two"}
+
+
 # --- the comparison --------------------------------------------------------------
 
 
@@ -321,6 +378,59 @@ def test_a_feature_drop_of_exactly_the_margin_passes_and_one_over_it_fails() -> 
     assert line.startswith("FAIL: billing scores 10.00% below control on its own")
 
 
+def test_a_question_asked_again_is_not_new_evidence() -> None:
+    """Twenty questions asked five times each say less than a hundred distinct ones with
+    the same scores: a repeat gets the same answer (and a cache hit) every time."""
+    scores = [(1.0, float(i % 10 != 0)) for i in range(20)]
+    distinct = [pair(f"q{i}", c, t) for i, (c, t) in enumerate(scores * 5)]
+    repeated = [pair(f"q{i}", c, t) for _ in range(5) for i, (c, t) in enumerate(scores)]
+
+    spread, clustered = compare(distinct, 0.05).overall, compare(repeated, 0.05).overall
+
+    assert clustered.drop == pytest.approx(spread.drop) == pytest.approx(0.1)
+    assert clustered.requests == spread.requests == 100
+    assert clustered.standard_error > 1.8 * spread.standard_error  # about sqrt(5) times
+    assert clustered.drop_high - clustered.drop_low > 1.8 * (spread.drop_high - spread.drop_low)
+
+
+def test_a_tier_answered_badly_fails_the_gate_even_when_the_average_passes() -> None:
+    def tiered(rid: str, tier: str, treatment: float) -> Pair:
+        base = pair(rid, 1.0, treatment)
+        return dataclasses.replace(base, request=dataclasses.replace(base.request, tier=tier))
+
+    pairs = [tiered(f"s{i}", "simple", 1.0) for i in range(90)]
+    pairs += [tiered(f"c{i}", "complex", float(i % 2)) for i in range(10)]
+
+    strict = compare(pairs, 0.05)
+    waived = compare(pairs, 0.05, waived=["tier:complex"])
+
+    assert strict.overall.drop == pytest.approx(0.05), "the average is within the margin"
+    assert [g.name for g in strict.tiers] == ["tier:complex", "tier:simple"]
+    complex_tier = strict.tiers[0]
+    assert complex_tier.drop == pytest.approx(0.5)
+    assert complex_tier.drop_low > 0.05, "its interval is wholly above the margin"
+    assert strict.reasons == [
+        "tier:complex scores 50.00% below control on its own (--waive tier:complex to accept it)"
+    ]
+    assert waived.passed
+
+
+def test_a_pass_whose_interval_reaches_the_margin_says_how_many_requests_would_settle_it() -> None:
+    rng = random.Random(3)
+    pairs = [pair(str(i), 1.0, float(rng.random() > 0.03)) for i in range(200)]
+
+    result = compare(pairs, 0.05)
+    needed = result.overall.needed_to_clear(0.05)
+
+    assert result.passed
+    assert result.overall.drop < 0.05 < result.overall.drop_high
+    assert needed is not None
+    assert needed > 200
+    assert f"about {needed:,} requests of this mix would put it below the margin" in verdict(result)
+    settled = compare([pair(str(i), 1.0, 1.0) for i in range(200)], 0.05).overall
+    assert settled.needed_to_clear(0.05) is None
+
+
 def test_a_better_treatment_passes_with_a_negative_drop() -> None:
     result = compare([pair(str(i), 0.5, 0.75) for i in range(5)], margin=0.0)
     assert result.passed
@@ -398,7 +508,9 @@ def test_only_requests_with_a_reference_of_the_named_features_are_chosen() -> No
 
 
 def write_workload(path: Path, rows: Sequence[tuple[str, str, str]]) -> Path:
-    """(feature, question, reference) rows as a workload, also the simulator's knowledge."""
+    """(feature, question, reference) rows as a workload, also the simulator's knowledge;
+    a question's intent is its reference's."""
+    intents: dict[str, str] = {}
     lines = [
         {
             "id": f"r{i}",
@@ -411,7 +523,7 @@ def write_workload(path: Path, rows: Sequence[tuple[str, str, str]]) -> Path:
             ],
             "reference": reference,
             "tier": "simple",
-            "label": f"intent-{i}",
+            "label": intents.setdefault(reference, f"intent-{len(intents)}"),
         }
         for i, (feature, question, reference) in enumerate(rows)
     ]
@@ -445,7 +557,24 @@ def test_bad_input_is_one_line_and_exit_2(
         "--experiment: letters": [str(workload), *key, "--experiment", "a b"],
         "--key (or COSTMESH_API_KEY) is required": [str(workload), "--key", ""],
         "--detect: a drop in (0, 1)": [str(workload), *key, "--detect", "5"],
-        "--waive: no request of feature 'biling'": [str(workload), *key, "--waive", "biling"],
+        "--waive: no request of feature or tier 'biling'": [
+            str(workload),
+            *key,
+            "--waive",
+            "biling",
+        ],
+        "--waive: no request of feature or tier 'tier:complex'": [
+            str(workload),
+            *key,
+            "--waive",
+            "tier:complex",
+        ],
+        "--scorer match: feature 'billing' needs a label on every request": [
+            str(workload),
+            *key,
+            "--scorer",
+            "match",
+        ],
     }
     for message, args in cases.items():
         code, out, err = run_eval(args, capsys)
@@ -560,7 +689,8 @@ async def test_the_gate_fails_when_the_cheap_model_answers_wrongly(
 
     assert code == 1, out
     (verdict,) = [line for line in out.splitlines() if line.startswith("FAIL: ")]
-    assert "billing scores 85.06% below control on its own" in verdict
+    # Scored by match, a fluent wrong answer is simply wrong.
+    assert "billing scores 100.00% below control on its own" in verdict
     assert "orders" not in verdict, "orders is routed to the baseline model"
     table = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
     assert float(table["billing"][3]) < 0.5 * float(table["billing"][2])
