@@ -20,7 +20,7 @@ from decimal import Decimal
 
 import grpc
 
-from costmesh.inference.v1 import inference_pb2_grpc
+from costmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from costmesh.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from costmesh.types.v1 import types_pb2
 from costmesh_simulator.realism import LABEL as SIMULATED_LABEL
@@ -136,9 +136,13 @@ async def send_all(
     concurrency: int,
     speed: float | None,
     progress: Callable[[int, int], None],
+    change: Callable[[inference_pb2.CompleteRequest], inference_pb2.CompleteRequest] = (
+        lambda call: call
+    ),
 ) -> Outcome:
     """Send every planned call, at most `concurrency` at once; with a `speed`, each at
-    its recorded time divided by it (None: as fast as the mesh answers)."""
+    its recorded time divided by it (None: as fast as the mesh answers). `change` alters
+    each request before it is sent (an ablation switches a lever off)."""
     stub = inference_pb2_grpc.InferenceServiceStub(channel)
     outcome = Outcome(experiment)
     gate = asyncio.Semaphore(concurrency)
@@ -152,7 +156,7 @@ async def send_all(
         async with gate:
             try:
                 reply = await stub.Complete(
-                    arms.complete_request(call.request, experiment, call.arm),
+                    change(arms.complete_request(call.request, experiment, call.arm)),
                     metadata=metadata,
                     timeout=CALL_TIMEOUT_SECONDS,
                 )

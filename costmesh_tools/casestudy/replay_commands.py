@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import functools
 import os
 import secrets
 import tempfile
@@ -14,7 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from costmesh_tools.casestudy import replay
+import grpc
+
+from costmesh.ledger.v1 import ledger_pb2
+from costmesh_tools.casestudy import ablation, replay
 from costmesh_tools.casestudy.progress import Progress
 from costmesh_tools.casestudy.report import SavingsReport, build_report
 from costmesh_tools.casestudy.report_render import render_csv, render_html, render_terminal
@@ -45,7 +50,7 @@ def register(commands: Any) -> None:
                      help="API key (default: $COSTMESH_API_KEY)")  # fmt: skip
     run.add_argument("--config", type=Path, help="the mesh's config (for the models' tiers)")
     add_tls_arguments(run)
-    _replay_options(run)
+    _replay_options(run, ablate=False)
     run.set_defaults(handler=_replay)
     demo = commands.add_parser(
         "demo",
@@ -56,13 +61,19 @@ def register(commands: Any) -> None:
     demo.add_argument("--workload", type=Path, default=bundled_workload_path(),
                       help="a .jsonl or .jsonl.gz workload (default: the bundled "
                       "support workload, %(default)s)")  # fmt: skip
-    _replay_options(demo, requests_per_day=CASE_REQUESTS_PER_DAY)
+    _replay_options(demo, ablate=True, requests_per_day=CASE_REQUESTS_PER_DAY)
     demo.set_defaults(handler=_demo)
 
 
-def _replay_options(parser: argparse.ArgumentParser, requests_per_day: int | None = None) -> None:
+def _replay_options(
+    parser: argparse.ArgumentParser, *, ablate: bool, requests_per_day: int | None = None
+) -> None:
     parser.add_argument("--mode", choices=("both", "split"), default="both",
                         help="both: each request under both policies; split: A/B")  # fmt: skip
+    parser.add_argument("--ablate", action=argparse.BooleanOptionalAction, default=ablate,
+                        help="with --mode both, replay the treatment again without the "
+                        "cache and without routing, to measure each lever's share "
+                        "(default: %(default)s)")  # fmt: skip
     parser.add_argument("--control-share", type=float, default=0.5,
                         help="share of requests in the control arm with --mode split")  # fmt: skip
     parser.add_argument("--speed", default="max",
@@ -174,7 +185,7 @@ async def _run(
     model_tiers: Mapping[str, str],
 ) -> Replayed:
     experiment = args.experiment or _new_experiment()
-    check_experiment(experiment)
+    names = _experiment_names(experiment, args)
     planned = replay.plan(workload, args.mode, args.control_share, args.seed)
     speed = None if args.speed == "max" else _speed(args.speed)
     if args.requests_per_day is not None:
@@ -184,12 +195,13 @@ async def _run(
         basis = replay.volume_basis(workload)
     async with open_aio_channel(address, args) as channel:
         # Also the key's first use: a refused key stops here, nothing sent.
-        recorded = await replay.recorded_calls(channel, metadata, experiment)
-        if recorded:
-            raise ValueError(
-                f"experiment {experiment} already has {recorded} rows in the ledger; "
-                "choose another name"
-            )
+        for name in names:
+            recorded = await replay.recorded_calls(channel, metadata, name)
+            if recorded:
+                raise ValueError(
+                    f"experiment {name} already has {recorded} rows in the ledger; "
+                    "choose another name"
+                )
         outcome = await replay.send_all(
             channel,
             metadata,
@@ -209,6 +221,12 @@ async def _run(
             outcome.answered,
             cost_nano_usd=outcome.confirmed_cost_nano_usd,
         )
+        measured = None
+        if args.ablate:
+            measured = await _ablate(
+                channel, metadata=metadata, workload=workload, experiment=experiment,
+                rows=rows, args=args,
+            )  # fmt: skip
     report = build_report(
         rows,
         replay.truth(planned, experiment),
@@ -218,7 +236,64 @@ async def _run(
         basis=basis,
     )
     one_arm = replay.answered_in_one_arm(planned, outcome) if args.mode == "both" else None
+    if one_arm and measured is not None:
+        measured = "no ablation: some requests were answered in one arm only"
+    if isinstance(measured, str):
+        report = dataclasses.replace(report, notes=(*report.notes, measured))
+    elif measured is not None:
+        report = dataclasses.replace(report, ablation=measured)
     return Replayed(report, outcome, one_arm)
+
+
+def _experiment_names(experiment: str, args: argparse.Namespace) -> list[str]:
+    """The replay's experiment, then its ablation runs' (with --ablate), each checked."""
+    if args.ablate and args.mode != "both":
+        raise ValueError("--ablate: needs --mode both (the arms run the same requests)")
+    names = [experiment]
+    if args.ablate:
+        names += [ablation.experiment_without(experiment, lever) for lever in ablation.LEVERS]
+    for name in names:
+        check_experiment(name)
+    return names
+
+
+async def _ablate(
+    channel: grpc.aio.Channel,
+    *,
+    metadata: Sequence[tuple[str, str]],
+    workload: Sequence[WorkloadRequest],
+    experiment: str,
+    rows: Sequence[ledger_pb2.UsageRecord],
+    args: argparse.Namespace,
+) -> ablation.Ablation | str:
+    """The treatment replayed without each lever, as fast as the mesh answers; a note
+    instead when a run is not comparable (a call failed, a feature has no baseline)."""
+    baselines = ablation.baseline_models(rows)
+    missing = sorted({r.feature for r in workload} - set(baselines))
+    if missing:
+        return f"no ablation: feature {missing[0]} has no control answer to take its baseline from"
+    treatment = [replay.Planned(r, replay.TREATMENT) for r in workload]
+    without = {}
+    for lever in ablation.LEVERS:
+        name = ablation.experiment_without(experiment, lever)
+        outcome = await replay.send_all(
+            channel, metadata, treatment, name, concurrency=args.concurrency, speed=None,
+            progress=Progress(f"replay {name}"),
+            change=functools.partial(ablation.without, lever=lever, baselines=baselines),
+        )  # fmt: skip
+        if outcome.answered < len(treatment):
+            failed = len(treatment) - outcome.answered
+            return f"no ablation: {failed} calls of {name} failed, so its cost is not comparable"
+        lever_rows = await replay.ledger_rows(
+            channel, metadata, name, outcome.answered,
+            cost_nano_usd=outcome.confirmed_cost_nano_usd,
+        )  # fmt: skip
+        without[lever] = ablation.cost(lever_rows, replay.TREATMENT)
+    return ablation.Ablation(
+        control=ablation.cost(rows, replay.CONTROL),
+        treatment=ablation.cost(rows, replay.TREATMENT),
+        without=without,
+    )
 
 
 def _new_experiment() -> str:

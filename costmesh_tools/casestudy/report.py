@@ -15,6 +15,7 @@ from decimal import Decimal
 
 from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
+from costmesh_tools.casestudy.ablation import Ablation
 from costmesh_tools.casestudy.projection import Projection
 from costmesh_tools.casestudy.quality import Judge, Quality, Truth, is_hit
 from services.inference.experiments import ARM_NAMES
@@ -137,6 +138,7 @@ class SavingsReport:
     tiers_known: bool  # some request has a true tier: complex-on-small can be judged
     models: tuple[str, ...]  # every model of any mix, most answers first
     notes: tuple[str, ...]  # missing arms, rows left out, models without a tier
+    ablation: Ablation | None = None  # each lever's measured share, when ablation arms ran
 
 
 def build_report(

@@ -13,10 +13,13 @@ from html import escape
 from costmesh_tools.casestudy.report import SIMULATED_NOTICE, ArmStats, Comparison, SavingsReport
 from costmesh_tools.casestudy.report_charts import report_charts
 from costmesh_tools.casestudy.report_table import (
+    ABLATION_CAPTION,
+    ABLATION_HEADER,
     ARM_TITLES,
     LEVER_CAPTION,
     LEVER_HEADER,
     Line,
+    ablation_lines,
     headline,
     lever_lines,
     lines,
@@ -41,10 +44,14 @@ def render_terminal(report: SavingsReport) -> str:
         out += ["", _row(_cut(heading, _LABEL), *ARM_TITLES, "change"), "-" * WIDTH]
         out += [_row(_cut(f"  {x.label}", _LABEL), x.before, x.after, x.change)
                 for x in lines(comparison, report)]  # fmt: skip
+    tables = []
     if (treatment := report.total.treatment) is not None:
-        out += ["", *textwrap.wrap(LEVER_CAPTION, WIDTH), _row(*LEVER_HEADER), "-" * WIDTH]
-        levers = lever_lines(treatment)
-        out += [_row(_cut(f"  {label}", _LABEL), *cells) for label, *cells in levers]
+        tables.append((LEVER_CAPTION, LEVER_HEADER, lever_lines(treatment)))
+    if report.ablation is not None:
+        tables.append((ABLATION_CAPTION, ABLATION_HEADER, ablation_lines(report.ablation)))
+    for caption, header, rows in tables:
+        out += ["", *textwrap.wrap(caption, WIDTH), _row(*header), "-" * WIDTH]
+        out += [_row(_cut(f"  {label}", _LABEL), *cells) for label, *cells in rows]
     out += ["", *textwrap.wrap(headline(report), WIDTH)]
     out += [line for note in report.notes for line in textwrap.wrap(f"note: {note}", WIDTH)]
     return "\n".join([*out, *banner]) + "\n"
@@ -73,14 +80,16 @@ CSV_HEADER = (
     "savings_daily_usd", "savings_monthly_usd", "latency_mean_ms", "latency_p50_ms",
     "latency_p95_ms", "provider_answers", "escalated", "escalation_rate", "judged_hits",
     "false_hits", "false_hit_rate", "complex_requests", "complex_on_small",
-    "complex_from_cache", "complex_on_small_rate", "saved_by_lever_usd", "note",
+    "complex_from_cache", "complex_on_small_rate", "saved_by_lever_usd",
+    "saved_by_ablation_usd", "note",
 )  # fmt: skip
 
 
 def render_csv(report: SavingsReport) -> str:
     """One row per feature and arm, then the total's rows (scope "total"). Money is exact
     decimal dollars, rates are fractions, model_mix is `model=answers;…`, and a cell that
-    does not apply is empty; the savings are on the treatment row."""
+    does not apply is empty; the savings are on the treatment row, and the ablation's
+    measured shares on the total's."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_HEADER)
@@ -92,7 +101,10 @@ def render_csv(report: SavingsReport) -> str:
                 writer.writerow([*head, "0", *[""] * (len(CSV_HEADER) - 7), "no answers"])
                 continue
             savings = _savings_cells(comparison) if arm == "treatment" else ["", "", ""]
-            writer.writerow([*head, *_stats_cells(stats, savings), ""])
+            ablation = report.ablation if (scope, arm) == ("total", "treatment") else None
+            shares = ablation.shares() if ablation is not None else []
+            measured = ";".join(f"{lever}={_usd(saved)}" for lever, saved in shares)
+            writer.writerow([*head, *_stats_cells(stats, savings), measured, ""])
     return buffer.getvalue()
 
 
@@ -163,7 +175,7 @@ def render_html(report: SavingsReport) -> str:
         simulated if report.simulated else "",
         f'<p class="headline">{escape(headline(report))}</p>',
         _table(f"Totals: {total_heading}", lines(total, report)),
-        _lever_table(total.treatment),
+        _lever_tables(report),
         *(f"<h2>{escape(heading)}</h2>{svg}" for heading, svg in report_charts(report)),
         _quality_table(report),
         *(_table(heading, lines(c, report)) for heading, c in features),
@@ -221,20 +233,29 @@ def _table(heading: str, rows: list[Line]) -> str:
     )
 
 
-def _lever_table(treatment: ArmStats | None) -> str:
-    if treatment is None:
+def _lever_tables(report: SavingsReport) -> str:
+    """The saving by lever, row by row and (when ablation arms ran) measured."""
+    tables = []
+    if (treatment := report.total.treatment) is not None:
+        tables.append((LEVER_CAPTION, LEVER_HEADER, lever_lines(treatment)))
+    if report.ablation is not None:
+        tables.append((ABLATION_CAPTION, ABLATION_HEADER, ablation_lines(report.ablation)))
+    if not tables:
         return ""
-    head = "".join(f'<th scope="col">{escape(h)}</th>' for h in LEVER_HEADER)
-    body = "".join(
-        f'<tr><th scope="row">{escape(label)}</th>'
-        + "".join(f"<td>{escape(cell)}</td>" for cell in cells)
-        + "</tr>"
-        for label, *cells in lever_lines(treatment)
-    )
-    return (
-        f"<h2>Where the saving comes from</h2><table><caption>{escape(LEVER_CAPTION)}"
-        f"</caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-    )
+    html = "<h2>Where the saving comes from</h2>"
+    for caption, header, rows in tables:
+        head = "".join(f'<th scope="col">{escape(h)}</th>' for h in header)
+        body = "".join(
+            f'<tr><th scope="row">{escape(label)}</th>'
+            + "".join(f"<td>{escape(cell)}</td>" for cell in cells)
+            + "</tr>"
+            for label, *cells in rows
+        )
+        html += (
+            f"<table><caption>{escape(caption)}</caption><thead><tr>{head}</tr></thead>"
+            f"<tbody>{body}</tbody></table>"
+        )
+    return html
 
 
 def _quality_table(report: SavingsReport) -> str:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
+from costmesh_tools.casestudy.ablation import Ablation
 from costmesh_tools.casestudy.projection import DAYS_PER_MONTH
 from costmesh_tools.casestudy.report import CACHE, ArmStats, Comparison, SavingsReport
 from costmesh_tools.cli_support import usd
@@ -119,6 +120,25 @@ def lever_lines(stats: ArmStats) -> list[tuple[str, str, str, str]]:
         return label, dollars(saved), _share(saved, total), _share(saved, whole)
 
     return [*(line(lever, saved) for lever, saved in stats.levers), line("total", total)]
+
+
+ABLATION_HEADER = ("lever", "cost with it off", "saved", "share of the saving")
+ABLATION_CAPTION = (
+    "Measured by ablation: the treatment replayed with each lever switched off. A lever's "
+    "saving is its Shapley value: the mean of what switching it on saves from control and "
+    "what switching it off last costs the treatment. The two sum to the total."
+)
+
+
+def ablation_lines(ablation: Ablation) -> list[tuple[str, str, str, str]]:
+    """(lever, the treatment's cost with it off, its saving, its share of the saving),
+    then control against the treatment."""
+    saving = ablation.saving
+    return [
+        *((lever, dollars(ablation.without[lever]), dollars(saved), _share(saved, saving))
+          for lever, saved in ablation.shares()),
+        ("total (control)", dollars(ablation.control), dollars(saving), _share(saving, saving)),
+    ]  # fmt: skip
 
 
 def _share(part: int, whole: int) -> str:

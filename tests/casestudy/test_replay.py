@@ -11,6 +11,7 @@ import math
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
 from costmesh_simulator import OpenAISimulator
 from costmesh_tools.casestudy import arms, replay
+from costmesh_tools.casestudy.ablation import Ablation
 from costmesh_tools.casestudy.report import BASELINE, EXACT_HITS, ROUTING, build_report
 from costmesh_tools.casestudy.support_workload import bundled_workload_path
 from costmesh_tools.casestudy.workload import (
@@ -173,6 +175,54 @@ async def test_the_command_prints_the_report_and_writes_csv_and_html(
     assert {r["arm"] for r in rows} >= {"control", "treatment"}
 
 
+async def test_ablation_arms_measure_each_lever_and_share_the_saving_exactly(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    workload_path = tmp_path / "w.jsonl"
+    write_workload(workload_path, _workload(20, distinct=5))
+    table = tmp_path / "r.csv"
+
+    code, out, _ = await _cli(
+        *_replay_args(mesh, workload_path, "--experiment", "abl", "--ablate",
+                      "--csv", str(table), "--requests-per-day", "1000")
+    )  # fmt: skip
+
+    assert code == 0, out
+    spend = {}
+    for name in ("abl", "abl.no-cache", "abl.no-routing"):
+        reply = await mesh.ledger.QuerySpend(
+            ledger_pb2.QuerySpendRequest(experiment=name, group_by=ledger_pb2.GROUP_BY_ARM),
+            metadata=AUTH, timeout=5,
+        )  # fmt: skip
+        spend[name] = {row.key: row for row in reply.rows}
+    without_cache, without_routing = spend["abl.no-cache"], spend["abl.no-routing"]
+    assert set(without_cache) == set(without_routing) == {"treatment"}, "treatment runs only"
+    assert without_cache["treatment"].cached_calls == 0
+    assert without_routing["treatment"].cached_calls == spend["abl"]["treatment"].cached_calls
+    no_routing = [r for r in await ledger_rows(mesh) if r.experiment == "abl.no-routing"]
+    assert {r.model for r in no_routing} == {"gpt-4o"}, "every answer on the baseline"
+    (total,) = [
+        r for r in csv.DictReader(table.read_text().splitlines())
+        if (r["scope"], r["arm"]) == ("total", "treatment")
+    ]  # fmt: skip
+    shares = dict(item.split("=") for item in total["saved_by_ablation_usd"].split(";"))
+    saving = spend["abl"]["control"].cost_nano_usd - spend["abl"]["treatment"].cost_nano_usd
+    assert set(shares) == {"cache", "routing"}
+    assert sum(Decimal(v) for v in shares.values()) * 10**9 == saving
+    assert Decimal(shares["cache"]) > 0
+    assert Decimal(shares["routing"]) > Decimal(shares["cache"])
+    assert "Measured by ablation" in out
+
+
+def test_a_lever_s_share_is_its_saving_averaged_over_both_orders() -> None:
+    # Control 100; the cache alone 80, routing alone 30; both 10.
+    measured = Ablation(control=100, treatment=10, without={"cache": 30, "routing": 80})
+    odd = Ablation(control=101, treatment=10, without={"cache": 30, "routing": 80})
+
+    assert measured.shares() == [("cache", 20), ("routing", 70)]  # (20 + 20) / 2, (70 + 70) / 2
+    assert sum(saved for _, saved in odd.shares()) == 91, "to the nano-dollar"
+
+
 async def test_a_workload_that_is_not_valid_is_refused_before_anything_is_sent(
     mesh: Mesh, simulator: OpenAISimulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -212,6 +262,7 @@ def test_the_demo_replays_the_bundled_workload_offline(
     assert (out / "savings-report.html").read_text().count("<svg") >= 3
     assert (out / "traces.jsonl").read_text().count('"trace_id"') > 120
     assert "costmesh serve" in printed
+    assert "Measured by ablation" in printed, "the demo measures each lever"
 
 
 async def _cli(*argv: str) -> tuple[int, str, str]:
@@ -277,6 +328,8 @@ async def test_a_refused_key_stops_before_anything_is_sent(
     ("argv", "message"),
     [
         (["--experiment", "x" * 101], "--experiment: at most 100 characters"),
+        (["--experiment", "x" * 95, "--ablate"], "--experiment: at most 100 characters"),
+        (["--mode", "split", "--ablate"], "--ablate: needs --mode both"),
         (["--experiment", "a\tb"], "--experiment: printable characters only"),
         (["--requests-per-day", "abc"], "argument --requests-per-day: not a number: 'abc'"),
         (["--requests-per-day", "-5"], "argument --requests-per-day: must be above 0: '-5'"),
