@@ -72,8 +72,8 @@ def _replay_options(
                         help="both: each request under both policies; split: A/B")  # fmt: skip
     parser.add_argument("--ablate", action=argparse.BooleanOptionalAction, default=ablate,
                         help="with --mode both, replay the treatment again without the "
-                        "cache and without routing, to measure each lever's share "
-                        "(default: %(default)s)")  # fmt: skip
+                        "cache and without routing, to measure each lever's share; "
+                        "twice the treatment's calls again (default: %(default)s)")  # fmt: skip
     parser.add_argument("--control-share", type=float, default=0.5,
                         help="share of requests in the control arm with --mode split")  # fmt: skip
     parser.add_argument("--speed", default="max",
