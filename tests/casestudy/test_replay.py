@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import csv
 import io
+import json
 import math
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -263,6 +264,16 @@ def test_the_demo_replays_the_bundled_workload_offline(
     assert (out / "traces.jsonl").read_text().count('"trace_id"') > 120
     assert "costmesh serve" in printed
     assert "Measured by ablation" in printed, "the demo measures each lever"
+    spans = [json.loads(line) for line in (out / "traces.jsonl").read_text().splitlines()]
+    ablated = Counter(
+        (s["attributes"]["costmesh.experiment"].rpartition(".")[2],
+         s["attributes"].get("costmesh.cache.outcome"))
+        for s in spans
+        if s["name"].endswith("/Complete") and "." in s["attributes"]["costmesh.experiment"]
+    )  # fmt: skip
+    # Each ablation run is traced under its own experiment; without the cache, no look-up.
+    assert ablated["no-cache", "CACHE_OUTCOME_BYPASS"] == len(workload)
+    assert ablated.total() == 2 * len(workload)
 
 
 async def _cli(*argv: str) -> tuple[int, str, str]:
