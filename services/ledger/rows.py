@@ -13,7 +13,7 @@ GROUPS = ("", "team", "feature", "model", "tier", "day", "week", "month", "arm")
 
 SUMMED = (
     "calls", "input_tokens", "output_tokens", "cost_nano_usd",
-    "counterfactual_cost_nano_usd", "cached_calls", "escalated_calls",
+    "counterfactual_cost_nano_usd", "cached_calls", "escalated_calls", "out_of_domain_calls",
 )  # fmt: skip
 
 # The usage table in the SQL both engines accept. Money and token counts are BIGINT:
@@ -105,6 +105,21 @@ EXPERIMENTS = """
 OUT_OF_DOMAIN = """
     ALTER TABLE usage ADD COLUMN route_out_of_domain INTEGER NOT NULL DEFAULT 0
 """
+# Migration 6: out-of-domain calls in the daily rollup, so a spend report counts them
+# without reading the rows; filled in one grouped pass over the rows migration 5 began
+# to mark (both engines accept UPDATE ... FROM: SQLite since 3.33).
+OUT_OF_DOMAIN_ROLLUP = """
+    ALTER TABLE usage_daily ADD COLUMN out_of_domain_calls BIGINT NOT NULL DEFAULT 0;
+    UPDATE usage_daily SET out_of_domain_calls = marked.calls
+    FROM (
+        SELECT day, team, feature, model, tier, COUNT(*) AS calls FROM usage
+        WHERE route_out_of_domain <> 0 AND purpose IN (0, 1)
+        GROUP BY day, team, feature, model, tier
+    ) AS marked
+    WHERE usage_daily.day = marked.day AND usage_daily.team = marked.team
+        AND usage_daily.feature = marked.feature AND usage_daily.model = marked.model
+        AND usage_daily.tier = marked.tier
+"""
 # Each entry upgrades the schema by one version, in place; append, never edit.
 MIGRATIONS: tuple[str, ...] = (
     USAGE_TABLE,
@@ -112,6 +127,7 @@ MIGRATIONS: tuple[str, ...] = (
     PURPOSE_AND_ROUTE,
     EXPERIMENTS,
     OUT_OF_DOMAIN,
+    OUT_OF_DOMAIN_ROLLUP,
 )
 
 # CallPurpose values that are calls (UNSPECIFIED, from older writers, and ANSWER).
@@ -123,7 +139,8 @@ ROW_SUMS = (
     f"SUM(CASE WHEN {_ANSWER} THEN 1 ELSE 0 END), SUM(input_tokens), SUM(output_tokens),"
     " SUM(cost_nano_usd), SUM(counterfactual_cost_nano_usd),"
     f" SUM(CASE WHEN {_ANSWER} AND cache_outcome IN (2, 3) THEN 1 ELSE 0 END),"
-    f" SUM(CASE WHEN {_ANSWER} AND escalated <> 0 THEN 1 ELSE 0 END)"
+    f" SUM(CASE WHEN {_ANSWER} AND escalated <> 0 THEN 1 ELSE 0 END),"
+    f" SUM(CASE WHEN {_ANSWER} AND route_out_of_domain <> 0 THEN 1 ELSE 0 END)"
 )
 
 
@@ -195,6 +212,7 @@ class SpendTotal:
     counterfactual_cost_nano_usd: int
     cached_calls: int
     escalated_calls: int
+    out_of_domain_calls: int
 
     def plus(self, other: SpendTotal) -> SpendTotal:
         return SpendTotal(self.keys, *(getattr(self, f) + getattr(other, f) for f in SUMMED))

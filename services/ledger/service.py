@@ -180,6 +180,7 @@ def _to_spend_row(total: SpendTotal) -> ledger_pb2.SpendRow:
         counterfactual_cost_nano_usd=total.counterfactual_cost_nano_usd,
         savings_nano_usd=total.counterfactual_cost_nano_usd - total.cost_nano_usd,
         escalated_calls=total.escalated_calls,
+        out_of_domain_calls=total.out_of_domain_calls,
     )
 
 

@@ -64,7 +64,7 @@ class Sql:
         updates = ", ".join(f"{c} = usage_daily.{c} + excluded.{c}" for c in SUMMED)
         return (
             f"INSERT INTO usage_daily ({keys}, {', '.join(SUMMED)})"
-            f" VALUES ({', '.join([m] * 12)})"
+            f" VALUES ({', '.join([m] * (5 + len(SUMMED)))})"
             f" ON CONFLICT ({keys}) DO UPDATE SET {updates}"
         )
 
@@ -168,13 +168,14 @@ def rollup_increments(inserted: Iterable[UsageRow]) -> list[tuple[object, ...]]:
 
 def rollup_values(row: UsageRow) -> tuple[object, ...]:
     """The rollup increment one new row contributes: overhead rows (not answers) add
-    their cost and tokens but no call, cached call or escalated call (as ROW_SUMS)."""
+    their cost and tokens but no call, cached, escalated or out-of-domain call (as
+    ROW_SUMS)."""
     answer = int(row.is_answer)
     cached = answer * int(row.cache_outcome in (2, 3))
     return (
         row.day, row.team, row.feature, row.model, row.tier, answer, row.input_tokens,
         row.output_tokens, row.cost_nano_usd, row.counterfactual_cost_nano_usd, cached,
-        answer * int(row.escalated),
+        answer * int(row.escalated), answer * int(row.route_out_of_domain),
     )  # fmt: skip
 
 

@@ -41,6 +41,7 @@ def _random_rows(rng: random.Random, count: int) -> list[UsageRow]:
                 output_tokens=rng.randrange(2000),
                 cache_outcome=rng.choice([1, 2, 3]),
                 escalated=rng.random() < 0.1,
+                route_out_of_domain=rng.random() < 0.2,
                 purpose=rng.choice([0, 1, 1, 2, 3, 4]),  # 2-4 are overhead, not calls
                 cost_nano_usd=cost,
                 counterfactual_cost_nano_usd=cost + rng.randrange(10**12),
@@ -63,7 +64,7 @@ def _key(group: str, row: UsageRow) -> str:
 def _brute_force(
     rows: list[UsageRow], groups: tuple[str, ...], start: int, end: int, **filters: str
 ) -> list[SpendTotal]:
-    sums: dict[tuple[str, ...], list[int]] = defaultdict(lambda: [0] * 7)
+    sums: dict[tuple[str, ...], list[int]] = defaultdict(lambda: [0] * 8)
     for row in rows:
         wanted = all(not value or getattr(row, name) == value for name, value in filters.items())
         if start <= row.time_us < end and wanted:
@@ -73,7 +74,7 @@ def _brute_force(
                 (
                     answer, row.input_tokens, row.output_tokens, row.cost_nano_usd,
                     row.counterfactual_cost_nano_usd, answer * int(row.cache_outcome in (2, 3)),
-                    answer * int(row.escalated),
+                    answer * int(row.escalated), answer * int(row.route_out_of_domain),
                 )
             ):  # fmt: skip
                 total[i] += value

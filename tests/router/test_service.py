@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import csv
 import dataclasses
+import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,6 +18,7 @@ from costmesh.ledger.v1 import ledger_pb2
 from costmesh.router.v1 import router_pb2
 from costmesh.types.v1 import types_pb2
 from costmesh_simulator import OpenAISimulator
+from costmesh_tools.cli import main
 from costmesh_tools.router.tickets import Ticket
 from costmesh_tools.router.training import train
 from services import SERVICES
@@ -23,6 +28,7 @@ from services.mesh import start_mesh
 from services.router.artefact import TIERS, TierModel
 from tests.conftest import (
     AUTH,
+    DEMO_KEY,
     SERVICE_AUTH,
     Mesh,
     ledger_rows,
@@ -397,3 +403,16 @@ async def test_the_ledger_row_says_the_answer_was_routed_out_of_domain(mesh: Mes
     assert rows["gpt-4o"].route_out_of_domain
     assert "out of domain" in rows["gpt-4o"].route_reason
     assert not rows["gpt-4o-mini"].route_out_of_domain
+    # And the chargeback report, read from the ledger's daily rollup, counts it.
+    spend = await mesh.ledger.QuerySpend(
+        ledger_pb2.QuerySpendRequest(group_by=ledger_pb2.GROUP_BY_FEATURE),
+        metadata=AUTH, timeout=5,
+    )  # fmt: skip
+    assert [(r.key, r.calls, r.out_of_domain_calls) for r in spend.rows] == [("default", 2, 1)]
+    out = io.StringIO()
+    args = ["ledger", "report", "--addr", mesh.address, "--key", DEMO_KEY,
+            "--by", "feature", "--format", "csv"]  # fmt: skip
+    with contextlib.redirect_stdout(out):
+        assert await asyncio.to_thread(main, args) == 0
+    report = {r["feature"]: r for r in csv.DictReader(io.StringIO(out.getvalue()))}
+    assert report["default"]["out_of_domain_pct"] == "50.0"

@@ -421,6 +421,7 @@ class SpendRow(_message.Message):
     SAVINGS_NANO_USD_FIELD_NUMBER: _builtins.int
     ESCALATED_CALLS_FIELD_NUMBER: _builtins.int
     SECOND_KEY_FIELD_NUMBER: _builtins.int
+    OUT_OF_DOMAIN_CALLS_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The group's value (team, feature, model or day); empty when not grouped."""
     calls: _builtins.int
@@ -441,6 +442,10 @@ class SpendRow(_message.Message):
     """Calls that escalated to a stronger model."""
     second_key: _builtins.str
     """The group's value in the then_by dimension; empty without then_by."""
+    out_of_domain_calls: _builtins.int
+    """Calls the router found outside its classifier's domain (and so routed by the
+    feature's router_out_of_domain choice).
+    """
     def __init__(
         self,
         *,
@@ -454,10 +459,11 @@ class SpendRow(_message.Message):
         savings_nano_usd: _builtins.int = ...,
         escalated_calls: _builtins.int = ...,
         second_key: _builtins.str = ...,
+        out_of_domain_calls: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_calls", b"cached_calls", "calls", b"calls", "cost_nano_usd", b"cost_nano_usd", "counterfactual_cost_nano_usd", b"counterfactual_cost_nano_usd", "escalated_calls", b"escalated_calls", "input_tokens", b"input_tokens", "key", b"key", "output_tokens", b"output_tokens", "savings_nano_usd", b"savings_nano_usd", "second_key", b"second_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_calls", b"cached_calls", "calls", b"calls", "cost_nano_usd", b"cost_nano_usd", "counterfactual_cost_nano_usd", b"counterfactual_cost_nano_usd", "escalated_calls", b"escalated_calls", "input_tokens", b"input_tokens", "key", b"key", "out_of_domain_calls", b"out_of_domain_calls", "output_tokens", b"output_tokens", "savings_nano_usd", b"savings_nano_usd", "second_key", b"second_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
