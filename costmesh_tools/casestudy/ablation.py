@@ -4,12 +4,16 @@ than attributed row by row.
 
 The cache is switched off with `cache_control.no_cache` and `no_store` (no look-up, no
 embedding, nothing stored); routing by naming the feature's baseline model in the
-request (the model control answers with), which the mesh honours instead of asking the
-router. With both levers on (the treatment), both off (control) and each off alone, a
-lever's share is its Shapley value: its saving averaged over the two orders it can be
-switched on in. The shares sum to control's cost minus the treatment's, and what the
-levers do together (a cache hit saves less once the request would have gone to a cheap
-model anyway) is split evenly instead of going to whichever lever is counted first.
+request (the model control answers with): the mesh answers with the named model
+whatever the router would have chosen. A named model is also never downgraded for a
+team's budget, so a team over budget is refused there and the ablation gives way to a
+note.
+
+With both levers on (the treatment), both off (control) and each off alone, a lever's
+share is its Shapley value: its saving averaged over the two orders it can be switched
+on in. The shares sum to control's cost minus the treatment's, and what the levers do
+together (a cache hit saves less once the request would have gone to a cheap model
+anyway) is split evenly instead of going to whichever lever is counted first.
 """
 
 from __future__ import annotations

@@ -81,7 +81,10 @@ def verdict(comparison: Comparison, detect: float | None = None) -> str:
         if waived:
             line += "; over the margin on their own, waived: " + _named(waived)
         if noisy:
-            line += "; over the margin on their own but within noise: " + _named(noisy)
+            line += (
+                "; over the margin on their own but within noise (an interval reaching "
+                "zero, or too few distinct conversations): " + _named(noisy)
+            )
     return line + "\n" + power(comparison, detect)
 
 

@@ -33,7 +33,8 @@ requests a given drop needs.
 Groups are the whole, each feature, and each true tier where the workload labels them
 (`tier:complex`): routing decides by tier, and a policy that answers the hard tickets
 badly can hide in the average of the easy ones. A slice whose own drop is over the
-margin, with its interval above zero, fails the gate too, unless waived.
+margin, with its interval above zero over at least MIN_SLICE_CONVERSATIONS distinct
+conversations, fails the gate too, unless waived.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ CONFIDENCE = 0.95
 Z_POWER = 0.841621
 Z_INTERVAL = 1.959964  # half a 95% interval, in standard errors
 TIER_PREFIX = "tier:"
+# A bootstrap over fewer distinct conversations than this has too few values to give an
+# interval: one question asked twenty times is one piece of evidence. Such a slice
+# does not fail the gate on its own (the overall drop still counts).
+MIN_SLICE_CONVERSATIONS = 5
 # References that read as labels: at most this many words, and this many distinct.
 LABEL_WORDS, LABEL_VALUES = 3, 50
 
@@ -201,6 +206,7 @@ class Group:
 
     name: str
     requests: int  # compared: answered and scored in both arms
+    conversations: int  # distinct among them: what the interval is drawn over
     control: float
     treatment: float
     drop: float  # relative to control; negative when the treatment does better
@@ -222,7 +228,8 @@ class Group:
         if self.drop_high <= margin or self.drop >= margin:
             return None
         half_width = Z_INTERVAL * self.standard_error
-        return math.ceil(self.requests * (half_width / (margin - self.drop)) ** 2)
+        needed = math.ceil(self.requests * (half_width / (margin - self.drop)) ** 2)
+        return max(needed, self.requests + 1)  # a lopsided interval can make it look done
 
     def needed(self, drop: float, margin: float) -> int | None:
         """Requests (of this mix) for the gate to fail a true `drop` 80% of the time;
@@ -266,8 +273,13 @@ class Comparison:
     @property
     def slices_failing(self) -> tuple[Group, ...]:
         """Those of them whose interval is wholly above zero (a drop, not noise of a
-        few requests) and not waived: each fails the gate."""
-        return tuple(g for g in self.slices_over if g.drop_low > 0 and g.name not in self.waived)
+        few requests), drawn over at least MIN_SLICE_CONVERSATIONS distinct ones, and not
+        waived: each fails the gate."""
+        return tuple(
+            g for g in self.slices_over
+            if g.drop_low > 0 and g.conversations >= MIN_SLICE_CONVERSATIONS
+            and g.name not in self.waived
+        )  # fmt: skip
 
     @property
     def reasons(self) -> list[str]:
@@ -358,14 +370,15 @@ def _group(
     return Group(
         name=name,
         requests=len(values),
+        conversations=len(sums),
         control=float(control.mean()),
         treatment=float(treatment.mean()),
         drop=float(_drop(np.array([control.mean()]), np.array([treatment.mean()]))[0]),
         drop_low=float(low),
         drop_high=float(high),
-        # Pairs that all agree give the bootstrap no spread: one request changing its
-        # score is the least the data can say.
-        standard_error=max(float(np.std(drops)), 1.0 / len(values)),
+        # Pairs that all agree give the bootstrap no spread: one conversation changing
+        # its score is the least the data can say.
+        standard_error=max(float(np.std(drops)), 1.0 / len(sums)),
     )
 
 

@@ -50,7 +50,7 @@ def register(commands: Any) -> None:
                      help="API key (default: $COSTMESH_API_KEY)")  # fmt: skip
     run.add_argument("--config", type=Path, help="the mesh's config (for the models' tiers)")
     add_tls_arguments(run)
-    _replay_options(run, ablate=False)
+    _replay_options(run, ablate="off")
     run.set_defaults(handler=_replay)
     demo = commands.add_parser(
         "demo",
@@ -61,19 +61,22 @@ def register(commands: Any) -> None:
     demo.add_argument("--workload", type=Path, default=bundled_workload_path(),
                       help="a .jsonl or .jsonl.gz workload (default: the bundled "
                       "support workload, %(default)s)")  # fmt: skip
-    _replay_options(demo, ablate=True, requests_per_day=CASE_REQUESTS_PER_DAY)
+    _replay_options(demo, ablate="with --mode both", requests_per_day=CASE_REQUESTS_PER_DAY)
     demo.set_defaults(handler=_demo)
 
 
 def _replay_options(
-    parser: argparse.ArgumentParser, *, ablate: bool, requests_per_day: int | None = None
+    parser: argparse.ArgumentParser, *, ablate: str, requests_per_day: int | None = None
 ) -> None:
+    """`ablate` is the default of --ablate as the help says it: "off", or on "with --mode
+    both" (left None, and so decided by the mode)."""
     parser.add_argument("--mode", choices=("both", "split"), default="both",
                         help="both: each request under both policies; split: A/B")  # fmt: skip
-    parser.add_argument("--ablate", action=argparse.BooleanOptionalAction, default=ablate,
+    parser.add_argument("--ablate", action=argparse.BooleanOptionalAction,
+                        default=False if ablate == "off" else None,
                         help="with --mode both, replay the treatment again without the "
                         "cache and without routing, to measure each lever's share; "
-                        "twice the treatment's calls again (default: %(default)s)")  # fmt: skip
+                        f"twice the treatment's calls again (default: {ablate})")  # fmt: skip
     parser.add_argument("--control-share", type=float, default=0.5,
                         help="share of requests in the control arm with --mode split")  # fmt: skip
     parser.add_argument("--speed", default="max",
@@ -221,11 +224,14 @@ async def _run(
             outcome.answered,
             cost_nano_usd=outcome.confirmed_cost_nano_usd,
         )
-        measured = None
-        if args.ablate:
+        measured: ablation.Ablation | str | None = None
+        if args.ablate and outcome.answered < len(planned):
+            lost = len(planned) - outcome.answered
+            measured = f"no ablation: {lost} calls failed, so the arms' costs differ in requests"
+        elif args.ablate:
             measured = await _ablate(
                 channel, metadata=metadata, workload=workload, experiment=experiment,
-                rows=rows, args=args,
+                rows=rows, args=args, speed=speed,
             )  # fmt: skip
     report = build_report(
         rows,
@@ -236,8 +242,6 @@ async def _run(
         basis=basis,
     )
     one_arm = replay.answered_in_one_arm(planned, outcome) if args.mode == "both" else None
-    if one_arm and measured is not None:
-        measured = "no ablation: some requests were answered in one arm only"
     if isinstance(measured, str):
         report = dataclasses.replace(report, notes=(*report.notes, measured))
     elif measured is not None:
@@ -247,6 +251,8 @@ async def _run(
 
 def _experiment_names(experiment: str, args: argparse.Namespace) -> list[str]:
     """The replay's experiment, then its ablation runs' (with --ablate), each checked."""
+    if args.ablate is None:
+        args.ablate = args.mode == "both"
     if args.ablate and args.mode != "both":
         raise ValueError("--ablate: needs --mode both (the arms run the same requests)")
     names = [experiment]
@@ -265,9 +271,11 @@ async def _ablate(
     experiment: str,
     rows: Sequence[ledger_pb2.UsageRecord],
     args: argparse.Namespace,
+    speed: float | None,
 ) -> ablation.Ablation | str:
-    """The treatment replayed without each lever, as fast as the mesh answers; a note
-    instead when a run is not comparable (a call failed, a feature has no baseline)."""
+    """The treatment replayed without each lever, at the replay's own pace (a cache
+    holds what the pace lets it); a note instead when a run is not comparable (a call
+    failed, a feature has no baseline)."""
     baselines = ablation.baseline_models(rows)
     missing = sorted({r.feature for r in workload} - set(baselines))
     if missing:
@@ -277,7 +285,7 @@ async def _ablate(
     for lever in ablation.LEVERS:
         name = ablation.experiment_without(experiment, lever)
         outcome = await replay.send_all(
-            channel, metadata, treatment, name, concurrency=args.concurrency, speed=None,
+            channel, metadata, treatment, name, concurrency=args.concurrency, speed=speed,
             progress=Progress(f"replay {name}"),
             change=functools.partial(ablation.without, lever=lever, baselines=baselines),
         )  # fmt: skip

@@ -134,10 +134,14 @@ def ablation_lines(ablation: Ablation) -> list[tuple[str, str, str, str]]:
     """(lever, the treatment's cost with it off, its saving, its share of the saving),
     then control against the treatment."""
     saving = ablation.saving
+
+    def exact(nano_usd: int) -> str:  # to the micro-dollar, so the column adds up
+        return f"${Decimal(nano_usd) / 10**9:,.6f}"
+
     return [
-        *((lever, dollars(ablation.without[lever]), dollars(saved), _share(saved, saving))
+        *((lever, exact(ablation.without[lever]), exact(saved), _share(saved, saving))
           for lever, saved in ablation.shares()),
-        ("total (control)", dollars(ablation.control), dollars(saving), _share(saving, saving)),
+        ("total (control)", exact(ablation.control), exact(saving), _share(saving, saving)),
     ]  # fmt: skip
 
 

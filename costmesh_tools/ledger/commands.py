@@ -288,8 +288,8 @@ def _rows(
 ) -> tuple[list[str], list[list[str]]]:
     """The header and the lines (a TOTAL line last) of a spend table."""
     header = [*dims, "calls", "cost_usd", "without_costmesh_usd", "savings_usd", "savings_pct",
-              "cache_hit_pct", "escalation_pct", "out_of_domain_pct",
-              "cost_share_pct"]  # fmt: skip
+              "cache_hit_pct", "escalation_pct", "cost_share_pct",
+              "out_of_domain_pct"]  # fmt: skip
     lines = [_line(r, dims, spend.total_cost_nano_usd, fmt) for r in spend.rows]
     total = ledger_pb2.SpendRow(
         key="TOTAL",
@@ -317,8 +317,8 @@ def _line(row: ledger_pb2.SpendRow, dims: Sequence[str], total: int, fmt: str) -
         _pct(row.savings_nano_usd, row.counterfactual_cost_nano_usd),
         _pct(row.cached_calls, row.calls),
         _pct(row.escalated_calls, row.calls),
-        _pct(row.out_of_domain_calls, row.calls),
         _pct(row.cost_nano_usd, total),
+        _pct(row.out_of_domain_calls, row.calls),
     ]
 
 

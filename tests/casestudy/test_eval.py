@@ -393,6 +393,25 @@ def test_a_question_asked_again_is_not_new_evidence() -> None:
     assert clustered.drop_high - clustered.drop_low > 1.8 * (spread.drop_high - spread.drop_low)
 
 
+def test_a_slice_of_one_question_asked_again_and_again_cannot_fail_on_its_own() -> None:
+    once = [pair("q", 1.0, 1.0) for _ in range(18)] + [pair("q", 1.0, 0.0) for _ in range(2)]
+    once = [dataclasses.replace(p, request=dataclasses.replace(p.request, feature="faq"))
+            for p in once]  # fmt: skip
+    others = [pair(f"o{i}", 1.0, 1.0, feature="orders") for i in range(380)]
+
+    result = compare(once + others, 0.05)
+    (faq,) = [g for g in result.features if g.name == "faq"]
+
+    assert (faq.requests, faq.conversations) == (20, 1)
+    assert faq.drop == pytest.approx(0.1)
+    assert faq.standard_error == pytest.approx(1.0), "one conversation: no interval at all"
+    assert result.passed, "one question is one piece of evidence, however often asked"
+    assert (
+        "within noise (an interval reaching zero, or too few distinct conversations): "
+        "faq (10.0%)" in verdict(result)
+    )
+
+
 def test_a_tier_answered_badly_fails_the_gate_even_when_the_average_passes() -> None:
     def tiered(rid: str, tier: str, treatment: float) -> Pair:
         base = pair(rid, 1.0, treatment)

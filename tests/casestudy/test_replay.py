@@ -3,6 +3,7 @@ ledger, the A/B split's ratio, and `costmesh demo` on a slice of the bundled wor
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import csv
@@ -21,7 +22,7 @@ from costmesh.inference.v1 import inference_pb2
 from costmesh.ledger.v1 import ledger_pb2
 from costmesh.types.v1 import types_pb2
 from costmesh_simulator import OpenAISimulator
-from costmesh_tools.casestudy import arms, replay
+from costmesh_tools.casestudy import arms, replay, replay_commands
 from costmesh_tools.casestudy.ablation import Ablation
 from costmesh_tools.casestudy.report import BASELINE, EXACT_HITS, ROUTING, build_report
 from costmesh_tools.casestudy.support_workload import bundled_workload_path
@@ -216,12 +217,22 @@ async def test_ablation_arms_measure_each_lever_and_share_the_saving_exactly(
 
 
 def test_a_lever_s_share_is_its_saving_averaged_over_both_orders() -> None:
-    # Control 100; the cache alone 80, routing alone 30; both 10.
-    measured = Ablation(control=100, treatment=10, without={"cache": 30, "routing": 80})
-    odd = Ablation(control=101, treatment=10, without={"cache": 30, "routing": 80})
+    # Control 100; the cache alone 80, routing alone 30; both 20. Switched on first the
+    # cache saves 20, last only 10 (its hits would have been cheap already): 15.
+    # Routing saves 70 first and 60 last: 65.
+    measured = Ablation(control=100, treatment=20, without={"cache": 30, "routing": 80})
+    odd = Ablation(control=101, treatment=20, without={"cache": 30, "routing": 80})
 
-    assert measured.shares() == [("cache", 20), ("routing", 70)]  # (20 + 20) / 2, (70 + 70) / 2
-    assert sum(saved for _, saved in odd.shares()) == 91, "to the nano-dollar"
+    assert measured.shares() == [("cache", 15), ("routing", 65)]
+    assert odd.shares() == [("cache", 15), ("routing", 66)], "rounding goes to the last lever"
+
+
+def test_the_demo_ablates_by_default_only_where_the_arms_run_the_same_requests() -> None:
+    def names(mode: str) -> list[str]:
+        return replay_commands._experiment_names("x", argparse.Namespace(ablate=None, mode=mode))
+
+    assert names("both") == ["x", "x.no-cache", "x.no-routing"]
+    assert names("split") == ["x"], "an A/B split has nothing to ablate"
 
 
 async def test_a_workload_that_is_not_valid_is_refused_before_anything_is_sent(
