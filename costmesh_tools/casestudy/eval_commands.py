@@ -159,11 +159,13 @@ def _scoring(scorer: str, requests: Sequence[WorkloadRequest]) -> ScoringPlan:
         match = frozenset(match_features(requests)) - exact
         return ScoringPlan(exact, match, features - exact - match)
     if scorer == "match":
-        unjudged = sorted(features - match_features(requests))
+        # Label references (escalate, resolve) repeat across intents: nothing to match.
+        unjudged = sorted(features - (match_features(requests) - label_features(requests)))
         if unjudged:
             raise WorkloadError(
-                f"--scorer match: feature {unjudged[0]!r} needs a label on every request "
-                "with a reference, and at least two labels"
+                f"--scorer match: feature {unjudged[0]!r} needs free-text references with a "
+                "label on every request and at least two labels (auto scores label "
+                "references exactly)"
             )
     return ScoringPlan(**{scorer: features}) if scorer != "judge" else ScoringPlan()
 

@@ -588,7 +588,7 @@ def test_bad_input_is_one_line_and_exit_2(
             "--waive",
             "tier:complex",
         ],
-        "--scorer match: feature 'billing' needs a label on every request": [
+        "--scorer match: feature 'billing' needs free-text references with a label": [
             str(workload),
             *key,
             "--scorer",
@@ -601,6 +601,21 @@ def test_bad_input_is_one_line_and_exit_2(
         assert out == ""
         assert err.count("\n") == 1, err
         assert message in err
+
+
+def test_match_refuses_label_references_which_repeat_across_intents(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [("route", "Where is my parcel?", "resolve"), ("route", "You lost it!", "escalate")]
+    workload = write_workload(tmp_path / "w.jsonl", rows)
+
+    code, out, err = run_eval(
+        [str(workload), "--key", DEMO_KEY, "--address", "127.0.0.1:1", "--scorer", "match"], capsys
+    )
+
+    assert (code, out) == (2, "")
+    assert "--scorer match: feature 'route' needs free-text references" in err
+    assert "(auto scores label references exactly)" in err
 
 
 def test_no_mesh_at_the_address_is_exit_2(
