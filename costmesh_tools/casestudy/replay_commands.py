@@ -255,12 +255,17 @@ def _experiment_names(experiment: str, args: argparse.Namespace) -> list[str]:
         args.ablate = args.mode == "both"
     if args.ablate and args.mode != "both":
         raise ValueError("--ablate: needs --mode both (the arms run the same requests)")
-    names = [experiment]
-    if args.ablate:
-        names += [ablation.experiment_without(experiment, lever) for lever in ablation.LEVERS]
-    for name in names:
-        check_experiment(name)
-    return names
+    check_experiment(experiment)
+    if not args.ablate:
+        return [experiment]
+    runs = [ablation.experiment_without(experiment, lever) for lever in ablation.LEVERS]
+    longest = max(len(run) - len(experiment) for run in runs)
+    if len(experiment) + longest > MAX_EXPERIMENT_NAME:
+        raise ValueError(
+            f"--experiment: at most {MAX_EXPERIMENT_NAME - longest} characters with --ablate "
+            f"(its runs add {', '.join(run[len(experiment) :] for run in runs)} to the name)"
+        )
+    return [experiment, *runs]
 
 
 async def _ablate(

@@ -350,7 +350,9 @@ async def test_a_refused_key_stops_before_anything_is_sent(
     ("argv", "message"),
     [
         (["--experiment", "x" * 101], "--experiment: at most 100 characters"),
-        (["--experiment", "x" * 95, "--ablate"], "--experiment: at most 100 characters"),
+        (["--experiment", "x" * 95, "--ablate"],
+         "--experiment: at most 89 characters with --ablate (its runs add .no-cache, "
+         ".no-routing to the name)"),
         (["--mode", "split", "--ablate"], "--ablate: needs --mode both"),
         (["--experiment", "a\tb"], "--experiment: printable characters only"),
         (["--requests-per-day", "abc"], "argument --requests-per-day: not a number: 'abc'"),
