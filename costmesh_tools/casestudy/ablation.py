@@ -35,7 +35,7 @@ def experiment_without(experiment: str, lever: str) -> str:
     return f"{experiment}.no-{lever}"
 
 
-def without(
+def switch_off(
     call: inference_pb2.CompleteRequest, lever: str, baselines: Mapping[str, str]
 ) -> inference_pb2.CompleteRequest:
     """`call` (a treatment request) with `lever` switched off. KeyError for a feature

@@ -292,7 +292,7 @@ async def _ablate(
         outcome = await replay.send_all(
             channel, metadata, treatment, name, concurrency=args.concurrency, speed=speed,
             progress=Progress(f"replay {name}"),
-            change=functools.partial(ablation.without, lever=lever, baselines=baselines),
+            change=functools.partial(ablation.switch_off, lever=lever, baselines=baselines),
         )  # fmt: skip
         if outcome.answered < len(treatment):
             failed = len(treatment) - outcome.answered
