@@ -180,11 +180,12 @@ def _eval(args: argparse.Namespace, out: TextIO) -> int:
     vectors = _embed(tickets.test, encoder, sys.stderr)
     probabilities = model.tier_probabilities(vectors)
     truth = [t.tier for t in tickets.test]
-    ood = model.out_of_domain(vectors)
+    unfamiliar = model.unfamiliarity(vectors)
+    ood = unfamiliar >= 1.0
     if args.ignore_out_of_domain:  # what the classifier alone would do, for comparison
-        ood[:] = False
+        unfamiliar[:] = 0.0
     knobs = sorted({*args.knobs, *([validated] if (validated := _validated(model)) else [])})
-    rows = sweep(probabilities, truth, knobs, costs.per_request, ood)
+    rows = sweep(probabilities, truth, knobs, costs.per_request, unfamiliar)
     # The knob is the one chosen on the artefact's held-out rows, never on this set;
     # an artefact from before that was recorded falls back to the best here (said so).
     best = next((r for r in rows if r.knob == validated), None)
@@ -200,7 +201,7 @@ def _eval(args: argparse.Namespace, out: TextIO) -> int:
             if args.ignore_out_of_domain
             else f"out of domain: {int(ood.sum())} of {len(ood)} ({ood.mean():.1%}) below "
             f"similarity {model.ood_min_similarity:.2f} to the nearest intent, "
-            "routed to complex\n\n"
+            "routed to complex; " + _unfamiliar_note(model, unfamiliar, ood)
         )
     )
     _write_rows(out, rows, best, args.format)
@@ -234,6 +235,18 @@ def _eval(args: argparse.Namespace, out: TextIO) -> int:
     lines.append(["precision", *(f"{best.precision(i):.1%}" for i in range(len(TIERS))), ""])
     write_grid(out, header, lines, args.format)
     return 0
+
+
+def _unfamiliar_note(
+    model: TierModel, unfamiliar: npt.NDArray[np.float64], ood: npt.NDArray[np.bool_]
+) -> str:
+    if not model.familiar_similarity:
+        return "no familiar similarity in this artefact: the knob is never raised\n\n"
+    edge = (unfamiliar > 0) & ~ood
+    return (
+        f"{int(edge.sum())} ({edge.mean():.1%}) between it and {model.familiar_similarity:.2f}, "
+        "the knob raised toward 1 as they near the bar\n\n"
+    )
 
 
 def _validated(model: TierModel) -> float | None:

@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from costmesh_tools.router.tickets import DataError, Ticket
-from services.router.artefact import TIERS, Matrix, TierModel, tier_sums
+from services.router.artefact import TIERS, Matrix, TierModel, tier_sums, unfamiliarity
 from services.router.policy import choose_tier
 
 # Inverse regularisation strength: chosen on Banking77 train by cross-validation
@@ -26,6 +26,10 @@ PRIOR_QUANTILES = 201
 # classifier's own top probability and over 5-nearest-neighbour similarity on
 # bitext -> CLINC150's out-of-scope set, Banking77 and CLINC150 (bench/NOTES.md).
 OOD_HELDOUT_SHARE = 0.02
+# Share of held-out questions below the familiar similarity: between the out-of-domain
+# bar and it, the knob rises toward 1. The widest ramp (of 5%, 10%, 15%, 25%) that left
+# the shipped artefact's validation knob where it was (bench/NOTES.md).
+FAMILIAR_HELDOUT_SHARE = 0.05
 # Knobs a trained artefact is validated at; the recommended one sends the most traffic
 # below complex while at most this share of held-out complex requests goes cheaper.
 VALIDATION_KNOBS = tuple(round(0.05 * i, 2) for i in range(1, 20))
@@ -78,8 +82,9 @@ def train(
         vectors[held_idx] @ centroids(vectors[fit_idx], targets[fit_idx], len(classes)).T
     ).max(axis=1)
     ood_bar = float(np.quantile(held_nearest, OOD_HELDOUT_SHARE))
+    familiar = float(np.quantile(held_nearest, FAMILIAR_HELDOUT_SHARE))
     held_ood = held_nearest < ood_bar
-    validated = validation_knob(held_tiers, held_ood, truth)
+    validated = validation_knob(held_tiers, unfamiliarity(held_nearest, ood_bar, familiar), truth)
     log_loss = float(-np.mean(np.log(np.maximum(held_tiers[np.arange(len(truth)), truth], 1e-12))))
     cheap = (held_tiers[:, 0] + held_tiers[:, 1])[~held_ood]  # as a router observes them
     final = fit(np.arange(len(tickets)))
@@ -96,6 +101,7 @@ def train(
         embedding_model=embedding_model,
         centroids=centroids(vectors, targets, len(classes)),
         ood_min_similarity=round(ood_bar, 4),
+        familiar_similarity=round(familiar, 4),
         meta={
             "trained_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "source": source,
@@ -105,6 +111,7 @@ def train(
             "holdout_rows": len(held_idx),
             "holdout_tier_accuracy": round(float(np.mean(chosen == truth)), 4),
             "ood_holdout_share": OOD_HELDOUT_SHARE,
+            "familiar_holdout_share": FAMILIAR_HELDOUT_SHARE,
             "validation_knob": validated,
             "holdout_cheap_scores": [
                 round(float(q), 4) for q in np.quantile(cheap, np.linspace(0, 1, PRIOR_QUANTILES))
@@ -124,17 +131,24 @@ def centroids(vectors: Matrix, targets: npt.NDArray[np.intp], classes: int) -> M
 
 
 def route(
-    probabilities: npt.NDArray[np.floating], out_of_domain: npt.NDArray[np.bool_], knob: float
+    probabilities: npt.NDArray[np.floating], unfamiliar: npt.NDArray[np.floating], knob: float
 ) -> npt.NDArray[np.intp]:
-    """Each row's tier index as the router picks it: out-of-domain rows go complex."""
-    routed = np.array([TIERS.index(choose_tier(p, knob)) for p in probabilities], dtype=np.intp)
-    routed[out_of_domain] = len(TIERS) - 1
+    """Each row's tier index as the router picks it: the knob raised by the row's
+    unfamiliarity, and out-of-domain rows (unfamiliarity 1) to complex."""
+    routed = np.array(
+        [
+            TIERS.index(choose_tier(p, knob, u))
+            for p, u in zip(probabilities, unfamiliar, strict=True)
+        ],
+        dtype=np.intp,
+    )
+    routed[unfamiliar >= 1.0] = len(TIERS) - 1
     return routed
 
 
 def validation_knob(
     probabilities: npt.NDArray[np.floating],
-    out_of_domain: npt.NDArray[np.bool_],
+    unfamiliar: npt.NDArray[np.floating],
     truth: npt.NDArray[np.intp],
 ) -> float | None:
     """The knob that sends the most held-out traffic below complex while at most
@@ -142,7 +156,7 @@ def validation_knob(
     complex_rows = truth == len(TIERS) - 1
     best: tuple[float, float] | None = None
     for knob in VALIDATION_KNOBS:
-        routed = route(probabilities, out_of_domain, knob)
+        routed = route(probabilities, unfamiliar, knob)
         below = float(np.mean(routed[complex_rows] < len(TIERS) - 1)) if complex_rows.any() else 0.0
         cheap = float(np.mean(routed < len(TIERS) - 1))
         # A tie goes to the higher (safer) knob: knobs rise, so >= keeps the last.
@@ -249,12 +263,13 @@ def sweep(
     truth: Sequence[str],
     knobs: Sequence[float],
     request_costs: dict[str, npt.NDArray[np.float64]],
-    out_of_domain: npt.NDArray[np.bool_] | None = None,
+    unfamiliar: npt.NDArray[np.floating] | None = None,
 ) -> list[KnobRow]:
-    """Route every row at each knob as the router would (out-of-domain rows to complex);
-    costs[tier][i] is request i on that tier's model."""
+    """Route every row at each knob as the router would (the knob raised by each row's
+    unfamiliarity, out-of-domain rows to complex); costs[tier][i] is request i on that
+    tier's model."""
     true_idx = np.array([TIERS.index(t) for t in truth])
-    ood = np.zeros(len(true_idx), dtype=np.bool_) if out_of_domain is None else out_of_domain
+    ood = np.zeros(len(true_idx)) if unfamiliar is None else unfamiliar
     rows = []
     large = float(request_costs[TIERS[-1]].sum())
     for knob in knobs:

@@ -11,7 +11,9 @@ It also knows where its training data lies: each class's centroid (the normalise
 mean of its training vectors), and the similarity to the nearest centroid below which
 a question is out of its domain (chosen so that 2% of held-out in-domain questions
 fall below it). A classifier is confidently wrong far from its data; the router sends
-such questions to a safe tier instead.
+such questions to a safe tier instead. Between that bar and a familiar similarity
+(where 5% of held-out questions fall below), a question is partly unfamiliar, from 1 at
+the bar to 0 at the familiar mark, and needs to be that much surer to go cheaper.
 
 The file is a NumPy `.npz` read with allow_pickle=False: loading an artefact never
 runs code. Its version is a digest of its content, so a router reports exactly
@@ -59,6 +61,8 @@ class TierModel:
     # (classes, dimensions), unit rows; None in artefacts trained before (no detection).
     centroids: Matrix | None = None
     ood_min_similarity: float = 0.0
+    # At or above it a question is familiar; 0 in artefacts trained before (no ramp).
+    familiar_similarity: float = 0.0
 
     def __post_init__(self) -> None:
         rows = self.weights.shape[0]
@@ -70,6 +74,8 @@ class TierModel:
             raise ArtefactError("temperature must be positive")
         if self.centroids is not None and self.centroids.shape != self.weights.shape:
             raise ArtefactError("centroids and weights disagree in shape")
+        if self.familiar_similarity and self.familiar_similarity < self.ood_min_similarity:
+            raise ArtefactError("the familiar similarity is below the out-of-domain bar")
 
     @property
     def dimensions(self) -> int:
@@ -101,6 +107,18 @@ class TierModel:
             return np.zeros(len(vectors), dtype=np.bool_)
         return nearest < self.ood_min_similarity
 
+    def unfamiliarity(self, vectors: Matrix) -> npt.NDArray[np.float64]:
+        """How far each vector lies toward the edge of the training data, in [0, 1]: 1
+        out of domain, 0 from the familiar similarity up, linear in between."""
+        nearest = self.nearest_similarity(vectors)
+        if nearest is None:
+            return np.zeros(len(vectors), dtype=np.float64)
+        return self.unfamiliarity_at(nearest)
+
+    def unfamiliarity_at(self, nearest: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """The unfamiliarity of questions at these nearest-centroid similarities."""
+        return unfamiliarity(nearest, self.ood_min_similarity, self.familiar_similarity)
+
     def tier_probabilities(self, vectors: Matrix) -> Probabilities:
         """Probability of each tier in TIERS order: the sum over its classes."""
         return tier_sums(self.class_probabilities(vectors), self.class_tiers)
@@ -115,6 +133,7 @@ class TierModel:
             "temperature": self.temperature,
             "embedding_model": self.embedding_model,
             "ood_min_similarity": self.ood_min_similarity,
+            "familiar_similarity": self.familiar_similarity,
         }
         arrays = {
             "weights": self.weights.astype(np.float32),
@@ -173,11 +192,26 @@ class TierModel:
                 version=version,
                 centroids=arrays["centroids"].astype(np.float32) if "centroids" in arrays else None,
                 ood_min_similarity=float(meta.pop("ood_min_similarity", 0.0)),
+                familiar_similarity=float(meta.pop("familiar_similarity", 0.0)),
             )
         except ArtefactError as exc:
             raise ArtefactError(f"{path}: {exc}") from None
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtefactError(f"{path}: incomplete metadata ({exc!r})") from None
+
+
+def unfamiliarity(
+    nearest: npt.NDArray[np.float64], ood_min_similarity: float, familiar_similarity: float
+) -> npt.NDArray[np.float64]:
+    """1 below the out-of-domain bar, 0 at or above the familiar similarity, linear in
+    between (0 everywhere above the bar when there is no familiar similarity)."""
+    width = familiar_similarity - ood_min_similarity
+    if width > 0:
+        ramp = np.clip((familiar_similarity - nearest) / width, 0.0, 1.0)
+    else:
+        ramp = np.zeros(len(nearest), dtype=np.float64)
+    result: npt.NDArray[np.float64] = np.where(nearest < ood_min_similarity, 1.0, ramp)
+    return result
 
 
 def tier_sums(

@@ -40,6 +40,7 @@ class Classification:
     failed: bool = False
     embedded: bool = False  # the router embedded the question itself
     out_of_domain: bool = False  # far from the artefact's training data
+    unfamiliarity: float = 0.0  # 0..1, toward that edge: raises the cheap-tier bar
 
 
 class Classifier(Protocol):
@@ -168,6 +169,7 @@ class EmbeddingClassifier:
             model.version,
             explanation,
             embedded=embedded,
+            unfamiliarity=0.0 if nearest is None else float(model.unfamiliarity_at(nearest)[0]),
         )
 
     async def _out_of_domain(

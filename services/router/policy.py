@@ -3,7 +3,9 @@
 Tiers are ordered (simple < moderate < complex), so the router asks, cheapest tier
 first, "how likely is it that this request needs at most this tier?". The first tier
 whose cumulative probability reaches the threshold wins; complex always qualifies.
-A higher threshold sends fewer requests down, and fewer complex ones by mistake.
+A higher threshold sends fewer requests down, and fewer complex ones by mistake. A
+question near the edge of the classifier's training data (its unfamiliarity, 0..1)
+raises the threshold toward 1 in proportion: uncertainty costs money, never quality.
 
 A feature may instead state the share of its traffic it wants below complex. The
 threshold then follows the score quantiles of its recent requests (as RouteLLM
@@ -26,14 +28,24 @@ DEFAULT_WINDOW = 2000
 MIN_OBSERVED = 200
 
 
-def choose_tier(probabilities: Sequence[float], threshold: float) -> str:
-    """The cheapest tier whose cumulative probability reaches the threshold."""
+def choose_tier(
+    probabilities: Sequence[float], threshold: float, unfamiliarity: float = 0.0
+) -> str:
+    """The cheapest tier whose cumulative probability reaches the threshold, raised
+    by the question's unfamiliarity."""
+    threshold = raised(threshold, unfamiliarity)
     cumulative = 0.0
     for tier, probability in zip(TIERS[:-1], probabilities, strict=False):
         cumulative += probability
         if cumulative >= threshold:
             return tier
     return TIERS[-1]
+
+
+def raised(threshold: float, unfamiliarity: float) -> float:
+    """The threshold a question of this unfamiliarity must reach: the knob for a
+    familiar one, 1 (only certainty goes cheaper) at the out-of-domain bar."""
+    return threshold + (1.0 - threshold) * min(max(unfamiliarity, 0.0), 1.0)
 
 
 def cheap_score(probabilities: Sequence[float]) -> float:

@@ -29,7 +29,7 @@ from services.router.classifiers import (
     RulesClassifier,
 )
 from services.router.plans import SHIPPED_ARTEFACT, FeaturePlan, RouterSettings
-from services.router.policy import CheapShare, cheap_score, choose_tier
+from services.router.policy import CheapShare, cheap_score, choose_tier, raised
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "costmesh.router.v1.RouterService"
@@ -74,7 +74,7 @@ class FeatureRouter:
             question, request.embedding, request.embedding_model, time_limit
         )
         threshold = self.cheap_share.threshold()
-        tier = choose_tier(found.probabilities, threshold)
+        tier = choose_tier(found.probabilities, threshold, found.unfamiliarity)
         score = cheap_score(found.probabilities)
         if not (found.out_of_domain or found.failed):
             # A cheap-share target is a share of the traffic the classifier can judge:
@@ -90,7 +90,8 @@ class FeatureRouter:
             model=model,
             escalation_model=escalation,
             confidence=found.probabilities[TIERS.index(tier)],
-            reason=f"{found.explanation}; {_verdict(found.probabilities, tier, threshold)}"
+            reason=f"{found.explanation}; "
+            f"{_verdict(found.probabilities, tier, threshold, found.unfamiliarity)}"
             f" -> {model}",
             probabilities=[
                 types_pb2.TierProbability(tier=TIER_TO_PROTO[t], probability=p)
@@ -116,6 +117,7 @@ class FeatureRouter:
                 "costmesh.route.classifier_version": found.version,
                 "costmesh.route.embedded": found.embedded,
                 "costmesh.route.out_of_domain": found.out_of_domain,
+                "costmesh.route.unfamiliarity": found.unfamiliarity,
                 "costmesh.route.cheap_tier_threshold": threshold,
                 "costmesh.route.cheap_score": score,
                 "costmesh.route.cheap_share_observed": self.cheap_share.observed,
@@ -155,11 +157,16 @@ class FeatureRouter:
         )
 
 
-def _verdict(probabilities: tuple[float, float, float], tier: str, threshold: float) -> str:
+def _verdict(
+    probabilities: tuple[float, float, float], tier: str, threshold: float, unfamiliarity: float
+) -> str:
+    bar = f"{raised(threshold, unfamiliarity):.2f}"
+    if unfamiliarity > 0:
+        bar += f" (the knob {threshold:.2f} raised: unfamiliarity {unfamiliarity:.2f})"
     if tier == TIERS[-1]:
-        return f"P(below complex) {cheap_score(probabilities):.2f} < {threshold:.2f}: complex"
+        return f"P(below complex) {cheap_score(probabilities):.2f} < {bar}: complex"
     at_most = sum(probabilities[: TIERS.index(tier) + 1])
-    return f"P(at most {tier}) {at_most:.2f} >= {threshold:.2f}: {tier}"
+    return f"P(at most {tier}) {at_most:.2f} >= {bar}: {tier}"
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):

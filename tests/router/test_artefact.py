@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,25 @@ def test_a_saved_artefact_loads_with_the_same_probabilities_and_version(
         loaded.tier_probabilities(vectors), trained_model.tier_probabilities(vectors), atol=1e-6
     )
     assert loaded.meta["rows"] == len(TICKETS)
+    assert loaded.familiar_similarity == trained_model.familiar_similarity
+    np.testing.assert_array_equal(
+        loaded.unfamiliarity(vectors), trained_model.unfamiliarity(vectors)
+    )
+
+
+def test_unfamiliarity_runs_from_the_familiar_similarity_down_to_the_out_of_domain_bar(
+    trained_model: TierModel,
+) -> None:
+    bar, familiar = trained_model.ood_min_similarity, trained_model.familiar_similarity
+    nearest = np.array([familiar + 0.05, familiar, (bar + familiar) / 2, bar, bar - 0.01])
+
+    assert 0 < bar < familiar < 1  # both chosen on the held-out questions
+    np.testing.assert_allclose(trained_model.unfamiliarity_at(nearest), [0, 0, 0.5, 1, 1])
+
+
+def test_a_familiar_similarity_below_the_bar_is_refused(trained_model: TierModel) -> None:
+    with pytest.raises(ArtefactError, match="familiar similarity is below"):
+        dataclasses.replace(trained_model, familiar_similarity=trained_model.ood_min_similarity / 2)
 
 
 def test_the_trained_classifier_separates_the_tiers_it_learned(trained_model: TierModel) -> None:

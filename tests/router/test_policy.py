@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from services.router.policy import MIN_OBSERVED, CheapShare, cheap_score, choose_tier
+from services.router.policy import MIN_OBSERVED, CheapShare, cheap_score, choose_tier, raised
 
 
 @pytest.mark.parametrize(
@@ -24,6 +24,26 @@ def test_the_cheapest_tier_whose_cumulative_probability_reaches_the_knob(
     probabilities: tuple[float, float, float], threshold: float, tier: str
 ) -> None:
     assert choose_tier(probabilities, threshold) == tier
+
+
+def test_an_unfamiliar_question_must_be_surer_to_go_cheaper() -> None:
+    # The probe: P(simple) 0.62 passes a 0.60 knob when nothing is unfamiliar.
+    probabilities = (0.62, 0.09, 0.29)
+
+    assert choose_tier(probabilities, 0.6) == "simple"
+    assert choose_tier(probabilities, 0.6, unfamiliarity=0.46) == "complex"  # needs 0.78
+    assert choose_tier((0.9, 0.05, 0.05), 0.6, unfamiliarity=0.46) == "simple"  # sure enough
+    assert choose_tier((0.999, 0.0005, 0.0005), 0.6, unfamiliarity=1.0) == "complex"
+
+
+@pytest.mark.parametrize(
+    ("threshold", "unfamiliarity", "bar"),
+    [(0.6, 0.0, 0.6), (0.6, 0.5, 0.8), (0.6, 1.0, 1.0), (0.6, 7.0, 1.0), (0.6, -1.0, 0.6)],
+)
+def test_the_knob_rises_linearly_to_one_with_unfamiliarity(
+    threshold: float, unfamiliarity: float, bar: float
+) -> None:
+    assert raised(threshold, unfamiliarity) == pytest.approx(bar)
 
 
 def test_without_a_target_the_knob_is_the_threshold() -> None:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -26,6 +27,7 @@ from services.common.config import ConfigError, load_config
 from services.common.embedding import shared_encoder
 from services.mesh import start_mesh
 from services.router.artefact import TIERS, TierModel
+from services.router.policy import cheap_score
 from tests.conftest import (
     AUTH,
     DEMO_KEY,
@@ -361,14 +363,64 @@ async def test_a_feature_may_send_out_of_domain_questions_to_the_llm_classifier_
 def test_an_artefact_from_before_the_detection_routes_as_it_did(
     trained_model: TierModel, tmp_path: Path
 ) -> None:
-    old = dataclasses.replace(trained_model, centroids=None, ood_min_similarity=0.0)
+    old = dataclasses.replace(
+        trained_model, centroids=None, ood_min_similarity=0.0, familiar_similarity=0.0
+    )
     old.save(tmp_path / "old.npz")
     loaded = TierModel.load(tmp_path / "old.npz")
-    far = shared_encoder(None, 2).embed_sync([FAR_AWAY]).vectors
+    without_ramp = dataclasses.replace(trained_model, familiar_similarity=0.0)
+    questions = shared_encoder(None, 2).embed_sync([FAR_AWAY, SIMPLE, COMPLEX]).vectors
 
     assert loaded.centroids is None
-    assert loaded.nearest_similarity(far) is None
-    assert not loaded.out_of_domain(far).any()
+    assert loaded.nearest_similarity(questions) is None
+    assert not loaded.out_of_domain(questions).any()
+    assert not loaded.unfamiliarity(questions).any()
+    # With the bar but no familiar similarity: out of domain or not, nothing between.
+    np.testing.assert_array_equal(
+        without_ramp.unfamiliarity(questions), without_ramp.out_of_domain(questions)
+    )
+
+
+async def test_a_question_near_the_edge_of_the_training_data_must_be_surer_to_go_cheaper(
+    simulator: OpenAISimulator, tmp_path: Path, trained_model: TierModel, artefact: Path
+) -> None:
+    # The tiny training set makes the classifier certain; softened, it is 64% sure of
+    # simple for SIMPLE. Then an artefact whose familiar region ends just above
+    # SIMPLE's similarity to its nearest intent: in domain, but unfamiliarity 0.9.
+    soft = dataclasses.replace(trained_model, temperature=2.5)
+    vector = shared_encoder(None, 2).embed_sync([SIMPLE]).vectors
+    (nearest,) = soft.nearest_similarity(vector)  # type: ignore[misc]
+    edge = dataclasses.replace(
+        soft, familiar_similarity=nearest + 0.09, ood_min_similarity=nearest - 0.01
+    )
+    soft.save(tmp_path / "soft.npz")
+    edge.save(tmp_path / "edge.npz")
+    config = config_for(artefact) + "".join(
+        f'[features.{name}]\nrouter_artefact = "{tmp_path / name}.npz"\n'
+        for name in ("soft", "edge")
+    )
+
+    (tmp_path / "mesh").mkdir()
+    async with running_mesh(simulator, tmp_path / "mesh", config) as mesh:
+        familiar = await mesh.router.Route(
+            route_request(SIMPLE, "soft"), metadata=SERVICE_AUTH, timeout=10
+        )
+        at_edge = await mesh.router.Route(
+            route_request(SIMPLE, "edge"), metadata=SERVICE_AUTH, timeout=10
+        )
+        routes = [s for s in mesh.spans.get_finished_spans() if s.name.endswith("/Route")]
+
+    assert probabilities(familiar) == pytest.approx(probabilities(at_edge))  # same classifier
+    assert familiar.tier == types_pb2.TIER_SIMPLE
+    assert cheap_score(list(probabilities(at_edge).values())) < 0.96  # the raised bar
+    assert (at_edge.tier, at_edge.model, at_edge.out_of_domain) == (
+        types_pb2.TIER_COMPLEX,
+        "gpt-4o",
+        False,
+    )
+    assert "0.96 (the knob 0.60 raised: unfamiliarity 0.90)" in at_edge.reason
+    unfamiliar = [r.attributes["costmesh.route.unfamiliarity"] for r in routes if r.attributes]
+    assert unfamiliar == [0.0, pytest.approx(0.9)]
 
 
 async def test_out_of_domain_questions_do_not_lower_a_cheap_share_target_s_bar(
