@@ -75,7 +75,8 @@ def register(commands: Any) -> None:
 
 def _data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True,
-                        help="banking77, bitext, or .jsonl/.csv: text, tier[, label]")  # fmt: skip
+                        help="banking77, bitext, clinc150 (or several, comma-separated), or "
+                        ".jsonl/.csv: text, tier[, label]")  # fmt: skip
     parser.add_argument("--data-dir", type=Path, default=default_data_dir())
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="the embedding model's folder (default: the shipped one)")  # fmt: skip

@@ -1,6 +1,9 @@
 """Labelled tickets for training and evaluating the router: text, tier, and intent.
 
-Banking77 and Bitext ship with `tiers.json` mapping every intent to a tier. A file of
+Banking77 and Bitext ship with `tiers.json` mapping every intent to a tier; CLINC150
+does not, so costmesh ships one (`clinc150-tiers.json`, by the same rule: problems to
+investigate are complex, tasks that change something moderate, look-ups, facts and
+small talk simple; its out-of-scope queries have no tier and are left out). A file of
 your own is JSONL or CSV with `text` and `tier`, and optionally `label` (an intent):
 with intents the classifier learns them and sums their probabilities per tier.
 """
@@ -17,7 +20,8 @@ from pathlib import Path
 
 from services.router.artefact import TIERS
 
-DATA_SETS = ("banking77", "bitext")
+DATA_SETS = ("banking77", "bitext", "clinc150")
+CLINC150_TIERS = Path(__file__).with_name("clinc150-tiers.json")
 BITEXT_CSV = "Bitext_Sample_Customer_Support_Training_Dataset.csv"
 BITEXT_TEST_SHARE = 0.2
 
@@ -46,7 +50,8 @@ def default_data_dir() -> Path:
 
 
 def load_tickets(data: str, data_dir: Path, seed: int = 0) -> TicketSet:
-    """banking77 (its train and test), bitext (a seeded 80/20 split per intent), a
+    """banking77 (its train and test), bitext (a seeded 80/20 split per intent), clinc150
+    (its train and test, out-of-scope queries left out; costmesh's tiers), a
     comma-separated union of those (intents prefixed by their set), or a file whose
     every row serves both for training and for evaluation."""
     names = [n.strip() for n in data.split(",")]
@@ -72,6 +77,17 @@ def load_tickets(data: str, data_dir: Path, seed: int = 0) -> TicketSet:
         rows = _csv(folder / BITEXT_CSV, "instruction", "intent", _tiers(folder / "tiers.json"))
         train, test = _split(rows, seed)
         return TicketSet("bitext", train, test)
+    if data == "clinc150":
+        # The cache's reader of CLINC150; it imports this module (Bitext's split).
+        from costmesh_tools.cache.intents import OOS, load_intents  # noqa: PLC0415
+
+        tiers = _tiers(CLINC150_TIERS)
+        intents = load_intents("clinc150", data_dir)
+        train, test = (
+            tuple(Ticket(e.text, tiers[e.label], e.label) for e in part if e.label != OOS)
+            for part in (intents.train, intents.test)
+        )
+        return TicketSet("clinc150", train, test)
     path = Path(data)
     rows = _own_file(path)
     return TicketSet(path.name, rows, rows)
@@ -84,7 +100,10 @@ def _prefixed(ticket: Ticket, source: str) -> Ticket:
 
 def _require(path: Path) -> Path:
     if not path.is_file():
-        hint = " (--data-dir names the folder holding banking77/ and bitext_customer_support/)"
+        hint = (
+            " (--data-dir names the folder holding banking77/, bitext_customer_support/"
+            " and clinc150/)"
+        )
         raise DataError(f"{path}: no such file{hint if path.name != path.as_posix() else ''}")
     return path
 
@@ -137,7 +156,7 @@ def _split(rows: Iterable[Ticket], seed: int) -> tuple[tuple[Ticket, ...], tuple
 def _own_file(path: Path) -> tuple[Ticket, ...]:
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl"):
-        raise DataError(f"{path}: expected banking77, bitext, or a .jsonl or .csv file")
+        raise DataError(f"{path}: expected banking77, bitext, clinc150, or a .jsonl or .csv file")
     raw = _csv_rows(path) if suffix == ".csv" else _jsonl_rows(path)
     tickets = []
     for line, row in raw:
