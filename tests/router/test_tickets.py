@@ -14,7 +14,9 @@ from services.router.artefact import TIERS
 def clinc150(data_dir: Path, **splits: list[list[str]]) -> Path:
     folder = data_dir / "clinc150"
     folder.mkdir(parents=True)
-    empty = {"train": [], "val": [], "test": [], "oos_val": [], "oos_test": []}
+    empty: dict[str, list[list[str]]] = {
+        s: [] for s in ("train", "val", "test", "oos_val", "oos_test")
+    }
     (folder / "data_full.json").write_text(json.dumps(empty | splits), encoding="utf-8")
     return data_dir
 
