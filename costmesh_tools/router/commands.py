@@ -111,7 +111,8 @@ def _train(args: argparse.Namespace, out: TextIO) -> int:
         f"held out {trained.holdout_rows}: tier accuracy {trained.holdout_accuracy:.1%}, "
         f"log-loss {trained.holdout_log_loss:.3f} at temperature {trained.temperature:g}\n"
         f"out of domain below similarity {model.ood_min_similarity:.4f} to the nearest intent "
-        f"(flags {model.meta['ood_holdout_share']:.0%} of held-out questions); "
+        f"(flags {model.meta['ood_holdout_share']:.0%} of held-out questions), the knob "
+        f"raised below {model.familiar_similarity:.4f}; "
         + (
             f"knob chosen on the held-out rows: {model.meta['validation_knob']}\n"
             if model.meta["validation_knob"] is not None

@@ -269,11 +269,11 @@ def sweep(
     unfamiliarity, out-of-domain rows to complex); costs[tier][i] is request i on that
     tier's model."""
     true_idx = np.array([TIERS.index(t) for t in truth])
-    ood = np.zeros(len(true_idx)) if unfamiliar is None else unfamiliar
+    edge = np.zeros(len(true_idx)) if unfamiliar is None else unfamiliar
     rows = []
     large = float(request_costs[TIERS[-1]].sum())
     for knob in knobs:
-        routed = route(probabilities, ood, knob)
+        routed = route(probabilities, edge, knob)
         confusion = np.zeros((len(TIERS), len(TIERS)), dtype=np.int64)
         np.add.at(confusion, (true_idx, routed), 1)
         cost = sum(float(request_costs[TIERS[t]][i]) for i, t in enumerate(routed))
