@@ -45,6 +45,7 @@ def test_train_writes_an_artefact_that_eval_measures(
     # The knobs asked for, and the one chosen on the artefact's held-out rows.
     validated = f"{model.meta['validation_knob']:.2f}"
     assert "out of domain below similarity" in train_out
+    assert f"the knob raised below {model.familiar_similarity:.4f}" in train_out
     assert f"knob chosen on the held-out rows: {model.meta['validation_knob']}" in train_out
     assert [r["knob"] for r in rows] == sorted({"0.50", "0.90", validated})
     # Trained and measured on the same rows: it has learned them.
@@ -63,6 +64,8 @@ def test_eval_uses_the_knob_chosen_on_validation_and_shows_calibration_and_confu
     assert f"cheap_tier_min_probability = {knob:.2f}, chosen on the artefact's held-out" in out
     assert "expected calibration error" in out
     assert "out of domain: " in out
+    familiar = TierModel.load(artefact).familiar_similarity
+    assert f"between it and {familiar:.2f}, the knob raised toward 1" in out
     assert "true \\ routed" in out
     assert "gpt-4o-mini" in out  # the priced tier-to-model map
 
