@@ -83,6 +83,12 @@ def load_tickets(data: str, data_dir: Path, seed: int = 0) -> TicketSet:
 
         tiers = _tiers(CLINC150_TIERS)
         intents = load_intents("clinc150", data_dir)
+        unknown = sorted({e.label for e in intents.train + intents.test} - {OOS, *tiers})
+        if unknown:
+            raise DataError(
+                f"{data_dir / 'clinc150'}: intent {unknown[0]!r} has no tier in "
+                f"{CLINC150_TIERS.name} (another version of CLINC150?)"
+            )
         train, test = (
             tuple(Ticket(e.text, tiers[e.label], e.label) for e in part if e.label != OOS)
             for part in (intents.train, intents.test)

@@ -51,6 +51,13 @@ def test_clinc150_may_be_named_in_a_union_of_sets(tmp_path: Path) -> None:
         load_tickets("banking77,clinc150", data_dir)
 
 
+def test_a_clinc150_intent_without_a_tier_is_refused_by_name(tmp_path: Path) -> None:
+    data_dir = clinc150(tmp_path, train=[["play some jazz", "play_jazz"]])
+
+    with pytest.raises(DataError, match=r"intent 'play_jazz' has no tier in clinc150-tiers\.json"):
+        load_tickets("clinc150", data_dir)
+
+
 def test_every_clinc150_intent_has_one_of_the_three_tiers() -> None:
     tiers = json.loads(CLINC150_TIERS.read_text(encoding="utf-8"))
 
