@@ -10,10 +10,20 @@ int8     dynamic int8 quantisation of the shipped model's MatMuls (per channel; 
          recalibrated on the validation splits and `costmesh cache eval --setting
          in-domain` on it (about 10 minutes). Dynamic int8 scales activations per run,
          so every text here is embedded in a run of its own, as serving would have to.
+bf16     the shipped model at bfloat16 through ONNX Runtime's OpenVINO provider (AMX
+         on this CPU), measured and not adopted: CPU and wall per question by length,
+         beside the CPU provider on 1 and 2 threads, and the cosine to its vectors. It
+         needs `onnxruntime-openvino` in place of `onnxruntime` (the two packages
+         share a module), so it runs from a venv of its own:
+             python3 -m venv /tmp/ov && /tmp/ov/bin/pip install -e .
+             /tmp/ov/bin/pip uninstall -y onnxruntime
+             /tmp/ov/bin/pip install onnxruntime-openvino==1.24.1
+             /tmp/ov/bin/python bench/embedding_cpu.py bf16 --questions 1000
 
     .venv/bin/python bench/embedding_cpu.py threads
     .venv/bin/python bench/embedding_cpu.py int8 --out .costmesh/int8-model
     .venv/bin/python bench/embedding_cpu.py int8 --matrices ffn --out .costmesh/int8-ffn
+    /tmp/ov/bin/python bench/embedding_cpu.py bf16 --questions 1000
 """
 
 from __future__ import annotations
@@ -41,14 +51,17 @@ def _questions(count: int) -> list[str]:
         return [row["text"] for row in csv.DictReader(fh)][:count]
 
 
-def _encoder(model: Path, threads: int, spinning: bool) -> SentenceEncoder:
+def _encoder(
+    model: Path,
+    threads: int,
+    spinning: bool,
+    provider: str | tuple[str, dict[str, str]] = "CPUExecutionProvider",
+) -> SentenceEncoder:
     encoder = SentenceEncoder.from_dir(SHIPPED_MODEL_DIR, threads)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    encoder._session = onnxruntime.InferenceSession(
-        str(model), options, providers=["CPUExecutionProvider"]
-    )
+    encoder._session = onnxruntime.InferenceSession(str(model), options, providers=[provider])
     return encoder
 
 
@@ -73,6 +86,60 @@ def threads(count: int) -> None:
     for n, spinning in ((1, True), (1, False), (2, True), (2, False)):
         cpu, wall = _per_question(_encoder(model, n, spinning), texts)
         print(f"| {n} | {'on' if spinning else 'off'} | {cpu:.2f} | {wall:.2f} |")
+
+
+# OpenVINO's CPU plugin computes in bfloat16 where the CPU has the units for it.
+OPENVINO_BF16 = (
+    "OpenVINOExecutionProvider",
+    {
+        "device_type": "CPU",
+        "load_config": json.dumps(
+            {
+                "CPU": {
+                    "INFERENCE_PRECISION_HINT": "bf16",
+                    "INFERENCE_NUM_THREADS": "1",
+                    "NUM_STREAMS": "1",
+                }
+            }
+        ),
+    },
+)
+LENGTHS = ((0, 16), (16, 32), (32, 48), (48, 257))
+
+
+def bf16(count: int) -> None:
+    if "OpenVINOExecutionProvider" not in onnxruntime.get_available_providers():
+        raise SystemExit(
+            "bf16 needs onnxruntime-openvino in place of onnxruntime: "
+            "see the docstring of bench/embedding_cpu.py"
+        )
+    model = SHIPPED_MODEL_DIR / MODEL_FILE
+    texts = _questions(count)
+    encoders = {
+        "CPU provider, 1 thread": _encoder(model, 1, False),
+        "CPU provider, 2 threads spinning": _encoder(model, 2, True),
+        "OpenVINO bf16, 1 thread": _encoder(model, 1, False, OPENVINO_BF16),
+    }
+    tokens = [encoders["CPU provider, 1 thread"].embed_sync([t]).input_tokens for t in texts]
+    shipped = np.vstack([encoders["CPU provider, 1 thread"].embed_sync([t]).vectors for t in texts])
+    bf16_vectors = np.vstack(
+        [encoders["OpenVINO bf16, 1 thread"].embed_sync([t]).vectors for t in texts]
+    )
+    cosine = (shipped * bf16_vectors).sum(axis=1)
+    print(f"bf16 cosine to the shipped vectors: min {cosine.min():.5f}, mean {cosine.mean():.5f}")
+    print("| tokens | questions | " + " | ".join(f"{n}: CPU / wall ms" for n in encoders) + " |")
+    print("|---|---:|" + "---:|" * len(encoders))
+    for low, high in LENGTHS:
+        group = [t for t, n in zip(texts, tokens, strict=True) if low < n <= high]
+        if not group:
+            continue
+        cells = [_per_question(e, group) for e in encoders.values()]
+        label = f"{low + 1}-{high}" if high < 257 else f"over {low}"
+        print(
+            f"| {label} | {len(group)} | "
+            + " | ".join(f"{c:.2f} / {w:.2f}" for c, w in cells)
+            + " |"
+        )
 
 
 FEED_FORWARD = re.compile(r"layer\.\d+/(intermediate|output)/dense/MatMul$")
@@ -149,13 +216,15 @@ def _stacked(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("threads", "int8"))
+    parser.add_argument("mode", choices=("threads", "int8", "bf16"))
     parser.add_argument("--questions", type=int, default=300)
     parser.add_argument("--out", type=Path, default=Path(".costmesh/int8-model"))
     parser.add_argument("--matrices", choices=("all", "ffn"), default="all")
     args = parser.parse_args()
     if args.mode == "threads":
         threads(args.questions)
+    elif args.mode == "bf16":
+        bf16(args.questions)
     else:
         int8(args.questions, args.out, args.matrices)
 
