@@ -82,9 +82,11 @@ cache-eval: $(STAMP)
 router-artefact: $(STAMP)
 	$(BIN)/costmesh router train --data bitext,banking77 --out services/router/support-tiers.npz
 
-## Rebuild the case study's workload that ships with costmesh (Bitext's held-out tickets).
+## Rebuild the case study's and the quality gate's workloads that ship with costmesh
+## (Bitext's held-out tickets).
 workload: $(STAMP)
 	$(BIN)/costmesh workload generate --requests 1200 --seed 0 --out costmesh_tools/casestudy/support-workload.jsonl.gz
+	$(BIN)/costmesh workload generate --requests 5000 --seed 1 --days 4 --out costmesh_tools/casestudy/support-eval.jsonl.gz
 
 clean:
 	rm -rf $(VENV) node_modules .costmesh costmesh-demo .test-artifacts

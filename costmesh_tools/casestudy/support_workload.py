@@ -51,6 +51,11 @@ TEAM = "support"
 START = datetime.datetime(2026, 11, 2, tzinfo=datetime.UTC)  # a Monday
 BUNDLED_REQUESTS = 1200
 BUNDLED_SEED = 0
+# The quality gate's workload: the same held-out questions, another seed, and enough
+# distinct tickets per feature for a 5% drop to be told from none.
+EVAL_REQUESTS = 5000
+EVAL_SEED = 1
+EVAL_DAYS = 4
 # Relative traffic in each UTC hour of a support desk's day.
 DAILY_CURVE = (2, 1, 1, 1, 1, 2, 4, 7, 10, 12, 12, 11, 9, 10, 11, 11, 10, 8, 6, 5, 4, 3, 3, 2)
 
@@ -115,6 +120,11 @@ FEATURES = (
 def bundled_workload_path() -> Path:
     """The workload shipped with costmesh (`make workload` rebuilds it)."""
     return Path(__file__).with_name("support-workload.jsonl.gz")
+
+
+def eval_workload_path() -> Path:
+    """The quality gate's workload shipped with costmesh (`make workload` rebuilds it)."""
+    return Path(__file__).with_name("support-eval.jsonl.gz")
 
 
 def held_out_questions(data_dir: Path) -> tuple[Question, ...]:

@@ -15,10 +15,14 @@ from costmesh.types.v1 import types_pb2
 from costmesh_tools.casestudy.support_workload import (
     BUNDLED_REQUESTS,
     BUNDLED_SEED,
+    EVAL_DAYS,
+    EVAL_REQUESTS,
+    EVAL_SEED,
     FEATURES,
     SPLIT_SEED,
     START,
     bundled_workload_path,
+    eval_workload_path,
     generate,
 )
 from costmesh_tools.casestudy.workload import (
@@ -299,6 +303,18 @@ def test_the_bundled_workload_is_what_make_workload_builds(
     bundled: list[WorkloadRequest], bitext_dir: Path
 ) -> None:
     assert generate(BUNDLED_REQUESTS, BUNDLED_SEED, bitext_dir) == bundled
+
+
+def test_the_quality_gates_workload_is_what_make_workload_builds_from_held_out_questions(
+    bitext_dir: Path,
+) -> None:
+    shipped = read_workload(eval_workload_path())
+    tickets = load_tickets("bitext", bitext_dir, SPLIT_SEED)
+
+    assert shipped == generate(EVAL_REQUESTS, EVAL_SEED, bitext_dir, EVAL_DAYS)
+    assert len(shipped) == 5000
+    assert {r.question for r in shipped} <= {t.text for t in tickets.test}
+    assert {r.tier for r in shipped} == {"simple", "moderate", "complex"}
 
 
 def test_the_generator_is_the_same_for_a_seed_and_scales(
