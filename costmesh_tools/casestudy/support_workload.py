@@ -52,7 +52,7 @@ START = datetime.datetime(2026, 11, 2, tzinfo=datetime.UTC)  # a Monday
 BUNDLED_REQUESTS = 1200
 BUNDLED_SEED = 0
 # The quality gate's workload: the same held-out questions, another seed, and enough
-# distinct tickets per feature for a 5% drop to be told from none.
+# distinct tickets per feature and tier for the gate to see a drop near its 5% margin.
 EVAL_REQUESTS = 5000
 EVAL_SEED = 1
 EVAL_DAYS = 4
