@@ -6,7 +6,8 @@ gateway process's CPU per call and, with py-spy installed (`pip install py-spy`)
 sampled profile of the same calls: each function's inclusive milliseconds per call,
 largest first. py-spy samples the Python threads that are not idle (one waiting for
 the GIL counts as busy) and not gRPC's own C threads, so its figures and the CPU
-figure need not agree: read it for where the time goes, the CPU figure for how much.
+figure need not agree (and it assumes py-spy kept up its 1,000 samples a second): read
+it for where the time goes, the CPU figure for how much.
 
     .venv/bin/python bench/gateway_profile.py --calls 700
     .venv/bin/python bench/gateway_profile.py --hits --calls 3000
@@ -17,13 +18,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from gateway import PROVIDER_KEY, PROVIDER_SCRIPT, _costmesh, _cpu_seconds, _process
@@ -54,6 +58,33 @@ def inclusive_ms(raw: Path, calls: int) -> list[tuple[str, float]]:
     return [(name, n * per_call) for name, n in totals.most_common()]
 
 
+@contextlib.asynccontextmanager
+async def _recording(spy: str, pid: int, raw: Path) -> AsyncIterator[None]:
+    """py-spy sampling `pid` into `raw` for the duration; stopped (SIGINT, so it writes
+    what it has) however the block ends. Raises with py-spy's own words if it wrote
+    nothing (it needs the right to trace the process: root, or ptrace allowed)."""
+    errors = raw.with_suffix(".err")
+    with errors.open("wb") as stderr:
+        recorder = subprocess.Popen(  # noqa: ASYNC220 - runs beside the calls, stopped below
+            [spy, "record", "--pid", str(pid), "--rate", str(SAMPLES_PER_SECOND),
+             "--format", "raw", "--nonblocking", "--output", str(raw)],
+            stdout=subprocess.DEVNULL, stderr=stderr,
+        )  # fmt: skip
+        try:
+            await asyncio.sleep(1.5)  # py-spy attaches
+            yield
+        finally:
+            recorder.send_signal(signal.SIGINT)
+            try:
+                await asyncio.to_thread(recorder.wait, 30)
+            except subprocess.TimeoutExpired:
+                recorder.kill()
+                await asyncio.to_thread(recorder.wait)
+    if not await asyncio.to_thread(raw.exists):
+        said = await asyncio.to_thread(errors.read_text)
+        raise SystemExit(f"py-spy wrote no profile: {said.strip()[-500:]}")
+
+
 async def profile(feature: str, calls: int, hits: bool, top: int) -> None:
     spy = shutil.which("py-spy") or shutil.which("py-spy", path=Path(sys.executable).parent)
     env = {**os.environ, "COSTMESH_LOG_LEVEL": "WARNING"}
@@ -67,27 +98,19 @@ async def profile(feature: str, calls: int, hits: bool, top: int) -> None:
                     raise SystemExit(f"feature {feature!r} does not cache: no hits to profile")
                 numbers = [10**7] * calls if hits else list(range(calls))
                 raw = Path(data_dir) / "profile.raw"
-                recorder = None
-                if spy:
-                    recorder = subprocess.Popen(  # noqa: ASYNC220 - stopped below, not awaited
-                        [spy, "record", "--pid", str(gateway.pid), "--rate",
-                         str(SAMPLES_PER_SECOND), "--format", "raw", "--nonblocking",
-                         "--output", str(raw)],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                    )  # fmt: skip
-                    await asyncio.sleep(1.5)  # py-spy attaches
-                cpu, wall = _cpu_seconds(gateway.pid), time.perf_counter()
-                for i in numbers:
-                    await gateway.ask(i)
-                cpu, wall = _cpu_seconds(gateway.pid) - cpu, time.perf_counter() - wall
+                async with contextlib.AsyncExitStack() as stack:
+                    if spy:
+                        await stack.enter_async_context(_recording(spy, gateway.pid, raw))
+                    cpu, wall = _cpu_seconds(gateway.pid), time.perf_counter()
+                    for i in numbers:
+                        await gateway.ask(i)
+                    cpu, wall = _cpu_seconds(gateway.pid) - cpu, time.perf_counter() - wall
                 kind = "exact hit" if hits else "miss"
                 print(f"costmesh {feature}: {cpu / calls * 1000:.2f} ms CPU per {kind}, "
                       f"{wall / calls * 1000:.2f} ms per call at 1 caller")  # fmt: skip
-                if recorder is None:
+                if not spy:
                     print("py-spy is not installed: no profile (pip install py-spy)")
                     return
-                recorder.send_signal(2)  # SIGINT: py-spy writes what it has, then exits
-                await asyncio.to_thread(recorder.wait)
                 print("| ms per call | function (inclusive) |\n|---:|---|")
                 for name, ms in inclusive_ms(raw, calls)[:top]:
                     print(f"| {ms:.2f} | {name} |")
