@@ -100,13 +100,6 @@ class TierModel:
         ).max(axis=1)
         return similarities
 
-    def out_of_domain(self, vectors: Matrix) -> npt.NDArray[np.bool_]:
-        """Which vectors lie farther from every class than the artefact's bar."""
-        nearest = self.nearest_similarity(vectors)
-        if nearest is None:
-            return np.zeros(len(vectors), dtype=np.bool_)
-        return nearest < self.ood_min_similarity
-
     def unfamiliarity(self, vectors: Matrix) -> npt.NDArray[np.float64]:
         """How far each vector lies toward the edge of the training data, in [0, 1]: 1
         out of domain, 0 from the familiar similarity up, linear in between."""

@@ -373,11 +373,12 @@ def test_an_artefact_from_before_the_detection_routes_as_it_did(
 
     assert loaded.centroids is None
     assert loaded.nearest_similarity(questions) is None
-    assert not loaded.out_of_domain(questions).any()
     assert not loaded.unfamiliarity(questions).any()
     # With the bar but no familiar similarity: out of domain or not, nothing between.
+    nearest = without_ramp.nearest_similarity(questions)
+    assert nearest is not None
     np.testing.assert_array_equal(
-        without_ramp.unfamiliarity(questions), without_ramp.out_of_domain(questions)
+        without_ramp.unfamiliarity(questions), nearest < without_ramp.ood_min_similarity
     )
 
 
